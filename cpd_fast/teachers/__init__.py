@@ -1,0 +1,1 @@
+"""Teachers: policies whose action means the student is distilled from (scripted experts, PPO)."""

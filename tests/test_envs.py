@@ -1,0 +1,162 @@
+"""Vectorised env backends, evaluation protocols, scripted experts and the fidelity gate."""
+
+import argparse
+import json
+
+import numpy as np
+import pytest
+
+pytest.importorskip("metaworld")
+pytest.importorskip("gymnasium")
+
+from cpd_fast.envs import BACKENDS, envpool_task_id, make_vec_env
+from cpd_fast.evaluation import evaluate_monitoring, evaluate_official, official_goals
+from cpd_fast.tasks import MT25, MT50
+from cpd_fast.teachers.scripted import ScriptedExpert
+
+
+def _backends():
+    out = []
+    for b in BACKENDS:
+        marks = []
+        if b == "envpool":
+            try:
+                import envpool  # noqa: F401
+            except ImportError:
+                marks = [pytest.mark.skip(reason="envpool not installed")]
+        out.append(pytest.param(b, marks=marks))
+    return out
+
+
+def test_envpool_task_id_spelling():
+    assert envpool_task_id("reach-v3") == "MetaWorld/Reach-v3"
+    assert envpool_task_id("button-press-topdown-wall-v3") == "MetaWorld/ButtonPressTopdownWall-v3"
+    with pytest.raises(ValueError):
+        envpool_task_id("reach-v2")
+
+
+def test_envpool_ids_cover_mt50():
+    envpool = pytest.importorskip("envpool")
+    registered = set(envpool.list_all_envs())
+    missing = [t for t in MT50 if envpool_task_id(t) not in registered]
+    assert missing == []
+    assert all(envpool_task_id(t) in registered for t in MT25)
+
+
+@pytest.mark.parametrize("backend", _backends())
+def test_vec_env_shapes_dtypes_and_autoreset(backend):
+    n = 3
+    with make_vec_env("reach-v3", n, backend=backend, seed=1, max_episode_steps=5) as env:
+        obs = env.reset()
+        assert obs.shape == (n, 39) and obs.dtype == np.float32
+        rng = np.random.default_rng(0)
+        for t in range(6):
+            obs, rew, term, trunc, info = env.step(rng.uniform(-1, 1, (n, 4)))
+            assert obs.shape == (n, 39) and obs.dtype == np.float32
+            assert rew.shape == (n,) and rew.dtype == np.float32
+            assert term.dtype == bool and trunc.dtype == bool
+            assert info["success"].shape == (n,) and info["success"].dtype == np.float32
+            assert info["autoreset"].shape == (n,)
+            if t < 4:
+                assert not trunc.any() and not info["autoreset"].any()
+            elif t == 4:  # 5th step ends the episode by truncation
+                assert trunc.all() and not term.any()
+            else:  # next-step auto-reset: action ignored, reward 0, new episode begins
+                assert info["autoreset"].all() and not trunc.any()
+                assert np.all(rew == 0) and np.all(info["success"] == 0)
+        with pytest.raises(ValueError, match="shape"):
+            env.step(np.zeros((n, 3)))
+        with pytest.raises(ValueError, match="finite"):
+            env.step(np.full((n, 4), np.nan))
+
+
+@pytest.mark.parametrize("backend", _backends())
+def test_sub_envs_get_different_goals(backend):
+    with make_vec_env("reach-v3", 4, backend=backend, seed=0) as env:
+        goals = env.reset()[:, 36:39]
+    assert len(np.unique(goals.round(6), axis=0)) == 4
+    assert np.abs(goals).sum() > 0  # the goal is observable (partially_observable=False)
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="num_envs"):
+        make_vec_env("reach-v3", 0)
+    with pytest.raises(ValueError, match="backend"):
+        make_vec_env("reach-v3", 1, backend="mujoco")
+    with pytest.raises(ValueError, match="reach-v3"):
+        make_vec_env("reach", 1)
+    with pytest.raises(ValueError, match="max_episode_steps"):
+        make_vec_env("reach-v3", 1, max_episode_steps=501)
+
+
+def test_scripted_expert_batched():
+    expert = ScriptedExpert("reach-v3")
+    obs = np.random.default_rng(0).normal(size=(5, 39)).astype(np.float32)
+    act = expert.action_mean(obs)
+    assert act.shape == (5, 4) and act.dtype == np.float32
+    assert np.all(np.abs(act) <= 1)
+    # batching is row-wise: same as one row at a time
+    np.testing.assert_allclose(act[2], expert.action_mean(obs[2:3])[0])
+    with pytest.raises(ValueError, match="shape"):
+        expert.action_mean(obs[:, :10])
+
+
+def test_official_goals_are_fixed_and_fifty():
+    a, b = official_goals("reach-v3", 0), official_goals("reach-v3", 0)
+    assert len(a) == 50
+    assert [t.data for t in a] == [t.data for t in b]
+
+
+def test_official_eval_scripted_reach():
+    res = evaluate_official(ScriptedExpert("reach-v3").action_mean, "reach-v3", num_envs=4, num_goals=6)
+    assert res.successes.shape == (6,)
+    assert res.success_rate == 1.0
+    assert res.protocol == "official-subset" and not res.official
+    assert np.all(res.episode_lengths < 500)  # stopped at first success
+
+
+def test_official_eval_zero_policy_fails_and_bad_policy_shape():
+    res = evaluate_official(
+        lambda o: np.zeros((len(o), 4)), "reach-v3", num_envs=3, num_goals=3, max_episode_steps=20
+    )
+    assert res.success_rate == 0.0 and np.all(res.episode_lengths == 20)
+    with pytest.raises(ValueError, match="policy_fn"):
+        evaluate_official(lambda o: np.zeros((len(o), 3)), "reach-v3", num_goals=1)
+
+
+def test_monitoring_eval_is_labelled_unofficial():
+    res = evaluate_monitoring(
+        ScriptedExpert("reach-v3").action_mean, "reach-v3", num_episodes=3, num_envs=2, backend="gymnasium"
+    )
+    assert res.protocol == "monitoring" and not res.official
+    assert res.successes.shape == (3,) and res.success_rate == 1.0
+
+
+def test_fidelity_gate_and_cli(tmp_path, capsys):
+    envpool = pytest.importorskip("envpool")
+    from cpd_fast.fidelity import add_cli, load_backend_choices
+
+    parser = argparse.ArgumentParser(prog="cpd")
+    add_cli(parser.add_subparsers(dest="command"))
+    out = tmp_path / "fid.json"
+    args = parser.parse_args(
+        ["envs", "check", "--tasks", "reach-v3", "dial-turn-v3", "--episodes", "2", "--out", str(out)]
+    )
+    assert args.func(args) == 0
+    report = json.loads(out.read_text())
+    rows = {r["task"]: r for r in report["rows"]}
+    assert rows["reach-v3"]["envpool_success"] == 1.0 and rows["reach-v3"]["backend"] == "envpool"
+    assert rows["dial-turn-v3"]["gymnasium_success"] == 1.0
+    if envpool.__version__ == "1.2.5":  # its dial-turn is unfaithful: the expert fails in every episode
+        assert rows["dial-turn-v3"]["envpool_success"] == 0.0
+        assert load_backend_choices(str(out)) == {"reach-v3": "envpool", "dial-turn-v3": "gymnasium"}
+    printed = capsys.readouterr().out
+    assert "dial-turn-v3" in printed and "gymnasium" in printed
+
+
+def test_fidelity_choice_rule():
+    from cpd_fast.fidelity import _choose
+
+    assert _choose("t", 1.0, 1.0, 0.8) == ("envpool", "ok")
+    assert _choose("t", 0.0, 1.0, 0.8) == ("gymnasium", "envpool-mismatch")
+    assert _choose("t", 0.0, 0.0, 0.8) == ("envpool", "unverified")
