@@ -50,7 +50,7 @@ def extension():
 
 
 setup(
-    packages=find_packages(include=["cpd_fast", "cpd_fast.*"]) + ["cpd_fast.kernels"],
+    packages=[*find_packages(include=["cpd_fast", "cpd_fast.*"]), "cpd_fast.kernels"],
     package_dir={"cpd_fast.kernels": "kernels"},
     ext_modules=[extension()],
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},

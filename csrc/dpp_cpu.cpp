@@ -1,12 +1,15 @@
 // CPU greedy DPP MAP: plain greedy (parallel over items with at::parallel_for) and lazy greedy.
 //
-// Both keep the incremental Cholesky rows C[i, 0:t] of every candidate (O(N k) memory) and the
-// residual d2[i] = L_ii - |C[i, 0:t]|^2, the log-det gain of adding i. Picking item j with pivot
-// dj = sqrt(d2[j]) extends every row by e_i = (L_ji - <C[j], C[i]>) / dj and d2[i] -= e_i^2.
+// Both keep the incremental Cholesky factor of every candidate (O(N k) memory) and the residual
+// d2[i] = L_ii - |C[i, 0:t]|^2, the log-det gain of adding i. Picking item j with pivot
+// dj = sqrt(d2[j]) extends every candidate by e_i = (L_ji - <C[j], C[i]>) / dj and d2[i] -= e_i^2.
 // Items whose d2 fell below eps can never be picked again (d2 only decreases) and are dropped.
 //
-// Plain and lazy greedy call the same `extend`, whose arithmetic has a fixed order, so they
-// produce bit-identical selections.
+// Plain greedy touches every candidate at every pick, so it streams: Cholesky columns are
+// item-contiguous rows of C [k, N] and the loops vectorise across items. Lazy greedy touches few
+// candidates per pick, so it keeps each candidate's factor row contiguous (C [N, k]). Their
+// arithmetic differs only in summation order: they pick the same items except where two gains
+// tie to within rounding.
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
@@ -102,50 +105,108 @@ struct Best {
   }
 };
 
+// Per-ISA copies of the streaming loops: the same source compiled for AVX2 and for the baseline
+// x86-64 ISA, picked at run time (wheels must not assume AVX2).
+#if defined(__GNUC__) && defined(__x86_64__)
+#define CPD_ALWAYS_INLINE __attribute__((always_inline)) inline
+#define CPD_TARGET_AVX2 __attribute__((target("avx2")))
+inline bool cpu_has_avx2() {
+  static const bool has = __builtin_cpu_supports("avx2");
+  return has;
+}
+#else
+#define CPD_ALWAYS_INLINE inline
+#define CPD_TARGET_AVX2
+inline bool cpu_has_avx2() { return false; }
+#endif
+
+// The plain greedy's view of the problem. It streams, so its layouts are item-contiguous:
+// features transposed to xt [D, N] and Cholesky columns C [k, N] (column t = a contiguous row).
 template <typename T>
-class Chunks {
- public:
-  explicit Chunks(int64_t n) : n_(n) {
-    const int64_t want = std::max<int64_t>(1, n / 2048);
-    const int64_t count = std::min<int64_t>(want, 8 * at::get_num_threads());
-    per_ = (n + count - 1) / count;
-    best_.resize((n + per_ - 1) / per_);
-  }
-
-  // Runs f(lo, hi, best) over contiguous item ranges in parallel, then merges the chunk winners
-  // in index order, so the result does not depend on the number of threads.
-  template <typename F>
-  Best<T> argmax(F&& f) {
-    at::parallel_for(0, static_cast<int64_t>(best_.size()), 1, [&](int64_t b, int64_t e) {
-      for (int64_t c = b; c < e; ++c) {
-        Best<T> local;
-        f(c * per_, std::min(n_, (c + 1) * per_), local);
-        best_[c] = local;
-      }
-    });
-    Best<T> out;
-    for (const auto& b : best_) out.offer(b.val, b.idx);
-    return out;
-  }
-
- private:
-  int64_t n_, per_;
-  std::vector<Best<T>> best_;
+struct Streams {
+  const T* xt;  // [D, N] features (feature mode) or nullptr
+  const T* L;   // [N, N] kernel matrix (matrix mode) or nullptr
+  const T* q;   // [N] quality or nullptr
+  int64_t n, d, kind;
+  T gamma;
+  T* C;
 };
 
-template <typename T, typename Rows>
-void greedy(const Rows& rows, int64_t n, int64_t k, T eps, int64_t* idx, T* gain) {
-  at::Tensor C_storage = at::empty({n, k}, at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value));
-  T* C = C_storage.data_ptr<T>();
-  std::vector<T> d2(n);
-  Chunks<T> chunks(n);
-  Best<T> best = chunks.argmax([&](int64_t lo, int64_t hi, Best<T>& b) {
-    for (int64_t i = lo; i < hi; ++i) {
-      const T v = rows.diag(i);
-      d2[i] = v < eps ? kDead<T> : v;
-      b.offer(d2[i], i);
+// Kernel row L[j, lo:lo+len] before the rbf exp (which runs vectorised over the whole row).
+template <typename T>
+CPD_ALWAYS_INLINE void row_chunk(const Streams<T>& p, int64_t j, int64_t lo, int64_t len, T* out) {
+  if (p.L != nullptr) {
+    const T* src = p.L + j * p.n + lo;
+    for (int64_t i = 0; i < len; ++i) out[i] = src[i];
+    return;
+  }
+  for (int64_t i = 0; i < len; ++i) out[i] = 0;
+  for (int64_t c = 0; c < p.d; ++c) {
+    const T xj = p.xt[c * p.n + j];
+    const T* xc = p.xt + c * p.n + lo;
+    if (p.kind == kRbf) {
+      for (int64_t i = 0; i < len; ++i) out[i] += (xc[i] - xj) * (xc[i] - xj);
+    } else {
+      for (int64_t i = 0; i < len; ++i) out[i] += xj * xc[i];
+    }
+  }
+  if (p.kind == kRbf)
+    for (int64_t i = 0; i < len; ++i) out[i] *= -p.gamma;
+}
+
+// acc[i] = <C[0:s, j], C[0:s, lo + i]>: s streaming axpys over contiguous column segments.
+template <typename T>
+CPD_ALWAYS_INLINE void dot_chunk(const Streams<T>& p, int64_t j, int64_t s, int64_t lo, int64_t len, T* acc) {
+  for (int64_t i = 0; i < len; ++i) acc[i] = 0;
+  for (int64_t t = 0; t < s; ++t) {
+    const T cj = p.C[t * p.n + j];
+    const T* ct = p.C + t * p.n + lo;
+    for (int64_t i = 0; i < len; ++i) acc[i] += cj * ct[i];
+  }
+}
+
+template <typename T>
+CPD_TARGET_AVX2 void row_chunk_avx2(const Streams<T>& p, int64_t j, int64_t lo, int64_t len, T* out) {
+  row_chunk(p, j, lo, len, out);
+}
+template <typename T>
+CPD_TARGET_AVX2 void dot_chunk_avx2(const Streams<T>& p, int64_t j, int64_t s, int64_t lo, int64_t len, T* acc) {
+  dot_chunk(p, j, s, lo, len, acc);
+}
+
+// Items are processed in chunks small enough that a chunk's accumulators stay in L1 while the
+// Cholesky columns stream through; chunk winners merge in index order, so the picks do not
+// depend on the number of threads.
+constexpr int64_t kChunk = 2048;
+
+template <typename T, typename F>
+Best<T> parallel_argmax(int64_t n, std::vector<Best<T>>& best, F&& f) {
+  at::parallel_for(0, static_cast<int64_t>(best.size()), 1, [&](int64_t b, int64_t e) {
+    for (int64_t c = b; c < e; ++c) {
+      Best<T> local;
+      f(c * kChunk, std::min(n, (c + 1) * kChunk), local);
+      best[c] = local;
     }
   });
+  Best<T> out;
+  for (const auto& b : best) out.offer(b.val, b.idx);
+  return out;
+}
+
+template <typename T>
+void greedy(Streams<T> p, const std::vector<T>& diag, int64_t k, T eps, int64_t* idx, T* gain) {
+  const int64_t n = p.n;
+  const auto opts = at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value);
+  at::Tensor C_storage = at::empty({k, n}, opts), row_storage = at::empty({n}, opts);
+  p.C = C_storage.data_ptr<T>();
+  T* row = row_storage.data_ptr<T>();
+  std::vector<T> d2(n), acc(n);
+  std::vector<Best<T>> chunk_best((n + kChunk - 1) / kChunk);
+  const bool avx2 = cpu_has_avx2();
+  for (int64_t i = 0; i < n; ++i) d2[i] = diag[i] < eps ? kDead<T> : diag[i];
+  Best<T> best;
+  for (int64_t i = 0; i < n; ++i) best.offer(d2[i], i);
+
   for (int64_t t = 0; t < k && best.idx >= 0; ++t) {
     const int64_t j = best.idx;
     idx[t] = j;
@@ -153,10 +214,25 @@ void greedy(const Rows& rows, int64_t n, int64_t k, T eps, int64_t* idx, T* gain
     const T dj = std::sqrt(best.val);
     d2[j] = kDead<T>;
     if (t + 1 == k) break;
-    best = chunks.argmax([&](int64_t lo, int64_t hi, Best<T>& b) {
+    at::parallel_for(0, static_cast<int64_t>(chunk_best.size()), 1, [&](int64_t b, int64_t e) {
+      for (int64_t c = b; c < e; ++c) {
+        const int64_t lo = c * kChunk, len = std::min(n, lo + kChunk) - lo;
+        avx2 ? row_chunk_avx2(p, j, lo, len, row + lo) : row_chunk(p, j, lo, len, row + lo);
+      }
+    });
+    if (p.L == nullptr && p.kind == kRbf) row_storage.exp_();
+    best = parallel_argmax<T>(n, chunk_best, [&](int64_t lo, int64_t hi, Best<T>& b) {
+      const int64_t len = hi - lo;
+      avx2 ? dot_chunk_avx2(p, j, t, lo, len, acc.data() + lo) : dot_chunk(p, j, t, lo, len, acc.data() + lo);
+      T* column = p.C + t * n;
+      const T qj = p.q != nullptr ? p.q[j] : T(1);
       for (int64_t i = lo; i < hi; ++i) {
         if (d2[i] == kDead<T>) continue;
-        extend(rows, C, k, j, dj, t, i, d2.data(), eps);
+        const T entry = p.q != nullptr ? qj * p.q[i] * row[i] : row[i];
+        const T e = (entry - acc[i]) / dj;
+        column[i] = e;
+        const T r = d2[i] - e * e;
+        d2[i] = r < eps ? kDead<T> : r;
         b.offer(d2[i], i);
       }
     });
@@ -205,14 +281,6 @@ void lazy_greedy(const Rows& rows, int64_t n, int64_t k, T eps, int64_t* idx, T*
   }
 }
 
-template <typename T, typename Rows>
-void run(const Rows& rows, int64_t n, int64_t k, double eps, bool lazy, at::Tensor& idx, at::Tensor& gain) {
-  if (lazy)
-    lazy_greedy<T>(rows, n, k, static_cast<T>(eps), idx.data_ptr<int64_t>(), gain.data_ptr<T>());
-  else
-    greedy<T>(rows, n, k, static_cast<T>(eps), idx.data_ptr<int64_t>(), gain.data_ptr<T>());
-}
-
 std::tuple<at::Tensor, at::Tensor> dpp_greedy_cpu(const at::Tensor& features, const std::optional<at::Tensor>& quality,
                                                   int64_t k, int64_t kind, double gamma, double eps, bool lazy) {
   check_features(features, quality, k, kind, gamma, eps);
@@ -221,9 +289,19 @@ std::tuple<at::Tensor, at::Tensor> dpp_greedy_cpu(const at::Tensor& features, co
   at::Tensor idx, gain;
   std::tie(idx, gain) = empty_outputs(x, k);
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "dpp_greedy_cpu", [&] {
-    FeatureRows<scalar_t> rows{x.data_ptr<scalar_t>(), q.defined() ? q.data_ptr<scalar_t>() : nullptr, x.size(1),
-                               kind, static_cast<scalar_t>(gamma)};
-    run<scalar_t>(rows, x.size(0), k, eps, lazy, idx, gain);
+    using T = scalar_t;
+    const T* qp = q.defined() ? q.data_ptr<T>() : nullptr;
+    FeatureRows<T> rows{x.data_ptr<T>(), qp, x.size(1), kind, static_cast<T>(gamma)};
+    const int64_t n = x.size(0);
+    if (lazy) {
+      lazy_greedy<T>(rows, n, k, static_cast<T>(eps), idx.data_ptr<int64_t>(), gain.data_ptr<T>());
+      return;
+    }
+    const at::Tensor xt = x.t().contiguous();
+    std::vector<T> diag(n);
+    for (int64_t i = 0; i < n; ++i) diag[i] = rows.diag(i);
+    Streams<T> p{xt.data_ptr<T>(), nullptr, qp, n, x.size(1), kind, static_cast<T>(gamma), nullptr};
+    greedy<T>(p, diag, k, static_cast<T>(eps), idx.data_ptr<int64_t>(), gain.data_ptr<T>());
   });
   return {idx, gain};
 }
@@ -235,8 +313,17 @@ std::tuple<at::Tensor, at::Tensor> dpp_greedy_from_kernel_cpu(const at::Tensor& 
   at::Tensor idx, gain;
   std::tie(idx, gain) = empty_outputs(m, k);
   AT_DISPATCH_FLOATING_TYPES(m.scalar_type(), "dpp_greedy_from_kernel_cpu", [&] {
-    MatrixRows<scalar_t> rows{m.data_ptr<scalar_t>(), m.size(0)};
-    run<scalar_t>(rows, m.size(0), k, eps, lazy, idx, gain);
+    using T = scalar_t;
+    const int64_t n = m.size(0);
+    MatrixRows<T> rows{m.data_ptr<T>(), n};
+    if (lazy) {
+      lazy_greedy<T>(rows, n, k, static_cast<T>(eps), idx.data_ptr<int64_t>(), gain.data_ptr<T>());
+      return;
+    }
+    std::vector<T> diag(n);
+    for (int64_t i = 0; i < n; ++i) diag[i] = rows.diag(i);
+    Streams<T> p{nullptr, m.data_ptr<T>(), nullptr, n, 0, kLinear, T(0), nullptr};
+    greedy<T>(p, diag, k, static_cast<T>(eps), idx.data_ptr<int64_t>(), gain.data_ptr<T>());
   });
   return {idx, gain};
 }
