@@ -7,5 +7,6 @@ __version__ = "0.1.0"
 _load_extension()  # registers torch.ops.cpd_fast.*
 
 from cpd_fast.dpp import greedy_map, greedy_map_from_kernel  # noqa: E402
+from cpd_fast.moe import MoELayer  # noqa: E402
 
-__all__ = ["__version__", "greedy_map", "greedy_map_from_kernel"]
+__all__ = ["MoELayer", "__version__", "greedy_map", "greedy_map_from_kernel"]

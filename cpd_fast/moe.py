@@ -52,7 +52,7 @@ def route(logits: torch.Tensor, k: int, normalize_topk: bool = False) -> Routing
 
     logits: ``[N, E]``. The sort is stable, so rows of one expert stay in token order.
     """
-    N, E = logits.shape
+    E = logits.shape[1]
     probs = torch.softmax(logits.float(), dim=-1)
     topk_p, topk_e = torch.topk(probs, k, dim=-1)
     if normalize_topk:
@@ -105,17 +105,21 @@ def experts_torch(
 
     ``segments``: one GEMM per expert segment (reads the offsets on the host once);
     ``grouped_mm``: ``F.grouped_mm`` on the sorted rows (no host sync, so torch.compile keeps one
-    graph). ``auto`` uses grouped_mm under torch.compile where it applies, segments otherwise
-    (faster on CPU in bench/moe_results.md).
+    graph; bf16 only under compile). ``auto`` uses grouped_mm under torch.compile where it
+    applies, segments otherwise (faster on CPU in bench/moe_results.md).
     """
-    N, d = x.shape
+    d = x.shape[1]
     k = r.topk_e.shape[1]
     act = ACTIVATIONS[activation]
     tok = r.order // k
     xs = x[tok]
     p = r.topk_p.reshape(-1)[r.order]
+    # fp32 grouped_mm runs eagerly on CPU but its meta kernel (used by torch.compile) demands bf16
     use_gmm = impl == "grouped_mm" or (
-        impl == "auto" and torch.compiler.is_compiling() and _grouped_mm_ok(x, d, w1.shape[1])
+        impl == "auto"
+        and torch.compiler.is_compiling()
+        and x.dtype == torch.bfloat16
+        and _grouped_mm_ok(x, d, w1.shape[1])
     )
     if use_gmm:
         expert = r.topk_e.reshape(-1)[r.order]
@@ -347,7 +351,10 @@ class MoELayer(nn.Module):
     def _replace(self, owner: nn.Module, name: str, new: torch.Tensor) -> None:
         old = getattr(owner, name)
         param = nn.Parameter(new, requires_grad=old.requires_grad)
-        self._replaced.append((weakref.ref(old), weakref.ref(param)))
+        # every older parameter that led to `old` now leads to `param`: chains stay one step long
+        ref = weakref.ref(param)
+        live = [(o, ref if n() is old else n) for o, n in self._replaced if o() is not None]
+        self._replaced = [*live, (weakref.ref(old), ref)]
         setattr(owner, name, param)
 
     @torch.no_grad()
@@ -396,9 +403,7 @@ class MoELayer(nn.Module):
             for i, p in enumerate(group["params"]):
                 if id(p) not in succ or succ[id(p)][0] is not p:
                     continue
-                new = p
-                while id(new) in succ and succ[id(new)][0] is new:  # several growths since last call
-                    new = succ[id(new)][1]
+                new = succ[id(p)][1]
                 group["params"][i] = new
                 state = optimizer.state.pop(p, None)
                 if state is not None:
