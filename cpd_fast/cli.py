@@ -27,6 +27,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--dim", type=int, default=64, help="feature dimension")
     demo.add_argument("--seed", type=int, default=0)
     demo.set_defaults(func=_dpp_demo)
+
+    from cpd_fast.fidelity import add_cli as add_envs_cli
+
+    add_envs_cli(sub)  # cpd envs check
     return parser
 
 

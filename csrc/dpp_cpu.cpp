@@ -154,14 +154,26 @@ CPD_ALWAYS_INLINE void row_chunk(const Streams<T>& p, int64_t j, int64_t lo, int
     for (int64_t i = 0; i < len; ++i) out[i] *= -p.gamma;
 }
 
-// acc[i] = <C[0:s, j], C[0:s, lo + i]>: s streaming axpys over contiguous column segments.
+// Appends Cholesky column s (pick j, pivot dj) for items lo..lo+len and updates their d2:
+// acc = <C[0:s, j], C[0:s, i]> by s streaming axpys over contiguous column segments, then a
+// branch-free update (dead items stay dead), so both loops vectorise across items.
 template <typename T>
-CPD_ALWAYS_INLINE void dot_chunk(const Streams<T>& p, int64_t j, int64_t s, int64_t lo, int64_t len, T* acc) {
+CPD_ALWAYS_INLINE void extend_chunk(const Streams<T>& p, int64_t j, int64_t s, T dj, T eps, int64_t lo, int64_t len,
+                                    const T* row, T* acc, T* d2) {
   for (int64_t i = 0; i < len; ++i) acc[i] = 0;
   for (int64_t t = 0; t < s; ++t) {
     const T cj = p.C[t * p.n + j];
     const T* ct = p.C + t * p.n + lo;
     for (int64_t i = 0; i < len; ++i) acc[i] += cj * ct[i];
+  }
+  T* column = p.C + s * p.n + lo;
+  const T qj = p.q != nullptr ? p.q[j] : T(1);
+  for (int64_t i = 0; i < len; ++i) {
+    const T entry = p.q != nullptr ? qj * p.q[lo + i] * row[i] : row[i];
+    const T e = (entry - acc[i]) / dj;
+    column[i] = e;
+    const T r = d2[i] - e * e;
+    d2[i] = (d2[i] == kDead<T> || r < eps) ? kDead<T> : r;
   }
 }
 
@@ -170,8 +182,9 @@ CPD_TARGET_AVX2 void row_chunk_avx2(const Streams<T>& p, int64_t j, int64_t lo, 
   row_chunk(p, j, lo, len, out);
 }
 template <typename T>
-CPD_TARGET_AVX2 void dot_chunk_avx2(const Streams<T>& p, int64_t j, int64_t s, int64_t lo, int64_t len, T* acc) {
-  dot_chunk(p, j, s, lo, len, acc);
+CPD_TARGET_AVX2 void extend_chunk_avx2(const Streams<T>& p, int64_t j, int64_t s, T dj, T eps, int64_t lo,
+                                       int64_t len, const T* row, T* acc, T* d2) {
+  extend_chunk(p, j, s, dj, eps, lo, len, row, acc, d2);
 }
 
 // Items are processed in chunks small enough that a chunk's accumulators stay in L1 while the
@@ -223,18 +236,11 @@ void greedy(Streams<T> p, const std::vector<T>& diag, int64_t k, T eps, int64_t*
     if (p.L == nullptr && p.kind == kRbf) row_storage.exp_();
     best = parallel_argmax<T>(n, chunk_best, [&](int64_t lo, int64_t hi, Best<T>& b) {
       const int64_t len = hi - lo;
-      avx2 ? dot_chunk_avx2(p, j, t, lo, len, acc.data() + lo) : dot_chunk(p, j, t, lo, len, acc.data() + lo);
-      T* column = p.C + t * n;
-      const T qj = p.q != nullptr ? p.q[j] : T(1);
-      for (int64_t i = lo; i < hi; ++i) {
-        if (d2[i] == kDead<T>) continue;
-        const T entry = p.q != nullptr ? qj * p.q[i] * row[i] : row[i];
-        const T e = (entry - acc[i]) / dj;
-        column[i] = e;
-        const T r = d2[i] - e * e;
-        d2[i] = r < eps ? kDead<T> : r;
-        b.offer(d2[i], i);
-      }
+      if (avx2)
+        extend_chunk_avx2(p, j, t, dj, eps, lo, len, row + lo, acc.data() + lo, d2.data() + lo);
+      else
+        extend_chunk(p, j, t, dj, eps, lo, len, row + lo, acc.data() + lo, d2.data() + lo);
+      for (int64_t i = lo; i < hi; ++i) b.offer(d2[i], i);
     });
   }
 }
