@@ -112,7 +112,7 @@ def experts_torch(
     k = r.topk_e.shape[1]
     act = ACTIVATIONS[activation]
     tok = r.order // k
-    xs = x[tok]
+    xs = x.index_select(0, tok)  # index_select: its backward (index_add) is faster than x[tok]'s
     p = r.topk_p.reshape(-1)[r.order]
     # fp32 grouped_mm runs eagerly on CPU but its meta kernel (used by torch.compile) demands bf16
     use_gmm = impl == "grouped_mm" or (
@@ -126,10 +126,10 @@ def experts_torch(
         ends = r.offs[1:]
         zs = F.grouped_mm(xs, w1.transpose(1, 2), offs=ends)
         if b1 is not None:
-            zs = zs + b1[expert]
+            zs = zs + b1.index_select(0, expert)
         ys = F.grouped_mm(act(zs), w2.transpose(1, 2), offs=ends)
         if b2 is not None:
-            ys = ys + b2[expert]
+            ys = ys + b2.index_select(0, expert)
     else:
         bounds = r.offs.tolist()
         segs = []
