@@ -33,7 +33,9 @@ def want_cuda() -> bool:
 def extension():
     cpu_sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")))
     cuda_sources = sorted(glob.glob(os.path.join("csrc", "*.cu")))
-    cxx = ["-O3", "-std=c++20", "-ffp-contract=off"]
+    # -ffp-contract=off: no FMA contraction, so every ISA variant rounds the same way;
+    # -fno-trapping-math: lets branch-free selects vectorise (we never read FP exception flags).
+    cxx = ["-O3", "-std=c++20", "-ffp-contract=off", "-fno-trapping-math"]
     if platform.system() == "Linux":
         # at::parallel_for expands OpenMP pragmas in our translation units; the symbols resolve
         # against the libgomp that torch already loaded, so we do not link a second runtime.

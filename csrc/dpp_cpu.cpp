@@ -14,6 +14,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <bit>
 #include <cmath>
 #include <limits>
 #include <vector>
@@ -50,6 +51,44 @@ inline T squared_distance(const T* a, const T* b, int64_t n) {
   return ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7])) + tail;
 }
 
+// exp(x) for x <= 0 (the rbf argument) as branch-free arithmetic the compiler vectorises, unlike
+// std::exp (setup.py passes -fno-trapping-math so that the selects if-convert): x = n ln2 + r with |r| <= ln2/2 (Cody-Waite split of ln2), exp(r) by its Taylor
+// polynomial (degree 7 for float, 13 for double: truncation error below half an ulp), and 2^n
+// written into the exponent bits. Arguments below the smallest normal's log return 0.
+template <typename T>
+struct ExpTraits;
+template <>
+struct ExpTraits<float> {
+  using Bits = int32_t;
+  static constexpr int kDegree = 7, kMantissa = 23, kBias = 127;
+  static constexpr float kMin = -87.0f, kLn2Hi = 0.693359375f, kLn2Lo = -2.12194440e-4f;
+  static constexpr float kRound = 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer
+};
+template <>
+struct ExpTraits<double> {
+  using Bits = int64_t;
+  static constexpr int kDegree = 13, kMantissa = 52, kBias = 1023;
+  static constexpr double kMin = -708.0, kLn2Hi = 0.693145751953125, kLn2Lo = 1.42860682030941723212e-6;
+  static constexpr double kRound = 6755399441055744.0;  // 1.5 * 2^52
+};
+
+template <typename T>
+inline T exp_nonpositive(T x) {
+  using E = ExpTraits<T>;
+  using B = typename E::Bits;
+  const T xc = std::max(x, E::kMin);
+  const T shifted = xc * T(1.4426950408889634) + E::kRound;  // round(x / ln2) in the low bits
+  const T n = shifted - E::kRound;
+  const T r = (xc - n * E::kLn2Hi) - n * E::kLn2Lo;
+  T poly = T(1);
+#pragma GCC unroll 16
+  for (int m = E::kDegree; m >= 1; --m) poly = T(1) + poly * (r * (T(1) / T(m)));  // sum r^m / m!
+  // 2^n from the bits of `shifted` (integer ops only: AVX2 has no double -> int64 conversion).
+  const B bits = (std::bit_cast<B>(shifted) - std::bit_cast<B>(E::kRound) + E::kBias) << E::kMantissa;
+  const T v = poly * std::bit_cast<T>(bits);
+  return x < E::kMin ? T(0) : v;
+}
+
 // Kernel entries L_ji = q_j q_i K(x_j, x_i) computed on the fly from features [N, D].
 template <typename T>
 struct FeatureRows {
@@ -64,7 +103,7 @@ struct FeatureRows {
     return q ? q[i] * q[i] * base : base;
   }
   T entry(int64_t j, int64_t i) const {
-    const T base = kind == kRbf ? std::exp(-gamma * squared_distance(x + j * d, x + i * d, d))
+    const T base = kind == kRbf ? exp_nonpositive(-gamma * squared_distance(x + j * d, x + i * d, d))
                                 : dot(x + j * d, x + i * d, d);
     return q ? q[j] * q[i] * base : base;
   }
@@ -132,7 +171,8 @@ struct Streams {
   T* C;
 };
 
-// Kernel row L[j, lo:lo+len] before the rbf exp (which runs vectorised over the whole row).
+// Kernel row L[j, lo:lo+len] (without the quality weights), streamed from the transposed
+// features so that every loop runs across items (contiguous, vectorisable).
 template <typename T>
 CPD_ALWAYS_INLINE void row_chunk(const Streams<T>& p, int64_t j, int64_t lo, int64_t len, T* out) {
   if (p.L != nullptr) {
@@ -151,7 +191,7 @@ CPD_ALWAYS_INLINE void row_chunk(const Streams<T>& p, int64_t j, int64_t lo, int
     }
   }
   if (p.kind == kRbf)
-    for (int64_t i = 0; i < len; ++i) out[i] *= -p.gamma;
+    for (int64_t i = 0; i < len; ++i) out[i] = exp_nonpositive(-p.gamma * out[i]);
 }
 
 // Appends Cholesky column s (pick j, pivot dj) for items lo..lo+len and updates their d2:
@@ -166,14 +206,17 @@ CPD_ALWAYS_INLINE void extend_chunk(const Streams<T>& p, int64_t j, int64_t s, T
     const T* ct = p.C + t * p.n + lo;
     for (int64_t i = 0; i < len; ++i) acc[i] += cj * ct[i];
   }
+  if (p.q != nullptr) {  // fold the quality weights into the row first: L_ji = q_j q_i K_ji
+    for (int64_t i = 0; i < len; ++i) acc[i] -= p.q[j] * p.q[lo + i] * row[i];
+  } else {
+    for (int64_t i = 0; i < len; ++i) acc[i] -= row[i];
+  }
   T* column = p.C + s * p.n + lo;
-  const T qj = p.q != nullptr ? p.q[j] : T(1);
   for (int64_t i = 0; i < len; ++i) {
-    const T entry = p.q != nullptr ? qj * p.q[lo + i] * row[i] : row[i];
-    const T e = (entry - acc[i]) / dj;
+    const T e = -acc[i] / dj;  // (L_ji - <C[j], C[i]>) / dj
     column[i] = e;
     const T r = d2[i] - e * e;
-    d2[i] = (d2[i] == kDead<T> || r < eps) ? kDead<T> : r;
+    d2[i] = (d2[i] == kDead<T>) | (r < eps) ? kDead<T> : r;
   }
 }
 
@@ -227,15 +270,9 @@ void greedy(Streams<T> p, const std::vector<T>& diag, int64_t k, T eps, int64_t*
     const T dj = std::sqrt(best.val);
     d2[j] = kDead<T>;
     if (t + 1 == k) break;
-    at::parallel_for(0, static_cast<int64_t>(chunk_best.size()), 1, [&](int64_t b, int64_t e) {
-      for (int64_t c = b; c < e; ++c) {
-        const int64_t lo = c * kChunk, len = std::min(n, lo + kChunk) - lo;
-        avx2 ? row_chunk_avx2(p, j, lo, len, row + lo) : row_chunk(p, j, lo, len, row + lo);
-      }
-    });
-    if (p.L == nullptr && p.kind == kRbf) row_storage.exp_();
     best = parallel_argmax<T>(n, chunk_best, [&](int64_t lo, int64_t hi, Best<T>& b) {
       const int64_t len = hi - lo;
+      avx2 ? row_chunk_avx2(p, j, lo, len, row + lo) : row_chunk(p, j, lo, len, row + lo);
       if (avx2)
         extend_chunk_avx2(p, j, t, dj, eps, lo, len, row + lo, acc.data() + lo, d2.data() + lo);
       else
