@@ -77,10 +77,14 @@ class VecEnv:
         # True where the previous step ended the episode, so this step is the backend's auto-reset.
         self._pending_reset = np.zeros(num_envs, dtype=bool)
         self._closed = False
+        self._waiting = False  # a step_async is in flight
+        self._actions: np.ndarray | None = None
 
     def reset(self) -> np.ndarray:
         """Reset every sub-env (each gets a new goal). Returns ``[N, 39]`` float32 observations."""
         self._check_open()
+        if self._waiting:
+            self.step_wait()  # drain the step in flight before resetting
         obs, _ = self._impl.reset()
         self._pending_reset[:] = False
         return self._obs(obs)
@@ -92,15 +96,49 @@ class VecEnv:
 
         Returns ``obs [N, 39], reward [N], terminated [N], truncated [N], info`` (see module docstring).
         """
+        self.step_async(actions)
+        return self.step_wait()
+
+    def step_async(self, actions: np.ndarray) -> None:
+        """Start a step with ``actions`` ``[N, 4]`` and return at once; :meth:`step_wait` collects it.
+
+        With envpool the sub-envs step on envpool's own threads meanwhile (``send``), so the caller can
+        run inference for *another* VecEnv in between; gymnasium steps inside :meth:`step_wait`.
+        """
         self._check_open()
+        if self._waiting:
+            raise RuntimeError("step_async called twice without step_wait")
         actions = np.asarray(actions)
         if actions.shape != (self.num_envs, ACT_DIM):
             raise ValueError(f"actions must have shape ({self.num_envs}, {ACT_DIM}), got {actions.shape}")
         if not np.issubdtype(actions.dtype, np.number) or not np.all(np.isfinite(actions)):
             raise ValueError("actions must be finite numbers")
         actions = np.clip(actions.astype(np.float32), -1.0, 1.0)
+        if self.backend == "envpool":
+            self._impl.send(actions)
+        else:
+            self._actions = actions
+        self._waiting = True
 
-        obs, reward, terminated, truncated, info = self._impl.step(actions)
+    def step_wait(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, dict[str, np.ndarray]]:
+        """Finish the step started by :meth:`step_async`; same return values as :meth:`step`."""
+        self._check_open()
+        if not self._waiting:
+            raise RuntimeError("step_wait called without step_async")
+        self._waiting = False
+        if self.backend == "envpool":
+            obs, reward, terminated, truncated, info = self._impl.recv()
+            order = np.argsort(info["env_id"]) if "env_id" in info else None
+            if order is not None and not np.array_equal(order, np.arange(self.num_envs)):
+                obs, reward, terminated, truncated = (
+                    obs[order],
+                    reward[order],
+                    terminated[order],
+                    truncated[order],
+                )
+                info = {"success": np.asarray(info.get("success", np.zeros(self.num_envs)))[order]}
+        else:
+            obs, reward, terminated, truncated, info = self._impl.step(self._actions)
         autoreset = self._pending_reset.copy()
         reward = np.asarray(reward, dtype=np.float32).copy()
         terminated = np.asarray(terminated, dtype=bool).copy()

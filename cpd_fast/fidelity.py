@@ -17,11 +17,10 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 
+from cpd_fast.runio import write_json_atomic
 from cpd_fast.tasks import resolve_tasks
 
 __all__ = [
@@ -143,18 +142,9 @@ def backend_choices(rows: list[FidelityRow]) -> dict[str, str]:
     return {r.task: r.backend for r in rows}
 
 
-def _write_json_atomic(path: str, payload: dict) -> None:
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".fidelity-", suffix=".json")
-    with os.fdopen(fd, "w") as f:
-        json.dump(payload, f, indent=2)
-    os.replace(tmp, path)
-
-
 def save_report(rows: list[FidelityRow], path: str, **settings: object) -> None:
     """Write ``{"settings": ..., "rows": [...], "backend": {task: backend}}`` as JSON (atomically)."""
-    _write_json_atomic(
+    write_json_atomic(
         path,
         {"settings": settings, "rows": [asdict(r) for r in rows], "backend": backend_choices(rows)},
     )

@@ -1,0 +1,271 @@
+"""Teacher trajectory datasets: vectorised rollouts -> Minari (HDF5) -> contiguous torch tensors.
+
+One dataset per task, id ``<namespace>/<task>-v0`` (e.g. ``cpd/reach-v3-v0``), stored under
+``<root>`` (``MINARI_DATASETS_PATH`` is pointed there while writing and reading, so datasets live inside
+the run directory, by default ``<run_dir>/datasets``). Each Minari episode holds, with T = episode length:
+
+* ``observations`` ``[T+1, 39]`` float32 (the last one is the observation after the final step);
+* ``actions`` ``[T, 4]`` the *executed* action (teacher mean + exploration noise, clipped);
+* ``rewards`` ``[T]``, ``terminations`` / ``truncations`` ``[T]`` (Meta-World only truncates);
+* ``infos["action_mean"]`` ``[T+1, 4]`` the teacher's action mean at every observation (the distillation
+  target; Minari's convention that infos have one entry per observation), ``infos["success"]`` ``[T+1]``
+  (0 at the reset observation) and ``infos["task_id"]`` ``[T+1]`` the task's index in MT50.
+
+The dataset's metadata names the task (``description``) and the teacher (``algorithm_name``).
+Auto-reset transitions of the vectorised env are never stored (their action is ignored by the env).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import warnings
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from cpd_fast.envs import ACT_DIM, MAX_EPISODE_STEPS, OBS_DIM, make_vec_env
+from cpd_fast.tasks import MT50, validate_task
+
+__all__ = ["TeacherData", "collect_dataset", "dataset_id", "load_teacher_data"]
+
+DEFAULT_NAMESPACE = "cpd"
+
+
+def dataset_id(task: str, namespace: str = DEFAULT_NAMESPACE, version: int = 0) -> str:
+    """Minari id of ``task``'s dataset: ``"cpd/reach-v3-v0"``."""
+    return f"{namespace}/{validate_task(task)}-v{version}"
+
+
+@contextlib.contextmanager
+def _datasets_root(root: str | os.PathLike) -> Iterator[None]:
+    """Point Minari at ``root`` (it reads ``MINARI_DATASETS_PATH`` on every call) for the duration."""
+    saved = os.environ.get("MINARI_DATASETS_PATH")
+    os.environ["MINARI_DATASETS_PATH"] = os.path.abspath(os.fspath(root))
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop("MINARI_DATASETS_PATH", None)
+        else:
+            os.environ["MINARI_DATASETS_PATH"] = saved
+
+
+def collect_dataset(
+    teacher: Any,
+    task: str,
+    root: str | os.PathLike,
+    *,
+    episodes: int = 50,
+    num_envs: int = 10,
+    noise_std: float = 0.1,
+    backend: str = "envpool",
+    seed: int = 0,
+    max_episode_steps: int = MAX_EPISODE_STEPS,
+    namespace: str = DEFAULT_NAMESPACE,
+    teacher_name: str | None = None,
+    overwrite: bool = False,
+) -> str:
+    """Roll out ``teacher`` on ``task`` and store ``episodes`` whole episodes as a Minari dataset.
+
+    Args:
+        teacher: anything with ``action_mean(obs [B, 39]) -> [B, 4]``.
+        task: Meta-World v3 task name.
+        root: directory holding the datasets (``MINARI_DATASETS_PATH``).
+        episodes: number of complete episodes to store (> 0).
+        num_envs: envs stepped side by side (batched teacher inference).
+        noise_std: std of the Gaussian noise added to the executed action (0 = on-policy). Visiting states
+            off the teacher's own path teaches the student to recover from its mistakes; the stored
+            target is always the teacher's mean, not the noisy action.
+        backend: env backend (use ``"gymnasium"`` where envpool is unfaithful, e.g. dial-turn-v3).
+        seed: env and noise seed.
+        max_episode_steps: episode length.
+        overwrite: replace an existing dataset with the same id; otherwise an existing one is kept (a
+            re-run is a no-op, so a killed collection resumes at the next task).
+
+    Returns:
+        the dataset id (load it with :func:`load_teacher_data`, or ``minari.load_dataset`` with
+        ``MINARI_DATASETS_PATH=root``).
+    """
+    import gymnasium as gym
+    import minari
+    from minari.data_collector import EpisodeBuffer
+
+    task = validate_task(task)
+    if isinstance(episodes, bool) or not isinstance(episodes, int) or episodes <= 0:
+        raise ValueError(f"episodes must be a positive int, got {episodes!r}")
+    if noise_std < 0:
+        raise ValueError(f"noise_std must be >= 0, got {noise_std}")
+    ds_id = dataset_id(task, namespace)
+    task_id = MT50.index(task)
+    rng = np.random.default_rng(seed)
+
+    with _datasets_root(root):
+        if ds_id in minari.list_local_datasets():
+            if not overwrite:
+                return ds_id
+            minari.delete_dataset(ds_id)
+
+        n = min(num_envs, episodes)
+        L = max_episode_steps
+        # Per-env episode buffers, filled one time step at a time (vectorised over envs).
+        obs_b = np.zeros((n, L + 1, OBS_DIM), np.float32)
+        mean_b = np.zeros((n, L + 1, ACT_DIM), np.float32)
+        act_b = np.zeros((n, L, ACT_DIM), np.float32)
+        rew_b = np.zeros((n, L), np.float32)
+        succ_b = np.zeros((n, L + 1), np.float32)
+        term_b = np.zeros((n, L), bool)
+        trunc_b = np.zeros((n, L), bool)
+        length = np.zeros(n, np.int64)
+        rows = np.arange(n)
+        buffers: list[Any] = []
+
+        with make_vec_env(task, n, backend=backend, seed=seed, max_episode_steps=max_episode_steps) as env:
+            obs = env.reset()
+            mean = _checked_mean(teacher, obs)
+            obs_b[:, 0], mean_b[:, 0] = obs, mean
+            while len(buffers) < episodes:
+                action = mean + noise_std * rng.standard_normal(mean.shape).astype(np.float32)
+                action = np.clip(action, -1.0, 1.0)
+                obs, reward, terminated, truncated, info = env.step(action)
+                mean = _checked_mean(teacher, obs)
+                live = ~info["autoreset"]  # auto-reset rows: the env ignored the action; nothing to store
+                r, k = rows[live], length[live]
+                act_b[r, k], rew_b[r, k] = action[live], reward[live]
+                term_b[r, k], trunc_b[r, k] = terminated[live], truncated[live]
+                obs_b[r, k + 1], mean_b[r, k + 1], succ_b[r, k + 1] = (
+                    obs[live],
+                    mean[live],
+                    info["success"][live],
+                )
+                length[live] += 1
+                for i in np.flatnonzero(live & (terminated | truncated)):
+                    T = int(length[i])
+                    if len(buffers) < episodes:
+                        buffers.append(
+                            EpisodeBuffer(
+                                id=len(buffers),
+                                observations=obs_b[i, : T + 1].copy(),
+                                actions=act_b[i, :T].copy(),
+                                rewards=rew_b[i, :T].copy(),
+                                terminations=term_b[i, :T].copy(),
+                                truncations=trunc_b[i, :T].copy(),
+                                infos={
+                                    "action_mean": mean_b[i, : T + 1].copy(),
+                                    "success": succ_b[i, : T + 1].copy(),
+                                    "task_id": np.full(T + 1, task_id, np.int64),
+                                },
+                            )
+                        )
+                    length[i] = 0
+                # rows that were just auto-reset start their next episode with this observation
+                fresh = info["autoreset"]
+                obs_b[fresh, 0], mean_b[fresh, 0], succ_b[fresh, 0] = obs[fresh], mean[fresh], 0.0
+
+        box_obs = gym.spaces.Box(-np.inf, np.inf, (OBS_DIM,), np.float64)
+        box_act = gym.spaces.Box(-1.0, 1.0, (ACT_DIM,), np.float32)
+        with warnings.catch_warnings():  # Minari nags about author/permalink/env spec metadata
+            warnings.simplefilter("ignore", UserWarning)
+            minari.create_dataset_from_buffers(
+                ds_id,
+                buffers,
+                observation_space=box_obs,
+                action_space=box_act,
+                algorithm_name=teacher_name or type(teacher).__name__,
+                description=f"Meta-World {task} teacher rollouts (cpd_fast), noise_std={noise_std}",
+                data_format="hdf5",
+            )
+    return ds_id
+
+
+def _checked_mean(teacher: Any, obs: np.ndarray) -> np.ndarray:
+    mean = np.asarray(teacher.action_mean(obs), dtype=np.float32)
+    if mean.shape != (obs.shape[0], ACT_DIM):
+        raise ValueError(f"teacher returned shape {mean.shape} for obs {obs.shape}; expected [B, {ACT_DIM}]")
+    return mean
+
+
+@dataclass
+class TeacherData:
+    """All transitions of some teacher datasets as contiguous tensors (M = total steps).
+
+    Attributes:
+        obs: ``[M, 39]`` float32 observation at each step.
+        action_mean: ``[M, 4]`` the teacher's action mean at ``obs`` (the distillation target).
+        action: ``[M, 4]`` the executed action.
+        reward: ``[M]`` float32. success: ``[M]`` float32, success reported after the step.
+        done: ``[M]`` bool, the episode ended after this step (terminated or truncated).
+        task_id: ``[M]`` int64 index into ``tasks``. episode: ``[M]`` int64 global episode index.
+        step: ``[M]`` int64 step index within its episode (for observation-history windows).
+        tasks: task names, ``tasks[task_id]``.
+    """
+
+    obs: Any
+    action_mean: Any
+    action: Any
+    reward: Any
+    success: Any
+    done: Any
+    task_id: Any
+    episode: Any
+    step: Any
+    tasks: list[str]
+
+    def __len__(self) -> int:
+        return int(self.obs.shape[0])
+
+
+def load_teacher_data(
+    ids_or_tasks: Sequence[str], root: str | os.PathLike, *, namespace: str = DEFAULT_NAMESPACE
+) -> TeacherData:
+    """Load datasets (Minari ids, or task names via :func:`dataset_id`) into one :class:`TeacherData`.
+
+    Each episode's arrays are read whole and concatenated once — no per-step Python loop.
+    """
+    import minari
+    import torch
+
+    ids = [i if "/" in i else dataset_id(i, namespace) for i in ids_or_tasks]
+    if not ids:
+        raise ValueError("no datasets given")
+    parts: dict[str, list[np.ndarray]] = {
+        k: [] for k in ("obs", "mean", "act", "rew", "succ", "done", "tid", "ep", "step")
+    }
+    tasks: list[str] = []
+    n_episodes = 0
+    with _datasets_root(root):
+        local = set(minari.list_local_datasets())
+        for ds_id in ids:
+            if ds_id not in local:
+                raise FileNotFoundError(
+                    f"no Minari dataset {ds_id!r} under {os.fspath(root)!r}; run `cpd teachers collect` first"
+                )
+            task = ds_id.split("/")[-1].rsplit("-v", 1)[0]
+            tasks.append(task)
+            for ep in minari.load_dataset(ds_id).iterate_episodes():
+                T = len(ep.rewards)
+                parts["obs"].append(np.asarray(ep.observations[:T], np.float32))
+                parts["mean"].append(np.asarray(ep.infos["action_mean"][:T], np.float32))
+                parts["act"].append(np.asarray(ep.actions, np.float32))
+                parts["rew"].append(np.asarray(ep.rewards, np.float32))
+                parts["succ"].append(np.asarray(ep.infos["success"][1 : T + 1], np.float32))
+                parts["done"].append(np.asarray(ep.terminations, bool) | np.asarray(ep.truncations, bool))
+                parts["tid"].append(np.full(T, len(tasks) - 1, np.int64))
+                parts["ep"].append(np.full(T, n_episodes, np.int64))
+                parts["step"].append(np.arange(T, dtype=np.int64))
+                n_episodes += 1
+    cat = {k: torch.from_numpy(np.concatenate(v)) for k, v in parts.items()}
+    return TeacherData(
+        obs=cat["obs"],
+        action_mean=cat["mean"],
+        action=cat["act"],
+        reward=cat["rew"],
+        success=cat["succ"],
+        done=cat["done"],
+        task_id=cat["tid"],
+        episode=cat["ep"],
+        step=cat["step"],
+        tasks=tasks,
+    )

@@ -1,0 +1,392 @@
+"""Training one teacher per task, in parallel: a local process pool, or Ray for a cluster.
+
+The unit of work is a *teacher job* (:func:`run_teacher_job`): train PPO on one task into its own
+directory (resuming from its checkpoint if one is there), then measure it with the official protocol.
+A job is idempotent — re-running a finished job only re-reads its ``eval.json`` — so a killed worker is
+simply run again:
+
+* ``backend="local"`` (default): ``workers`` spawned processes on this machine. Each gets
+  ``cpu_count // workers`` threads (``torch.set_num_threads`` and ``OMP/MKL_NUM_THREADS``) so that N
+  workers do not oversubscribe the cores. A job whose process dies is resubmitted (``max_retries``).
+* ``backend="ray"``: one Ray task per teacher with ``num_cpus``/``num_gpus`` resources and Ray's own
+  ``max_retries`` for dead workers. ``ray_address=None`` starts a local Ray (``ray.init()``); ``"auto"``
+  or ``"ray://host:port"`` joins an existing cluster (every node needs cpd_fast installed and a shared
+  ``run_dir``, e.g. NFS). Ray is optional: ``pip install "cpd_fast[ray]"``.
+
+:func:`train_teachers` runs the jobs, then applies the quality gate (:mod:`cpd_fast.teachers.gate`) and
+writes ``teachers.json``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import logging
+import os
+import signal
+import time
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+from cpd_fast.tasks import resolve_tasks
+
+__all__ = ["BACKENDS", "run_jobs", "run_teacher_job", "train_teachers"]
+
+log = logging.getLogger(__name__)
+
+BACKENDS = ("local", "ray")
+_THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# One job (runs inside a worker process)
+# ----------------------------------------------------------------------------------------------------------
+def run_teacher_job(job: dict[str, Any]) -> dict[str, Any]:
+    """Train (or resume) one PPO teacher and evaluate it officially. Runs in a worker; plain-dict I/O.
+
+    ``job`` keys: ``task``, ``out_dir``, ``config`` (a :class:`~cpd_fast.teachers.ppo.PPOConfig` dict),
+    ``eval_goals``, ``eval_envs``, and optionally ``threads`` (torch threads) and ``fault_marker``
+    (fault injection for tests: when that file does not exist yet, the job creates it, trains one update,
+    checkpoints, and kills its own process — a crash after real progress).
+
+    Returns:
+        ``{"task", "path", "success_rate", "protocol", "total_steps", "wall_time_s", "steps_per_s"}``.
+    """
+    import torch
+
+    from cpd_fast.teachers.gate import evaluate_teacher
+    from cpd_fast.teachers.ppo import PPOConfig, load_policy, train_ppo
+
+    threads = int(job.get("threads") or 0)
+    if threads > 0:
+        for var in _THREAD_VARS:
+            os.environ[var] = str(threads)
+        torch.set_num_threads(threads)
+    task, out_dir = job["task"], job["out_dir"]
+    cfg = PPOConfig.from_dict(job["config"])
+    eval_path = os.path.join(out_dir, "eval.json")
+    if os.path.isfile(eval_path):  # finished earlier (idempotent re-run)
+        with open(eval_path) as f:
+            return json.load(f)
+
+    marker = job.get("fault_marker")
+    if marker and not os.path.exists(marker):
+        open(marker, "w").close()
+        train_ppo(task, cfg, out_dir, stop_after_updates=1, tensorboard=False)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    t0 = time.perf_counter()
+    result = train_ppo(task, cfg, out_dir, progress=bool(job.get("progress")))
+    policy = load_policy(result.policy_path)
+    measured = evaluate_teacher(policy, task, num_goals=job["eval_goals"], num_envs=job["eval_envs"])
+    summary = {
+        "task": task,
+        "path": result.policy_path,
+        "success_rate": measured["success_rate"],
+        "protocol": measured["protocol"],
+        "total_steps": result.global_step,
+        "wall_time_s": round(time.perf_counter() - t0, 2),
+        "steps_per_s": round(result.steps_per_s, 1),
+    }
+    from cpd_fast.runio import write_json_atomic
+
+    write_json_atomic(eval_path, summary)
+    return summary
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Running many jobs
+# ----------------------------------------------------------------------------------------------------------
+def _init_worker(threads: int) -> None:
+    import torch
+
+    for var in _THREAD_VARS:
+        os.environ[var] = str(threads)
+    torch.set_num_threads(threads)
+
+
+@contextlib.contextmanager
+def _thread_env(threads: int) -> Iterator[None]:
+    """Set the thread variables while worker processes are spawned (they inherit os.environ)."""
+    saved = {v: os.environ.get(v) for v in _THREAD_VARS}
+    for var in _THREAD_VARS:
+        os.environ[var] = str(threads)
+    try:
+        yield
+    finally:
+        for var, value in saved.items():
+            if value is None:
+                os.environ.pop(var, None)
+            else:
+                os.environ[var] = value
+
+
+def _error(job: dict[str, Any], err: BaseException) -> dict[str, Any]:
+    return {"task": job["task"], "path": None, "success_rate": None, "error": f"{type(err).__name__}: {err}"}
+
+
+def _run_local(jobs: list[dict[str, Any]], workers: int, max_retries: int) -> list[dict[str, Any]]:
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor
+    from concurrent.futures.process import BrokenProcessPool
+
+    threads = max(1, (os.cpu_count() or 1) // workers)
+    results: dict[int, dict[str, Any]] = {}
+    attempts = dict.fromkeys(range(len(jobs)), 0)
+    pending = list(range(len(jobs)))
+    while pending:
+        # A fresh pool per round: a worker killed mid-job breaks the whole pool (BrokenProcessPool).
+        with (
+            _thread_env(threads),
+            ProcessPoolExecutor(
+                max_workers=min(workers, len(pending)),
+                mp_context=mp.get_context("spawn"),  # no fork: torch/envpool threads do not survive fork
+                initializer=_init_worker,
+                initargs=(threads,),
+            ) as pool,
+        ):
+            futures = {i: pool.submit(run_teacher_job, {**jobs[i], "threads": threads}) for i in pending}
+            retry = []
+            for i, fut in futures.items():
+                attempts[i] += 1
+                try:
+                    results[i] = fut.result()
+                except (BrokenProcessPool, OSError) as err:  # the worker died: retry the job
+                    if attempts[i] <= max_retries:
+                        log.warning("%s: worker died (%s); retrying", jobs[i]["task"], err)
+                        retry.append(i)
+                    else:
+                        results[i] = _error(jobs[i], err)
+                except Exception as err:  # the job itself raised: report, do not retry
+                    results[i] = _error(jobs[i], err)
+        pending = retry
+    return [results[i] for i in range(len(jobs))]
+
+
+def _import_ray() -> Any:
+    try:
+        import ray
+    except ImportError as err:
+        raise ImportError(
+            "the ray backend needs Ray: pip install 'cpd_fast[ray]' (or 'ray[default]>=2.40'); "
+            "or use --backend local"
+        ) from err
+    return ray
+
+
+def _run_ray(
+    jobs: list[dict[str, Any]],
+    address: str | None,
+    num_cpus: float,
+    num_gpus: float,
+    max_retries: int,
+    local_cpus: int | None,
+) -> list[dict[str, Any]]:
+    ray = _import_ray()
+    started_here = False
+    if not ray.is_initialized():
+        if address:
+            ray.init(address=address)
+        else:
+            ray.init(num_cpus=local_cpus, include_dashboard=False)
+        started_here = True
+    threads = max(1, int(num_cpus))
+    remote = ray.remote(
+        num_cpus=num_cpus,
+        num_gpus=num_gpus,
+        max_retries=max_retries,  # re-runs a task whose worker process died; the job resumes its checkpoint
+        retry_exceptions=False,  # a Python exception in the job is a bug or bad input: report it
+    )(run_teacher_job)
+    try:
+        refs = [remote.remote({**job, "threads": threads}) for job in jobs]
+        results = []
+        for job, ref in zip(jobs, refs, strict=True):
+            try:
+                results.append(ray.get(ref))
+            except Exception as err:  # RayTaskError, WorkerCrashedError after the retries
+                results.append(_error(job, err))
+        return results
+    finally:
+        if started_here:
+            ray.shutdown()
+
+
+def run_jobs(
+    jobs: Sequence[dict[str, Any]],
+    *,
+    backend: str = "local",
+    workers: int | None = None,
+    ray_address: str | None = None,
+    num_cpus_per_job: float = 1,
+    num_gpus_per_job: float = 0,
+    max_retries: int = 2,
+) -> list[dict[str, Any]]:
+    """Run teacher jobs (see :func:`run_teacher_job`) on ``backend``; results in job order.
+
+    A job that raised or kept dying is returned as ``{"task", "path": None, "success_rate": None, "error"}``.
+    """
+    jobs = list(jobs)
+    if not jobs:
+        return []
+    if backend == "local":
+        workers = workers or min(len(jobs), os.cpu_count() or 1)
+        if workers <= 0:
+            raise ValueError(f"workers must be positive, got {workers}")
+        return _run_local(jobs, workers, max_retries)
+    if backend == "ray":
+        return _run_ray(jobs, ray_address, num_cpus_per_job, num_gpus_per_job, max_retries, workers)
+    raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Train a suite's teachers and gate them
+# ----------------------------------------------------------------------------------------------------------
+def train_teachers(
+    tasks: str | Sequence[str],
+    run_dir: str | os.PathLike,
+    config: Any = None,
+    *,
+    backend: str = "local",
+    workers: int | None = None,
+    ray_address: str | None = None,
+    num_gpus_per_job: float = 0,
+    env_backends: dict[str, str] | None = None,
+    threshold: float | None = None,
+    on_fail: str = "retrain",
+    retrain_factor: float = 2.0,
+    eval_goals: int = 50,
+    eval_envs: int = 10,
+    max_retries: int = 2,
+    progress: bool = False,
+    fault_markers: dict[str, str] | None = None,
+) -> dict[str, Any]:
+    """Train one PPO teacher per task into ``run_dir/teachers/<task>/``, gate them, write ``teachers.json``.
+
+    Args:
+        tasks: suite name or task list.
+        run_dir: the run directory.
+        config: a :class:`~cpd_fast.teachers.ppo.PPOConfig` for every task (``backend`` field overridden
+            per task by ``env_backends``, e.g. from ``cpd envs check``: dial-turn-v3 -> gymnasium).
+        backend / workers / ray_address / num_gpus_per_job / max_retries: see :func:`run_jobs`.
+        threshold: official success a teacher needs (default 0.8).
+        on_fail: ``"retrain"`` (``retrain_factor`` x steps, once), ``"scripted"`` or ``"exclude"``.
+        eval_goals: official goals to evaluate on (50 = the official protocol).
+        fault_markers: ``{task: path}`` fault injection for tests (see :func:`run_teacher_job`).
+
+    Returns:
+        ``{task: TeacherRecord}`` as written to ``run_dir/teachers.json``.
+    """
+    from cpd_fast.teachers.gate import (
+        DEFAULT_THRESHOLD,
+        ON_FAIL,
+        TeacherRecord,
+        evaluate_teacher,
+        passes,
+        write_teachers_json,
+    )
+    from cpd_fast.teachers.ppo import PPOConfig
+
+    task_list = resolve_tasks(tasks)
+    cfg = config if config is not None else PPOConfig()
+    threshold = DEFAULT_THRESHOLD if threshold is None else float(threshold)
+    if on_fail not in ON_FAIL:
+        raise ValueError(f"unknown --on-fail {on_fail!r}; choose one of {', '.join(ON_FAIL)}")
+    if not 0.0 <= threshold <= 1.0:
+        raise ValueError(f"threshold must be in [0, 1], got {threshold}")
+    if retrain_factor <= 0:
+        raise ValueError(f"retrain_factor must be positive, got {retrain_factor}")
+    run_dir = os.fspath(run_dir)
+    env_backends = env_backends or {}
+    fault_markers = fault_markers or {}
+
+    def job(task: str, out: str, total_steps: int) -> dict[str, Any]:
+        task_cfg = dataclasses.replace(
+            cfg, total_steps=total_steps, backend=env_backends.get(task, cfg.backend)
+        )
+        return {
+            "task": task,
+            "out_dir": os.path.join(run_dir, "teachers", task, out),
+            "config": task_cfg.to_dict(),
+            "eval_goals": eval_goals,
+            "eval_envs": eval_envs,
+            "progress": progress,
+            "fault_marker": fault_markers.get(task),
+        }
+
+    run = dict(
+        backend=backend,
+        workers=workers,
+        ray_address=ray_address,
+        num_gpus_per_job=num_gpus_per_job,
+        max_retries=max_retries,
+    )
+    first = run_jobs([job(t, "ppo", cfg.total_steps) for t in task_list], **run)
+
+    def attempt(summary: dict[str, Any], source: str = "ppo") -> dict[str, Any]:
+        return {"source": source, **{k: v for k, v in summary.items() if k != "task"}}
+
+    records: dict[str, TeacherRecord] = {}
+    failed = []
+    for task, summary in zip(task_list, first, strict=True):
+        ok = passes(summary.get("success_rate"), threshold)
+        records[task] = TeacherRecord(
+            task=task,
+            source="ppo",
+            path=summary.get("path"),
+            success_rate=summary.get("success_rate"),
+            protocol=summary.get("protocol", "official"),
+            threshold=threshold,
+            passed=ok,
+            status="ok" if ok else "failed",
+            used=ok,
+            flagged=not ok,
+            history=[attempt(summary)],
+        )
+        if not ok:
+            failed.append(task)
+            log.warning(
+                "%s: teacher below the gate (success %s < %.2f)", task, summary.get("success_rate"), threshold
+            )
+
+    if failed and on_fail == "retrain":
+        budget = round(cfg.total_steps * retrain_factor)
+        again = run_jobs([job(t, "ppo-retrain", budget) for t in failed], **run)
+        for task, summary in zip(failed, again, strict=True):
+            rec = records[task]
+            rec.history.append(attempt(summary))
+            if passes(summary.get("success_rate"), threshold):
+                rec.path, rec.success_rate = summary["path"], summary["success_rate"]
+                rec.passed, rec.used, rec.status = True, True, "retrained"
+            else:
+                rec.status = "failed"  # flagged and unused: never silently used
+    elif failed and on_fail == "scripted":
+        from cpd_fast.teachers.scripted import ScriptedExpert
+
+        for task in failed:
+            rec = records[task]
+            measured = evaluate_teacher(ScriptedExpert(task), task, num_goals=eval_goals, num_envs=eval_envs)
+            rec.history.append({"source": "scripted", "path": None, **measured})
+            rec.source, rec.path, rec.success_rate = "scripted", None, measured["success_rate"]
+            rec.protocol = measured["protocol"]
+            rec.passed = passes(measured["success_rate"], threshold)
+            rec.used = rec.passed  # a scripted expert below the gate is not used either
+            rec.status = "replaced-by-scripted" if rec.passed else "failed"
+    elif failed:  # exclude
+        for task in failed:
+            records[task].used, records[task].status = False, "excluded"
+
+    write_teachers_json(
+        run_dir,
+        records,
+        tasks=task_list,
+        threshold=threshold,
+        on_fail=on_fail,
+        retrain_factor=retrain_factor,
+        eval_goals=eval_goals,
+        backend=backend,
+        env_backends={t: env_backends.get(t, cfg.backend) for t in task_list},
+        config=cfg.to_dict(),
+        date=time.strftime("%Y-%m-%d %H:%M:%S"),
+    )
+    return records
