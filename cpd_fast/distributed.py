@@ -88,6 +88,7 @@ def run_teacher_job(job: dict[str, Any]) -> dict[str, Any]:
         "total_steps": result.global_step,
         "wall_time_s": round(time.perf_counter() - t0, 2),
         "steps_per_s": round(result.steps_per_s, 1),
+        "pid": os.getpid(),
     }
     from cpd_fast.runio import write_json_atomic
 
