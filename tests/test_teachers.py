@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 
 import numpy as np
 import pytest
@@ -121,3 +122,31 @@ def test_cli_bad_input(tmp_path, capsys, policy_path):
     assert cpd(["teachers", "eval", "--task", "reach-v3", "--checkpoint", policy_path, "--goals", "1"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["protocol"] == "official-subset" and 0 <= out["success_rate"] <= 1
+
+
+def test_cli_train_then_collect(tmp_path, capsys, monkeypatch):
+    run = str(tmp_path)
+    argv = [
+        "teachers",
+        "train",
+        "--tasks",
+        "reach-v3",
+        "--run-dir",
+        run,
+        "--total-steps",
+        "128",
+        "--num-envs",
+        "8",
+    ]
+    argv += ["--num-steps", "16", "--workers", "1", "--eval-goals", "1", "--on-fail", "scripted"]
+    assert cpd(argv) == 0
+    out = capsys.readouterr().out
+    assert "reach-v3" in out and "teachers.json" in out
+    assert usable_teachers(run)["reach-v3"].source in ("ppo", "scripted")
+    argv = ["teachers", "collect", "--run-dir", run, "--episodes", "2", "--num-envs", "2"]
+    assert cpd([*argv, "--max-episode-steps", "10"]) == 0
+    assert "cpd/reach-v3-v0" in capsys.readouterr().out
+    monkeypatch.setenv("MINARI_DATASETS_PATH", os.path.join(run, "datasets"))
+    import minari
+
+    assert minari.load_dataset("cpd/reach-v3-v0").total_episodes == 2
