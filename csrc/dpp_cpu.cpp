@@ -201,7 +201,14 @@ template <typename T>
 CPD_ALWAYS_INLINE void extend_chunk(const Streams<T>& p, int64_t j, int64_t s, T dj, T eps, int64_t lo, int64_t len,
                                     const T* row, T* acc, T* d2) {
   for (int64_t i = 0; i < len; ++i) acc[i] = 0;
-  for (int64_t t = 0; t < s; ++t) {
+  int64_t t = 0;
+  for (; t + 4 <= s; t += 4) {  // four columns per pass: 4 prefetch streams, 1/4 of the acc traffic
+    const T* c = p.C + t * p.n;
+    const T c0 = c[j], c1 = c[p.n + j], c2 = c[2 * p.n + j], c3 = c[3 * p.n + j];
+    const T *r0 = c + lo, *r1 = r0 + p.n, *r2 = r1 + p.n, *r3 = r2 + p.n;
+    for (int64_t i = 0; i < len; ++i) acc[i] = acc[i] + c0 * r0[i] + c1 * r1[i] + c2 * r2[i] + c3 * r3[i];
+  }
+  for (; t < s; ++t) {
     const T cj = p.C[t * p.n + j];
     const T* ct = p.C + t * p.n + lo;
     for (int64_t i = 0; i < len; ++i) acc[i] += cj * ct[i];
@@ -230,17 +237,21 @@ CPD_TARGET_AVX2 void extend_chunk_avx2(const Streams<T>& p, int64_t j, int64_t s
   extend_chunk(p, j, s, dj, eps, lo, len, row, acc, d2);
 }
 
-// Items are processed in chunks small enough that a chunk's accumulators stay in L1 while the
-// Cholesky columns stream through; chunk winners merge in index order, so the picks do not
-// depend on the number of threads.
-constexpr int64_t kChunk = 2048;
+// Items are processed in chunks: long enough that each Cholesky column segment streams from
+// memory at full speed, short enough that a chunk's accumulators stay in L2, and at least two
+// per thread. Per-item arithmetic does not depend on the chunking and chunk winners merge in
+// index order, so the picks do not depend on the number of threads.
+inline int64_t chunk_size(int64_t n) {
+  const int64_t per_thread = (n + 2 * at::get_num_threads() - 1) / (2 * at::get_num_threads());
+  return std::clamp<int64_t>(per_thread, 2048, 16384);
+}
 
 template <typename T, typename F>
-Best<T> parallel_argmax(int64_t n, std::vector<Best<T>>& best, F&& f) {
+Best<T> parallel_argmax(int64_t n, int64_t chunk, std::vector<Best<T>>& best, F&& f) {
   at::parallel_for(0, static_cast<int64_t>(best.size()), 1, [&](int64_t b, int64_t e) {
     for (int64_t c = b; c < e; ++c) {
       Best<T> local;
-      f(c * kChunk, std::min(n, (c + 1) * kChunk), local);
+      f(c * chunk, std::min(n, (c + 1) * chunk), local);
       best[c] = local;
     }
   });
@@ -257,7 +268,8 @@ void greedy(Streams<T> p, const std::vector<T>& diag, int64_t k, T eps, int64_t*
   p.C = C_storage.data_ptr<T>();
   T* row = row_storage.data_ptr<T>();
   std::vector<T> d2(n), acc(n);
-  std::vector<Best<T>> chunk_best((n + kChunk - 1) / kChunk);
+  const int64_t chunk = chunk_size(n);
+  std::vector<Best<T>> chunk_best((n + chunk - 1) / chunk);
   const bool avx2 = cpu_has_avx2();
   for (int64_t i = 0; i < n; ++i) d2[i] = diag[i] < eps ? kDead<T> : diag[i];
   Best<T> best;
@@ -270,7 +282,7 @@ void greedy(Streams<T> p, const std::vector<T>& diag, int64_t k, T eps, int64_t*
     const T dj = std::sqrt(best.val);
     d2[j] = kDead<T>;
     if (t + 1 == k) break;
-    best = parallel_argmax<T>(n, chunk_best, [&](int64_t lo, int64_t hi, Best<T>& b) {
+    best = parallel_argmax<T>(n, chunk, chunk_best, [&](int64_t lo, int64_t hi, Best<T>& b) {
       const int64_t len = hi - lo;
       avx2 ? row_chunk_avx2(p, j, lo, len, row + lo) : row_chunk(p, j, lo, len, row + lo);
       if (avx2)
