@@ -14,7 +14,9 @@ Conventions worth knowing:
   raw observations afterwards, so the log-probabilities of the update match the ones sampled.
 * ``async_envs`` splits the envs into two envpool groups and pipelines them: while group A steps on
   envpool's threads (``send``), the policy runs for group B, then the roles swap (``recv``). On a GPU the
-  networks stay on the device and stepping overlaps inference; on CPU it is exercised the same way.
+  networks stay on the device and stepping overlaps inference. It is on by default only with a GPU: on
+  2 CPU cores inference and env threads compete for the same cores and the halved inference batches cost
+  more than the overlap gains (bench/teachers.md); ``async_envs=True`` forces it (the tests exercise it).
 * Run directory: ``checkpoint.pt`` (resume state: networks, optimizer, scaler, RNG, step counter),
   ``policy.pt`` (the final teacher: network ``state_dict`` + config, no optimizer), ``metrics.jsonl``,
   ``config.json`` and TensorBoard events under ``tb/``. All checkpoint writes are atomic and load with
@@ -89,7 +91,9 @@ class PPOConfig:
     clip_obs: float = 10.0
     clip_reward: float = 10.0
     backend: str = "envpool"  # or "gymnasium" (tasks where envpool is unfaithful, e.g. dial-turn-v3)
-    async_envs: bool = True  # pipeline two env groups (envpool only; needs num_envs >= 2 and even)
+    # Pipeline two env groups (envpool only; even num_envs). None = on when the networks run on a GPU:
+    # on a 2-core CPU the two groups' smaller batches and the extra threads cost more than the overlap gains.
+    async_envs: bool | None = None
     max_episode_steps: int = MAX_EPISODE_STEPS
     seed: int = 0
     device: str = "auto"  # "auto" = cuda when available
@@ -223,7 +227,7 @@ class ActorCritic(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """Sample (or score) ``action``; returns action, log-prob ``[B]``, entropy ``[B]``, value ``[B]``."""
         mean, logstd = self.mean_and_logstd(obs)
-        dist = torch.distributions.Normal(mean, logstd.exp())
+        dist = torch.distributions.Normal(mean, logstd.exp(), validate_args=False)  # checks cost ~10% here
         if action is None:
             action = dist.sample()
         return action, dist.log_prob(action).sum(-1), dist.entropy().sum(-1), self.value(obs)
@@ -422,6 +426,8 @@ def train_ppo(
         torch.set_rng_state(state["torch_rng"])
         global_step, update = int(state["global_step"]), int(state["update"])
     resumed_from = global_step
+    if global_step == 0 and os.path.exists(os.path.join(run_dir, "metrics.jsonl")):
+        os.remove(os.path.join(run_dir, "metrics.jsonl"))  # a fresh start: drop an older run's log
     write_json_atomic(os.path.join(run_dir, "config.json"), {"task": task, **cfg.to_dict()})
 
     def save_checkpoint() -> None:
@@ -440,7 +446,8 @@ def train_ppo(
         )
 
     # Env groups: two pipelined envpool groups (async) or one group.
-    use_async = cfg.async_envs and cfg.backend == "envpool" and cfg.num_envs >= 2 and cfg.num_envs % 2 == 0
+    want_async = device.type == "cuda" if cfg.async_envs is None else cfg.async_envs
+    use_async = want_async and cfg.backend == "envpool" and cfg.num_envs >= 2 and cfg.num_envs % 2 == 0
     n_groups = 2 if use_async else 1
     per_group = cfg.num_envs // n_groups
     envs = [
@@ -510,6 +517,7 @@ def train_ppo(
             n_logged = len(returns_log)
 
             # ---- rollout: T steps of every env; group g's inference overlaps the other group's stepping
+            t_rollout = time.perf_counter()
             model.eval()
             for t in range(T):
                 for g, sl in enumerate(slices):
@@ -546,6 +554,7 @@ def train_ppo(
             returns = adv + values
 
             # ---- PPO update over the valid (non-auto-reset) transitions
+            t_update = time.perf_counter()
             model.train()
             mask = torch.as_tensor(valid_buf.reshape(-1), device=device)
             b_obs = obs_buf.reshape(-1, OBS_DIM)[mask]
@@ -608,6 +617,8 @@ def train_ppo(
             elapsed = time.perf_counter() - t_start
             record["steps_per_s"] = (global_step - resumed_from) / max(elapsed, 1e-9)
             record["learning_rate"] = optimizer.param_groups[0]["lr"]
+            record["rollout_s"] = t_update - t_rollout  # rollout + GAE
+            record["update_s"] = time.perf_counter() - t_update
             new_returns, new_success = returns_log[n_logged:], success_log[n_logged:]
             if new_returns:
                 record["episodic_return"] = float(np.mean(new_returns))
