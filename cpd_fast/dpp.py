@@ -61,7 +61,8 @@ def greedy_map(
             noise floor is 64 unit roundoffs of the dtype times the largest diagonal entry of L.
         method: ``"greedy"`` (parallel plain greedy), ``"lazy"`` (lazy greedy with a priority
             queue of stale bounds, CPU only; the same picks up to rounding-level ties) or
-            ``"auto"`` (lazy on CPU from k >= 200, where it measured faster; greedy otherwise).
+            ``"auto"`` (on CPU: lazy once the N x k factor exceeds 64 MiB, where it measured
+            faster; greedy otherwise).
         return_gains: also return the log-det gain log d² of each pick (non-increasing; their
             sum is log det L_S).
 
@@ -215,8 +216,10 @@ def _max_diag(x: torch.Tensor, kernel: str, q: torch.Tensor | None) -> float:
     return float(base.max())
 
 
-# Below this k plain greedy's streaming passes beat lazy greedy's heap (bench/README.md).
-_LAZY_FROM_K = 200
+# Plain greedy streams the whole N x k Cholesky factor at every pick; while that factor stays near
+# the cache it beats lazy greedy's heap, beyond it lazy greedy's fewer reads win (bench/README.md:
+# N=10k, k=1k f32 (40 MB) greedy 1.7x faster; N=50k, k=1k (200 MB) lazy 1.4x faster).
+_LAZY_FROM_FACTOR_BYTES = 64 << 20
 
 
 def _use_lazy(method: str, x: torch.Tensor, k: int) -> bool:
@@ -224,8 +227,12 @@ def _use_lazy(method: str, x: torch.Tensor, k: int) -> bool:
     if method == "lazy" and x.device.type != "cpu":
         raise ValueError("method='lazy' runs on CPU only; use method='greedy' (or 'auto') on CUDA")
     if method == "auto":
-        return x.device.type == "cpu" and k >= _LAZY_FROM_K
+        return x.device.type == "cpu" and _uses_lazy_by_default(x.shape[0], k, x.element_size())
     return method == "lazy"
+
+
+def _uses_lazy_by_default(n: int, k: int, itemsize: int) -> bool:
+    return n * k * itemsize >= _LAZY_FROM_FACTOR_BYTES
 
 
 def _trim(idx: torch.Tensor, gains: torch.Tensor, return_gains: bool):

@@ -181,10 +181,25 @@ CPD_ALWAYS_INLINE void row_chunk(const Streams<T>& p, int64_t j, int64_t lo, int
     return;
   }
   for (int64_t i = 0; i < len; ++i) out[i] = 0;
-  for (int64_t c = 0; c < p.d; ++c) {
+  const bool rbf = p.kind == kRbf;
+  int64_t c = 0;
+  for (; c + 4 <= p.d; c += 4) {  // four feature rows per pass: a quarter of the stores to out
+    const T* x0 = p.xt + c * p.n;
+    const T *x1 = x0 + p.n, *x2 = x1 + p.n, *x3 = x2 + p.n;
+    const T a = x0[j], b = x1[j], e = x2[j], f = x3[j];
+    x0 += lo, x1 += lo, x2 += lo, x3 += lo;
+    if (rbf) {
+      for (int64_t i = 0; i < len; ++i)
+        out[i] = out[i] + (x0[i] - a) * (x0[i] - a) + (x1[i] - b) * (x1[i] - b) + (x2[i] - e) * (x2[i] - e) +
+                 (x3[i] - f) * (x3[i] - f);
+    } else {
+      for (int64_t i = 0; i < len; ++i) out[i] = out[i] + a * x0[i] + b * x1[i] + e * x2[i] + f * x3[i];
+    }
+  }
+  for (; c < p.d; ++c) {
     const T xj = p.xt[c * p.n + j];
     const T* xc = p.xt + c * p.n + lo;
-    if (p.kind == kRbf) {
+    if (rbf) {
       for (int64_t i = 0; i < len; ++i) out[i] += (xc[i] - xj) * (xc[i] - xj);
     } else {
       for (int64_t i = 0; i < len; ++i) out[i] += xj * xc[i];
