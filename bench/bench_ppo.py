@@ -41,9 +41,10 @@ def main() -> None:
     p.add_argument("--num-steps", type=int, default=256)
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES))
+    p.add_argument("--no-wait", action="store_true", help="do not wait for a stale other lock (check uptime)")
     args = p.parse_args()
 
-    while os.path.exists(OTHERS_LOCK):
+    while os.path.exists(OTHERS_LOCK) and not args.no_wait:
         print(f"waiting: {OTHERS_LOCK} exists", flush=True)
         time.sleep(30)
     open(OUR_LOCK, "w").close()
