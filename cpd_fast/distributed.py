@@ -153,7 +153,7 @@ def _run_local(jobs: list[dict[str, Any]], workers: int, max_retries: int) -> li
                 attempts[i] += 1
                 try:
                     results[i] = fut.result()
-                except (BrokenProcessPool, OSError) as err:  # the worker died: retry the job
+                except BrokenProcessPool as err:  # a worker died (this job's or another's): retry
                     if attempts[i] <= max_retries:
                         log.warning("%s: worker died (%s); retrying", jobs[i]["task"], err)
                         retry.append(i)

@@ -476,7 +476,6 @@ def train_ppo(
     next_obs = np.concatenate([env.reset() for env in envs])
     ep_ret = np.zeros(N, dtype=np.float64)
     ep_success = np.zeros(N, dtype=bool)
-    ep_len = np.zeros(N, dtype=np.int64)
     returns_log: list[float] = []
     success_log: list[float] = []
     first_update: dict[str, float] = {}
@@ -496,13 +495,12 @@ def train_ppo(
         rew_buf[t, sl] = reward  # scaled below, for the whole row at once
         term_buf[t, sl], done_buf[t, sl], valid_buf[t, sl] = terminated, done, valid
         ep_ret[sl] += reward
-        ep_len[sl] += valid
         ep_success[sl] |= info["success"] > 0.5
         for i in np.flatnonzero(done):
             j = sl.start + i
             returns_log.append(float(ep_ret[j]))
             success_log.append(float(ep_success[j]))
-            ep_ret[j], ep_success[j], ep_len[j] = 0.0, False, 0
+            ep_ret[j], ep_success[j] = 0.0, False
         next_obs[sl] = obs
 
     t_start = time.perf_counter()
