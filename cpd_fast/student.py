@@ -1,0 +1,554 @@
+"""The student policy: a causal Transformer over the observation history, conditioned on a contrastive
+task embedding, with a growable Mixture-of-Experts layer and a tanh action-mean head.
+
+Data flow for one window of the last H observations (``obs_window [B, H, obs_dim]``)::
+
+    obs ──► task encoder (causal prefix mean of per-step features) ──► unit embedding z_t [B, H, E_dim]
+    obs ──► input projection + position + proj(z_t) ──► shared causal Transformer blocks ──► x [B, H, d]
+    x ──► x + MoE(LN(x)) ──► head: LN → Linear → tanh ──► action mean in [-1, 1]
+
+Design decisions (the protocol relies on them):
+
+* **Conditioning.** The task embedding is projected to ``d_model`` and *added to every position*
+  rather than prepended as an extra token. The MoE gate routes each token on its own, so the task
+  identity must sit in the residual stream of the token the gate sees; an extra token would reach it
+  only through attention, which is frozen after stage 1. Adding also keeps the sequence length H.
+* **Causal task embedding.** Position t's embedding comes from observations ≤ t only (a running mean of
+  per-step features, then an MLP), so per-position outputs are strictly causal and the embedding of the
+  last position summarises the whole window. That last embedding is the one the contrastive loss uses.
+* **Stop-gradient.** By default (``StudentConfig.detach_task_embedding``) the policy sees the embedding
+  through a stop-gradient: the encoder is shaped by the contrastive loss alone, so its space (and the
+  prototypes kept in it) means "which task", and the distillation loss cannot pull it around.
+* **Inferred or prototype embedding.** ``student(obs, task_ids=None)`` infers the embedding from the
+  window (evaluation without task ids). ``student(obs, task_ids)`` uses the task's prototype instead: an
+  EMA of the normalised last-position embeddings of that task's training windows, kept in the buffer
+  ``prototypes [num_tasks, task_embed_dim]`` (in the state dict; it grows with :meth:`Student.add_task`).
+  Training (:meth:`Student.losses`) conditions on the inferred embedding, the evaluation default.
+* **Parameter groups.** ``shared_parameters()`` = input projection, position embedding, task-embedding
+  projection, the causal Transformer blocks and the MoE's input norm: the feature extractor the paper
+  freezes after stage 1 (``freeze_shared``). The **task encoder is not shared**: it must keep learning
+  to separate tasks that arrive later (a frozen encoder may map a new task onto an old task's cluster,
+  and the gate would then route it to the old experts); replayed windows in the contrastive loss hold
+  old clusters in place, and ``freeze_task_encoder`` is there if measurement says otherwise. ``moe``
+  (experts and gate, frozen with its own machinery) and ``head`` are separate groups.
+* **Padding at episode start.** Fewer than H observations: the window is left-padded and ``mask``
+  (``[B, H]`` bool, True = real observation, the last position always real) marks the real ones; padded
+  positions are ignored by attention and by the task encoder, so their values do not matter.
+  :class:`HistoryBuffer` left-pads by repeating the first observation (Meta-World's own convention at
+  reset: the observation's "previous frame" half equals the current one) and returns the mask too, so a
+  window is sensible even for a caller that drops the mask.
+* **Targets.** PPO teachers' Gaussian means are unbounded but the env clips actions to [-1, 1], so the
+  MSE target is clipped to [-1, 1] (the tanh head cannot reach beyond it anyway).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from cpd_fast.moe import MoELayer
+
+__all__ = ["HistoryBuffer", "Student", "StudentConfig", "supcon_loss"]
+
+
+@dataclass
+class StudentConfig:
+    """Hyper-parameters of :class:`Student` (sizes in features; defaults sized for Meta-World MT25)."""
+
+    obs_dim: int = 39
+    act_dim: int = 4
+    history: int = 8  # H: observations per window (the current one last)
+    d_model: int = 256
+    n_heads: int = 4
+    n_layers: int = 3  # shared causal Transformer blocks
+    d_ff: int = 512  # hidden size of the shared blocks' FFN
+    dropout: float = 0.0
+    expert_hidden: int = 512  # d_hidden of each MoE expert
+    top_k: int = 2
+    experts_per_task: int = 1
+    new_expert_gate_bias: float = -5.0  # cold start: a new expert's logit is -5 for every input
+    aux_loss_weight: float = 0.01  # MoE load-balancing loss weight (inside MoELayer.aux_loss)
+    moe_backend: str = "auto"
+    task_embed_dim: int = 64
+    task_encoder_hidden: int = 128
+    contrastive_weight: float = 0.1
+    contrastive_temperature: float = 0.1
+    prototype_momentum: float = 0.99  # EMA: proto ← m·proto + (1 − m)·mean batch embedding
+    detach_task_embedding: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("obs_dim", "act_dim", "history", "d_model", "n_heads", "d_ff", "expert_hidden",
+                     "top_k", "experts_per_task", "task_embed_dim", "task_encoder_hidden"):  # fmt: skip
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"StudentConfig.{name} must be a positive int, got {v!r}")
+        if isinstance(self.n_layers, bool) or not isinstance(self.n_layers, int) or self.n_layers < 0:
+            raise ValueError(f"StudentConfig.n_layers must be an int >= 0, got {self.n_layers!r}")
+        if self.d_model % self.n_heads:
+            raise ValueError(f"d_model={self.d_model} must be divisible by n_heads={self.n_heads}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}")
+        if not 0.0 <= self.prototype_momentum < 1.0:
+            raise ValueError(f"prototype_momentum must be in [0, 1), got {self.prototype_momentum!r}")
+        if self.contrastive_temperature <= 0:
+            raise ValueError(f"contrastive_temperature must be > 0, got {self.contrastive_temperature!r}")
+
+
+# ----------------------------------------------------------------------------- losses
+
+
+def supcon_loss(z: torch.Tensor, labels: torch.Tensor, temperature: float = 0.1) -> torch.Tensor:
+    """Supervised contrastive loss (Khosla et al. 2020, "L_out") on unit embeddings.
+
+    z ``[B, D]`` (L2-normalised), labels ``[B]`` int. For each anchor i with at least one other window
+    of its task: ``−mean_{p: y_p = y_i, p ≠ i} log softmax_{a ≠ i}(z_i·z_a / τ)[p]``, averaged over such
+    anchors. Returns 0 (with a graph) when no anchor has a positive, e.g. a batch of one task-window each.
+    """
+    B = z.shape[0]
+    sim = (z @ z.T) / temperature
+    self_mask = torch.eye(B, dtype=torch.bool, device=z.device)
+    sim = sim.masked_fill(self_mask, float("-inf"))
+    log_prob = sim - torch.logsumexp(sim, dim=1, keepdim=True)
+    pos = (labels[:, None] == labels[None, :]) & ~self_mask
+    n_pos = pos.sum(1)
+    has = n_pos > 0
+    if not bool(has.any()):
+        return z.sum() * 0.0
+    # masked_fill, not multiply: the diagonal of log_prob is -inf and -inf * 0 is NaN
+    per_anchor = log_prob.masked_fill(~pos, 0.0).sum(1) / n_pos.clamp(min=1)
+    return -(per_anchor[has]).mean()
+
+
+# ----------------------------------------------------------------------------- modules
+
+
+class TaskEncoder(nn.Module):
+    """Causal task encoder: obs ``[B, H, obs_dim]`` (+ mask ``[B, H]``) → unit embeddings ``[B, H, D]``.
+
+    Per-step features f(o_t) are averaged over the real observations up to t (a running mean, so the
+    encoder is causal and permutation-free within the prefix), then an MLP maps the mean to the
+    embedding, which is L2-normalised. Meta-World tasks differ mainly in which objects and goals appear
+    in the observation, which a per-step feature mean captures well.
+    """
+
+    def __init__(self, obs_dim: int, hidden: int, embed_dim: int):
+        super().__init__()
+        self.step = nn.Sequential(nn.Linear(obs_dim, hidden), nn.GELU(), nn.Linear(hidden, hidden), nn.GELU())
+        self.out = nn.Sequential(nn.Linear(hidden, hidden), nn.GELU(), nn.Linear(hidden, embed_dim))
+
+    def forward(self, obs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        m = mask.unsqueeze(-1).to(obs.dtype)
+        f = self.step(obs) * m
+        prefix_mean = f.cumsum(1) / m.cumsum(1).clamp(min=1.0)
+        return F.normalize(self.out(prefix_mean), dim=-1)
+
+
+class CausalBlock(nn.Module):
+    """Pre-norm Transformer block with causal, padding-aware self-attention. ``[B, H, d]`` → same."""
+
+    def __init__(self, d_model: int, n_heads: int, d_ff: int, dropout: float):
+        super().__init__()
+        self.n_heads = n_heads
+        self.ln1 = nn.LayerNorm(d_model)
+        self.qkv = nn.Linear(d_model, 3 * d_model)
+        self.proj = nn.Linear(d_model, d_model)
+        self.ln2 = nn.LayerNorm(d_model)
+        self.ff = nn.Sequential(nn.Linear(d_model, d_ff), nn.GELU(), nn.Linear(d_ff, d_model))
+        self.dropout = dropout
+
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor) -> torch.Tensor:
+        B, H, d = x.shape
+        q, k, v = self.qkv(self.ln1(x)).view(B, H, 3, self.n_heads, d // self.n_heads).unbind(2)
+        p = self.dropout if self.training else 0.0
+        a = F.scaled_dot_product_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=attn_mask, dropout_p=p
+        )
+        x = x + F.dropout(self.proj(a.transpose(1, 2).reshape(B, H, d)), p, self.training)
+        return x + F.dropout(self.ff(self.ln2(x)), p, self.training)
+
+
+class Student(nn.Module):
+    """Continual-distillation student. See the module docstring for the design.
+
+    Args:
+        config: :class:`StudentConfig`.
+        num_tasks: tasks known at construction (prototype rows); later tasks come via :meth:`add_task`.
+        num_experts: MoE experts; default ``max(num_tasks · experts_per_task, top_k)`` (top-k routing
+            needs at least k experts).
+    """
+
+    def __init__(
+        self, config: StudentConfig | None = None, num_tasks: int = 1, num_experts: int | None = None
+    ):
+        super().__init__()
+        cfg = config if config is not None else StudentConfig()
+        if not isinstance(cfg, StudentConfig):
+            raise TypeError(f"config must be a StudentConfig, got {type(cfg).__name__}")
+        if isinstance(num_tasks, bool) or not isinstance(num_tasks, int) or num_tasks < 0:
+            raise ValueError(f"num_tasks must be an int >= 0, got {num_tasks!r}")
+        if num_experts is None:
+            num_experts = max(num_tasks * cfg.experts_per_task, cfg.top_k)
+        self.config = cfg
+        d = cfg.d_model
+        # -- shared (frozen after stage 1)
+        self.obs_proj = nn.Linear(cfg.obs_dim, d)
+        self.pos_emb = nn.Parameter(torch.randn(cfg.history, d) * 0.02)
+        self.task_proj = nn.Linear(cfg.task_embed_dim, d)
+        self.blocks = nn.ModuleList(
+            CausalBlock(d, cfg.n_heads, cfg.d_ff, cfg.dropout) for _ in range(cfg.n_layers)
+        )
+        self.moe_norm = nn.LayerNorm(d)
+        # -- task encoder (own group)
+        self.task_encoder = TaskEncoder(cfg.obs_dim, cfg.task_encoder_hidden, cfg.task_embed_dim)
+        # -- MoE (own freezing machinery) and head
+        self.moe = MoELayer(
+            d, cfg.expert_hidden, num_experts, top_k=cfg.top_k,
+            new_expert_gate_bias=cfg.new_expert_gate_bias, aux_loss_weight=cfg.aux_loss_weight,
+            backend=cfg.moe_backend,
+        )  # fmt: skip
+        self.head = nn.Sequential(nn.LayerNorm(d), nn.Linear(d, cfg.act_dim))
+        # prototypes: EMA of normalised embeddings per task; count 0 = no window of the task seen yet
+        self.register_buffer("prototypes", torch.zeros(num_tasks, cfg.task_embed_dim))
+        self.register_buffer("prototype_count", torch.zeros(num_tasks, dtype=torch.int64))
+
+    # -- sizes -----------------------------------------------------------------------------------
+
+    @property
+    def num_tasks(self) -> int:
+        return self.prototypes.shape[0]
+
+    @property
+    def num_experts(self) -> int:
+        return self.moe.num_experts
+
+    # -- input checks ----------------------------------------------------------------------------
+
+    def _check(self, obs: torch.Tensor, mask: torch.Tensor | None, task_ids: torch.Tensor | None):
+        cfg = self.config
+        if not isinstance(obs, torch.Tensor):
+            raise TypeError(f"obs_window must be a torch.Tensor, got {type(obs).__name__}")
+        if obs.dim() != 3 or obs.shape[1] != cfg.history or obs.shape[2] != cfg.obs_dim:
+            raise ValueError(
+                f"obs_window must have shape [B, {cfg.history}, {cfg.obs_dim}], got {tuple(obs.shape)}"
+            )
+        if not obs.is_floating_point():
+            raise TypeError(f"obs_window must be a floating tensor, got {obs.dtype}")
+        if mask is None:
+            mask = torch.ones(obs.shape[:2], dtype=torch.bool, device=obs.device)
+        else:
+            if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
+                raise TypeError("mask must be a bool torch.Tensor [B, H] (True = real observation)")
+            if mask.shape != obs.shape[:2]:
+                raise ValueError(f"mask must have shape {tuple(obs.shape[:2])}, got {tuple(mask.shape)}")
+            if not bool(mask[:, -1].all()):
+                raise ValueError("mask[:, -1] must be True: the last position is the current observation")
+        if task_ids is not None:
+            if not isinstance(task_ids, torch.Tensor) or task_ids.dtype != torch.int64:
+                raise TypeError("task_ids must be a LongTensor [B] or None")
+            if task_ids.shape != obs.shape[:1]:
+                raise ValueError(f"task_ids must have shape [{obs.shape[0]}], got {tuple(task_ids.shape)}")
+            if task_ids.numel() and (int(task_ids.min()) < 0 or int(task_ids.max()) >= self.num_tasks):
+                raise ValueError(f"task_ids must lie in [0, {self.num_tasks}), got {task_ids.tolist()}")
+        return mask
+
+    # -- forward ---------------------------------------------------------------------------------
+
+    def task_embedding(self, obs_window: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Inferred unit task embedding of each window (from its last position): ``[B, task_embed_dim]``."""
+        mask = self._check(obs_window, mask, None)
+        return self.task_encoder(obs_window, mask)[:, -1]
+
+    def prototype(self, task_ids: torch.Tensor) -> torch.Tensor:
+        """Unit prototype embeddings ``[B, task_embed_dim]``; raises if a task has no prototype yet."""
+        if bool((self.prototype_count[task_ids] == 0).any()):
+            missing = sorted(set(task_ids[self.prototype_count[task_ids] == 0].tolist()))
+            raise ValueError(f"no prototype yet for task ids {missing}: train on their windows first")
+        return F.normalize(self.prototypes[task_ids], dim=-1)
+
+    def infer_task(self, obs_window: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Nearest prototype (cosine) to each window's inferred embedding: LongTensor ``[B]``."""
+        seen = (self.prototype_count > 0).nonzero().squeeze(1)
+        if seen.numel() == 0:
+            raise ValueError("no prototypes yet: train on some windows first")
+        z = self.task_embedding(obs_window, mask)
+        return seen[(z @ F.normalize(self.prototypes[seen], dim=-1).T).argmax(1)]
+
+    def _trunk(self, obs, mask, task_ids, positions: str):
+        """Shared trunk; returns (features before the head, per-position embeddings [B, H, D])."""
+        z = self.task_encoder(obs, mask)  # [B, H, D]
+        cond = self.prototype(task_ids)[:, None, :].expand_as(z) if task_ids is not None else z
+        if self.config.detach_task_embedding:
+            cond = cond.detach()
+        x = self.obs_proj(obs) + self.pos_emb + self.task_proj(cond)
+        H = obs.shape[1]
+        causal = torch.ones(H, H, dtype=torch.bool, device=obs.device).tril()
+        # a position attends to earlier real positions and always to itself (so padded rows are not NaN)
+        attn = (causal & mask[:, None, :]) | torch.eye(H, dtype=torch.bool, device=obs.device)
+        attn = attn[:, None]  # [B, 1, H, H], broadcast over heads
+        for block in self.blocks:
+            x = block(x, attn)
+        if positions == "last":
+            x = x[:, -1]
+        return x + self.moe(self.moe_norm(x)), z
+
+    def forward(
+        self,
+        obs_window: torch.Tensor,
+        task_ids: torch.Tensor | None = None,
+        mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Action mean of each window's last observation: ``[B, H, obs_dim]`` → ``[B, act_dim]`` in [-1, 1].
+
+        ``task_ids=None`` infers the task embedding from the window; a LongTensor ``[B]`` uses the tasks'
+        prototypes. ``mask [B, H]`` marks real observations (default: all real).
+        """
+        mask = self._check(obs_window, mask, task_ids)
+        h, _ = self._trunk(obs_window, mask, task_ids, "last")
+        return torch.tanh(self.head(h))
+
+    def forward_sequence(
+        self,
+        obs_window: torch.Tensor,
+        task_ids: torch.Tensor | None = None,
+        mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Per-position action means ``[B, H, act_dim]``; position t depends on observations ≤ t only."""
+        mask = self._check(obs_window, mask, task_ids)
+        h, _ = self._trunk(obs_window, mask, task_ids, "all")
+        return torch.tanh(self.head(h))
+
+    def losses(
+        self,
+        obs_window: torch.Tensor,
+        teacher_action_mean: torch.Tensor,
+        task_ids: torch.Tensor,
+        mask: torch.Tensor | None = None,
+        update_prototypes: bool | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """Distillation losses on a batch of windows.
+
+        Args:
+            obs_window: ``[B, H, obs_dim]``.
+            teacher_action_mean: ``[B, act_dim]`` (target for the last position) or ``[B, H, act_dim]``
+                (a target per position; padded positions are ignored). Clipped to [-1, 1].
+            task_ids: LongTensor ``[B]``: labels for the contrastive loss and the prototype update. The
+                policy is conditioned on the *inferred* embedding, as at evaluation without task ids.
+            update_prototypes: EMA-update the prototypes from this batch (default: ``self.training``).
+
+        Returns ``dict(mse, contrastive, aux, total)`` of scalars with
+        ``total = mse + aux + contrastive_weight · contrastive`` (aux already carries its weight).
+        """
+        cfg = self.config
+        if task_ids is None:
+            raise ValueError("losses() needs task_ids (contrastive labels)")
+        mask = self._check(obs_window, mask, task_ids)
+        if not isinstance(teacher_action_mean, torch.Tensor):
+            raise TypeError("teacher_action_mean must be a torch.Tensor")
+        B, H = obs_window.shape[:2]
+        per_position = teacher_action_mean.dim() == 3
+        if teacher_action_mean.shape not in ((B, cfg.act_dim), (B, H, cfg.act_dim)):
+            raise ValueError(
+                f"teacher_action_mean must have shape [{B}, {cfg.act_dim}] or [{B}, {H}, {cfg.act_dim}], "
+                f"got {tuple(teacher_action_mean.shape)}"
+            )
+        h, z = self._trunk(obs_window, mask, None, "all" if per_position else "last")
+        pred = torch.tanh(self.head(h))
+        target = teacher_action_mean.to(pred.dtype).clamp(-1.0, 1.0)
+        if per_position:
+            w = mask.to(pred.dtype).unsqueeze(-1)
+            mse = ((pred - target) ** 2 * w).sum() / (w.sum() * cfg.act_dim)
+        else:
+            mse = F.mse_loss(pred, target)
+        z_last = z[:, -1]
+        contrastive = supcon_loss(z_last, task_ids, cfg.contrastive_temperature)
+        aux = self.moe.aux_loss
+        if update_prototypes if update_prototypes is not None else self.training:
+            self.update_prototypes(z_last.detach(), task_ids)
+        total = mse + aux + cfg.contrastive_weight * contrastive
+        return {"mse": mse, "contrastive": contrastive, "aux": aux, "total": total}
+
+    @torch.no_grad()
+    def update_prototypes(self, z: torch.Tensor, task_ids: torch.Tensor) -> None:
+        """EMA update: for each task in the batch, proto ← m·proto + (1−m)·mean(z of its windows).
+
+        A task's first update sets its prototype to the batch mean (no bias towards zero).
+        """
+        m = self.config.prototype_momentum
+        for t in task_ids.unique().tolist():
+            mean = z[task_ids == t].mean(0)
+            if int(self.prototype_count[t]) == 0:
+                self.prototypes[t] = mean
+            else:
+                self.prototypes[t].mul_(m).add_(mean, alpha=1.0 - m)
+            self.prototype_count[t] += int((task_ids == t).sum())
+
+    # -- rollouts --------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def act(
+        self,
+        obs: torch.Tensor | np.ndarray,
+        history: HistoryBuffer,
+        reset_mask: torch.Tensor | np.ndarray | None = None,
+        task_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """One batched rollout step: push ``obs [N, obs_dim]`` into ``history`` and return ``[N, act_dim]``.
+
+        ``reset_mask [N]`` (bool) marks envs whose ``obs`` starts a new episode (their history restarts).
+        Runs in eval mode (restores the previous mode) and on the parameters' device.
+        """
+        window, mask = history.push(obs, reset_mask)
+        was_training = self.training
+        self.eval()
+        try:
+            return self(window, task_ids=task_ids, mask=mask)
+        finally:
+            self.train(was_training)
+
+    # -- growth ----------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def add_task(self, n_new_experts: int | None = None) -> list[int]:
+        """Make room for one more task: a prototype row and ``n_new_experts`` (default
+        ``experts_per_task``) dormant experts (gate bias ``new_expert_gate_bias``, zero gate weights).
+
+        Returns the new experts' indices; the new task id is ``num_tasks - 1``. The MoE's parameters
+        are replaced by bigger ones: call ``student.moe.update_optimizer(opt)`` or rebuild the optimizer.
+        """
+        n = self.config.experts_per_task if n_new_experts is None else n_new_experts
+        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+            raise ValueError(f"n_new_experts must be an int >= 0, got {n!r}")
+        new = self.moe.add_experts(n) if n > 0 else []
+        self.prototypes = torch.cat([self.prototypes, self.prototypes.new_zeros(1, self.prototypes.shape[1])])
+        self.prototype_count = torch.cat([self.prototype_count, self.prototype_count.new_zeros(1)])
+        return new
+
+    # -- parameter groups and freezing -------------------------------------------------------------
+
+    def shared_modules(self) -> list[nn.Module]:
+        return [self.obs_proj, self.task_proj, *self.blocks, self.moe_norm]
+
+    def shared_parameters(self) -> Iterator[nn.Parameter]:
+        """Input projection, position embedding, task-embedding projection, Transformer blocks, MoE norm."""
+        yield self.pos_emb
+        for m in self.shared_modules():
+            yield from m.parameters()
+
+    def task_encoder_parameters(self) -> Iterator[nn.Parameter]:
+        return self.task_encoder.parameters()
+
+    def head_parameters(self) -> Iterator[nn.Parameter]:
+        return self.head.parameters()
+
+    @staticmethod
+    def _set_trainable(params, flag: bool) -> None:
+        # requires_grad=False plus grad=None: torch optimizers skip parameters whose grad is None, so no
+        # weight decay or stale momentum moves them (bit-identical across steps)
+        for p in params:
+            p.requires_grad_(flag)
+            if not flag:
+                p.grad = None
+
+    def freeze_shared(self) -> None:
+        self._set_trainable(self.shared_parameters(), False)
+
+    def unfreeze_shared(self) -> None:
+        self._set_trainable(self.shared_parameters(), True)
+
+    def freeze_task_encoder(self) -> None:
+        self._set_trainable(self.task_encoder_parameters(), False)
+
+    def unfreeze_task_encoder(self) -> None:
+        self._set_trainable(self.task_encoder_parameters(), True)
+
+    def freeze_head(self) -> None:
+        self._set_trainable(self.head_parameters(), False)
+
+    def unfreeze_head(self) -> None:
+        self._set_trainable(self.head_parameters(), True)
+
+    # -- checkpoints -----------------------------------------------------------------------------
+
+    def get_extra_state(self) -> dict:
+        return {"config": asdict(self.config)}
+
+    def set_extra_state(self, state: Any) -> None:
+        pass  # the constructor's config wins; from_state_dict reads it
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        protos = state_dict.get(prefix + "prototypes")
+        if isinstance(protos, torch.Tensor) and protos.shape[0] != self.num_tasks:
+            # a checkpoint taken after growth: match its task count (the MoE resizes itself)
+            self.prototypes = self.prototypes.new_zeros(protos.shape)
+            self.prototype_count = self.prototype_count.new_zeros(protos.shape[0])
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    @classmethod
+    def from_state_dict(cls, state_dict: dict, **config_overrides) -> Student:
+        """Build a student sized from ``state_dict`` (tasks, experts) with its saved config, and load it."""
+        extra = state_dict.get("_extra_state") or {}
+        fields = {f.name for f in dataclasses.fields(StudentConfig)}
+        saved = {k: v for k, v in dict(extra.get("config", {})).items() if k in fields}
+        cfg = StudentConfig(**{**saved, **config_overrides})
+        student = cls(
+            cfg, num_tasks=state_dict["prototypes"].shape[0], num_experts=state_dict["moe.w1"].shape[0]
+        )
+        student.load_state_dict(state_dict)
+        return student
+
+
+# ----------------------------------------------------------------------------- rollout history
+
+
+class HistoryBuffer:
+    """Per-env history of the last H observations for batched rollouts.
+
+    :meth:`push` appends one observation per env and returns ``(window [N, H, obs_dim], mask [N, H])``.
+    An env whose episode (re)starts has its history cleared: the window is left-padded by repeating its
+    first observation and the mask marks only the real observations.
+    """
+
+    def __init__(self, num_envs: int, history: int, obs_dim: int, device: torch.device | str = "cpu"):
+        if num_envs < 1 or history < 1 or obs_dim < 1:
+            raise ValueError("num_envs, history and obs_dim must be positive")
+        self.num_envs, self.history, self.obs_dim = num_envs, history, obs_dim
+        self.obs = torch.zeros(num_envs, history, obs_dim, device=device)
+        self.mask = torch.zeros(num_envs, history, dtype=torch.bool, device=device)
+        self.started = torch.zeros(num_envs, dtype=torch.bool, device=device)
+
+    @classmethod
+    def for_student(cls, student: Student, num_envs: int) -> HistoryBuffer:
+        cfg = student.config
+        return cls(num_envs, cfg.history, cfg.obs_dim, device=student.prototypes.device)
+
+    def reset(self, env_ids=None) -> None:
+        """Forget the history of ``env_ids`` (all envs if None); their next push starts an episode."""
+        idx = slice(None) if env_ids is None else torch.as_tensor(env_ids, device=self.obs.device)
+        self.started[idx] = False
+        self.mask[idx] = False
+
+    def push(self, obs, reset_mask=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Append ``obs [N, obs_dim]``; envs with ``reset_mask`` True (or never pushed) start an episode."""
+        obs = torch.as_tensor(obs, dtype=self.obs.dtype, device=self.obs.device)
+        if obs.shape != (self.num_envs, self.obs_dim):
+            raise ValueError(f"obs must have shape [{self.num_envs}, {self.obs_dim}], got {tuple(obs.shape)}")
+        fresh = ~self.started
+        if reset_mask is not None:
+            fresh = fresh | torch.as_tensor(reset_mask, dtype=torch.bool, device=self.obs.device)
+        self.obs = torch.roll(self.obs, -1, dims=1)
+        self.mask = torch.roll(self.mask, -1, dims=1)
+        self.obs[:, -1] = obs
+        self.mask[:, -1] = True
+        if bool(fresh.any()):
+            self.obs[fresh] = obs[fresh, None, :].expand(-1, self.history, -1)
+            self.mask[fresh] = False
+            self.mask[fresh, -1] = True
+        self.started[:] = True
+        return self.obs.clone(), self.mask.clone()
