@@ -1,0 +1,285 @@
+"""Report of continual-distillation runs: figures (PNG) and the results table (markdown).
+
+Input: results files (``RunResult`` JSON, see :class:`cpd_fast.metrics.RunResult`) or run directories
+holding ``results.json``. Runs are grouped by (suite, method); the seeds of a group are aggregated
+with :func:`cpd_fast.metrics.summarize` (means, 90% percentile-bootstrap CIs over seeds).
+
+Output in ``out_dir``:
+
+* ``<suite>_<method>_success_matrix.png``: heatmap of R[stage, task] (mean over seeds), values annotated,
+  grey for tasks not seen yet, stage boundaries marked;
+* ``<suite>_teacher_vs_student.png``: per task, teacher success and each method's final success;
+* ``<suite>_forgetting.png``: per task forgetting of each method (tasks of the last stage have none);
+* ``results.md``: one table per suite, method | seeds | relative performance | ACC | mean forgetting |
+  BWT | wall time, with ``[low, high]`` CIs when a method has several seeds (the README's results table);
+* ``summary.json``: the aggregated numbers behind the table and figures.
+
+matplotlib is imported lazily and used through ``matplotlib.figure.Figure`` with the Agg canvas, so
+making a report never changes pyplot's global backend.
+
+CLI (registered by :func:`add_cli`): ``cpd report RUN_DIR_OR_RESULTS_JSON... [--out DIR]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import re
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from cpd_fast.metrics import RunResult, summarize
+from cpd_fast.runio import atomic_path, write_json_atomic
+
+__all__ = ["add_cli", "format_table", "load_runs", "write_report"]
+
+_TABLE_COLUMNS = ("relative_performance", "acc", "mean_forgetting", "bwt")
+
+
+def load_runs(result_paths: Iterable[str | os.PathLike]) -> list[RunResult]:
+    """Load results files or run directories (their ``results.json``)."""
+    runs = []
+    for p in result_paths:
+        path = Path(p)
+        if not path.exists():
+            raise FileNotFoundError(f"no results at {path}")
+        if path.is_dir() and not (path / "results.json").exists():
+            raise FileNotFoundError(f"run directory {path} has no results.json")
+        runs.append(RunResult.load(path))
+    if not runs:
+        raise ValueError("write_report needs at least one results file or run directory")
+    return runs
+
+
+def _group(runs: Sequence[RunResult]) -> dict[tuple[str, str], list[RunResult]]:
+    groups: dict[tuple[str, str], list[RunResult]] = {}
+    for r in runs:
+        groups.setdefault((r.suite, r.method), []).append(r)
+    return groups
+
+
+def _slug(s: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", s).strip("-") or "run"
+
+
+# ----------------------------------------------------------------------------- markdown
+
+
+def _fmt_pct(stat: dict, n: int) -> str:
+    if math.isnan(stat["mean"]):
+        return "–"
+    s = f"{100 * stat['mean']:.1f}"
+    return s + (f" [{100 * stat['low']:.1f}, {100 * stat['high']:.1f}]" if n > 1 else "")
+
+
+def _fmt_minutes(stat: dict, n: int) -> str:
+    s = f"{stat['mean'] / 60:.1f}"
+    return s + (f" [{stat['low'] / 60:.1f}, {stat['high'] / 60:.1f}]" if n > 1 else "")
+
+
+def format_table(summaries: Sequence[dict[str, Any]], level: float = 0.9) -> str:
+    """Markdown results table of one suite's per-method summaries (from ``metrics.summarize``)."""
+    lines = [
+        "| method | seeds | relative performance (%) | ACC (%) | mean forgetting (%) | BWT (%) "
+        "| wall time (min) |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for s in summaries:
+        n = s["n"]
+        cells = [_fmt_pct(s[c], n) for c in _TABLE_COLUMNS]
+        lines.append(
+            f"| {s['method']} | {n} | " + " | ".join(cells) + f" | {_fmt_minutes(s['wall_time_s'], n)} |"
+        )
+    if any(s["n"] > 1 for s in summaries):
+        lines += ["", f"Mean over seeds [{round(100 * level)}% percentile-bootstrap CI over seeds]."]
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- figures
+
+
+def _short(task: str) -> str:
+    return task.removesuffix("-v3")
+
+
+def _save(fig, path: Path) -> Path:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    FigureCanvasAgg(fig)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
+    return path
+
+
+def plot_success_matrix(summary: dict, path: Path) -> Path:
+    """Heatmap of the seed-mean R[stage, task], annotated, NaN (not seen yet) in grey."""
+    from matplotlib.figure import Figure
+
+    R = np.array(summary["R_mean"], dtype=float)
+    tasks = summary["tasks"]
+    S, J = R.shape
+    fig = Figure(figsize=(max(6.0, 0.55 * J + 2.0), max(3.0, 0.6 * S + 2.2)))
+    ax = fig.add_subplot()
+    cmap = _cmap("viridis").with_extremes(bad="#d9d9d9")  # grey: task not seen yet
+    im = ax.imshow(np.ma.masked_invalid(R), cmap=cmap, vmin=0.0, vmax=1.0, aspect="auto")
+    for s in range(S):
+        for j in range(J):
+            if not math.isnan(R[s, j]):
+                ax.text(j, s, f"{R[s, j]:.2f}", ha="center", va="center", fontsize=7,
+                        color="black" if R[s, j] > 0.6 else "white")  # fmt: skip
+    stage = np.array(summary["task_stage"])
+    for j in np.flatnonzero(np.diff(stage)):  # stage boundaries
+        ax.axvline(j + 0.5, color="white", linewidth=2)
+    ax.set_xticks(range(J), [_short(t) for t in tasks], rotation=60, ha="right", fontsize=8)
+    ax.set_yticks(range(S), [f"after stage {s + 1}" for s in range(S)], fontsize=8)
+    ax.set_xlabel("task (evaluated)")
+    ax.set_ylabel("training stage")
+    seeds = f"mean of {summary['n']} seeds" if summary["n"] > 1 else f"seed {summary['seeds'][0]}"
+    ax.set_title(f"{summary['method']} on {summary['suite']}: success rate R[stage, task] ({seeds})")
+    fig.colorbar(im, ax=ax, label="success rate", fraction=0.03, pad=0.02)
+    return _save(fig, path)
+
+
+def _cmap(name: str):
+    from matplotlib import colormaps
+
+    return colormaps[name].copy()
+
+
+def _grouped_bars(ax, tasks, series: list[tuple[str, list[float]]]) -> None:
+    J, k = len(tasks), len(series)
+    width = 0.8 / k
+    colors = _cmap("tab10")
+    m = 0  # method counter: a method keeps its colour in every figure (the teacher is grey)
+    for i, (label, vals) in enumerate(series):
+        x = np.arange(J) - 0.4 + width * (i + 0.5)
+        color = "#7f7f7f" if label == "teacher" else colors(m % 10)
+        m += label != "teacher"
+        ax.bar(x, np.nan_to_num(np.array(vals, dtype=float)), width, label=label, color=color)
+    ax.set_xticks(range(J), [_short(t) for t in tasks], rotation=60, ha="right", fontsize=8)
+    ax.set_xlim(-0.6, J - 0.4)
+    ax.legend(fontsize=8, ncols=min(k, 4))
+
+
+def plot_teacher_vs_student(summaries: Sequence[dict], path: Path) -> Path:
+    """Per-task teacher success and each method's success after the last stage (seed means)."""
+    from matplotlib.figure import Figure
+
+    tasks = summaries[0]["tasks"]
+    fig = Figure(figsize=(max(6.0, 0.45 * len(tasks) + 2.0), 4.0))
+    ax = fig.add_subplot()
+    teacher = summaries[0]["teacher_success_mean"]
+    _grouped_bars(
+        ax, tasks, [("teacher", teacher)] + [(s["method"], s["final_success_mean"]) for s in summaries]
+    )
+    ax.set_ylim(0, 1.15)
+    ax.set_ylabel("success rate after the last stage")
+    ax.set_xlabel("task")
+    ax.set_title(f"{summaries[0]['suite']}: teacher vs student success per task (mean over seeds)")
+    return _save(fig, path)
+
+
+def plot_forgetting(summaries: Sequence[dict], path: Path) -> Path:
+    """Per-task forgetting of each method (seed means); tasks of the last stage are left out."""
+    from matplotlib.figure import Figure
+
+    last = max(summaries[0]["task_stage"])
+    keep = [j for j, s in enumerate(summaries[0]["task_stage"]) if s < last] or list(
+        range(len(summaries[0]["tasks"]))
+    )
+    tasks = [summaries[0]["tasks"][j] for j in keep]
+    fig = Figure(figsize=(max(6.0, 0.45 * len(tasks) + 2.0), 4.0))
+    ax = fig.add_subplot()
+    _grouped_bars(ax, tasks, [(s["method"], [s["forgetting_mean"][j] for j in keep]) for s in summaries])
+    ax.axhline(0.0, color="black", linewidth=0.8)
+    ax.set_ylabel("forgetting (best earlier − final success)")
+    ax.set_xlabel("task (introduced before the last stage)")
+    ax.set_title(f"{summaries[0]['suite']}: forgetting per task (mean over seeds)")
+    return _save(fig, path)
+
+
+# ----------------------------------------------------------------------------- entry points
+
+
+def write_report(
+    result_paths: Iterable[str | os.PathLike], out_dir: str | os.PathLike, level: float = 0.9
+) -> list[Path]:
+    """Write figures, ``results.md`` and ``summary.json`` for the given runs; returns the written paths."""
+    runs = load_runs(result_paths)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    by_suite: dict[str, list[dict]] = {}
+    for (suite, _), group in _group(runs).items():
+        by_suite.setdefault(suite, []).append(summarize(group, level=level))
+    written: list[Path] = []
+    md = ["# Results", ""]
+    for suite, summaries in by_suite.items():
+        if any(s["tasks"] != summaries[0]["tasks"] for s in summaries):
+            raise ValueError(f"suite {suite!r}: methods were run on different task lists")
+        for s in summaries:
+            written.append(
+                plot_success_matrix(s, out / f"{_slug(suite)}_{_slug(s['method'])}_success_matrix.png")
+            )
+        written.append(plot_teacher_vs_student(summaries, out / f"{_slug(suite)}_teacher_vs_student.png"))
+        written.append(plot_forgetting(summaries, out / f"{_slug(suite)}_forgetting.png"))
+        md += [f"## {suite}", "", format_table(summaries, level), ""]
+    md += [
+        "Relative performance: mean over tasks of student / teacher success after the last stage (tasks "
+        "whose teacher never succeeds are excluded). ACC: mean final success. Forgetting: best success "
+        "at an earlier stage minus final success, per task, averaged. BWT: final minus end-of-own-stage "
+        "success, averaged over tasks before the last stage.",
+        "",
+    ]
+    md_path = out / "results.md"
+    with atomic_path(md_path) as tmp, open(tmp, "w") as f:
+        f.write("\n".join(md))
+    written.append(md_path)
+    summary_path = out / "summary.json"
+    write_json_atomic(summary_path, _json_safe(by_suite))
+    written.append(summary_path)
+    return written
+
+
+def _json_safe(x: Any) -> Any:
+    if isinstance(x, float) and math.isnan(x):
+        return None
+    if isinstance(x, dict):
+        return {k: _json_safe(v) for k, v in x.items()}
+    if isinstance(x, list | tuple):
+        return [_json_safe(v) for v in x]
+    return x
+
+
+def add_cli(subparsers: argparse._SubParsersAction) -> None:
+    """Register ``cpd report RUN_DIR... [--out DIR]`` on the top-level ``cpd`` subparsers."""
+    p = subparsers.add_parser(
+        "report",
+        help="figures and the results table from finished runs",
+        description="Aggregates runs (run directories with results.json, or results JSON files) by suite "
+        "and method: success-matrix heatmaps, teacher-vs-student and forgetting bars (PNG), and a "
+        "markdown results table with 90%% bootstrap CIs over seeds.",
+    )
+    p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run directories or results JSON files")
+    p.add_argument(
+        "--out", default=None, help="output directory (default: RUN_DIR/report for one run, else ./report)"
+    )
+    p.set_defaults(func=_cli_report)
+
+
+def _cli_report(args: argparse.Namespace) -> int:
+    out = args.out
+    if out is None:
+        one = Path(args.runs[0])
+        out = one / "report" if len(args.runs) == 1 and one.is_dir() else Path("report")
+    try:
+        paths = write_report(args.runs, out)
+    except (FileNotFoundError, ValueError) as err:
+        print(f"cpd report: {err}")
+        return 2
+    for p in paths:
+        print(p)
+    return 0

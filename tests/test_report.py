@@ -1,0 +1,86 @@
+"""Report: figures and the markdown results table from fake runs (two seeds of one method)."""
+
+import math
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from cpd_fast.metrics import RunResult, bootstrap_ci, compute_metrics
+from cpd_fast.report import add_cli, write_report
+from cpd_fast.tasks import stages
+
+TASKS = [t for stage in stages("mt10", 5) for t in stage]  # 2 stages x 5 tasks
+STAGE = [0] * 5 + [1] * 5
+TEACHER = [1.0, 0.9, 1.0, 0.0, 0.8, 1.0, 1.0, 0.6, 1.0, 1.0]
+
+
+def fake_R(seed: int) -> np.ndarray:
+    R = np.full((2, 10), math.nan)
+    R[0, :5] = [0.9, 0.8, 1.0, 0.0, 0.7]
+    R[1] = [0.8 - 0.1 * seed, 0.8, 0.9, 0.0, 0.7, 1.0, 0.9, 0.5, 0.8 + 0.1 * seed, 1.0]
+    return R
+
+
+def write_runs(tmp_path):
+    paths = []
+    for seed in (0, 1):
+        run_dir = tmp_path / f"run{seed}"
+        RunResult(
+            suite="mt10", method="cpd", seed=seed, tasks=TASKS, task_stage=STAGE,
+            success_matrix=fake_R(seed).tolist(), teacher_success=TEACHER, wall_time_s=600.0 * (seed + 1),
+        ).save(run_dir / "results.json")  # fmt: skip
+        paths.append(run_dir)
+    return paths
+
+
+def test_write_report_from_two_seeds(tmp_path):
+    out = tmp_path / "report"
+    paths = write_report(write_runs(tmp_path), out)
+    names = sorted(p.name for p in paths)
+    assert names == sorted([
+        "mt10_cpd_success_matrix.png", "mt10_teacher_vs_student.png", "mt10_forgetting.png",
+        "results.md", "summary.json",
+    ])  # fmt: skip
+    for p in paths:
+        assert p.exists() and p.parent == out
+        if p.suffix == ".png":
+            assert p.stat().st_size > 10_000
+            with Image.open(p) as im:
+                im.verify()
+            with Image.open(p) as im:
+                assert im.format == "PNG" and im.size[0] > 500 and im.size[1] > 250
+    md = (out / "results.md").read_text()
+    m = [compute_metrics(fake_R(s), TEACHER, STAGE) for s in (0, 1)]
+    acc_mean, acc_lo, acc_hi = bootstrap_ci([x.acc for x in m])
+    rel_mean = np.mean([x.relative_performance for x in m])
+    bwt_mean = np.mean([x.bwt for x in m])
+    assert "| method | seeds | relative performance (%) | ACC (%)" in md
+    row = next(line for line in md.splitlines() if line.startswith("| cpd |"))
+    assert f"{100 * acc_mean:.1f} [{100 * acc_lo:.1f}, {100 * acc_hi:.1f}]" in row
+    assert f"{100 * rel_mean:.1f} [" in row and f"{100 * bwt_mean:.1f} [" in row
+    assert "| 2 |" in row and "15.0 [10.0, 20.0]" in row  # wall time 10 and 20 min
+    # hand check of ACC: seed 0 final row mean = 7.4 / 10; seed 1 the same (−0.1 and +0.1 cancel)
+    assert f"{100 * 0.74:.1f} [" in row
+
+
+def test_single_seed_has_no_ci_and_cli_registers(tmp_path):
+    import argparse
+
+    run = write_runs(tmp_path)[0]
+    parser = argparse.ArgumentParser(prog="cpd")
+    add_cli(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["report", str(run)])
+    assert args.func(args) == 0
+    md = (run / "report" / "results.md").read_text()
+    row = next(line for line in md.splitlines() if line.startswith("| cpd |"))
+    assert "[" not in row and "| 1 |" in row
+    args = parser.parse_args(["report", str(tmp_path / "missing"), "--out", str(tmp_path / "r")])
+    assert args.func(args) == 2
+
+
+def test_missing_results_raise(tmp_path):
+    with pytest.raises(FileNotFoundError):
+        write_report([tmp_path], tmp_path / "out")
+    with pytest.raises(ValueError, match="at least one"):
+        write_report([], tmp_path / "out")
