@@ -29,8 +29,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(func=_dpp_demo)
 
     from cpd_fast.fidelity import add_cli as add_envs_cli
+    from cpd_fast.report import add_cli as add_report_cli
 
     add_envs_cli(sub)  # cpd envs check
+    add_report_cli(sub)  # cpd report RUN_DIR...
     return parser
 
 
