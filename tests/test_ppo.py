@@ -31,23 +31,25 @@ def tiny(**kw) -> PPOConfig:
 
 
 def test_ppo_learns_reach(tmp_path):
-    # 100-step episodes make reach-v3 learnable in ~25k steps; judged on episodic return (first vs last
-    # eighth of the episodes), which rises long before 500-step success does.
+    # 100-step episodes and lr 1e-3 make reach-v3 learnable in ~30k steps. Judged on episodic return
+    # (first vs last eighth of the episodes; seeds 0-4 gave last/first = 1.8-3.7), which rises long before
+    # 500-step success does.
     cfg = PPOConfig(
-        total_steps=24_576,
+        total_steps=32_768,
         num_envs=16,
         num_steps=64,
         max_episode_steps=100,
         num_minibatches=4,
         update_epochs=4,
         hidden_sizes=(64, 64),
+        learning_rate=1e-3,
         seed=1,
     )
     result = train_ppo("reach-v3", cfg, tmp_path, tensorboard=False)
     returns = np.asarray(result.episode_returns)
     k = len(returns) // 8
     first, last = returns[:k].mean(), returns[-k:].mean()
-    assert last > 1.3 * first, (first, last)
+    assert last > 1.4 * first, (first, last)
     assert result.global_step >= cfg.total_steps
 
 
