@@ -117,3 +117,28 @@ def test_bad_input(tmp_path):
         train_ppo("reech-v3", tiny(), tmp_path)
     with pytest.raises(FileNotFoundError, match="cpd teachers train"):
         load_policy(tmp_path / "missing.pt")
+
+
+def test_vecenv_step_async_matches_step():
+    # the async env path PPO pipelines with: send now, recv later, same results as a plain step
+    from cpd_fast.envs import make_vec_env
+
+    actions = np.random.default_rng(0).uniform(-1, 1, (6, 4, 4)).astype(np.float32)
+    with (
+        make_vec_env("reach-v3", 4, seed=3, max_episode_steps=3) as a,
+        make_vec_env("reach-v3", 4, seed=3, max_episode_steps=3) as b,
+    ):
+        np.testing.assert_array_equal(a.reset(), b.reset())
+        for act in actions:  # crosses an episode end and its auto-reset step
+            ra = a.step(act)
+            b.step_async(act)
+            rb = b.step_wait()
+            for x, y in zip(ra[:4], rb[:4], strict=True):
+                np.testing.assert_array_equal(x, y)
+            np.testing.assert_array_equal(ra[4]["autoreset"], rb[4]["autoreset"])
+        b.step_async(actions[0])
+        with pytest.raises(RuntimeError, match="twice"):
+            b.step_async(actions[0])
+        b.step_wait()
+        with pytest.raises(RuntimeError, match="without step_async"):
+            b.step_wait()
