@@ -30,8 +30,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     from cpd_fast.fidelity import add_cli as add_envs_cli
     from cpd_fast.report import add_cli as add_report_cli
+    from cpd_fast.teachers.cli import add_cli as add_teachers_cli
 
     add_envs_cli(sub)  # cpd envs check
+    add_teachers_cli(sub)  # cpd teachers train|collect|eval
     add_report_cli(sub)  # cpd report RUN_DIR...
     return parser
 
