@@ -108,6 +108,7 @@ def evaluate_official(
     goal_seed: int = 0,
     max_episode_steps: int = MAX_EPISODE_STEPS,
     stop_on_success: bool = True,
+    episode_info: bool = False,
 ) -> EvalResult:
     """Meta-World's official success rate of ``policy_fn`` on ``task``.
 
@@ -120,6 +121,9 @@ def evaluate_official(
         goal_seed: seed of the 50-goal set (keep it fixed across a study so numbers are comparable).
         max_episode_steps: episode length, 500 in the official protocol.
         stop_on_success: end an episode at its first success (official; the flag cannot change after).
+        episode_info: call ``policy_fn(obs, slots, fresh)`` instead, with ``slots [B]`` int (the env slot of
+            each row, in ``range(num_envs)``) and ``fresh [B]`` bool (the row is its episode's first
+            observation): what a policy with per-episode memory (an observation history) needs.
 
     Returns:
         :class:`EvalResult` with one success flag per goal, in goal order.
@@ -142,6 +146,7 @@ def evaluate_official(
     # slot -> goal index it is running (-1: idle), its current observation
     slot_goal = [-1] * len(envs)
     slot_obs = np.zeros((len(envs), OBS_DIM), dtype=np.float32)
+    slot_fresh = np.zeros(len(envs), dtype=bool)  # slot's next policy call starts an episode
     next_goal = 0
 
     def start(slot: int) -> None:
@@ -152,7 +157,7 @@ def evaluate_official(
         env = envs[slot]
         env.set_task(goals[next_goal])  # freezes the goal: reset() restores exactly this rand_vec
         obs, _ = env.reset()
-        slot_goal[slot], slot_obs[slot] = next_goal, obs
+        slot_goal[slot], slot_obs[slot], slot_fresh[slot] = next_goal, obs, True
         next_goal += 1
 
     try:
@@ -162,7 +167,12 @@ def evaluate_official(
             active = [s for s, g in enumerate(slot_goal) if g >= 0]
             if not active:
                 break
-            actions = _actions(policy_fn, slot_obs[active])
+            if episode_info:
+                rows = np.asarray(active)
+                actions = _actions(lambda o: policy_fn(o, rows, slot_fresh[rows].copy()), slot_obs[rows])
+                slot_fresh[rows] = False
+            else:
+                actions = _actions(policy_fn, slot_obs[active])
             for row, slot in enumerate(active):
                 goal = slot_goal[slot]
                 obs, _, _, _, info = envs[slot].step(actions[row])
