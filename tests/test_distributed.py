@@ -10,20 +10,12 @@ import pytest
 pytest.importorskip("envpool")
 pytest.importorskip("metaworld")
 
+from conftest import tiny_ppo_config
+
 from cpd_fast.distributed import run_jobs, train_teachers
-from cpd_fast.teachers.ppo import PPOConfig
 
 TASKS = ["reach-v3", "drawer-close-v3"]
-TINY = PPOConfig(
-    total_steps=256,
-    num_envs=8,
-    num_steps=16,
-    num_minibatches=2,
-    update_epochs=1,
-    hidden_sizes=(16, 16),
-    max_episode_steps=20,
-    checkpoint_every=1,
-)
+TINY = tiny_ppo_config()
 
 
 def check_trained(records, run_dir):

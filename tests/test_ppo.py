@@ -12,22 +12,14 @@ import torch
 pytest.importorskip("envpool")
 pytest.importorskip("metaworld")
 
+from conftest import tiny_ppo_config
+
 from cpd_fast.teachers.ppo import PPOConfig, PPOPolicy, load_policy, train_ppo
 
 
 def tiny(**kw) -> PPOConfig:
-    base = dict(
-        total_steps=512,
-        num_envs=8,
-        num_steps=32,
-        num_minibatches=4,
-        update_epochs=2,
-        hidden_sizes=(32, 32),
-        max_episode_steps=20,
-        checkpoint_every=1,
-    )
-    base.update(kw)
-    return PPOConfig(**base)
+    base = dict(total_steps=512, num_steps=32, num_minibatches=4, update_epochs=2, hidden_sizes=(32, 32))
+    return tiny_ppo_config(**{**base, **kw})
 
 
 def test_ppo_learns_reach(tmp_path):

@@ -12,24 +12,18 @@ import pytest
 pytest.importorskip("envpool")
 pytest.importorskip("metaworld")
 
+from conftest import tiny_ppo_config
+
 from cpd_fast.distributed import train_teachers
 from cpd_fast.teachers.base import Teacher, make_teacher
 from cpd_fast.teachers.checkpoint import CheckpointTeacher
 from cpd_fast.teachers.cli import add_cli
 from cpd_fast.teachers.gate import load_teachers_json, usable_teachers
-from cpd_fast.teachers.ppo import PPOConfig, train_ppo
+from cpd_fast.teachers.ppo import train_ppo
 from cpd_fast.teachers.scripted import ScriptedExpert
 
 # One update of 8 envs x 16 steps: a deliberately under-trained teacher.
-UNDERTRAINED = PPOConfig(
-    total_steps=128,
-    num_envs=8,
-    num_steps=16,
-    num_minibatches=2,
-    update_epochs=1,
-    hidden_sizes=(16, 16),
-    max_episode_steps=20,
-)
+UNDERTRAINED = tiny_ppo_config(total_steps=128)
 
 
 def cpd(argv: list[str]) -> int:
