@@ -110,7 +110,9 @@ def select_replay(
     if not 0.0 < fraction <= 1.0:
         raise ValueError(f"replay fraction must be in (0, 1], got {fraction}")
     if selection not in REPLAY_SELECTIONS:
-        raise ValueError(f"unknown replay selection {selection!r}; choose one of {', '.join(REPLAY_SELECTIONS)}")
+        raise ValueError(
+            f"unknown replay selection {selection!r}; choose one of {', '.join(REPLAY_SELECTIONS)}"
+        )
     starts = segment_starts(steps, episode, segment_len)
     k = min(int(fraction * obs.shape[0]) // segment_len, starts.numel())
     if k < 1:

@@ -1,0 +1,658 @@
+"""The continual-distillation protocol (issue 5): stages of tasks distilled into one growing student.
+
+One run, top to bottom (:func:`run_distill`)::
+
+    resolved config → RUN_DIR/config.json
+    teachers (scripted or RUN_DIR/teachers.json) → collect_dataset per task → RUN_DIR/datasets (Minari)
+    teacher success per task (teachers.json, or the official protocol once) → RUN_DIR/teacher_success.json
+    for stage s in stages:
+        grow / freeze per method (:func:`configure_phase`)
+        for phase in the stage's phases: train  → checkpoints/stage{s}-{phase}.pt     (phase done)
+        replay selection for the stage's tasks → replay/stage{s}.pt                  (   "      )
+        evaluate every task seen so far       → eval/stage{s}.json, results.json      (   "      )
+    results.json (RunResult), metrics.jsonl, tb/ (TensorBoard)
+
+**Methods.** What trains where (``stage > 0``; stage 0 always trains everything in one phase):
+
+============ ====== ============================ ============================================ ==========
+method       growth shared layers + head         experts / gate                               replay
+============ ====== ============================ ============================================ ==========
+cpd          +1/task frozen (``freeze_shared``)  P1: old experts frozen, new + gate train;     DPP
+                                                 P2: gate frozen, all experts train
+static-moe   fixed  frozen (``freeze_shared``)   all train                                     DPP
+replay       fixed  train                        all train                                     uniform
+finetune     fixed  train                        all train                                     none
+ewc          fixed  train (+ EWC penalty)        all train (+ EWC penalty)                     none
+online-ewc   fixed  train (+ online-EWC penalty) all train (+ online-EWC penalty)              none
+joint        fixed  one stage with every task, all parameters, the total step budget           —
+============ ====== ============================ ============================================ ==========
+
+Fixed-capacity methods get ``num_tasks · experts_per_task`` experts from the start, the capacity cpd
+reaches at the end. The task encoder trains throughout (see :mod:`cpd_fast.student`). Every method
+sees the same data and the same number of optimizer steps per stage (joint: their sum).
+
+**Sampling.** A batch draws tasks uniformly among those trained in the stage (the stage's tasks plus
+replayed ones), then one window uniformly within the task's pool, so a replayed task weighs as much as
+a new one however few transitions are stored for it. Each window gives a target per position (the
+teacher's mean at every real observation of the window; see ``Student.losses``).
+
+**Resume and determinism.** Work is cut into *phases* (train, replay, eval per stage). A phase's
+outputs are written atomically and only then is it appended to ``progress.json``; a re-run skips
+finished phases and restarts the first unfinished one from the last checkpoint. Each phase draws from
+its own generator seeded by ``(seed, stage, phase)`` and builds a fresh optimizer, so a resumed run
+repeats exactly what an uninterrupted one does (on the same machine and thread count).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from cpd_fast.ewc import EWCPenalty, diagonal_fisher
+from cpd_fast.replay import REPLAY_SELECTIONS, ReplaySet, select_replay
+from cpd_fast.runio import append_jsonl, save_torch_atomic, write_json_atomic
+from cpd_fast.student import HistoryBuffer, Student, StudentConfig
+
+__all__ = [
+    "METHODS",
+    "DistillConfig",
+    "WindowData",
+    "configure_phase",
+    "evaluate_student",
+    "phases_of",
+    "run_distill",
+    "train_phase",
+]
+
+METHODS = ("cpd", "finetune", "ewc", "online-ewc", "replay", "static-moe", "joint")
+GROWING = ("cpd",)
+FREEZING = ("cpd", "static-moe")  # freeze the shared layers (and head) after stage 0
+# Tasks whose scripted expert fails under envpool 1.2.5 (DESIGN.md §3): collect them with gymnasium.
+KNOWN_BAD_ENVPOOL = {"dial-turn-v3": "gymnasium"}
+
+
+def _cpu_student() -> StudentConfig:
+    # Sized for the CPU budget: ~0.085 s per step of 256 windows on one busy core (d_model 256 costs 4.5x).
+    return StudentConfig(
+        d_model=128, n_heads=4, n_layers=2, d_ff=256, expert_hidden=256, task_encoder_hidden=128
+    )
+
+
+@dataclass
+class DistillConfig:
+    """Everything one run needs; saved first as ``RUN_DIR/config.json``.
+
+    Step counts are *before* ``budget`` scaling (``steps = round(budget · steps_per_stage)``).
+    """
+
+    suite: str = "mt25"
+    tasks: list[str] | None = None  # explicit task list (overrides the suite's tasks)
+    tasks_per_stage: int = 5
+    method: str = "cpd"
+    teachers: str = "scripted"  # "scripted" or a teachers RUN_DIR holding teachers.json
+    fidelity: str | None = None  # `cpd envs check` JSON: per-task collection backend
+    seed: int = 0
+    device: str = "cpu"
+    budget: float = 1.0
+    # data
+    episodes_per_task: int = 20
+    noise_std: float = 0.1
+    collect_envs: int = 10
+    max_episode_steps: int = 500
+    # training
+    steps_per_stage: int = 4000
+    batch_size: int = 256
+    lr: float = 5e-4
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    phase1_fraction: float = 0.5  # cpd: share of a stage's steps in Phase 1
+    # ablations (cpd)
+    freeze_shared: bool = True
+    phase2: bool = True
+    gate_bias: float = -5.0
+    replay_selection: str | None = None  # None: the method's own (cpd/static-moe dpp, replay uniform)
+    # replay
+    replay_fraction: float = 0.1
+    segment_len: int = 10
+    # EWC
+    ewc_lambda: float = 100.0
+    ewc_gamma: float = 0.9
+    fisher_batches: int = 20
+    fisher_batch_size: int = 64
+    # evaluation
+    eval_goals: int = 50
+    eval_envs: int = 25
+    eval_max_steps: int = 500
+    # logging
+    progress: bool = True
+    tensorboard: bool = True
+    threads: int | None = None  # torch.set_num_threads; None leaves torch's default
+    student: StudentConfig = field(default_factory=_cpu_student)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.student, dict):
+            self.student = StudentConfig(**self.student)
+        if self.method not in METHODS:
+            raise ValueError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
+        if not (isinstance(self.budget, int | float) and self.budget > 0 and math.isfinite(self.budget)):
+            raise ValueError(f"budget must be a positive number, got {self.budget!r}")
+        if self.replay_selection is not None and self.replay_selection not in REPLAY_SELECTIONS:
+            raise ValueError(f"replay selection must be one of {', '.join(REPLAY_SELECTIONS)}")
+        if not 0.0 < self.replay_fraction <= 1.0:
+            raise ValueError(f"replay fraction must be in (0, 1], got {self.replay_fraction}")
+        if not 0.0 < self.phase1_fraction < 1.0:
+            raise ValueError(f"phase1_fraction must be in (0, 1), got {self.phase1_fraction}")
+        for name in ("episodes_per_task", "steps_per_stage", "batch_size", "eval_goals", "eval_envs",
+                     "segment_len", "fisher_batches", "fisher_batch_size", "tasks_per_stage"):  # fmt: skip
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name} must be a positive int, got {v!r}")
+        self.student.new_expert_gate_bias = float(self.gate_bias)
+
+    @property
+    def stage_steps(self) -> int:
+        return max(1, round(self.budget * self.steps_per_stage))
+
+    @property
+    def selection(self) -> str | None:
+        """Replay selection of this run (None: no replay)."""
+        if self.method in ("cpd", "static-moe"):
+            return self.replay_selection or "dpp"
+        if self.method == "replay":
+            return self.replay_selection or "uniform"
+        return None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> DistillConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+
+# ----------------------------------------------------------------------------- data as windows
+
+
+class WindowData:
+    """All teacher transitions of the run as tensors, served as observation-history windows.
+
+    ``obs [M, obs_dim]``, ``target [M, act_dim]`` (teacher mean), ``task [M]`` (index into the run's
+    task list), ``ep_start [M]`` (global index of the step's episode start), ``step``, ``episode [M]``.
+    """
+
+    def __init__(self, data: Any, history: int) -> None:
+        self.obs = data.obs.float().contiguous()
+        self.target = data.action_mean.float().contiguous()
+        self.task = data.task_id.long()
+        self.step = data.step.long()
+        self.episode = data.episode.long()
+        self.ep_start = torch.arange(self.obs.shape[0]) - self.step
+        self.history = history
+        self.tasks = list(data.tasks)
+
+    def task_slice(self, t: int) -> slice:
+        idx = (self.task == t).nonzero().squeeze(1)
+        if idx.numel() == 0:
+            raise ValueError(f"no data for task {self.tasks[t]!r}")
+        return slice(int(idx[0]), int(idx[-1]) + 1)  # load_teacher_data keeps each task contiguous
+
+    def windows(self, index: torch.Tensor, hist_start: torch.Tensor):
+        """Windows ending at ``index [B]``: ``(obs [B, H, obs_dim], target [B, H, act_dim], mask [B, H])``.
+
+        Positions before ``hist_start`` are padding: they repeat the first real observation (the
+        convention of :class:`~cpd_fast.student.HistoryBuffer`) and are masked out.
+        """
+        H = self.history
+        pos = index[:, None] - (H - 1) + torch.arange(H)[None, :]
+        real = pos >= hist_start[:, None]
+        pos = torch.where(real, pos, hist_start[:, None])
+        return self.obs[pos], self.target[pos], real
+
+
+class TaskSampler:
+    """Task-balanced window sampler over per-task pools ``(index [n], hist_start [n])``."""
+
+    def __init__(self, pools: dict[int, tuple[torch.Tensor, torch.Tensor]]) -> None:
+        pools = {t: p for t, p in pools.items() if p[0].numel() > 0}
+        if not pools:
+            raise ValueError("nothing to train on: every task pool is empty")
+        self.task_ids = torch.tensor(sorted(pools), dtype=torch.int64)
+        self.index = torch.cat([pools[t][0] for t in sorted(pools)])
+        self.hist_start = torch.cat([pools[t][1] for t in sorted(pools)])
+        sizes = torch.tensor([pools[t][0].numel() for t in sorted(pools)])
+        self.sizes, self.offsets = sizes, torch.cumsum(sizes, 0) - sizes
+
+    def sample(self, batch: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        k = torch.randint(0, len(self.task_ids), (batch,), generator=gen)
+        r = (torch.rand(batch, generator=gen, dtype=torch.float64) * self.sizes[k]).long()
+        j = self.offsets[k] + r
+        return self.index[j], self.hist_start[j]
+
+
+# ----------------------------------------------------------------------------- phases
+
+
+def phases_of(cfg: DistillConfig, stage: int) -> list[tuple[str, int]]:
+    """``[(phase name, optimizer steps)]`` of a stage."""
+    n = cfg.stage_steps
+    if cfg.method == "joint":
+        return [("train", n * _num_stages(cfg))]
+    if cfg.method == "cpd" and stage > 0 and cfg.phase2:
+        n1 = max(1, round(n * cfg.phase1_fraction))
+        return [("phase1", n1), ("phase2", max(1, n - n1))]
+    return [("train", n)]
+
+
+def _num_stages(cfg: DistillConfig) -> int:
+    return len(_stage_tasks(cfg))
+
+
+def _stage_tasks(cfg: DistillConfig) -> list[list[str]]:
+    from cpd_fast.tasks import stages
+
+    return stages(cfg.tasks if cfg.tasks else cfg.suite, cfg.tasks_per_stage)
+
+
+def configure_phase(
+    student: Student, cfg: DistillConfig, stage: int, phase: str, new_experts: list[int]
+) -> None:
+    """Set what trains in ``phase`` of ``stage`` (idempotent: a resumed run calls it again).
+
+    ``new_experts``: the experts added for this stage's tasks (cpd only).
+    """
+    moe = student.moe
+    student.unfreeze_shared()
+    student.unfreeze_head()
+    student.unfreeze_task_encoder()
+    moe.unfreeze_experts(list(range(moe.num_experts)))
+    moe.unfreeze_gate()
+    if stage == 0 or cfg.method not in FREEZING:
+        return
+    if cfg.freeze_shared:
+        student.freeze_shared()
+        student.freeze_head()  # the head maps every expert's output: training it moves old tasks too
+    if cfg.method == "cpd":
+        if phase == "phase2":
+            moe.freeze_gate()
+        else:  # phase1 (or the only phase with --no-phase2)
+            old = [e for e in range(moe.num_experts) if e not in set(new_experts)]
+            if old:
+                moe.freeze_experts(old)
+
+
+def train_phase(
+    student: Student,
+    data: WindowData,
+    sampler: TaskSampler,
+    steps: int,
+    cfg: DistillConfig,
+    gen: torch.Generator,
+    penalty: EWCPenalty | None = None,
+    log: Any = None,
+    desc: str = "train",
+) -> dict[str, float]:
+    """``steps`` AdamW steps on task-balanced windows; returns the mean of the last 10% of losses."""
+    from tqdm import tqdm
+
+    device = torch.device(cfg.device)
+    params = [p for p in student.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    student.train()
+    tail: list[dict[str, float]] = []
+    bar = tqdm(range(steps), desc=desc, disable=not cfg.progress, leave=False, mininterval=2.0)
+    for it in bar:
+        idx, start = sampler.sample(cfg.batch_size, gen)
+        obs, target, mask = data.windows(idx, start)
+        tid = data.task[idx]
+        obs, target, mask, tid = (x.to(device) for x in (obs, target, mask, tid))
+        out = student.losses(obs, target, tid, mask)
+        loss = out["total"]
+        if penalty is not None and penalty.terms:
+            out["ewc"] = penalty.penalty(student)
+            loss = loss + out["ewc"]
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        opt.step()
+        rec = {k: float(v.detach()) for k, v in out.items()}
+        if it >= steps - max(1, steps // 10):
+            tail.append(rec)
+        if log is not None and (it % 50 == 0 or it == steps - 1):
+            log(it, rec)
+        if it % 50 == 0:
+            bar.set_postfix(mse=f"{rec['mse']:.4f}")
+    return {k: float(np.mean([r[k] for r in tail])) for k in tail[0]}
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+
+class _HistoryPolicy:
+    """Adapts the student to ``evaluate_official(..., episode_info=True)``: one history per env slot."""
+
+    def __init__(self, student: Student, num_envs: int) -> None:
+        self.student = student
+        self.history = HistoryBuffer.for_student(student, num_envs)
+        self.last = np.zeros((num_envs, student.config.obs_dim), np.float32)
+
+    def __call__(self, obs: np.ndarray, slots: np.ndarray, fresh: np.ndarray) -> np.ndarray:
+        self.last[slots] = obs
+        reset = np.zeros(len(self.last), bool)
+        reset[slots] = fresh
+        # idle slots push their stale observation: harmless, their output is dropped
+        act = self.student.act(torch.from_numpy(self.last), self.history, torch.from_numpy(reset))
+        return act[torch.from_numpy(slots)].cpu().numpy()
+
+
+def evaluate_student(student: Student, task: str, cfg: DistillConfig) -> float:
+    """Official-protocol success of the student on ``task`` (task inferred from the history, no id)."""
+    from cpd_fast.evaluation import evaluate_official
+
+    n_envs = min(cfg.eval_envs, cfg.eval_goals)
+    result = evaluate_official(
+        _HistoryPolicy(student, n_envs), task, num_envs=n_envs, num_goals=cfg.eval_goals,
+        max_episode_steps=cfg.eval_max_steps, episode_info=True,
+    )  # fmt: skip
+    return result.success_rate
+
+
+# ----------------------------------------------------------------------------- the run
+
+
+class _Progress:
+    """``progress.json``: the finished phases, appended only after their outputs are on disk."""
+
+    def __init__(self, run_dir: str) -> None:
+        self.path = os.path.join(run_dir, "progress.json")
+        self.done: list[str] = []
+        if os.path.isfile(self.path):
+            with open(self.path) as f:
+                self.done = list(json.load(f)["done"])
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.done
+
+    def mark(self, name: str) -> None:
+        _mark_done(self, name)
+
+
+def _mark_done(progress: _Progress, name: str) -> None:
+    progress.done.append(name)
+    write_json_atomic(progress.path, {"done": progress.done})
+
+
+def _phase_seed(seed: int, stage: int, tag: str) -> int:
+    return (seed * 1_000_003 + stage * 10_007 + sum(map(ord, tag)) * 101) % (2**62)
+
+
+def _teacher_specs(cfg: DistillConfig, tasks: list[str]) -> dict[str, tuple[str, str | None, float | None]]:
+    """``{task: (source, path, recorded official success or None)}``; one-line errors for user mistakes."""
+    if cfg.teachers == "scripted":
+        return {t: ("scripted", None, None) for t in tasks}
+    from cpd_fast.teachers.gate import load_teachers_json
+
+    records = load_teachers_json(cfg.teachers)
+    out = {}
+    for t in tasks:
+        r = records.get(t)
+        if r is None or not r.used:
+            raise ValueError(f"no usable teacher for {t} in {cfg.teachers}/teachers.json")
+        path = r.path
+        if path and not os.path.isabs(path) and not os.path.isfile(path):
+            path = os.path.join(cfg.teachers, path)
+        if r.source != "scripted" and (not path or not os.path.isfile(path)):
+            raise FileNotFoundError(f"teacher checkpoint for {t} not found: {path!r}")
+        official = r.success_rate if r.protocol == "official" else None
+        out[t] = (r.source, path, official)
+    return out
+
+
+def _log_writer(run_dir: str, cfg: DistillConfig):
+    writer = None
+    if cfg.tensorboard:
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            writer = SummaryWriter(os.path.join(run_dir, "tb"))
+        except ImportError:  # metrics.jsonl is complete on its own
+            writer = None
+    return writer
+
+
+def run_distill(cfg: DistillConfig, run_dir: str | os.PathLike) -> Any:
+    """Run (or resume) one continual-distillation run in ``run_dir``; returns its :class:`RunResult`."""
+    from cpd_fast.data import collect_dataset, load_teacher_data
+    from cpd_fast.metrics import RunResult
+    from cpd_fast.teachers.base import make_teacher
+    from cpd_fast.teachers.gate import evaluate_teacher
+
+    t_start = time.perf_counter()
+    run_dir = os.fspath(run_dir)
+    os.makedirs(run_dir, exist_ok=True)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    stage_tasks = _stage_tasks(cfg)
+    tasks = [t for s in stage_tasks for t in s]
+    suite_name = cfg.suite if not cfg.tasks else "custom"
+    # 1. resolved config first (a resumed run must use the same one)
+    cfg_path = os.path.join(run_dir, "config.json")
+    if os.path.isfile(cfg_path):
+        with open(cfg_path) as f:
+            saved = json.load(f)
+        mine = json.loads(json.dumps(cfg.to_dict()))
+        ignore = {"progress", "tensorboard", "threads", "device"}
+        diff = sorted(k for k in mine if k not in ignore and saved.get(k) != mine[k])
+        if diff:
+            raise ValueError(
+                f"{run_dir} holds a run with a different config ({', '.join(diff)}); use a new --out"
+            )
+    else:
+        write_json_atomic(cfg_path, cfg.to_dict())
+    progress = _Progress(run_dir)
+    prior_time = 0.0
+    timing_path = os.path.join(run_dir, "timing.json")
+    if os.path.isfile(timing_path):
+        with open(timing_path) as f:
+            prior_time = float(json.load(f)["wall_time_s"])
+
+    # 2. teachers and data
+    specs = _teacher_specs(cfg, tasks)
+    backends = dict(KNOWN_BAD_ENVPOOL)
+    if cfg.fidelity:
+        from cpd_fast.fidelity import load_backend_choices
+
+        backends = load_backend_choices(cfg.fidelity)
+    root = os.path.join(run_dir, "datasets")
+    ts_path = os.path.join(run_dir, "teacher_success.json")
+    teacher_success: dict[str, float] = {}
+    if os.path.isfile(ts_path):
+        with open(ts_path) as f:
+            teacher_success = json.load(f)
+    for task in tasks:
+        source, path, official = specs[task]
+        teacher = None
+        if f"data/{task}" not in progress:
+            teacher = make_teacher(source, task, path, device="cpu")
+            collect_dataset(
+                teacher, task, root, episodes=cfg.episodes_per_task, num_envs=cfg.collect_envs,
+                noise_std=cfg.noise_std, backend=backends.get(task, "envpool"), seed=cfg.seed,
+                max_episode_steps=cfg.max_episode_steps, teacher_name=f"{source}:{path or task}", overwrite=True,
+            )  # fmt: skip
+            progress.mark(f"data/{task}")
+        if task not in teacher_success:
+            if official is not None and cfg.eval_goals == 50:
+                teacher_success[task] = float(official)
+            else:
+                teacher = teacher or make_teacher(source, task, path, device="cpu")
+                teacher_success[task] = float(
+                    evaluate_teacher(teacher, task, num_goals=cfg.eval_goals, num_envs=cfg.eval_envs)[
+                        "success_rate"
+                    ]
+                )
+            write_json_atomic(ts_path, teacher_success)
+    raw = load_teacher_data(tasks, root)
+    if raw.obs.shape[1] != cfg.student.obs_dim:
+        raise ValueError(
+            f"teacher data has obs dim {raw.obs.shape[1]}, the student expects {cfg.student.obs_dim}"
+        )
+    data = WindowData(raw, cfg.student.history)
+    task_index = {t: i for i, t in enumerate(tasks)}
+
+    # 3. the student, built as it was born (a checkpoint restores growth)
+    joint = cfg.method == "joint"
+    run_stages = [tasks] if joint else stage_tasks
+    torch.manual_seed(cfg.seed)
+    ept = cfg.student.experts_per_task
+    if cfg.method in GROWING:
+        student = Student(cfg.student, num_tasks=len(run_stages[0]))
+    else:
+        student = Student(
+            cfg.student, num_tasks=len(tasks), num_experts=max(len(tasks) * ept, cfg.student.top_k)
+        )
+    student.to(cfg.device)
+    penalty = None
+    if cfg.method in ("ewc", "online-ewc"):
+        penalty = EWCPenalty(cfg.ewc_lambda, online=cfg.method == "online-ewc", gamma=cfg.ewc_gamma)
+    replay: dict[int, ReplaySet] = {}
+    R = np.full((len(run_stages), len(tasks)), np.nan)
+    writer = _log_writer(run_dir, cfg)
+    metrics_path = os.path.join(run_dir, "metrics.jsonl")
+    global_step = 0
+    seen: list[int] = []
+
+    def result(wall: float, complete: bool) -> RunResult:
+        task_stage = [0 if joint else next(s for s, st in enumerate(run_stages) if t in st) for t in tasks]
+        return RunResult(
+            suite=suite_name, method=cfg.method, seed=cfg.seed, tasks=tasks, task_stage=task_stage,
+            success_matrix=R.tolist(), teacher_success=[teacher_success[t] for t in tasks], wall_time_s=wall,
+            extra={"complete": complete, "config": cfg.to_dict(), "replay": _replay_report(replay, data),
+                   "num_experts": student.num_experts, "budget_steps_per_stage": cfg.stage_steps},
+        )  # fmt: skip
+
+    for s, stage in enumerate(run_stages):
+        new_ids = [task_index[t] for t in stage]
+        new_experts: list[int] = []
+        if cfg.method in GROWING and s > 0:
+            torch.manual_seed(_phase_seed(cfg.seed, s, "grow"))
+            for _ in stage:
+                new_experts += student.add_task()
+            student.to(cfg.device)
+        elif cfg.method in GROWING:
+            new_experts = list(range(student.num_experts))
+        for phase, steps in phases_of(cfg, s):
+            name = f"stage{s}/{phase}"
+            ckpt = os.path.join(run_dir, "checkpoints", f"stage{s}-{phase}.pt")
+            if name in progress:
+                state = torch.load(ckpt, map_location=cfg.device, weights_only=True)
+                student.load_state_dict(state["student"])
+                if penalty is not None:
+                    penalty.load_state_dict(state["ewc"])
+                global_step += steps
+                continue
+            configure_phase(student, cfg, s, phase, new_experts)
+            pools = {t: _full_pool(data, t) for t in new_ids}
+            pools.update({t: (r.index, r.hist_start) for t, r in replay.items()})
+            gen = torch.Generator().manual_seed(_phase_seed(cfg.seed, s, phase))
+
+            def log(it: int, rec: dict, _base: int = global_step, _name: str = name) -> None:
+                append_jsonl(metrics_path, {"step": _base + it, "phase": _name, **rec})
+                if writer is not None:
+                    for k, v in rec.items():
+                        writer.add_scalar(f"loss/{k}", v, _base + it)
+
+            summary = train_phase(student, data, TaskSampler(pools), steps, cfg, gen, penalty, log, desc=name)
+            global_step += steps
+            if penalty is not None and phase == phases_of(cfg, s)[-1][0]:
+                fgen = torch.Generator().manual_seed(_phase_seed(cfg.seed, s, "fisher"))
+                fisher = _stage_fisher(student, data, {t: _full_pool(data, t) for t in new_ids}, cfg, fgen)
+                penalty.consolidate(student, fisher)
+            payload = {"student": student.state_dict()}
+            if penalty is not None:
+                payload["ewc"] = penalty.state_dict()
+            save_torch_atomic(payload, ckpt)
+            append_jsonl(metrics_path, {"step": global_step, "phase": name, "summary": summary})
+            progress.mark(name)
+        seen += new_ids
+        # replay memory of the finished tasks
+        replay_path = os.path.join(run_dir, "replay", f"stage{s}.pt")
+        if cfg.selection is not None and not joint:
+            if f"stage{s}/replay" not in progress:
+                sets = {}
+                for t in new_ids:
+                    sl = data.task_slice(t)
+                    sets[t] = select_replay(
+                        data.obs[sl], data.target[sl], data.step[sl], data.episode[sl], sl.start,
+                        fraction=cfg.replay_fraction, segment_len=cfg.segment_len, selection=cfg.selection,
+                        seed=_phase_seed(cfg.seed, s, f"replay{t}"),
+                    )  # fmt: skip
+                save_torch_atomic({str(t): r.to_dict() for t, r in sets.items()}, replay_path)
+                progress.mark(f"stage{s}/replay")
+            loaded = torch.load(replay_path, weights_only=True)
+            replay.update({int(t): ReplaySet.from_dict(d) for t, d in loaded.items()})
+        # evaluation of every task seen so far
+        eval_path = os.path.join(run_dir, "eval", f"stage{s}.json")
+        if f"stage{s}/eval" not in progress:
+            student.eval()
+            row = {}
+            for t in seen:
+                with torch.no_grad():
+                    row[tasks[t]] = evaluate_student(student, tasks[t], cfg)
+                if writer is not None:
+                    writer.add_scalar(f"success/{tasks[t]}", row[tasks[t]], s)
+            write_json_atomic(eval_path, row)
+            progress.mark(f"stage{s}/eval")
+        with open(eval_path) as f:
+            for t, v in json.load(f).items():
+                R[s, task_index[t]] = v
+        wall = prior_time + time.perf_counter() - t_start
+        write_json_atomic(timing_path, {"wall_time_s": wall})
+        result(wall, s == len(run_stages) - 1).save(os.path.join(run_dir, "results.json"))
+        append_jsonl(
+            metrics_path, {"stage": s, "success": {tasks[t]: R[s, t] for t in seen}, "wall_time_s": wall}
+        )
+    if writer is not None:
+        writer.close()
+    return result(prior_time + time.perf_counter() - t_start, True)
+
+
+def _full_pool(data: WindowData, t: int) -> tuple[torch.Tensor, torch.Tensor]:
+    sl = data.task_slice(t)
+    idx = torch.arange(sl.start, sl.stop)
+    return idx, data.ep_start[idx]
+
+
+def _stage_fisher(student, data, pools, cfg, gen) -> dict[str, torch.Tensor]:
+    sampler = TaskSampler(pools)
+    device = torch.device(cfg.device)
+    was = student.training
+    student.eval()
+    batches = []
+    for _ in range(cfg.fisher_batches):
+        idx, start = sampler.sample(cfg.fisher_batch_size, gen)
+        obs, _, mask = data.windows(idx, start)
+        batches.append((obs.to(device), mask.to(device)))
+    fisher = diagonal_fisher(student, batches, lambda o, m: student(o, mask=m), generator=gen)
+    student.train(was)
+    return fisher
+
+
+def _replay_report(replay: dict[int, ReplaySet], data: WindowData) -> dict:
+    """Replay budget actually stored: transitions per task and as a fraction of the task's data."""
+    per_task = {}
+    for t, r in sorted(replay.items()):
+        sl = data.task_slice(t)
+        n = sl.stop - sl.start
+        per_task[data.tasks[t]] = {"transitions": int(r.index.numel()), "fraction": r.index.numel() / n,
+                                   "segments": r.selected, "candidates": r.candidates}  # fmt: skip
+    total = sum(v["transitions"] for v in per_task.values())
+    return {"per_task": per_task, "stored_transitions": total}
