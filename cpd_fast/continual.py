@@ -486,7 +486,8 @@ def run_distill(cfg: DistillConfig, run_dir: str | os.PathLike) -> Any:
             collect_dataset(
                 teacher, task, root, episodes=cfg.episodes_per_task, num_envs=cfg.collect_envs,
                 noise_std=cfg.noise_std, backend=backends.get(task, "envpool"), seed=cfg.seed,
-                max_episode_steps=cfg.max_episode_steps, teacher_name=f"{source}:{path or task}", overwrite=True,
+                max_episode_steps=cfg.max_episode_steps, overwrite=True,
+                teacher_name=f"{source}:{path or task}",
             )  # fmt: skip
             progress.mark(f"data/{task}")
         if task not in teacher_success:

@@ -62,8 +62,9 @@ def _cli_distill(args: argparse.Namespace) -> int:
     try:
         tps = args.tasks_per_stage or (2 if args.tasks else 5)
         cfg = DistillConfig(
-            suite=args.suite, tasks=args.tasks, tasks_per_stage=tps, method=args.method, teachers=args.teachers,
-            fidelity=args.fidelity, seed=args.seed, device=args.device, budget=args.budget,
+            suite=args.suite, tasks=args.tasks, tasks_per_stage=tps, method=args.method,
+            teachers=args.teachers, fidelity=args.fidelity, seed=args.seed, device=args.device,
+            budget=args.budget,
             steps_per_stage=args.steps_per_stage, episodes_per_task=args.episodes, noise_std=args.noise_std,
             batch_size=args.batch_size, lr=args.lr, eval_goals=args.eval_goals, eval_envs=args.eval_envs,
             replay_fraction=args.replay_fraction, replay_selection=args.replay_selection,

@@ -169,7 +169,8 @@ def evaluate_official(
                 break
             if episode_info:
                 rows = np.asarray(active)
-                actions = _actions(lambda o: policy_fn(o, rows, slot_fresh[rows].copy()), slot_obs[rows])
+                fresh = slot_fresh[rows].copy()
+                actions = _actions(lambda o, r=rows, f=fresh: policy_fn(o, r, f), slot_obs[rows])
                 slot_fresh[rows] = False
             else:
                 actions = _actions(policy_fn, slot_obs[active])

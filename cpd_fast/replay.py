@@ -45,8 +45,8 @@ class ReplaySet:
     selected: int
 
     def to_dict(self) -> dict:
-        return {"index": self.index, "hist_start": self.hist_start,
-                "candidates": torch.tensor(self.candidates), "selected": torch.tensor(self.selected)}  # fmt: skip
+        sizes = {"candidates": torch.tensor(self.candidates), "selected": torch.tensor(self.selected)}
+        return {"index": self.index, "hist_start": self.hist_start, **sizes}
 
     @classmethod
     def from_dict(cls, d: dict) -> ReplaySet:
