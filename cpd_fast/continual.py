@@ -125,8 +125,8 @@ class DistillConfig:
     # EWC
     ewc_lambda: float = 100.0
     ewc_gamma: float = 0.9
-    fisher_batches: int = 20
-    fisher_batch_size: int = 64
+    fisher_batches: int = 200  # the sign-trick estimate's relative noise is ~sqrt(2 / fisher_batches)
+    fisher_batch_size: int = 8
     # evaluation
     eval_goals: int = 50
     eval_envs: int = 25
