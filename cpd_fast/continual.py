@@ -530,6 +530,7 @@ def run_distill(cfg: DistillConfig, run_dir: str | os.PathLike) -> Any:
     metrics_path = os.path.join(run_dir, "metrics.jsonl")
     global_step = 0
     seen: list[int] = []
+    routing: dict[int, dict[str, list[float]]] = {}
 
     def result(wall: float, complete: bool) -> RunResult:
         task_stage = [0 if joint else next(s for s, st in enumerate(run_stages) if t in st) for t in tasks]
@@ -537,7 +538,8 @@ def run_distill(cfg: DistillConfig, run_dir: str | os.PathLike) -> Any:
             suite=suite_name, method=cfg.method, seed=cfg.seed, tasks=tasks, task_stage=task_stage,
             success_matrix=R.tolist(), teacher_success=[teacher_success[t] for t in tasks], wall_time_s=wall,
             extra={"complete": complete, "config": cfg.to_dict(), "replay": _replay_report(replay, data),
-                   "num_experts": student.num_experts, "budget_steps_per_stage": cfg.stage_steps},
+                   "num_experts": student.num_experts, "budget_steps_per_stage": cfg.stage_steps,
+                   "routing": {str(k): v for k, v in routing.items()}},
         )  # fmt: skip
 
     for s, stage in enumerate(run_stages):
@@ -584,6 +586,7 @@ def run_distill(cfg: DistillConfig, run_dir: str | os.PathLike) -> Any:
             append_jsonl(metrics_path, {"step": global_step, "phase": name, "summary": summary})
             progress.mark(name)
         seen += new_ids
+        routing[s] = _routing(student, data, seen, cfg)
         # replay memory of the finished tasks
         replay_path = os.path.join(run_dir, "replay", f"stage{s}.pt")
         if cfg.selection is not None and not joint:
@@ -624,6 +627,29 @@ def run_distill(cfg: DistillConfig, run_dir: str | os.PathLike) -> Any:
     if writer is not None:
         writer.close()
     return result(prior_time + time.perf_counter() - t_start, True)
+
+
+@torch.no_grad()
+def _routing(
+    student: Student, data: WindowData, seen: list[int], cfg: DistillConfig
+) -> dict[str, list[float]]:
+    """Share of each task's routed (token, slot) rows per expert, on 256 of its windows (last position).
+
+    Shows whether experts born with a cold gate are ever used: with top-k routing a dormant expert gets
+    gradient only once its logit enters the top k.
+    """
+    was = student.training
+    student.eval()
+    out = {}
+    gen = torch.Generator().manual_seed(0)
+    for t in seen:
+        idx, start = TaskSampler({t: _full_pool(data, t)}).sample(256, gen)
+        obs, _, mask = data.windows(idx, start)
+        student(obs.to(cfg.device), mask=mask.to(cfg.device))
+        counts = student.moe.tokens_per_expert.float()
+        out[data.tasks[t]] = [round(float(c), 4) for c in counts / counts.sum()]
+    student.train(was)
+    return out
 
 
 def _full_pool(data: WindowData, t: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,0 +1,251 @@
+"""The continual-distillation protocol: phase masking, growth, an end-to-end tiny run, resume, errors."""
+
+import json
+import os
+import shutil
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+from cpd_fast import continual
+from cpd_fast.continual import (
+    DistillConfig,
+    TaskSampler,
+    WindowData,
+    configure_phase,
+    phases_of,
+    run_distill,
+    train_phase,
+)
+from cpd_fast.student import Student, StudentConfig
+
+TINY = dict(d_model=32, n_heads=2, n_layers=1, d_ff=64, expert_hidden=32, task_encoder_hidden=32,
+            task_embed_dim=16, history=4)  # fmt: skip
+TASKS = ["reach-v3", "drawer-close-v3", "button-press-topdown-v3", "window-open-v3"]  # 2 stages x 2
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny models on busy cores run much faster single-threaded
+    yield
+    torch.set_num_threads(n)
+
+
+def tiny_config(**kw) -> DistillConfig:
+    base = dict(
+        tasks=TASKS, tasks_per_stage=2, method="cpd", episodes_per_task=2, collect_envs=2,
+        max_episode_steps=100, steps_per_stage=40, batch_size=32, lr=3e-3, eval_goals=2, eval_envs=2,
+        eval_max_steps=100, fisher_batches=4, fisher_batch_size=8, progress=False, tensorboard=False,
+        student=StudentConfig(**TINY),
+    )  # fmt: skip
+    base.update(kw)
+    return DistillConfig(**base)
+
+
+def synthetic_data(n_tasks=2, episodes=3, T=30, seed=0) -> WindowData:
+    g = torch.Generator().manual_seed(seed)
+    M = n_tasks * episodes * T
+    raw = SimpleNamespace(
+        obs=torch.randn(M, 39, generator=g),
+        action_mean=torch.rand(M, 4, generator=g) * 2 - 1,
+        task_id=torch.arange(n_tasks).repeat_interleave(episodes * T),
+        step=torch.arange(T).repeat(n_tasks * episodes),
+        episode=torch.arange(n_tasks * episodes).repeat_interleave(T),
+        tasks=[f"t{i}" for i in range(n_tasks)],
+    )
+    return WindowData(raw, TINY["history"])
+
+
+def _pools(data, tasks):
+    return {t: continual._full_pool(data, t) for t in tasks}
+
+
+def _snapshot(module):
+    return {n: p.detach().clone() for n, p in module.named_parameters()}
+
+
+# ----------------------------------------------------------------------------- masking and growth
+
+
+def test_growth_one_expert_per_task_with_cold_gate():
+    s = Student(StudentConfig(**TINY), num_tasks=2)
+    assert s.num_experts == 2
+    for k in range(3):
+        new = s.add_task()
+        assert new == [2 + k] and s.num_experts == 3 + k and s.num_tasks == 3 + k
+        assert float(s.moe.gate.bias.detach()[new[0]]) == -5.0
+        assert float(s.moe.gate.weight.detach()[new[0]].abs().sum()) == 0.0
+    s2 = Student(tiny_config(gate_bias=-2.0).student, num_tasks=2)
+    new = s2.add_task()
+    assert float(s2.moe.gate.bias.detach()[new[0]]) == -2.0
+
+
+def test_phase_masking_is_bit_exact():
+    data = synthetic_data()
+    # gate bias 0: the new expert competes for the top-k slots at once, so it really receives gradient
+    # (with -5 and E=3, top-2 it is never routed in 5 steps: nothing would show that it is trainable)
+    cfg = tiny_config(steps_per_stage=20, gate_bias=0.0)
+    torch.manual_seed(0)
+    s = Student(cfg.student, num_tasks=1)
+    new = s.add_task()
+    old = [e for e in range(s.num_experts) if e not in new]
+    gen = torch.Generator().manual_seed(0)
+    sampler = TaskSampler(_pools(data, [0, 1]))
+
+    configure_phase(s, cfg, 1, "phase1", new)
+    before = _snapshot(s)
+    train_phase(s, data, sampler, 5, cfg, gen)
+    after = _snapshot(s)
+    prefixes = ("obs_proj", "pos_emb", "task_proj", "blocks", "moe_norm", "head")
+    shared = {n for n, _ in s.named_parameters() if n.startswith(prefixes)}
+    assert shared and all(torch.equal(before[n], after[n]) for n in shared)
+    for name in ("moe.w1", "moe.w2", "moe.b1", "moe.b2"):
+        assert torch.equal(before[name][old], after[name][old]), name
+        assert not torch.equal(before[name][new], after[name][new]), name
+    assert not torch.equal(before["moe.gate.weight"], after["moe.gate.weight"])
+    assert not torch.equal(before["task_encoder.step.0.weight"], after["task_encoder.step.0.weight"])
+
+    configure_phase(s, cfg, 1, "phase2", new)
+    before = _snapshot(s)
+    train_phase(s, data, sampler, 5, cfg, gen)
+    after = _snapshot(s)
+    assert all(torch.equal(before[n], after[n]) for n in shared)
+    assert torch.equal(before["moe.gate.weight"], after["moe.gate.weight"])
+    assert torch.equal(before["moe.gate.bias"], after["moe.gate.bias"])
+    assert not torch.equal(before["moe.w1"][old], after["moe.w1"][old])
+
+    # ablation: no shared freeze -> shared layers move in a later stage
+    configure_phase(s, tiny_config(freeze_shared=False), 1, "phase1", new)
+    before = _snapshot(s)
+    train_phase(s, data, sampler, 3, cfg, gen)
+    assert not torch.equal(before["blocks.0.qkv.weight"], s.blocks[0].qkv.weight)
+
+
+def test_phases_per_method():
+    assert [p for p, _ in phases_of(tiny_config(), 0)] == ["train"]
+    assert phases_of(tiny_config(), 1) == [("phase1", 20), ("phase2", 20)]
+    assert phases_of(tiny_config(phase2=False), 1) == [("train", 40)]
+    assert phases_of(tiny_config(method="finetune", budget=0.5), 1) == [("train", 20)]
+    assert phases_of(tiny_config(method="joint"), 0) == [("train", 80)]  # the sum over the 2 stages
+
+
+def test_windows_pad_at_history_start():
+    data = synthetic_data()
+    idx = torch.tensor([0, 2, 10])
+    obs, target, mask = data.windows(idx, data.ep_start[idx])
+    H = TINY["history"]
+    assert obs.shape == (3, H, 39) and target.shape == (3, H, 4)
+    assert mask[0].tolist() == [False] * (H - 1) + [True] and mask[2].all()
+    assert torch.equal(obs[1, 0], data.obs[0]) and torch.equal(obs[1, -1], data.obs[2])
+
+
+def test_config_errors():
+    with pytest.raises(ValueError, match="unknown method"):
+        tiny_config(method="packnet")
+    with pytest.raises(ValueError, match="budget"):
+        tiny_config(budget=0)
+    with pytest.raises(ValueError, match="unknown Meta-World"):
+        run_distill(tiny_config(tasks=["reach-v9", "push-v3"]), "/nonexistent/never")
+    with pytest.raises(FileNotFoundError, match=r"teachers\.json"):
+        continual._teacher_specs(tiny_config(teachers="/nonexistent/dir"), TASKS)
+
+
+# ----------------------------------------------------------------------------- end to end
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    torch.set_num_threads(1)
+    run_dir = tmp_path_factory.mktemp("distill") / "cpd"
+    cfg = tiny_config()
+    result = run_distill(cfg, run_dir)
+    return cfg, run_dir, result
+
+
+def test_tiny_run_end_to_end(tiny_run, tmp_path):
+    from cpd_fast.data import collect_dataset, load_teacher_data
+    from cpd_fast.metrics import RunResult
+    from cpd_fast.report import write_report
+    from cpd_fast.teachers.scripted import ScriptedExpert
+
+    cfg, run_dir, _ = tiny_run
+    on_disk = RunResult.load(run_dir)
+    assert on_disk.extra["complete"] and on_disk.tasks == TASKS and on_disk.task_stage == [0, 0, 1, 1]
+    R = np.array(on_disk.R)
+    assert R.shape == (2, 4) and np.isnan(R[0, 2:]).all() and not np.isnan(R[1]).any()
+    assert on_disk.extra["num_experts"] == 4  # one expert per task
+    replay = on_disk.extra["replay"]["per_task"]
+    assert all(v["fraction"] <= cfg.replay_fraction for v in replay.values())
+    assert set(json.load(open(run_dir / "progress.json"))["done"]) >= {"stage1/phase2", "stage1/eval"}
+    with open(run_dir / "config.json") as f:
+        assert DistillConfig.from_dict(json.load(f)).method == "cpd"
+    written = write_report([run_dir], tmp_path / "report")
+    assert (tmp_path / "report" / "results.md").is_file() and len(written) >= 4
+
+    # the trained student imitates the teacher on held-out episodes far better than an untrained one
+    collect_dataset(ScriptedExpert("reach-v3"), "reach-v3", tmp_path / "ho", episodes=1, num_envs=1,
+                    seed=123, max_episode_steps=100)  # fmt: skip
+    held = WindowData(load_teacher_data(["reach-v3"], tmp_path / "ho"), TINY["history"])
+    idx = torch.arange(len(held.obs))
+    obs, target, mask = held.windows(idx, held.ep_start[idx])
+    state = torch.load(run_dir / "checkpoints" / "stage1-phase2.pt", weights_only=True)["student"]
+    trained = Student.from_state_dict(state).eval()
+    torch.manual_seed(0)
+    untrained = Student(cfg.student, num_tasks=2).eval()
+    with torch.no_grad():
+        mse = [
+            float(((m(obs, mask=mask) - target[:, -1].clamp(-1, 1)) ** 2).mean())
+            for m in (trained, untrained)
+        ]
+    assert mse[0] < 0.5 * mse[1], mse
+
+
+def test_resume_after_kill_reproduces_the_run(tiny_run, tmp_path, monkeypatch):
+    cfg, run_dir, result = tiny_run
+    killed = tmp_path / "killed"
+    real = continual._mark_done
+    calls = []
+
+    def dies_at_stage1_phase1(progress, name):
+        if name == "stage1/phase1":  # outputs written, completion not recorded: a kill mid-phase
+            raise KeyboardInterrupt
+        calls.append(name)
+        real(progress, name)
+
+    monkeypatch.setattr(continual, "_mark_done", dies_at_stage1_phase1)
+    with pytest.raises(KeyboardInterrupt):
+        run_distill(cfg, killed)
+    monkeypatch.setattr(continual, "_mark_done", real)
+    assert "stage0/eval" in calls
+    resumed = run_distill(cfg, killed)
+    assert resumed.success_matrix == result.success_matrix or np.array_equal(
+        np.array(resumed.success_matrix), np.array(result.success_matrix), equal_nan=True
+    )
+    a = torch.load(run_dir / "checkpoints" / "stage1-phase2.pt", weights_only=True)["student"]
+    b = torch.load(killed / "checkpoints" / "stage1-phase2.pt", weights_only=True)["student"]
+    assert all(torch.equal(a[k], b[k]) for k in a if isinstance(a[k], torch.Tensor))
+    # a re-run of a finished run does nothing new
+    before = os.path.getmtime(killed / "checkpoints" / "stage1-phase2.pt")
+    run_distill(cfg, killed)
+    assert os.path.getmtime(killed / "checkpoints" / "stage1-phase2.pt") == before
+    with pytest.raises(ValueError, match="different config"):
+        run_distill(tiny_config(lr=1e-2), killed)
+
+
+@pytest.mark.parametrize("method", ["online-ewc", "joint", "replay"])
+def test_baselines_run(tiny_run, tmp_path, method):
+    _, run_dir, _ = tiny_run
+    out = tmp_path / method
+    # reuse the collected teacher data (same config fields) so the test only pays for training
+    shutil.copytree(run_dir / "datasets", out / "datasets")
+    with open(out / "progress.json", "w") as f:
+        json.dump({"done": [f"data/{t}" for t in TASKS]}, f)
+    shutil.copy(run_dir / "teacher_success.json", out / "teacher_success.json")
+    r = run_distill(tiny_config(method=method, steps_per_stage=10, eval_goals=1), out)
+    R = np.array(r.R)
+    assert R.shape == ((1, 4) if method == "joint" else (2, 4))
+    assert r.extra["num_experts"] == 4  # fixed capacity: one expert per task of the whole suite
+    assert (r.extra["replay"]["stored_transitions"] > 0) == (method == "replay")
