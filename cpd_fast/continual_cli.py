@@ -50,7 +50,7 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--gate-bias", type=float, default=d.gate_bias, help="gate bias of new experts")
     p.add_argument("--ewc-lambda", type=float, default=d.ewc_lambda)
     p.add_argument("--ewc-gamma", type=float, default=d.ewc_gamma, help="online-EWC decay")
-    p.add_argument("--threads", type=int, default=None, help="torch threads (1 is fastest on a busy CPU)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads (default 1: fastest on a busy CPU)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--out", required=True, metavar="RUN_DIR")
     p.set_defaults(func=_cli_distill)
