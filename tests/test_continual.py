@@ -249,3 +249,22 @@ def test_baselines_run(tiny_run, tmp_path, method):
     assert R.shape == ((1, 4) if method == "joint" else (2, 4))
     assert r.extra["num_experts"] == 4  # fixed capacity: one expert per task of the whole suite
     assert (r.extra["replay"]["stored_transitions"] > 0) == (method == "replay")
+
+
+def test_cli_errors_are_one_line(tmp_path, capsys):
+    import argparse
+
+    from cpd_fast.continual_cli import add_cli
+
+    parser = argparse.ArgumentParser(prog="cpd")
+    add_cli(parser.add_subparsers())
+    cases = [
+        (["--budget", "0"], "budget"),
+        (["--tasks", "reach-v9", "push-v3"], "unknown Meta-World"),
+        (["--teachers", str(tmp_path / "none")], "teachers.json"),
+    ]
+    for extra, msg in cases:
+        args = parser.parse_args(["distill", "--out", str(tmp_path / "run"), *extra])
+        assert args.func(args) == 2
+        out = capsys.readouterr().out.strip()
+        assert out.startswith("cpd distill:") and msg in out and "\n" not in out
