@@ -28,12 +28,14 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=0)
     demo.set_defaults(func=_dpp_demo)
 
+    from cpd_fast.continual_cli import add_cli as add_distill_cli
     from cpd_fast.fidelity import add_cli as add_envs_cli
     from cpd_fast.report import add_cli as add_report_cli
     from cpd_fast.teachers.cli import add_cli as add_teachers_cli
 
     add_envs_cli(sub)  # cpd envs check
     add_teachers_cli(sub)  # cpd teachers train|collect|eval
+    add_distill_cli(sub)  # cpd distill
     add_report_cli(sub)  # cpd report RUN_DIR...
     return parser
 
