@@ -118,6 +118,9 @@ class DistillConfig:
     freeze_shared: bool = True
     phase2: bool = True
     gate_bias: float = -5.0
+    # Phase 1 routes every token to the newborn experts too (MoELayer.always_route), so they and
+    # their gate logits learn although a −5 bias keeps them out of every top-k.
+    route_new_experts: bool = True
     replay_selection: str | None = None  # None: the method's own (cpd/static-moe dpp, replay uniform)
     # replay
     replay_fraction: float = 0.1
@@ -270,6 +273,7 @@ def configure_phase(
     ``new_experts``: the experts added for this stage's tasks (cpd only).
     """
     moe = student.moe
+    moe.always_route([])
     student.unfreeze_shared()
     student.unfreeze_head()
     student.unfreeze_task_encoder()
@@ -287,6 +291,8 @@ def configure_phase(
             old = [e for e in range(moe.num_experts) if e not in set(new_experts)]
             if old:
                 moe.freeze_experts(old)
+            if cfg.route_new_experts and new_experts:
+                moe.always_route(new_experts)
 
 
 def train_phase(
@@ -574,6 +580,7 @@ def run_distill(cfg: DistillConfig, run_dir: str | os.PathLike) -> Any:
                         writer.add_scalar(f"loss/{k}", v, _base + it)
 
             summary = train_phase(student, data, TaskSampler(pools), steps, cfg, gen, penalty, log, desc=name)
+            student.moe.always_route([])  # a training aid only: evaluation and routing stats use top-k
             global_step += steps
             if penalty is not None and phase == phases_of(cfg, s)[-1][0]:
                 fgen = torch.Generator().manual_seed(_phase_seed(cfg.seed, s, "fisher"))

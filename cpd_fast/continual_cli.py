@@ -48,6 +48,10 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--no-phase2", action="store_true", help="ablation: skip Phase 2 (all steps in Phase 1)")
     p.add_argument("--gate-bias", type=float, default=d.gate_bias, help="gate bias of new experts")
+    p.add_argument(
+        "--no-route-new-experts", action="store_true",
+        help="ablation: Phase 1 routes by top-k only (newborn experts may never be routed)",
+    )  # fmt: skip
     p.add_argument("--ewc-lambda", type=float, default=d.ewc_lambda)
     p.add_argument("--ewc-gamma", type=float, default=d.ewc_gamma, help="online-EWC decay")
     p.add_argument("--threads", type=int, default=1, help="torch threads (default 1: fastest on a busy CPU)")
@@ -69,6 +73,7 @@ def _cli_distill(args: argparse.Namespace) -> int:
             batch_size=args.batch_size, lr=args.lr, eval_goals=args.eval_goals, eval_envs=args.eval_envs,
             replay_fraction=args.replay_fraction, replay_selection=args.replay_selection,
             freeze_shared=not args.no_freeze_shared, phase2=not args.no_phase2, gate_bias=args.gate_bias,
+            route_new_experts=not args.no_route_new_experts,
             ewc_lambda=args.ewc_lambda, ewc_gamma=args.ewc_gamma, threads=args.threads,
             progress=not args.no_progress,
         )  # fmt: skip

@@ -47,14 +47,24 @@ class Routing(NamedTuple):
     offs: torch.Tensor  # [E+1] int32 segment offsets into `order`
 
 
-def route(logits: torch.Tensor, k: int, normalize_topk: bool = False) -> Routing:
+def route(
+    logits: torch.Tensor, k: int, normalize_topk: bool = False, always: torch.Tensor | None = None
+) -> Routing:
     """Top-k routing with expert-sorted order and offsets, entirely on device (no host sync).
 
     logits: ``[N, E]``. The sort is stable, so rows of one expert stay in token order.
+    always: optional ``[F]`` int64 expert ids routed for every token in addition to the top-k of the
+    other experts (rows ``[N, k + F]``), each weighted by its own gate probability.
     """
     E = logits.shape[1]
     probs = torch.softmax(logits.float(), dim=-1)
-    topk_p, topk_e = torch.topk(probs, k, dim=-1)
+    if always is None or always.numel() == 0:
+        topk_p, topk_e = torch.topk(probs, k, dim=-1)
+    else:
+        others = probs.index_fill(1, always, -1.0)  # the top-k is chosen among the other experts
+        topk_e = torch.topk(others, k, dim=-1).indices
+        topk_e = torch.cat([topk_e, always.expand(probs.shape[0], -1)], dim=1)
+        topk_p = probs.gather(1, topk_e)
     if normalize_topk:
         topk_p = topk_p / topk_p.sum(-1, keepdim=True)
     flat_e = topk_e.reshape(-1)
@@ -257,6 +267,7 @@ class MoELayer(nn.Module):
             "tokens_per_expert", torch.zeros(num_experts, dtype=torch.int64, device=device), False
         )
         self.aux_loss: torch.Tensor | None = None
+        self._always: torch.Tensor | None = None  # experts routed for every token (always_route)
         self._frozen_idx: torch.Tensor | None = None
         self._replaced: list[tuple[weakref.ref, weakref.ref]] = []
 
@@ -306,10 +317,13 @@ class MoELayer(nn.Module):
             _check_finite("x", x)
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.d_model)
-        r = route(self.gate(x2), self.top_k, self.normalize_topk)
+        r = route(self.gate(x2), self.top_k, self.normalize_topk, self._always)
         E = self.num_experts
         if x2.shape[0] > 0:
-            frac = r.counts.to(r.probs.dtype) / (x2.shape[0] * self.top_k)
+            counts = r.counts
+            if self._always is not None:  # balance the free top-k choice only
+                counts = counts.index_fill(0, self._always, 0)
+            frac = counts.to(r.probs.dtype) / (x2.shape[0] * self.top_k)
             self.aux_loss = self.aux_loss_weight * E * (frac * r.probs.mean(0)).sum()
         else:
             self.aux_loss = r.probs.sum() * 0.0
@@ -387,6 +401,26 @@ class MoELayer(nn.Module):
         self.tokens_per_expert = self.tokens_per_expert.new_zeros(E + n)
         self._refresh_frozen()
         return list(range(E, E + n))
+
+    def always_route(self, indices) -> None:
+        """Route every token to experts ``indices`` in addition to its top-k among the others.
+
+        Each such expert contributes ``probs[e] · expert_e(x)`` for every token. For a newborn
+        expert (gate bias −5, probability ≈ e^-5 of the others') that moves the output by about 1%,
+        yet its weights and its gate logit get gradient from the first step — a dormant expert
+        that never enters anyone's top-k would otherwise never learn (the load-balancing loss has
+        no pull on an expert with no routed rows). Use it while new experts train, then
+        ``always_route([])``. The aux loss balances the free top-k choice only. Not saved in the
+        state_dict.
+        """
+        idx = sorted({int(i) for i in indices})
+        if any(not 0 <= i < self.num_experts for i in idx):
+            raise ValueError(f"expert indices must be in [0, {self.num_experts}), got {idx}")
+        if idx and self.num_experts - len(idx) < self.top_k:
+            raise ValueError(
+                f"always-routed experts leave {self.num_experts - len(idx)} experts for top_k={self.top_k}"
+            )
+        self._always = torch.tensor(idx, dtype=torch.int64, device=self.w1.device) if idx else None
 
     @torch.no_grad()
     def update_optimizer(self, optimizer: torch.optim.Optimizer) -> None:

@@ -268,3 +268,21 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
         assert args.func(args) == 2
         out = capsys.readouterr().out.strip()
         assert out.startswith("cpd distill:") and msg in out and "\n" not in out
+
+
+def test_phase1_trains_newborn_experts_at_gate_bias_minus_5():
+    data = synthetic_data()
+    sampler = TaskSampler(_pools(data, [0, 1]))
+    for route_new, should_train in ((True, True), (False, False)):
+        cfg = tiny_config(steps_per_stage=20, route_new_experts=route_new)
+        torch.manual_seed(0)
+        s = Student(cfg.student, num_tasks=1)
+        new = s.add_task()
+        configure_phase(s, cfg, 1, "phase1", new)
+        before = _snapshot(s)
+        train_phase(s, data, sampler, 5, cfg, torch.Generator().manual_seed(0))
+        s.moe.always_route([])  # what run_distill does after a phase
+        after = _snapshot(s)
+        # a -5 expert outside every top-k gets no gradient unless it is routed for every token
+        assert torch.equal(before["moe.w1"][new], after["moe.w1"][new]) is not should_train
+        assert s.moe._always is None

@@ -293,3 +293,30 @@ def test_torch_compile_with_torch_backend():
     torch.testing.assert_close(out, eager, rtol=1e-4, atol=1e-5)
     out.sum().backward()
     assert block.ffn.w1.grad is not None and block.ffn.gate.weight.grad is not None
+
+
+def test_always_route_trains_a_dormant_expert_and_matches_the_loop():
+    torch.manual_seed(7)
+    layer = MoELayer(16, 32, 3, top_k=2, backend="torch")
+    x = torch.randn(200, 16)
+    before = layer(x).detach()
+    (e,) = layer.add_experts(1)  # gate bias -5: outside every top-2
+    layer(x)
+    assert int(layer.tokens_per_expert[e]) == 0
+    layer.always_route([e])
+    y = layer(x)
+    assert int(layer.tokens_per_expert[e]) == x.shape[0]
+    assert float(((y - before).norm(dim=-1) / before.norm(dim=-1)).mean()) < 0.01
+    r = route(layer.gate(x), 2, False, layer._always)
+    assert bool((r.topk_e[:, :2] != e).all())  # the top-2 is chosen among the others
+    ref = experts_loop_reference(x, layer.w1, layer.b1, layer.w2, layer.b2, r.topk_p, r.topk_e, "gelu")
+    torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-6)
+    y.pow(2).mean().backward()
+    assert float(layer.w1.grad[e].abs().sum()) > 0 and float(layer.gate.bias.grad[e].abs()) > 0
+    layer.always_route([])
+    layer(x)
+    assert int(layer.tokens_per_expert[e]) == 0
+    with pytest.raises(ValueError, match="expert indices"):
+        layer.always_route([9])
+    with pytest.raises(ValueError, match="top_k"):
+        layer.always_route([0, 1, 2])
