@@ -351,6 +351,20 @@ void lazy_greedy(const Rows& rows, int64_t n, int64_t k, T eps, int64_t* idx, T*
   }
 }
 
+// Lazy greedy reads kernel entries through `rows`; plain greedy streams through `p`.
+template <typename T, typename Rows>
+void run(const Rows& rows, const Streams<T>& p, int64_t k, double eps, bool lazy, at::Tensor& idx,
+         at::Tensor& gain) {
+  const T e = static_cast<T>(eps);
+  if (lazy) {
+    lazy_greedy<T>(rows, p.n, k, e, idx.data_ptr<int64_t>(), gain.data_ptr<T>());
+    return;
+  }
+  std::vector<T> diag(p.n);
+  for (int64_t i = 0; i < p.n; ++i) diag[i] = rows.diag(i);
+  greedy<T>(p, diag, k, e, idx.data_ptr<int64_t>(), gain.data_ptr<T>());
+}
+
 std::tuple<at::Tensor, at::Tensor> dpp_greedy_cpu(const at::Tensor& features, const std::optional<at::Tensor>& quality,
                                                   int64_t k, int64_t kind, double gamma, double eps, bool lazy) {
   check_features(features, quality, k, kind, gamma, eps);
@@ -363,15 +377,10 @@ std::tuple<at::Tensor, at::Tensor> dpp_greedy_cpu(const at::Tensor& features, co
     const T* qp = q.defined() ? q.data_ptr<T>() : nullptr;
     FeatureRows<T> rows{x.data_ptr<T>(), qp, x.size(1), kind, static_cast<T>(gamma)};
     const int64_t n = x.size(0);
-    if (lazy) {
-      lazy_greedy<T>(rows, n, k, static_cast<T>(eps), idx.data_ptr<int64_t>(), gain.data_ptr<T>());
-      return;
-    }
-    const at::Tensor xt = x.t().contiguous();
-    std::vector<T> diag(n);
-    for (int64_t i = 0; i < n; ++i) diag[i] = rows.diag(i);
-    Streams<T> p{xt.data_ptr<T>(), nullptr, qp, n, x.size(1), kind, static_cast<T>(gamma), nullptr};
-    greedy<T>(p, diag, k, static_cast<T>(eps), idx.data_ptr<int64_t>(), gain.data_ptr<T>());
+    const at::Tensor xt = lazy ? at::Tensor() : x.t().contiguous();  // only the streaming greedy reads it
+    const T* xtp = lazy ? nullptr : xt.data_ptr<T>();
+    Streams<T> p{xtp, nullptr, qp, n, x.size(1), kind, static_cast<T>(gamma), nullptr};
+    run<T>(rows, p, k, eps, lazy, idx, gain);
   });
   return {idx, gain};
 }
@@ -386,14 +395,8 @@ std::tuple<at::Tensor, at::Tensor> dpp_greedy_from_kernel_cpu(const at::Tensor& 
     using T = scalar_t;
     const int64_t n = m.size(0);
     MatrixRows<T> rows{m.data_ptr<T>(), n};
-    if (lazy) {
-      lazy_greedy<T>(rows, n, k, static_cast<T>(eps), idx.data_ptr<int64_t>(), gain.data_ptr<T>());
-      return;
-    }
-    std::vector<T> diag(n);
-    for (int64_t i = 0; i < n; ++i) diag[i] = rows.diag(i);
     Streams<T> p{nullptr, m.data_ptr<T>(), nullptr, n, 0, kLinear, T(0), nullptr};
-    greedy<T>(p, diag, k, static_cast<T>(eps), idx.data_ptr<int64_t>(), gain.data_ptr<T>());
+    run<T>(rows, p, k, eps, lazy, idx, gain);
   });
   return {idx, gain};
 }
