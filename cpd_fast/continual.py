@@ -72,6 +72,7 @@ __all__ = [
     "train_phase",
 ]
 
+EVAL_MODES = ("inferred", "prototype")
 METHODS = ("cpd", "finetune", "ewc", "online-ewc", "replay", "static-moe", "joint")
 GROWING = ("cpd",)
 FREEZING = ("cpd", "static-moe")  # freeze the shared layers (and head) after stage 0
@@ -103,6 +104,9 @@ class DistillConfig:
     device: str = "cpu"
     budget: float = 1.0
     # data
+    # teacher datasets directory (default RUN_DIR/datasets); runs that share one reuse each task's data
+    # when its collection settings match (RUN/datasets/<task>.collected.json)
+    data_dir: str | None = None
     episodes_per_task: int = 20
     noise_std: float = 0.1
     collect_envs: int = 10
@@ -111,6 +115,10 @@ class DistillConfig:
     steps_per_stage: int = 4000
     batch_size: int = 256
     lr: float = 5e-4
+    # per phase: linear warm-up, then cosine decay to lr_min_ratio · lr; or "constant"
+    lr_schedule: str = "cosine"
+    warmup_steps: int = 100
+    lr_min_ratio: float = 0.1
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     phase1_fraction: float = 0.5  # cpd: share of a stage's steps in Phase 1
@@ -134,6 +142,9 @@ class DistillConfig:
     eval_goals: int = 50
     eval_envs: int = 25
     eval_max_steps: int = 500
+    # "inferred": no task id, the embedding comes from the history (the main number); "prototype": the
+    # task id selects its prototype embedding (extra["success_matrix_modes"], its own report row)
+    eval_modes: tuple[str, ...] = ("inferred", "prototype")
     # logging
     progress: bool = True
     tensorboard: bool = True
@@ -151,6 +162,10 @@ class DistillConfig:
             raise ValueError(f"replay selection must be one of {', '.join(REPLAY_SELECTIONS)}")
         if not 0.0 < self.replay_fraction <= 1.0:
             raise ValueError(f"replay fraction must be in (0, 1], got {self.replay_fraction}")
+        if self.lr_schedule not in ("cosine", "constant"):
+            raise ValueError(f"lr_schedule must be 'cosine' or 'constant', got {self.lr_schedule!r}")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise ValueError(f"lr must be a positive number, got {self.lr!r}")
         if not 0.0 < self.phase1_fraction < 1.0:
             raise ValueError(f"phase1_fraction must be in (0, 1), got {self.phase1_fraction}")
         for name in ("episodes_per_task", "steps_per_stage", "batch_size", "eval_goals", "eval_envs",
@@ -158,6 +173,9 @@ class DistillConfig:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name} must be a positive int, got {v!r}")
+        self.eval_modes = tuple(self.eval_modes)
+        if not self.eval_modes or any(m not in EVAL_MODES for m in self.eval_modes):
+            raise ValueError(f"eval_modes must be a non-empty subset of {EVAL_MODES}, got {self.eval_modes}")
         self.student.new_expert_gate_bias = float(self.gate_bias)
 
     @property
@@ -312,6 +330,8 @@ def train_phase(
     device = torch.device(cfg.device)
     params = [p for p in student.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda it: lr_factor(cfg, it, steps))
+    p_proto = student.config.prototype_conditioning
     student.train()
     tail: list[dict[str, float]] = []
     bar = tqdm(range(steps), desc=desc, disable=not cfg.progress, leave=False, mininterval=2.0)
@@ -319,8 +339,9 @@ def train_phase(
         idx, start = sampler.sample(cfg.batch_size, gen)
         obs, target, mask = data.windows(idx, start)
         tid = data.task[idx]
-        obs, target, mask, tid = (x.to(device) for x in (obs, target, mask, tid))
-        out = student.losses(obs, target, tid, mask)
+        use_proto = torch.rand(len(idx), generator=gen) < p_proto
+        obs, target, mask, tid, use_proto = (x.to(device) for x in (obs, target, mask, tid, use_proto))
+        out = student.losses(obs, target, tid, mask, use_prototype=use_proto if p_proto > 0 else None)
         loss = out["total"]
         if penalty is not None and penalty.terms:
             out["ewc"] = penalty.penalty(student)
@@ -330,6 +351,7 @@ def train_phase(
         if cfg.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
         opt.step()
+        sched.step()
         rec = {k: float(v.detach()) for k, v in out.items()}
         if it >= steps - max(1, steps // 10):
             tail.append(rec)
@@ -340,33 +362,49 @@ def train_phase(
     return {k: float(np.mean([r[k] for r in tail])) for k in tail[0]}
 
 
+def lr_factor(cfg: DistillConfig, it: int, steps: int) -> float:
+    """Learning-rate multiplier at step ``it`` of a ``steps``-step phase (the schedule restarts per phase:
+    each phase trains a different parameter set, from a fresh optimizer)."""
+    if cfg.lr_schedule == "constant":
+        return 1.0
+    warm = min(cfg.warmup_steps, max(1, steps // 10))
+    if it < warm:
+        return (it + 1) / warm
+    t = (it - warm) / max(1, steps - warm)
+    return cfg.lr_min_ratio + (1.0 - cfg.lr_min_ratio) * 0.5 * (1.0 + math.cos(math.pi * min(1.0, t)))
+
+
 # ----------------------------------------------------------------------------- evaluation
 
 
 class _HistoryPolicy:
     """Adapts the student to ``evaluate_official(..., episode_info=True)``: one history per env slot."""
 
-    def __init__(self, student: Student, num_envs: int) -> None:
+    def __init__(self, student: Student, num_envs: int, task_id: int | None = None) -> None:
         self.student = student
         self.history = HistoryBuffer.for_student(student, num_envs)
         self.last = np.zeros((num_envs, student.config.obs_dim), np.float32)
+        device = next(student.parameters()).device
+        self.task_ids = None if task_id is None else torch.full((num_envs,), task_id, device=device)
 
     def __call__(self, obs: np.ndarray, slots: np.ndarray, fresh: np.ndarray) -> np.ndarray:
         self.last[slots] = obs
         reset = np.zeros(len(self.last), bool)
         reset[slots] = fresh
         # idle slots push their stale observation: harmless, their output is dropped
-        act = self.student.act(torch.from_numpy(self.last), self.history, torch.from_numpy(reset))
+        obs_t, reset_t = torch.from_numpy(self.last), torch.from_numpy(reset)
+        act = self.student.act(obs_t, self.history, reset_t, self.task_ids)
         return act[torch.from_numpy(slots)].cpu().numpy()
 
 
-def evaluate_student(student: Student, task: str, cfg: DistillConfig) -> float:
-    """Official-protocol success of the student on ``task`` (task inferred from the history, no id)."""
+def evaluate_student(student: Student, task: str, cfg: DistillConfig, task_id: int | None = None) -> float:
+    """Official-protocol success of the student on ``task``: with ``task_id=None`` the task embedding is
+    inferred from the history (no task id); otherwise the task's prototype conditions the policy."""
     from cpd_fast.evaluation import evaluate_official
 
     n_envs = min(cfg.eval_envs, cfg.eval_goals)
     result = evaluate_official(
-        _HistoryPolicy(student, n_envs), task, num_envs=n_envs, num_goals=cfg.eval_goals,
+        _HistoryPolicy(student, n_envs, task_id), task, num_envs=n_envs, num_goals=cfg.eval_goals,
         max_episode_steps=cfg.eval_max_steps, episode_info=True,
     )  # fmt: skip
     return result.success_rate
@@ -466,10 +504,13 @@ def run_distill(cfg: DistillConfig, run_dir: str | os.PathLike) -> Any:
         write_json_atomic(cfg_path, cfg.to_dict())
     progress = _Progress(run_dir)
     prior_time = 0.0
+    clock = {"data": 0.0, "train": 0.0, "replay": 0.0, "eval": 0.0}  # seconds per activity
     timing_path = os.path.join(run_dir, "timing.json")
     if os.path.isfile(timing_path):
         with open(timing_path) as f:
-            prior_time = float(json.load(f)["wall_time_s"])
+            timing = json.load(f)
+        prior_time = float(timing["wall_time_s"])
+        clock.update(timing.get("clock", {}))
 
     # 2. teachers and data
     specs = _teacher_specs(cfg, tasks)
@@ -478,7 +519,7 @@ def run_distill(cfg: DistillConfig, run_dir: str | os.PathLike) -> Any:
         from cpd_fast.fidelity import load_backend_choices
 
         backends = load_backend_choices(cfg.fidelity)
-    root = os.path.join(run_dir, "datasets")
+    root = cfg.data_dir or os.path.join(run_dir, "datasets")
     ts_path = os.path.join(run_dir, "teacher_success.json")
     teacher_success: dict[str, float] = {}
     if os.path.isfile(ts_path):
@@ -487,26 +528,40 @@ def run_distill(cfg: DistillConfig, run_dir: str | os.PathLike) -> Any:
     for task in tasks:
         source, path, official = specs[task]
         teacher = None
-        if f"data/{task}" not in progress:
+        t0 = time.perf_counter()
+        # what makes the task's data: a dataset collected with the same settings is reused
+        spec = {"teacher": f"{source}:{path or task}", "episodes": cfg.episodes_per_task,
+                "noise_std": cfg.noise_std, "seed": cfg.seed, "max_episode_steps": cfg.max_episode_steps,
+                "backend": backends.get(task, "envpool"), "eval_goals": cfg.eval_goals}  # fmt: skip
+        manifest_path = os.path.join(root, f"{task}.collected.json")
+        manifest = {}
+        if os.path.isfile(manifest_path):
+            with open(manifest_path) as f:
+                manifest = json.load(f)
+        if manifest.get("spec") != spec:
             teacher = make_teacher(source, task, path, device="cpu")
             collect_dataset(
                 teacher, task, root, episodes=cfg.episodes_per_task, num_envs=cfg.collect_envs,
-                noise_std=cfg.noise_std, backend=backends.get(task, "envpool"), seed=cfg.seed,
-                max_episode_steps=cfg.max_episode_steps, overwrite=True,
-                teacher_name=f"{source}:{path or task}",
+                noise_std=cfg.noise_std, backend=spec["backend"], seed=cfg.seed,
+                max_episode_steps=cfg.max_episode_steps, overwrite=True, teacher_name=spec["teacher"],
             )  # fmt: skip
-            progress.mark(f"data/{task}")
+            manifest = {"spec": spec}
+            write_json_atomic(manifest_path, manifest)
         if task not in teacher_success:
-            if official is not None and cfg.eval_goals == 50:
-                teacher_success[task] = float(official)
-            else:
-                teacher = teacher or make_teacher(source, task, path, device="cpu")
-                teacher_success[task] = float(
-                    evaluate_teacher(teacher, task, num_goals=cfg.eval_goals, num_envs=cfg.eval_envs)[
-                        "success_rate"
-                    ]
-                )
+            if "teacher_success" not in manifest:
+                if official is not None and cfg.eval_goals == 50:
+                    manifest["teacher_success"] = float(official)
+                else:
+                    teacher = teacher or make_teacher(source, task, path, device="cpu")
+                    manifest["teacher_success"] = float(
+                        evaluate_teacher(teacher, task, num_goals=cfg.eval_goals, num_envs=cfg.eval_envs)[
+                            "success_rate"
+                        ]
+                    )
+                write_json_atomic(manifest_path, manifest)
+            teacher_success[task] = manifest["teacher_success"]
             write_json_atomic(ts_path, teacher_success)
+        clock["data"] += time.perf_counter() - t0
     raw = load_teacher_data(tasks, root)
     if raw.obs.shape[1] != cfg.student.obs_dim:
         raise ValueError(
@@ -532,6 +587,8 @@ def run_distill(cfg: DistillConfig, run_dir: str | os.PathLike) -> Any:
         penalty = EWCPenalty(cfg.ewc_lambda, online=cfg.method == "online-ewc", gamma=cfg.ewc_gamma)
     replay: dict[int, ReplaySet] = {}
     R = np.full((len(run_stages), len(tasks)), np.nan)
+    R_modes = {m: np.full_like(R, np.nan) for m in cfg.eval_modes}
+    main_mode = cfg.eval_modes[0]
     writer = _log_writer(run_dir, cfg)
     metrics_path = os.path.join(run_dir, "metrics.jsonl")
     global_step = 0
@@ -543,7 +600,10 @@ def run_distill(cfg: DistillConfig, run_dir: str | os.PathLike) -> Any:
         return RunResult(
             suite=suite_name, method=cfg.method, seed=cfg.seed, tasks=tasks, task_stage=task_stage,
             success_matrix=R.tolist(), teacher_success=[teacher_success[t] for t in tasks], wall_time_s=wall,
-            extra={"complete": complete, "config": cfg.to_dict(), "replay": _replay_report(replay, data),
+            extra={"complete": complete, "eval_mode": main_mode,
+                   "success_matrix_modes": {m: _nan_to_none(v) for m, v in R_modes.items() if m != main_mode},
+                   "time_s": {k: round(v, 1) for k, v in clock.items()},
+                   "config": cfg.to_dict(), "replay": _replay_report(replay, data),
                    "num_experts": student.num_experts, "budget_steps_per_stage": cfg.stage_steps,
                    "routing": {str(k): v for k, v in routing.items()}},
         )  # fmt: skip
@@ -579,6 +639,7 @@ def run_distill(cfg: DistillConfig, run_dir: str | os.PathLike) -> Any:
                     for k, v in rec.items():
                         writer.add_scalar(f"loss/{k}", v, _base + it)
 
+            t0 = time.perf_counter()
             summary = train_phase(student, data, TaskSampler(pools), steps, cfg, gen, penalty, log, desc=name)
             student.moe.always_route([])  # a training aid only: evaluation and routing stats use top-k
             global_step += steps
@@ -592,12 +653,14 @@ def run_distill(cfg: DistillConfig, run_dir: str | os.PathLike) -> Any:
             save_torch_atomic(payload, ckpt)
             append_jsonl(metrics_path, {"step": global_step, "phase": name, "summary": summary})
             progress.mark(name)
+            clock["train"] += time.perf_counter() - t0
         seen += new_ids
         routing[s] = _routing(student, data, seen, cfg)
         # replay memory of the finished tasks
         replay_path = os.path.join(run_dir, "replay", f"stage{s}.pt")
         if cfg.selection is not None and not joint:
             if f"stage{s}/replay" not in progress:
+                t0 = time.perf_counter()
                 sets = {}
                 for t in new_ids:
                     sl = data.task_slice(t)
@@ -608,29 +671,35 @@ def run_distill(cfg: DistillConfig, run_dir: str | os.PathLike) -> Any:
                     )  # fmt: skip
                 save_torch_atomic({str(t): r.to_dict() for t, r in sets.items()}, replay_path)
                 progress.mark(f"stage{s}/replay")
+                clock["replay"] += time.perf_counter() - t0
             loaded = torch.load(replay_path, weights_only=True)
             replay.update({int(t): ReplaySet.from_dict(d) for t, d in loaded.items()})
         # evaluation of every task seen so far
         eval_path = os.path.join(run_dir, "eval", f"stage{s}.json")
         if f"stage{s}/eval" not in progress:
+            t0 = time.perf_counter()
             student.eval()
-            row = {}
+            rows: dict[str, dict[str, float]] = {m: {} for m in cfg.eval_modes}
             for t in seen:
-                with torch.no_grad():
-                    row[tasks[t]] = evaluate_student(student, tasks[t], cfg)
-                if writer is not None:
-                    writer.add_scalar(f"success/{tasks[t]}", row[tasks[t]], s)
-            write_json_atomic(eval_path, row)
+                for m in cfg.eval_modes:
+                    with torch.no_grad():
+                        v = evaluate_student(student, tasks[t], cfg, None if m == "inferred" else t)
+                    rows[m][tasks[t]] = v
+                    if writer is not None:
+                        writer.add_scalar(f"success_{m}/{tasks[t]}", v, s)
+            write_json_atomic(eval_path, rows)
             progress.mark(f"stage{s}/eval")
+            clock["eval"] += time.perf_counter() - t0
         with open(eval_path) as f:
-            for t, v in json.load(f).items():
-                R[s, task_index[t]] = v
+            rows = json.load(f)
+        for m in cfg.eval_modes:
+            for t, v in rows[m].items():
+                R_modes[m][s, task_index[t]] = v
+        R[s] = R_modes[main_mode][s]
         wall = prior_time + time.perf_counter() - t_start
-        write_json_atomic(timing_path, {"wall_time_s": wall})
+        write_json_atomic(timing_path, {"wall_time_s": wall, "clock": clock})
         result(wall, s == len(run_stages) - 1).save(os.path.join(run_dir, "results.json"))
-        append_jsonl(
-            metrics_path, {"stage": s, "success": {tasks[t]: R[s, t] for t in seen}, "wall_time_s": wall}
-        )
+        append_jsonl(metrics_path, {"stage": s, "success": rows, "wall_time_s": wall})
     if writer is not None:
         writer.close()
     return result(prior_time + time.perf_counter() - t_start, True)
@@ -657,6 +726,10 @@ def _routing(
         out[data.tasks[t]] = [round(float(c), 4) for c in counts / counts.sum()]
     student.train(was)
     return out
+
+
+def _nan_to_none(R: np.ndarray) -> list[list[float | None]]:
+    return [[None if math.isnan(x) else float(x) for x in row] for row in R.tolist()]
 
 
 def _full_pool(data: WindowData, t: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -34,6 +34,11 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     p.add_argument("--budget", type=float, default=1.0, help="scales the optimizer steps per stage")
     p.add_argument("--steps-per-stage", type=int, default=d.steps_per_stage, help="before --budget scaling")
+    p.add_argument(
+        "--data-dir", default=None,
+        help="teacher datasets directory shared between runs (default RUN_DIR/datasets); a task's data is "
+        "reused when its collection settings match",
+    )  # fmt: skip
     p.add_argument("--episodes", type=int, default=d.episodes_per_task, help="teacher episodes per task")
     p.add_argument("--noise-std", type=float, default=d.noise_std, help="exploration noise of the data")
     p.add_argument("--batch-size", type=int, default=d.batch_size)
@@ -68,7 +73,7 @@ def _cli_distill(args: argparse.Namespace) -> int:
         cfg = DistillConfig(
             suite=args.suite, tasks=args.tasks, tasks_per_stage=tps, method=args.method,
             teachers=args.teachers, fidelity=args.fidelity, seed=args.seed, device=args.device,
-            budget=args.budget,
+            budget=args.budget, data_dir=args.data_dir,
             steps_per_stage=args.steps_per_stage, episodes_per_task=args.episodes, noise_std=args.noise_std,
             batch_size=args.batch_size, lr=args.lr, eval_goals=args.eval_goals, eval_envs=args.eval_envs,
             replay_fraction=args.replay_fraction, replay_selection=args.replay_selection,

@@ -23,6 +23,7 @@ CLI (registered by :func:`add_cli`): ``cpd report RUN_DIR_OR_RESULTS_JSON... [--
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import os
 import re
@@ -49,10 +50,28 @@ def load_runs(result_paths: Iterable[str | os.PathLike]) -> list[RunResult]:
             raise FileNotFoundError(f"no results at {path}")
         if path.is_dir() and not (path / "results.json").exists():
             raise FileNotFoundError(f"run directory {path} has no results.json")
-        runs.append(RunResult.load(path))
+        runs += _with_eval_modes(RunResult.load(path))
     if not runs:
         raise ValueError("write_report needs at least one results file or run directory")
     return runs
+
+
+MODE_LABELS = {"prototype": "task id"}
+
+
+def _with_eval_modes(run: RunResult) -> list[RunResult]:
+    """The run, plus one pseudo-run per extra evaluation mode (e.g. ``cpd [task id]``: the same student
+    evaluated with its task's prototype instead of the inferred embedding), so each mode gets its row."""
+    out = [run]
+    for mode, matrix in run.extra.get("success_matrix_modes", {}).items():
+        R = [[math.nan if x is None else float(x) for x in row] for row in matrix]
+        out.append(
+            dataclasses.replace(
+                run, method=f"{run.method} [{MODE_LABELS.get(mode, mode)}]", success_matrix=R,
+                extra={**run.extra, "eval_mode": mode, "success_matrix_modes": {}},
+            )
+        )  # fmt: skip
+    return out
 
 
 def _group(runs: Sequence[RunResult]) -> dict[tuple[str, str], list[RunResult]]:

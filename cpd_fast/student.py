@@ -23,7 +23,10 @@ Design decisions (the protocol relies on them):
   window (evaluation without task ids). ``student(obs, task_ids)`` uses the task's prototype instead: an
   EMA of the normalised last-position embeddings of that task's training windows, kept in the buffer
   ``prototypes [num_tasks, task_embed_dim]`` (in the state dict; it grows with :meth:`Student.add_task`).
-  Training (:meth:`Student.losses`) conditions on the inferred embedding, the evaluation default.
+  Training (:meth:`Student.losses`) conditions a share ``prototype_conditioning`` of the windows on
+  their task's prototype and the rest on the inferred embedding, so both modes are trained: on MT25 the
+  inferred mode cannot tell reach from pick-place in the first steps (same initial state distribution),
+  the prototype mode can.
 * **Parameter groups.** ``shared_parameters()`` = input projection, position embedding, task-embedding
   projection, the causal Transformer blocks and the MoE's input norm: the feature extractor the paper
   freezes after stage 1 (``freeze_shared``). The **task encoder is not shared**: it must keep learning
@@ -82,6 +85,9 @@ class StudentConfig:
     contrastive_temperature: float = 0.1
     prototype_momentum: float = 0.99  # EMA: proto ← m·proto + (1 − m)·mean batch embedding
     detach_task_embedding: bool = True
+    # share of training windows conditioned on their task's prototype instead of the inferred embedding,
+    # so that both evaluation modes (no task id / task id → prototype) are in the training distribution
+    prototype_conditioning: float = 0.5
 
     def __post_init__(self) -> None:
         for name in ("obs_dim", "act_dim", "history", "d_model", "n_heads", "d_ff", "expert_hidden",
@@ -97,6 +103,8 @@ class StudentConfig:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}")
         if not 0.0 <= self.prototype_momentum < 1.0:
             raise ValueError(f"prototype_momentum must be in [0, 1), got {self.prototype_momentum!r}")
+        if not 0.0 <= self.prototype_conditioning <= 1.0:
+            raise ValueError(f"prototype_conditioning must be in [0, 1], got {self.prototype_conditioning!r}")
         if self.contrastive_temperature <= 0:
             raise ValueError(f"contrastive_temperature must be > 0, got {self.contrastive_temperature!r}")
 
@@ -280,10 +288,16 @@ class Student(nn.Module):
         z = self.task_embedding(obs_window, mask)
         return seen[(z @ F.normalize(self.prototypes[seen], dim=-1).T).argmax(1)]
 
-    def _trunk(self, obs, mask, task_ids, positions: str):
-        """Shared trunk; returns (features before the head, per-position embeddings [B, H, D])."""
+    def _trunk(self, obs, mask, task_ids, positions: str, use_prototype: torch.Tensor | None = None):
+        """Shared trunk; returns (features before the head, per-position embeddings [B, H, D]).
+
+        ``task_ids`` given: condition on the prototypes, or only the rows where ``use_prototype [B]`` is set.
+        """
         z = self.task_encoder(obs, mask)  # [B, H, D]
-        cond = self.prototype(task_ids)[:, None, :].expand_as(z) if task_ids is not None else z
+        cond = z
+        if task_ids is not None:
+            proto = self.prototype(task_ids)[:, None, :].expand_as(z)
+            cond = proto if use_prototype is None else torch.where(use_prototype[:, None, None], proto, z)
         if self.config.detach_task_embedding:
             cond = cond.detach()
         x = self.obs_proj(obs) + self.pos_emb + self.task_proj(cond)
@@ -331,6 +345,7 @@ class Student(nn.Module):
         task_ids: torch.Tensor,
         mask: torch.Tensor | None = None,
         update_prototypes: bool | None = None,
+        use_prototype: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
         """Distillation losses on a batch of windows.
 
@@ -341,6 +356,8 @@ class Student(nn.Module):
             task_ids: LongTensor ``[B]``: labels for the contrastive loss and the prototype update. The
                 policy is conditioned on the *inferred* embedding, as at evaluation without task ids.
             update_prototypes: EMA-update the prototypes from this batch (default: ``self.training``).
+            use_prototype: bool ``[B]``: windows conditioned on their task's prototype (the others on the
+                inferred embedding); default none. The prototypes are updated from this batch first.
 
         Returns ``dict(mse, contrastive, aux, total)`` of scalars with
         ``total = mse + aux + contrastive_weight · contrastive`` (aux already carries its weight).
@@ -358,7 +375,18 @@ class Student(nn.Module):
                 f"teacher_action_mean must have shape [{B}, {cfg.act_dim}] or [{B}, {H}, {cfg.act_dim}], "
                 f"got {tuple(teacher_action_mean.shape)}"
             )
-        h, z = self._trunk(obs_window, mask, None, "all" if per_position else "last")
+        update = update_prototypes if update_prototypes is not None else self.training
+        if use_prototype is not None:
+            if not isinstance(use_prototype, torch.Tensor) or use_prototype.shape != (B,):
+                raise ValueError(f"use_prototype must be a bool tensor of shape [{B}]")
+            if update:  # every task of the batch has a prototype before it is used
+                with torch.no_grad():
+                    self.update_prototypes(self.task_encoder(obs_window, mask)[:, -1], task_ids)
+                update = False
+        h, z = self._trunk(
+            obs_window, mask, task_ids if use_prototype is not None else None,
+            "all" if per_position else "last", use_prototype,
+        )  # fmt: skip
         pred = torch.tanh(self.head(h))
         target = teacher_action_mean.to(pred.dtype).clamp(-1.0, 1.0)
         if per_position:
@@ -369,7 +397,7 @@ class Student(nn.Module):
         z_last = z[:, -1]
         contrastive = supcon_loss(z_last, task_ids, cfg.contrastive_temperature)
         aux = self.moe.aux_loss
-        if update_prototypes if update_prototypes is not None else self.training:
+        if update:
             self.update_prototypes(z_last.detach(), task_ids)
         total = mse + aux + cfg.contrastive_weight * contrastive
         return {"mse": mse, "contrastive": contrastive, "aux": aux, "total": total}
