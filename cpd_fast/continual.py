@@ -56,6 +56,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from cpd_fast import ddp
 from cpd_fast.ewc import EWCPenalty, diagonal_fisher
 from cpd_fast.replay import REPLAY_SELECTIONS, ReplaySet, select_replay
 from cpd_fast.runio import append_jsonl, save_torch_atomic, write_json_atomic
@@ -323,8 +324,13 @@ def train_phase(
     penalty: EWCPenalty | None = None,
     log: Any = None,
     desc: str = "train",
+    dist: ddp.DistContext | None = None,
 ) -> dict[str, float]:
-    """``steps`` AdamW steps on task-balanced windows; returns the mean of the last 10% of losses."""
+    """``steps`` AdamW steps on task-balanced windows; returns the mean of the last 10% of losses.
+
+    ``dist``: data-parallel (:mod:`cpd_fast.ddp`): every rank draws the same global batch from ``gen`` and
+    trains on its slice; the losses returned and logged are the global batch's.
+    """
     from tqdm import tqdm
 
     device = torch.device(cfg.device)
@@ -333,16 +339,24 @@ def train_phase(
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda it: lr_factor(cfg, it, steps))
     p_proto = student.config.prototype_conditioning
     student.train()
+    # per phase: growth and freezing change the parameters DDP synchronises
+    losses, group = student.losses, None
+    if dist is not None:
+        losses, group = ddp.wrap(student, dist), ddp.ShardedBatch(dist, student.moe)
+    rows = ddp.rank_rows(cfg.batch_size, dist)
     tail: list[dict[str, float]] = []
-    bar = tqdm(range(steps), desc=desc, disable=not cfg.progress, leave=False, mininterval=2.0)
+    quiet = not cfg.progress or (dist is not None and not dist.is_main)
+    bar = tqdm(range(steps), desc=desc, disable=quiet, leave=False, mininterval=2.0)
     for it in bar:
         idx, start = sampler.sample(cfg.batch_size, gen)
+        use_proto = torch.rand(len(idx), generator=gen) < p_proto
+        idx, start, use_proto = idx[rows], start[rows], use_proto[rows]  # this rank's slice
         obs, target, mask = data.windows(idx, start)
         tid = data.task[idx]
-        use_proto = torch.rand(len(idx), generator=gen) < p_proto
         obs, target, mask, tid, use_proto = (x.to(device) for x in (obs, target, mask, tid, use_proto))
-        out = student.losses(obs, target, tid, mask, use_prototype=use_proto if p_proto > 0 else None)
-        loss = out["total"]
+        kw = {} if group is None else {"group": group}
+        out = losses(obs, target, tid, mask, use_prototype=use_proto if p_proto > 0 else None, **kw)
+        loss = out.pop("backward", out["total"])
         if penalty is not None and penalty.terms:
             out["ewc"] = penalty.penalty(student)
             loss = loss + out["ewc"]
@@ -359,6 +373,8 @@ def train_phase(
             log(it, rec)
         if it % 50 == 0:
             bar.set_postfix(mse=f"{rec['mse']:.4f}")
+    if group is not None:
+        group.close()
     return {k: float(np.mean([r[k] for r in tail])) for k in tail[0]}
 
 

@@ -134,6 +134,11 @@ def supcon_loss(z: torch.Tensor, labels: torch.Tensor, temperature: float = 0.1)
     return -(per_anchor[has]).mean()
 
 
+def _whole_batch(group: Any, z: torch.Tensor, task_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(z, task_ids)`` of the whole batch: this one, or every rank's slice gathered (data-parallel)."""
+    return (z, task_ids) if group is None else (group.gather(z), group.gather(task_ids))
+
+
 # ----------------------------------------------------------------------------- modules
 
 
@@ -346,6 +351,7 @@ class Student(nn.Module):
         mask: torch.Tensor | None = None,
         update_prototypes: bool | None = None,
         use_prototype: torch.Tensor | None = None,
+        group: Any = None,
     ) -> dict[str, torch.Tensor]:
         """Distillation losses on a batch of windows.
 
@@ -358,6 +364,9 @@ class Student(nn.Module):
             update_prototypes: EMA-update the prototypes from this batch (default: ``self.training``).
             use_prototype: bool ``[B]``: windows conditioned on their task's prototype (the others on the
                 inferred embedding); default none. The prototypes are updated from this batch first.
+            group: a :class:`cpd_fast.ddp.ShardedBatch` when this batch is one rank's slice of a global
+                batch (data-parallel training): the losses and the prototype update are the global
+                batch's, and the result has one more entry, ``backward``, the loss to back-propagate.
 
         Returns ``dict(mse, contrastive, aux, total)`` of scalars with
         ``total = mse + aux + contrastive_weight · contrastive`` (aux already carries its weight).
@@ -381,7 +390,8 @@ class Student(nn.Module):
                 raise ValueError(f"use_prototype must be a bool tensor of shape [{B}]")
             if update:  # every task of the batch has a prototype before it is used
                 with torch.no_grad():
-                    self.update_prototypes(self.task_encoder(obs_window, mask)[:, -1], task_ids)
+                    z0 = self.task_encoder(obs_window, mask)[:, -1]
+                    self.update_prototypes(*_whole_batch(group, z0, task_ids))
                 update = False
         h, z = self._trunk(
             obs_window, mask, task_ids if use_prototype is not None else None,
@@ -389,6 +399,9 @@ class Student(nn.Module):
         )  # fmt: skip
         pred = torch.tanh(self.head(h))
         target = teacher_action_mean.to(pred.dtype).clamp(-1.0, 1.0)
+        if group is not None:
+            w = mask.to(pred.dtype).unsqueeze(-1) if per_position else pred.new_ones(B, 1)
+            return self._sharded_losses(pred, target, w, z[:, -1], task_ids, update, group)
         if per_position:
             w = mask.to(pred.dtype).unsqueeze(-1)
             mse = ((pred - target) ** 2 * w).sum() / (w.sum() * cfg.act_dim)
@@ -401,6 +414,26 @@ class Student(nn.Module):
             self.update_prototypes(z_last.detach(), task_ids)
         total = mse + aux + cfg.contrastive_weight * contrastive
         return {"mse": mse, "contrastive": contrastive, "aux": aux, "total": total}
+
+    def _sharded_losses(self, pred, target, w, z_last, task_ids, update: bool, group) -> dict[str, Any]:
+        """:meth:`losses` on one rank's slice of a global batch (see :mod:`cpd_fast.ddp`).
+
+        ``w [B, H, 1]`` or ``[B, 1]``: weights of the squared errors (the mask of real positions). The
+        reported losses are the global batch's; ``backward`` is W × this rank's share of the global
+        ``total``, so DDP's gradient average over the W ranks is the single-process gradient.
+        """
+        cfg = self.config
+        mse_share = ((pred - target) ** 2 * w).sum() / (group.sum(w.sum()) * cfg.act_dim)
+        aux_share = group.aux_share(self.moe)
+        z_all, ids_all = group.gather(z_last), group.gather(task_ids)
+        # the same on every rank; its gradient reaches this rank's own embeddings only
+        contrastive = supcon_loss(z_all, ids_all, cfg.contrastive_temperature)
+        if update:
+            self.update_prototypes(z_all.detach(), ids_all)
+        backward = group.world_size * (mse_share + aux_share + cfg.contrastive_weight * contrastive)
+        mse, aux, contrastive = group.sum(mse_share), group.sum(aux_share), contrastive.detach()
+        total = mse + aux + cfg.contrastive_weight * contrastive
+        return {"mse": mse, "contrastive": contrastive, "aux": aux, "total": total, "backward": backward}
 
     @torch.no_grad()
     def update_prototypes(self, z: torch.Tensor, task_ids: torch.Tensor) -> None:
