@@ -37,6 +37,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_teachers_cli(sub)  # cpd teachers train|collect|eval
     add_distill_cli(sub)  # cpd distill
     add_report_cli(sub)  # cpd report RUN_DIR...
+    from cpd_fast.pipeline import add_cli as add_run_cli
+
+    add_run_cli(sub)  # cpd run --preset quick|mt10|mt25
     return parser
 
 

@@ -59,7 +59,7 @@ import torch
 from cpd_fast import ddp
 from cpd_fast.ewc import EWCPenalty, diagonal_fisher
 from cpd_fast.replay import REPLAY_SELECTIONS, ReplaySet, select_replay
-from cpd_fast.runio import append_jsonl, save_torch_atomic, write_json_atomic
+from cpd_fast.runio import append_jsonl, load_torch_checked, save_torch_atomic, write_json_atomic
 from cpd_fast.student import HistoryBuffer, Student, StudentConfig
 
 __all__ = [
@@ -638,7 +638,8 @@ def run_distill(cfg: DistillConfig, run_dir: str | os.PathLike) -> Any:
             name = f"stage{s}/{phase}"
             ckpt = os.path.join(run_dir, "checkpoints", f"stage{s}-{phase}.pt")
             if name in progress:
-                state = torch.load(ckpt, map_location=cfg.device, weights_only=True)
+                redo = f"delete {run_dir} and re-run: a finished phase is never redone, the run restarts"
+                state = load_torch_checked(ckpt, redo, map_location=cfg.device)
                 student.load_state_dict(state["student"])
                 if penalty is not None:
                     penalty.load_state_dict(state["ewc"])
@@ -688,7 +689,7 @@ def run_distill(cfg: DistillConfig, run_dir: str | os.PathLike) -> Any:
                 save_torch_atomic({str(t): r.to_dict() for t, r in sets.items()}, replay_path)
                 progress.mark(f"stage{s}/replay")
                 clock["replay"] += time.perf_counter() - t0
-            loaded = torch.load(replay_path, weights_only=True)
+            loaded = load_torch_checked(replay_path, f"delete {run_dir} and re-run: the run restarts")
             replay.update({int(t): ReplaySet.from_dict(d) for t, d in loaded.items()})
         # evaluation of every task seen so far
         eval_path = os.path.join(run_dir, "eval", f"stage{s}.json")

@@ -38,7 +38,7 @@ import torch
 from torch import nn
 
 from cpd_fast.envs import ACT_DIM, MAX_EPISODE_STEPS, OBS_DIM, make_vec_env
-from cpd_fast.runio import append_jsonl, save_torch_atomic, write_json_atomic
+from cpd_fast.runio import append_jsonl, load_torch_checked, save_torch_atomic, write_json_atomic
 from cpd_fast.tasks import validate_task
 
 __all__ = [
@@ -310,7 +310,8 @@ def load_policy(path: str | os.PathLike, device: str = "cpu") -> PPOPolicy:
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no PPO policy checkpoint at {path!r}; train one with `cpd teachers train`")
-    payload = torch.load(path, map_location=device, weights_only=True)
+    redo = f"delete {os.path.dirname(path) or '.'} and re-run to train this teacher again"
+    payload = load_torch_checked(path, redo, map_location=device)
     if not isinstance(payload, dict) or "config" not in payload:
         raise ValueError(f"{path!r} is not a cpd_fast PPO checkpoint (no config)")
     cfg = PPOConfig.from_dict(payload["config"])
@@ -414,7 +415,8 @@ def train_ppo(
     global_step, update = 0, 0
 
     if resume and os.path.isfile(ckpt_path):
-        state = torch.load(ckpt_path, map_location=device, weights_only=True)
+        redo = "delete it and re-run: this teacher's training restarts from scratch"
+        state = load_torch_checked(ckpt_path, redo, map_location=device)
         saved = PPOConfig.from_dict(state["config"])
         if {**saved.to_dict(), "total_steps": 0} != {**cfg.to_dict(), "total_steps": 0}:
             raise ValueError(

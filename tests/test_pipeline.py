@@ -1,0 +1,245 @@
+"""``cpd run``: config layering, resume, integrity checks, and a real kill-and-resume test.
+
+The kill test runs a tiny config end to end twice: once without interruption, once SIGKILLed at four
+points and resumed after each (``CPD_TEST_KILL_AFTER``, see :mod:`cpd_fast.runio`: the process kills its
+whole process group right after writing a matching file — a deterministic power cut):
+
+1. during PPO teacher training, right after the first resume checkpoint of the first teacher;
+2. during collection, after the first task's dataset;
+3. during a distillation phase: after cpd's stage-1 Phase-1 checkpoint is written, before the phase is
+   recorded as finished (so the resumed run must redo the phase and overwrite the checkpoint);
+4. during evaluation: 0.3 s after cpd's stage-1 replay set is written, i.e. inside the stage-1 evaluation.
+
+The final success matrices, student weights and datasets must equal the uninterrupted run's. The one
+source of nondeterminism is PPO: a resumed teacher restores its learner state exactly but restarts its
+envs with fresh episodes (cpd_fast.teachers.ppo), so teacher 1's weights differ between the two runs. The
+tiny teachers (192 env steps) fail the quality gate in both runs and are replaced by the scripted experts
+(``gate.on_fail: scripted``), which makes everything downstream comparable; the test checks that the
+interrupted teacher really resumed (its checkpoint had 1 update at the kill, it finished all 3).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+
+import pytest
+import torch
+import yaml
+
+from cpd_fast.cli import main
+from cpd_fast.pipeline import config_diff, resolve_config, run_pipeline
+from cpd_fast.runio import CorruptFileError, load_torch_checked, save_torch_atomic
+
+TINY = {
+    "preset": "quick",
+    "tasks": ["push-v3", "pick-place-v3"],
+    "tasks_per_stage": 1,
+    "teachers": "ppo",
+    "methods": ["cpd", "finetune"],
+    "workers": 1,  # one PPO worker: the teachers train one after the other (a fixed kill point)
+    "progress": False,
+    "fidelity": {"episodes": 1, "num_envs": 1},
+    "gate": {"threshold": 0.8, "on_fail": "scripted", "eval_goals": 1, "eval_envs": 1},
+    "ppo": {"total_steps": 192, "num_envs": 4, "num_steps": 16, "num_minibatches": 2, "update_epochs": 1,
+            "hidden_sizes": [16, 16], "checkpoint_every": 1, "max_episode_steps": 50},
+    "distill": {"episodes_per_task": 2, "collect_envs": 2, "max_episode_steps": 60, "steps_per_stage": 16,
+                "batch_size": 16, "warmup_steps": 2, "eval_goals": 1, "eval_envs": 1, "eval_max_steps": 100,
+                "eval_modes": ["inferred"], "fisher_batches": 4, "tensorboard": False,
+                "student": {"d_model": 32, "n_heads": 2, "n_layers": 1, "d_ff": 64, "expert_hidden": 32}},
+}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def tiny_config(tmp_path_factory) -> str:
+    path = tmp_path_factory.mktemp("cfg") / "tiny.yaml"
+    path.write_text(yaml.safe_dump(TINY))
+    return str(path)
+
+
+def _cpd_run(cfg: str, out: str, kill_after: str | None = None, delay: float = 0.0) -> int:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CPD_TEST_KILL")}
+    if kill_after:
+        env["CPD_TEST_KILL_AFTER"] = os.path.join(os.path.abspath(out), kill_after)
+        env["CPD_TEST_KILL_DELAY"] = str(delay)
+    # a session of its own: the kill hook takes down the process group (cpd run and its PPO workers)
+    proc = subprocess.run(
+        [sys.executable, "-m", "cpd_fast.cli", "run", "--config", cfg, "--out", out],
+        env=env, start_new_session=True, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    if kill_after is None and proc.returncode != 0:
+        raise AssertionError(proc.stdout[-3000:] + proc.stderr[-3000:])
+    return proc.returncode
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tiny_config, tmp_path_factory) -> str:
+    out = str(tmp_path_factory.mktemp("runs") / "A")
+    assert _cpd_run(tiny_config, out) == 0
+    return out
+
+
+def _results(run: str, method: str) -> dict:
+    with open(os.path.join(run, "methods", method, "results.json")) as f:
+        d = json.load(f)
+    return {
+        "R": d["success_matrix"],
+        "modes": d["extra"]["success_matrix_modes"],
+        "teacher": d["teacher_success"],
+    }
+
+
+def _manifest_files(run: str, task: str) -> dict:
+    with open(os.path.join(run, "datasets", f"{task}.collected.json")) as f:
+        return json.load(f)["files"]
+
+
+def test_kill_and_resume_matches_uninterrupted(tiny_config, uninterrupted, tmp_path):
+    out = str(tmp_path / "B")
+    kills = [
+        ("teachers/push-v3/ppo/checkpoint.pt", 0.0),
+        ("datasets/push-v3.collected.json", 0.0),
+        ("methods/cpd/checkpoints/stage1-phase1.pt", 0.0),
+        ("methods/cpd/replay/stage1.pt", 0.3),
+    ]
+    for point, delay in kills:
+        assert _cpd_run(tiny_config, out, point, delay) == -signal.SIGKILL, f"no kill at {point}"
+        if point.startswith("teachers"):  # killed mid-training: one update done, no policy yet
+            ppo_dir = os.path.join(out, "teachers", "push-v3", "ppo")
+            assert load_torch_checked(os.path.join(ppo_dir, "checkpoint.pt"))["update"] == 1
+            assert not os.path.exists(os.path.join(ppo_dir, "policy.pt"))
+        if point.startswith("datasets"):
+            assert not os.path.exists(os.path.join(out, "datasets", "pick-place-v3.collected.json"))
+        if point.endswith("stage1-phase1.pt"):
+            with open(os.path.join(out, "methods", "cpd", "progress.json")) as f:
+                assert "stage1/phase1" not in json.load(f)["done"]
+        if point.endswith("replay/stage1.pt"):  # the kill landed inside the stage-1 evaluation
+            assert os.path.exists(os.path.join(out, "methods", "cpd", "replay", "stage1.pt"))
+            assert not os.path.exists(os.path.join(out, "methods", "cpd", "eval", "stage1.json"))
+    assert _cpd_run(tiny_config, out) == 0
+
+    with open(os.path.join(out, "teachers", "push-v3", "ppo", "eval.json")) as f:
+        assert json.load(f)["total_steps"] == 192  # the interrupted teacher finished its budget
+    for run in (uninterrupted, out):  # both runs' tiny PPO teachers were gated out and replaced
+        with open(os.path.join(run, "teachers.json")) as f:
+            records = json.load(f)["teachers"]
+        assert {r["source"] for r in records.values()} == {"scripted"}, records
+    for task in TINY["tasks"]:
+        assert _manifest_files(out, task) == _manifest_files(uninterrupted, task)
+    for method in TINY["methods"]:
+        assert _results(out, method) == _results(uninterrupted, method)
+        ckpts = sorted(os.listdir(os.path.join(uninterrupted, "methods", method, "checkpoints")))
+        last = [c for c in ckpts if c.endswith(".pt")][-1]
+        a, b = (
+            load_torch_checked(os.path.join(r, "methods", method, "checkpoints", last))
+            for r in (uninterrupted, out)
+        )
+        assert a["student"].keys() == b["student"].keys()
+        for k in a["student"]:
+            assert torch.equal(a["student"][k], b["student"][k]), (method, k)
+    assert os.path.isfile(os.path.join(out, "report", "results.md"))
+
+
+def test_resume_finished_run_skips_every_step(uninterrupted, capsys):
+    before = os.path.getmtime(os.path.join(uninterrupted, "pipeline.json"))
+    assert main(["run", "--out", uninterrupted, "--no-progress"]) == 0  # --out alone: its own config
+    text = capsys.readouterr().out
+    assert text.count("done earlier, skipped") == 6 and "finetune" in text
+    assert os.path.getmtime(os.path.join(uninterrupted, "pipeline.json")) == before
+
+
+def test_different_config_is_refused(tiny_config, uninterrupted):
+    cfg = resolve_config(config_file=tiny_config, overrides={"distill": {"steps_per_stage": 17}})
+    with pytest.raises(ValueError, match=r"different config \(distill.steps_per_stage: 16 -> 17\)"):
+        run_pipeline(cfg, uninterrupted)
+    # runtime-only keys may change on resume
+    saved = yaml.safe_load(open(os.path.join(uninterrupted, "config.yaml")))
+    cfg = resolve_config(config_file=tiny_config, overrides={"backend": "ray", "progress": True})
+    assert config_diff(saved, cfg.to_dict()) == []
+
+
+def test_corrupt_files_are_named_with_the_remedy(tiny_config, uninterrupted, tmp_path):
+    run = str(tmp_path / "C")
+    shutil.copytree(uninterrupted, run)
+    cfg = resolve_config(config_file=tiny_config)
+    ckpt = os.path.join(run, "methods", "cpd", "checkpoints", "stage0-train.pt")
+    data = bytearray(open(ckpt, "rb").read())
+    data[len(data) // 2] ^= 0xFF
+    open(ckpt, "wb").write(bytes(data))
+    with pytest.raises(
+        CorruptFileError, match=r"stage0-train.pt is corrupt.*delete .*methods/cpd and re-run"
+    ):
+        run_pipeline(cfg, run)
+    shutil.copy(os.path.join(uninterrupted, "methods", "cpd", "checkpoints", "stage0-train.pt"), ckpt)
+
+    (rel, _), *_ = _manifest_files(run, "pick-place-v3").items()
+    path = os.path.join(run, "datasets", rel)
+    with open(path, "r+b") as f:
+        f.truncate(os.path.getsize(path) // 2)
+    with pytest.raises(CorruptFileError, match=r"delete .*pick-place-v3.collected.json and re-run"):
+        run_pipeline(cfg, run)
+
+
+def test_checked_loader_detects_truncation_and_bit_flips(tmp_path):
+    path = str(tmp_path / "x.pt")
+    save_torch_atomic({"w": torch.arange(1000.0)}, path)
+    assert torch.equal(load_torch_checked(path)["w"], torch.arange(1000.0))
+    assert open(path + ".sha256").read().split()[1] == "x.pt"  # sha256sum -c format
+    raw = open(path, "rb").read()
+    open(path, "wb").write(raw[:-100])  # truncated, and its checksum no longer matches
+    with pytest.raises(
+        CorruptFileError, match=r"x.pt is corrupt or truncated \(sha256 mismatch\); delete it"
+    ):
+        load_torch_checked(path)
+    os.remove(path + ".sha256")  # without a sidecar the load itself must fail cleanly
+    with pytest.raises(CorruptFileError, match=r"x\.pt is corrupt or truncated"):
+        load_torch_checked(path, recover="do X")
+    with pytest.raises(FileNotFoundError, match="missing"):
+        load_torch_checked(str(tmp_path / "nope.pt"))
+
+
+def test_config_file_round_trip_and_flag_overrides(tmp_path, capsys):
+    args = ["run", "--preset", "quick", "--seed", "3", "--methods", "cpd", "ewc", "--device", "cpu",
+            "--set", "distill.steps_per_stage=7", "--set", "gate.threshold=0.5",
+            "--print-config"]  # fmt: skip
+    assert main(args) == 0
+    first = capsys.readouterr().out
+    d = yaml.safe_load(first)
+    assert (d["seed"], d["methods"], d["distill"]["steps_per_stage"], d["gate"]["threshold"]) == (
+        3, ["cpd", "ewc"], 7, 0.5)  # fmt: skip
+    assert d["distill"]["batch_size"] == 128  # from the preset; the rest from DistillConfig()
+    path = tmp_path / "c.yaml"
+    path.write_text(first)
+    assert main(["run", "--config", str(path), "--print-config"]) == 0
+    assert capsys.readouterr().out == first
+    assert main(["run", "--config", str(path), "--seed", "4", "--print-config"]) == 0
+    assert yaml.safe_load(capsys.readouterr().out)["seed"] == 4  # flags beat the file
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("distill.steps_per_stage=0", "steps_per_stage must be a positive int"),
+        ("distill.stepz=3", "unknown key.*stepz"),
+        ("distill.seed=3", "set seed at the top level"),
+        ("tasks_per_stage=3", "does not split into stages"),
+        ("gate.on_fail=ignore", "unknown gate.on_fail"),
+        ("nonsense", "KEY=VALUE"),
+    ],
+)
+def test_bad_config_values_give_one_line_errors(override, message):
+    with pytest.raises(ValueError, match=message):
+        main(["run", "--set", override, "--print-config"])
+
+
+def test_presets_resolve():
+    for name in ("quick", "mt10", "mt25"):
+        cfg = resolve_config(name)
+        assert cfg.preset == name and len(cfg.task_list()) % cfg.tasks_per_stage == 0
+    assert (
+        resolve_config("mt25").distill["steps_per_stage"] == resolve_config("mt10").distill["steps_per_stage"]
+    )
