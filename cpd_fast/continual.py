@@ -489,14 +489,29 @@ def _log_writer(run_dir: str, cfg: DistillConfig):
     return writer
 
 
-def run_distill(cfg: DistillConfig, run_dir: str | os.PathLike) -> Any:
-    """Run (or resume) one continual-distillation run in ``run_dir``; returns its :class:`RunResult`."""
+def run_distill(cfg: DistillConfig, run_dir: str | os.PathLike, data_parallel: bool | None = None) -> Any:
+    """Run (or resume) one continual-distillation run in ``run_dir``; returns its :class:`RunResult`.
+
+    ``data_parallel``: train with DDP over the processes torchrun started (:mod:`cpd_fast.ddp`; default:
+    when ``WORLD_SIZE > 1``). Rank 0 alone collects, evaluates and writes; every rank returns the result.
+    """
+    dist = ddp.setup(cfg.device) if ddp.requested(data_parallel) else None
+    try:
+        if dist is not None and dist.device.type == "cuda":
+            cfg = dataclasses.replace(cfg, device=str(dist.device))  # cuda:LOCAL_RANK
+        return _run_distill(cfg, run_dir, dist)
+    finally:
+        ddp.teardown(dist)
+
+
+def _run_distill(cfg: DistillConfig, run_dir: str | os.PathLike, dist: ddp.DistContext | None) -> Any:
     from cpd_fast.data import collect_dataset, load_teacher_data
     from cpd_fast.metrics import RunResult
     from cpd_fast.teachers.base import make_teacher
     from cpd_fast.teachers.gate import evaluate_teacher
 
     t_start = time.perf_counter()
+    main = dist is None or dist.is_main  # the only process that writes the run directory
     run_dir = os.fspath(run_dir)
     os.makedirs(run_dir, exist_ok=True)
     if cfg.threads:
@@ -516,7 +531,7 @@ def run_distill(cfg: DistillConfig, run_dir: str | os.PathLike) -> Any:
             raise ValueError(
                 f"{run_dir} holds a run with a different config ({', '.join(diff)}); use a new --out"
             )
-    else:
+    elif main:
         write_json_atomic(cfg_path, cfg.to_dict())
     progress = _Progress(run_dir)
     prior_time = 0.0
@@ -541,7 +556,7 @@ def run_distill(cfg: DistillConfig, run_dir: str | os.PathLike) -> Any:
     if os.path.isfile(ts_path):
         with open(ts_path) as f:
             teacher_success = json.load(f)
-    for task in tasks:
+    for task in tasks if main else []:  # rank 0 collects; the other ranks read its files after the barrier
         source, path, official = specs[task]
         teacher = None
         t0 = time.perf_counter()
@@ -578,6 +593,10 @@ def run_distill(cfg: DistillConfig, run_dir: str | os.PathLike) -> Any:
             teacher_success[task] = manifest["teacher_success"]
             write_json_atomic(ts_path, teacher_success)
         clock["data"] += time.perf_counter() - t0
+    if dist is not None:
+        ddp.barrier(dist)
+        with open(ts_path) as f:
+            teacher_success = json.load(f)
     raw = load_teacher_data(tasks, root)
     if raw.obs.shape[1] != cfg.student.obs_dim:
         raise ValueError(
@@ -605,7 +624,7 @@ def run_distill(cfg: DistillConfig, run_dir: str | os.PathLike) -> Any:
     R = np.full((len(run_stages), len(tasks)), np.nan)
     R_modes = {m: np.full_like(R, np.nan) for m in cfg.eval_modes}
     main_mode = cfg.eval_modes[0]
-    writer = _log_writer(run_dir, cfg)
+    writer = _log_writer(run_dir, cfg) if main else None
     metrics_path = os.path.join(run_dir, "metrics.jsonl")
     global_step = 0
     seen: list[int] = []
@@ -657,7 +676,9 @@ def run_distill(cfg: DistillConfig, run_dir: str | os.PathLike) -> Any:
                         writer.add_scalar(f"loss/{k}", v, _base + it)
 
             t0 = time.perf_counter()
-            summary = train_phase(student, data, TaskSampler(pools), steps, cfg, gen, penalty, log, desc=name)
+            summary = train_phase(
+                student, data, TaskSampler(pools), steps, cfg, gen, penalty, log if main else None, name, dist
+            )
             student.moe.always_route([])  # a training aid only: evaluation and routing stats use top-k
             global_step += steps
             if penalty is not None and phase == phases_of(cfg, s)[-1][0]:
@@ -667,16 +688,17 @@ def run_distill(cfg: DistillConfig, run_dir: str | os.PathLike) -> Any:
             payload = {"student": student.state_dict()}
             if penalty is not None:
                 payload["ewc"] = penalty.state_dict()
-            save_torch_atomic(payload, ckpt)
-            append_jsonl(metrics_path, {"step": global_step, "phase": name, "summary": summary})
-            progress.mark(name)
+            if main:
+                save_torch_atomic(payload, ckpt)
+                append_jsonl(metrics_path, {"step": global_step, "phase": name, "summary": summary})
+                progress.mark(name)
             clock["train"] += time.perf_counter() - t0
         seen += new_ids
         routing[s] = _routing(student, data, seen, cfg)
         # replay memory of the finished tasks
         replay_path = os.path.join(run_dir, "replay", f"stage{s}.pt")
         if cfg.selection is not None and not joint:
-            if f"stage{s}/replay" not in progress:
+            if main and f"stage{s}/replay" not in progress:
                 t0 = time.perf_counter()
                 sets = {}
                 for t in new_ids:
@@ -689,11 +711,12 @@ def run_distill(cfg: DistillConfig, run_dir: str | os.PathLike) -> Any:
                 save_torch_atomic({str(t): r.to_dict() for t, r in sets.items()}, replay_path)
                 progress.mark(f"stage{s}/replay")
                 clock["replay"] += time.perf_counter() - t0
+            ddp.barrier(dist)
             loaded = load_torch_checked(replay_path, f"delete {run_dir} and re-run: the run restarts")
             replay.update({int(t): ReplaySet.from_dict(d) for t, d in loaded.items()})
         # evaluation of every task seen so far
         eval_path = os.path.join(run_dir, "eval", f"stage{s}.json")
-        if f"stage{s}/eval" not in progress:
+        if main and f"stage{s}/eval" not in progress:
             t0 = time.perf_counter()
             student.eval()
             rows: dict[str, dict[str, float]] = {m: {} for m in cfg.eval_modes}
@@ -707,6 +730,7 @@ def run_distill(cfg: DistillConfig, run_dir: str | os.PathLike) -> Any:
             write_json_atomic(eval_path, rows)
             progress.mark(f"stage{s}/eval")
             clock["eval"] += time.perf_counter() - t0
+        ddp.barrier(dist)
         with open(eval_path) as f:
             rows = json.load(f)
         for m in cfg.eval_modes:
@@ -714,9 +738,10 @@ def run_distill(cfg: DistillConfig, run_dir: str | os.PathLike) -> Any:
                 R_modes[m][s, task_index[t]] = v
         R[s] = R_modes[main_mode][s]
         wall = prior_time + time.perf_counter() - t_start
-        write_json_atomic(timing_path, {"wall_time_s": wall, "clock": clock})
-        result(wall, s == len(run_stages) - 1).save(os.path.join(run_dir, "results.json"))
-        append_jsonl(metrics_path, {"stage": s, "success": rows, "wall_time_s": wall})
+        if main:
+            write_json_atomic(timing_path, {"wall_time_s": wall, "clock": clock})
+            result(wall, s == len(run_stages) - 1).save(os.path.join(run_dir, "results.json"))
+            append_jsonl(metrics_path, {"stage": s, "success": rows, "wall_time_s": wall})
     if writer is not None:
         writer.close()
     return result(prior_time + time.perf_counter() - t_start, True)

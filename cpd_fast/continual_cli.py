@@ -6,6 +6,7 @@ Register it on the top-level parser with ``add_cli(sub)`` (``from cpd_fast.conti
 from __future__ import annotations
 
 import argparse
+import os
 
 __all__ = ["add_cli"]
 
@@ -61,6 +62,11 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--ewc-gamma", type=float, default=d.ewc_gamma, help="online-EWC decay")
     p.add_argument("--threads", type=int, default=1, help="torch threads (default 1: fastest on a busy CPU)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument(
+        "--ddp", action="store_true",
+        help="data-parallel training over the processes torchrun starts (automatic under torchrun): "
+        "torchrun --nproc-per-node N -m cpd_fast.cli distill ... --ddp (docs/scale.md)",
+    )  # fmt: skip
     p.add_argument("--out", required=True, metavar="RUN_DIR")
     p.set_defaults(func=_cli_distill)
 
@@ -87,10 +93,12 @@ def _cli_distill(args: argparse.Namespace) -> int:
 
             if not torch.cuda.is_available():
                 raise ValueError("--device cuda but torch sees no CUDA device")
-        result = run_distill(cfg, args.out)
+        result = run_distill(cfg, args.out, data_parallel=True if args.ddp else None)
     except (ValueError, FileNotFoundError) as err:
         print(f"cpd distill: {err}")
         return 2
+    if int(os.environ.get("RANK", "0")) != 0:  # data-parallel: rank 0 reports
+        return 0
     m = result.metrics()
     print(f"{args.out}/results.json: ACC {m.acc:.3f}  BWT {m.bwt:.3f}  relative {m.relative_performance:.3f}")
     return 0

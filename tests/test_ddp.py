@@ -6,6 +6,7 @@ MASTER_PORT, LOCAL_RANK), so the test needs no launcher; ``test_cli_under_torchr
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -173,3 +174,36 @@ def test_ddp_without_torchrun_is_a_clear_error(monkeypatch):
     assert not ddp.requested(None)
     with pytest.raises(ValueError, match="torchrun"):
         ddp.setup("cpu")
+
+
+def test_cli_under_torchrun(tmp_path):
+    """``torchrun -m cpd_fast.cli distill --ddp``: a 2-stage cpd run (collection, Phase 1/2, replay, eval)
+    whose final checkpoint equals the single-process run's on the same data, written once by rank 0."""
+    from cpd_fast import cli
+
+    args = ["distill", "--tasks", "reach-v3", "drawer-close-v3", "--tasks-per-stage", "1", "--episodes", "1",
+            "--steps-per-stage", "4", "--batch-size", "8", "--eval-goals", "1", "--eval-envs", "1",
+            "--no-progress"]  # fmt: skip
+    ddp_dir, one_dir = tmp_path / "ddp", tmp_path / "one"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           "-m", "cpd_fast.cli", *args, "--out", str(ddp_dir), "--ddp"]  # fmt: skip
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
+    assert run.stdout.count("results.json: ACC") == 1  # rank 0 reports
+    n = torch.get_num_threads()
+    try:
+        assert cli.main([*args, "--out", str(one_dir), "--data-dir", str(ddp_dir / "datasets")]) == 0
+    finally:
+        torch.set_num_threads(n)
+    done = json.loads((ddp_dir / "progress.json").read_text())["done"]
+    assert done == json.loads((one_dir / "progress.json").read_text())["done"]
+    assert len(done) == len(set(done)) == 7  # 2 stages: train | phase1, phase2; replay and eval each
+    assert json.loads((ddp_dir / "results.json").read_text())["extra"]["complete"]
+    summaries = [json.loads(line) for line in (ddp_dir / "metrics.jsonl").read_text().splitlines()]
+    assert len([r for r in summaries if "summary" in r]) == 3  # written once, not once per rank
+    a = torch.load(one_dir / "checkpoints" / "stage1-phase2.pt", weights_only=True)["student"]
+    b = torch.load(ddp_dir / "checkpoints" / "stage1-phase2.pt", weights_only=True)["student"]
+    floats = [k for k in a if isinstance(a[k], torch.Tensor) and a[k].is_floating_point()]
+    delta = torch.cat([(a[k].double() - b[k].double()).abs().flatten() for k in floats])
+    print(f"torchrun cpd distill --ddp vs 1 process: param max |Δ| {delta.max():.1e} over {delta.numel()}")
+    assert (delta > PARAM_ATOL).float().mean() <= PARAM_OUTLIERS and delta.max() <= PARAM_MAX
