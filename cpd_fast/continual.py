@@ -174,6 +174,17 @@ class DistillConfig:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name} must be a positive int, got {v!r}")
+        for name, low in (("noise_std", 0.0), ("ewc_lambda", 0.0), ("gate_bias", -math.inf)):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v) or v < low:
+                raise ValueError(f"{name} must be a finite number{' >= 0' if low == 0 else ''}, got {v!r}")
+        if not 0.0 <= self.ewc_gamma <= 1.0:
+            raise ValueError(f"ewc_gamma must be in [0, 1], got {self.ewc_gamma!r}")
+        if self.threads is not None and (not isinstance(self.threads, int) or self.threads < 0):
+            raise ValueError(f"threads must be None or an int >= 0 (0: torch default), got {self.threads!r}")
+        from cpd_fast.tasks import stages
+
+        stages(self.tasks if self.tasks else self.suite, self.tasks_per_stage)  # unknown task/suite: now
         self.eval_modes = tuple(self.eval_modes)
         if not self.eval_modes or any(m not in EVAL_MODES for m in self.eval_modes):
             raise ValueError(f"eval_modes must be a non-empty subset of {EVAL_MODES}, got {self.eval_modes}")

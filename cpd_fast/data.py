@@ -20,7 +20,7 @@ from __future__ import annotations
 import contextlib
 import os
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -96,8 +96,10 @@ def collect_dataset(
     task = validate_task(task)
     if isinstance(episodes, bool) or not isinstance(episodes, int) or episodes <= 0:
         raise ValueError(f"episodes must be a positive int, got {episodes!r}")
-    if noise_std < 0:
-        raise ValueError(f"noise_std must be >= 0, got {noise_std}")
+    if isinstance(num_envs, bool) or not isinstance(num_envs, int) or num_envs <= 0:
+        raise ValueError(f"num_envs must be a positive int, got {num_envs!r}")
+    if not isinstance(noise_std, int | float) or not noise_std >= 0 or not np.isfinite(noise_std):
+        raise ValueError(f"noise_std must be a finite number >= 0, got {noise_std!r}")
     ds_id = dataset_id(task, namespace)
     task_id = MT50.index(task)
     rng = np.random.default_rng(seed)
@@ -227,9 +229,26 @@ def load_teacher_data(
     import minari
     import torch
 
+    if isinstance(ids_or_tasks, str):
+        raise TypeError(
+            f"ids_or_tasks must be a list of task names or dataset ids, not a str: [{ids_or_tasks!r}]"
+        )
+    if not isinstance(ids_or_tasks, Iterable):
+        raise TypeError(f"ids_or_tasks must be a list of task names or dataset ids, got {ids_or_tasks!r}")
+    ids_or_tasks = list(ids_or_tasks)
+    bad = [i for i in ids_or_tasks if not isinstance(i, str)]
+    if bad:
+        raise TypeError(f"ids_or_tasks must hold str task names or dataset ids, got {bad[0]!r}")
+    if not isinstance(root, str | os.PathLike):
+        raise TypeError(f"root must be a directory path (str or os.PathLike), got {type(root).__name__}")
+    if not os.path.isdir(root):  # checked here: Minari would create a missing root
+        raise FileNotFoundError(
+            f"datasets root {os.fspath(root)!r} is not a directory; pass the datasets directory of a run "
+            "(RUN_DIR/datasets) or collect data with `cpd teachers collect`"
+        )
     ids = [i if "/" in i else dataset_id(i, namespace) for i in ids_or_tasks]
     if not ids:
-        raise ValueError("no datasets given")
+        raise ValueError("ids_or_tasks is empty: no datasets to load")
     parts: dict[str, list[np.ndarray]] = {
         k: [] for k in ("obs", "mean", "act", "rew", "succ", "done", "tid", "ep", "step")
     }

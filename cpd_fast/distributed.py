@@ -23,20 +23,23 @@ import contextlib
 import dataclasses
 import json
 import logging
+import math
 import os
 import signal
+import socket
 import time
 from collections.abc import Iterator, Sequence
 from typing import Any
 
 from cpd_fast.tasks import resolve_tasks
 
-__all__ = ["BACKENDS", "run_jobs", "run_teacher_job", "train_teachers"]
+__all__ = ["BACKENDS", "check_ray_address", "run_jobs", "run_teacher_job", "train_teachers"]
 
 log = logging.getLogger(__name__)
 
 BACKENDS = ("local", "ray")
 _THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
+RAY_CONNECT_TIMEOUT_S = 5.0
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -176,6 +179,34 @@ def _import_ray() -> Any:
     return ray
 
 
+def check_ray_address(address: str | None, timeout: float = RAY_CONNECT_TIMEOUT_S) -> None:
+    """Raise ``ConnectionError`` within ``timeout`` seconds when nothing listens at a Ray cluster address.
+
+    ``ray.init(address=...)`` keeps retrying an address that does not answer for minutes; a TCP connect
+    to ``HOST:PORT`` (``ray://HOST:PORT`` for Ray Client) tells a typo or a stopped cluster at once.
+    ``None`` (start a local Ray) and ``"auto"`` (Ray finds a cluster on this node itself) are not checked.
+    """
+    if not address or address == "auto":
+        return
+    hostport = address.split("://", 1)[1] if "://" in address else address
+    host, sep, port = hostport.rpartition(":")
+    host = host.strip("[]")  # [IPv6]:port
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(
+            f"--ray-address {address!r} is not HOST:PORT, ray://HOST:PORT or 'auto' "
+            "(the head node prints its address on `ray start --head`)"
+        )
+    try:
+        with socket.create_connection((host, int(port)), timeout=timeout):
+            pass
+    except OSError as err:
+        why = getattr(err, "strerror", None) or str(err) or type(err).__name__
+        raise ConnectionError(
+            f"no Ray cluster answers at {address} ({why}, {timeout:g} s connect timeout); start one with "
+            "`ray start --head` on the head node, or fix --ray-address"
+        ) from err
+
+
 def _run_ray(
     jobs: list[dict[str, Any]],
     address: str | None,
@@ -236,6 +267,7 @@ def run_jobs(
             raise ValueError(f"workers must be positive, got {workers}")
         return _run_local(jobs, workers, max_retries)
     if backend == "ray":
+        check_ray_address(ray_address)
         return _run_ray(jobs, ray_address, num_cpus_per_job, num_gpus_per_job, max_retries, workers)
     raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
 
@@ -295,8 +327,13 @@ def train_teachers(
         raise ValueError(f"unknown --on-fail {on_fail!r}; choose one of {', '.join(ON_FAIL)}")
     if not 0.0 <= threshold <= 1.0:
         raise ValueError(f"threshold must be in [0, 1], got {threshold}")
-    if retrain_factor <= 0:
-        raise ValueError(f"retrain_factor must be positive, got {retrain_factor}")
+    if not (retrain_factor > 0 and math.isfinite(retrain_factor)):
+        raise ValueError(f"retrain_factor must be a finite number > 0, got {retrain_factor}")
+    for name, value in (("eval_goals", eval_goals), ("eval_envs", eval_envs)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
     run_dir = os.fspath(run_dir)
     env_backends = env_backends or {}
     fault_markers = fault_markers or {}

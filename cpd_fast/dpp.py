@@ -12,6 +12,7 @@ same algorithm, used as the test oracle and as a readable specification.
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Callable
 from typing import Literal
 
@@ -80,10 +81,17 @@ def greedy_map(
     _check_positive(gamma, "gamma")
     q = None if quality is None else _check_quality(quality, x)
     if kernel == "cosine":
-        x = torch.nn.functional.normalize(x, dim=1)
+        x = _unit_rows(x)
     if q is not None and kernel == "linear":
         x, q = x * q[:, None], None  # (q_i x_i)·(q_j x_j) = q_i q_j x_i·x_j
-    threshold = _threshold(eps, _max_diag(x, kernel, q), x.dtype)
+    max_diag = _max_diag(x, kernel, q)
+    if not math.isfinite(max_diag):  # finite inputs whose kernel overflows: every gain would be inf/NaN
+        what = "features" if quality is None else "features and quality"
+        raise ValueError(
+            f"{what} are too large: the {kernel} kernel's diagonal overflows {x.dtype}; "
+            "rescale them (or pass float64)"
+        )
+    threshold = _threshold(eps, max_diag, x.dtype)
     idx, gains = torch.ops.cpd_fast.dpp_greedy(
         x, q, k, _OP_KERNEL[kernel], float(gamma), threshold, _use_lazy(method, x, k)
     )
@@ -120,7 +128,7 @@ def kernel_matrix(
     """The dense kernel L [N, N] that :func:`greedy_map` uses implicitly (for checks and small N)."""
     x = features
     if kernel == "cosine":
-        x = torch.nn.functional.normalize(x, dim=1)
+        x = _unit_rows(x)
     if kernel == "rbf":
         g = 1.0 / x.shape[1] if gamma is None else gamma
         return torch.exp(-g * torch.cdist(x, x).square())
@@ -144,7 +152,7 @@ def greedy_map_reference(
     """
     x = features
     if kernel == "cosine":
-        x = torch.nn.functional.normalize(x, dim=1)
+        x = _unit_rows(x)
     if kernel == "rbf":
         g = 1.0 / x.shape[1] if gamma is None else gamma
         diag = torch.ones(x.shape[0], dtype=x.dtype, device=x.device)
@@ -202,8 +210,20 @@ def _reference_loop(
 # ----------------------------------------------------------------------------- helpers
 
 
+def _unit_rows(x: torch.Tensor) -> torch.Tensor:
+    """Rows scaled to unit L2 norm (zero rows stay zero), without overflow or underflow in the norm:
+    each row is first divided by its largest magnitude (a huge or tiny row's squares would not fit)."""
+    peak = x.abs().amax(1, keepdim=True)
+    return torch.nn.functional.normalize(x / torch.where(peak > 0, peak, 1), dim=1)
+
+
+def _is_real(value) -> bool:
+    """A real number (Python or numpy scalar), not a bool."""
+    return isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_))
+
+
 def _threshold(eps: float, max_diag: float, dtype: torch.dtype) -> float:
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not math.isfinite(eps) or eps < 0:
+    if not _is_real(eps) or not math.isfinite(eps) or eps < 0:
         raise ValueError(f"eps must be a finite number >= 0, got {eps!r}")
     unit_roundoff = torch.finfo(dtype).eps / 2
     return max(float(eps), _NOISE_ULPS * unit_roundoff * max(max_diag, 0.0))
@@ -241,9 +261,15 @@ def _trim(idx: torch.Tensor, gains: torch.Tensor, return_gains: bool):
     return (idx, gains) if return_gains else idx
 
 
+def _from_numpy(a: np.ndarray, name: str) -> torch.Tensor:
+    if a.dtype.kind != "f":  # object/str/int arrays: name the argument, not torch's converter
+        raise TypeError(f"{name} must be a float32 or float64 array, got numpy {a.dtype}")
+    return torch.from_numpy(np.ascontiguousarray(a, dtype=a.dtype.newbyteorder("=")))  # native byte order
+
+
 def _as_float_matrix(a, name: str) -> torch.Tensor:
     if isinstance(a, np.ndarray):
-        a = torch.from_numpy(a)
+        a = _from_numpy(a, name)
     if not isinstance(a, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor or numpy array, got {type(a).__name__}")
     if a.dtype not in (torch.float32, torch.float64):
@@ -253,7 +279,7 @@ def _as_float_matrix(a, name: str) -> torch.Tensor:
     if a.shape[0] == 0 or a.shape[1] == 0:
         raise ValueError(f"{name} is empty (shape {tuple(a.shape)})")
     _check_device(a, name)
-    return a.contiguous()
+    return a.detach().contiguous()  # selection is not differentiable
 
 
 def _check_device(a: torch.Tensor, name: str) -> None:
@@ -280,8 +306,7 @@ def _check_choice(value, choices: tuple[str, ...], name: str) -> None:
 
 
 def _check_positive(value, name: str) -> None:
-    is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
-    if not is_number or not math.isfinite(value) or value <= 0:
+    if not _is_real(value) or not math.isfinite(value) or value <= 0:
         raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
 
 
@@ -293,7 +318,7 @@ def _check_finite(a: torch.Tensor, name: str) -> None:
 
 
 def _check_quality(quality, x: torch.Tensor) -> torch.Tensor:
-    q = torch.from_numpy(quality) if isinstance(quality, np.ndarray) else quality
+    q = _from_numpy(quality, "quality") if isinstance(quality, np.ndarray) else quality
     if not isinstance(q, torch.Tensor):
         raise TypeError(f"quality must be a torch.Tensor or numpy array, got {type(quality).__name__}")
     if q.shape != (x.shape[0],):
@@ -305,7 +330,7 @@ def _check_quality(quality, x: torch.Tensor) -> torch.Tensor:
     _check_finite(q, "quality")
     if bool((q <= 0).any()):
         raise ValueError("quality must be > 0 for every item")
-    return q.to(x.dtype).contiguous()
+    return q.detach().to(x.dtype).contiguous()
 
 
 def _check_kernel_matrix(m: torch.Tensor) -> None:

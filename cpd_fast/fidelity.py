@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import time
 from dataclasses import asdict, dataclass
 
@@ -152,12 +153,22 @@ def save_report(rows: list[FidelityRow], path: str, **settings: object) -> None:
 
 def load_backend_choices(path: str) -> dict[str, str]:
     """Read ``{task: backend}`` back from a report written by :func:`save_report` / ``cpd envs check``."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no fidelity report at {path!r}; write one with `cpd envs check --out FILE`")
     with open(path) as f:
-        return dict(json.load(f)["backend"])
+        try:
+            payload = json.load(f)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path!r} is not JSON ({err}); re-run `cpd envs check --out {path}`") from err
+    if not isinstance(payload, dict) or not isinstance(payload.get("backend"), dict):
+        raise ValueError(f"{path!r} is not a `cpd envs check` report (no 'backend' table)")
+    return dict(payload["backend"])
 
 
 def add_cli(subparsers: argparse._SubParsersAction) -> None:
     """Register ``cpd envs check`` on the top-level ``cpd`` subparsers."""
+    from cpd_fast.errors import fraction, positive_int, seed
+
     envs = subparsers.add_parser("envs", help="environment utilities (fidelity check)")
     envs_sub = envs.add_subparsers(dest="envs_command", metavar="ENVS_COMMAND", required=True)
     check = envs_sub.add_parser(
@@ -168,11 +179,15 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
     )
     check.add_argument("--suite", default="mt25", help="task suite: mt10, mt25, mt50, cw10 (default mt25)")
     check.add_argument("--tasks", nargs="+", default=None, help="explicit -v3 task names (override --suite)")
-    check.add_argument("--episodes", type=int, default=8, help="episodes per task and backend (default 8)")
-    check.add_argument("--num-envs", type=int, default=8, help="episodes run side by side (default 8)")
-    check.add_argument("--seed", type=int, default=0)
     check.add_argument(
-        "--threshold", type=float, default=DEFAULT_PASS_THRESHOLD, help="success rate counted as a pass"
+        "--episodes", type=positive_int, default=8, help="episodes per task and backend (default 8)"
+    )
+    check.add_argument(
+        "--num-envs", type=positive_int, default=8, help="episodes run side by side (default 8)"
+    )
+    check.add_argument("--seed", type=seed, default=0)
+    check.add_argument(
+        "--threshold", type=fraction, default=DEFAULT_PASS_THRESHOLD, help="success rate counted as a pass"
     )
     check.add_argument("--out", default=None, help="write the results as JSON here")
     check.set_defaults(func=_cli_check)
@@ -180,12 +195,7 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
 
 def _cli_check(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    tasks = args.tasks if args.tasks else args.suite
-    try:
-        task_list = resolve_tasks(tasks)
-    except ValueError as err:
-        print(f"cpd envs check: {err}")
-        return 2
+    task_list = resolve_tasks(args.tasks if args.tasks else args.suite)  # errors: one line (cli.main)
     print(f"fidelity check: {len(task_list)} tasks, {args.episodes} episodes per task and backend")
     print(_header())
     rows = check_fidelity(

@@ -19,6 +19,7 @@ which undoes weight decay and momentum carried from before the freeze). A frozen
 from __future__ import annotations
 
 import math
+import numbers
 import weakref
 from typing import Any, Literal, NamedTuple
 
@@ -201,6 +202,35 @@ register_optimizer_step_post_hook(_after_step)
 # ----------------------------------------------------------------------------- the layer
 
 
+def _is_int(v: Any) -> bool:
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
+def _positive_int(name: str, v: Any) -> int:
+    if not _is_int(v) or v < 1:
+        raise ValueError(f"{name} must be a positive int, got {v!r}")
+    return int(v)
+
+
+def _finite(name: str, v: Any) -> float:
+    if not isinstance(v, numbers.Real) or isinstance(v, bool) or not math.isfinite(v):
+        raise ValueError(f"{name} must be a finite number, got {v!r}")
+    return float(v)
+
+
+def _check_device(device: Any) -> None:
+    if device is None:
+        return
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise ValueError(
+            f"device must be a torch.device or a device string like 'cpu', got {device!r}"
+        ) from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} but torch sees no CUDA device; use 'cpu'")
+
+
 def _check_finite(name: str, t: torch.Tensor) -> None:
     if not torch.compiler.is_compiling() and t.is_floating_point() and not bool(torch.isfinite(t).all()):
         raise ValueError(f"{name} contains NaN or Inf")
@@ -241,15 +271,23 @@ class MoELayer(nn.Module):
         dtype: torch.dtype | None = None,
     ):
         super().__init__()
-        for name, v in (("d_model", d_model), ("d_hidden", d_hidden), ("num_experts", num_experts)):
-            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-                raise ValueError(f"{name} must be a positive int, got {v!r}")
-        if not isinstance(top_k, int) or not 1 <= top_k <= num_experts:
+        d_model, d_hidden, num_experts = (
+            _positive_int(n, v)
+            for n, v in (("d_model", d_model), ("d_hidden", d_hidden), ("num_experts", num_experts))
+        )
+        if not _is_int(top_k) or not 1 <= top_k <= num_experts:
             raise ValueError(f"top_k must satisfy 1 <= top_k <= num_experts={num_experts}, got {top_k!r}")
-        if activation not in ACTIVATIONS:
+        top_k = int(top_k)
+        if not isinstance(activation, str) or activation not in ACTIVATIONS:
             raise ValueError(f"activation must be one of {tuple(ACTIVATIONS)}, got {activation!r}")
-        if backend not in BACKENDS:
+        if not isinstance(backend, str) or backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        _finite("new_expert_gate_bias", new_expert_gate_bias)
+        if _finite("aux_loss_weight", aux_loss_weight) < 0:
+            raise ValueError(f"aux_loss_weight must be >= 0, got {aux_loss_weight!r}")
+        if dtype is not None and (not isinstance(dtype, torch.dtype) or not dtype.is_floating_point):
+            raise TypeError(f"dtype must be a floating-point torch.dtype (or None), got {dtype!r}")
+        _check_device(device)
         self.d_model, self.d_hidden, self.top_k = d_model, d_hidden, top_k
         self.activation, self.backend, self.normalize_topk = activation, backend, normalize_topk
         self.new_expert_gate_bias = float(new_expert_gate_bias)
@@ -380,10 +418,9 @@ class MoELayer(nn.Module):
         every input. Existing values are kept. The stacked parameters are replaced by bigger ones:
         call ``layer.update_optimizer(opt)`` (keeps Adam state) or rebuild the optimizer.
         """
-        if not isinstance(n, int) or n < 1:
-            raise ValueError(f"n must be a positive int, got {n!r}")
+        n = _positive_int("n", n)
         E = self.num_experts
-        gb = self.new_expert_gate_bias if gate_bias is None else float(gate_bias)
+        gb = self.new_expert_gate_bias if gate_bias is None else _finite("gate_bias", gate_bias)
 
         def grow(t: torch.Tensor) -> torch.Tensor:
             return torch.cat([t.detach(), t.new_empty(n, *t.shape[1:])])

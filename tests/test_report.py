@@ -75,8 +75,9 @@ def test_single_seed_has_no_ci_and_cli_registers(tmp_path):
     md = (run / "report" / "results.md").read_text()
     row = next(line for line in md.splitlines() if line.startswith("| cpd |"))
     assert "[" not in row and "| 1 |" in row
-    args = parser.parse_args(["report", str(tmp_path / "missing"), "--out", str(tmp_path / "r")])
-    assert args.func(args) == 2
+    from cpd_fast.cli import main  # a missing run: one line on stderr, exit status 2
+
+    assert main(["report", str(tmp_path / "missing"), "--out", str(tmp_path / "r")]) == 2
 
 
 def test_missing_results_raise(tmp_path):

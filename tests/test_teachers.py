@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 
@@ -14,10 +13,10 @@ pytest.importorskip("metaworld")
 
 from conftest import tiny_ppo_config
 
+from cpd_fast.cli import main
 from cpd_fast.distributed import train_teachers
 from cpd_fast.teachers.base import Teacher, make_teacher
 from cpd_fast.teachers.checkpoint import CheckpointTeacher
-from cpd_fast.teachers.cli import add_cli
 from cpd_fast.teachers.gate import load_teachers_json, usable_teachers
 from cpd_fast.teachers.ppo import train_ppo
 from cpd_fast.teachers.scripted import ScriptedExpert
@@ -27,10 +26,11 @@ UNDERTRAINED = tiny_ppo_config(total_steps=128)
 
 
 def cpd(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="cpd")
-    add_cli(parser.add_subparsers(dest="command"))
-    args = parser.parse_args(argv)
-    return args.func(args)
+    """The ``cpd`` command in-process: errors are one line on stderr, exit status 2."""
+    try:
+        return main(argv)
+    except SystemExit as exit_:  # argparse rejects a bad value before the command runs
+        return exit_.code
 
 
 @pytest.fixture(scope="module")
@@ -103,16 +103,16 @@ def test_gate_retrain_keeps_failure_flagged_and_unused(tmp_path):
 
 def test_cli_bad_input(tmp_path, capsys, policy_path):
     assert cpd(["teachers", "train", "--tasks", "reech-v3", "--run-dir", str(tmp_path)]) == 2
-    assert "unknown Meta-World v3 task 'reech-v3'" in capsys.readouterr().out
+    assert "unknown Meta-World v3 task 'reech-v3'" in capsys.readouterr().err
     assert (
         cpd(["teachers", "train", "--tasks", "reach-v3", "--run-dir", str(tmp_path), "--total-steps", "0"])
         == 2
     )
-    assert "total_steps must be positive" in capsys.readouterr().out
+    assert "argument --total-steps: must be a positive int" in capsys.readouterr().err
     assert cpd(["teachers", "eval", "--task", "reach-v3", "--checkpoint", str(tmp_path / "x.pt")]) == 2
-    assert "no PPO policy checkpoint" in capsys.readouterr().out
+    assert "no PPO policy checkpoint" in capsys.readouterr().err
     assert cpd(["teachers", "collect", "--run-dir", str(tmp_path / "empty")]) == 2
-    assert "no teachers.json" in capsys.readouterr().out
+    assert "no teachers.json" in capsys.readouterr().err
     assert cpd(["teachers", "eval", "--task", "reach-v3", "--checkpoint", policy_path, "--goals", "1"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["protocol"] == "official-subset" and 0 <= out["success_rate"] <= 1

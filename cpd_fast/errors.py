@@ -1,0 +1,116 @@
+"""User errors and how the ``cpd`` command reports them.
+
+A mistake in what the user asked for (an unknown task, a budget <= 0, a missing file, a device that is
+not there) is a :class:`UserError` or one of the built-in errors listed in :data:`USER_ERRORS`; ``cpd``
+prints it as one line, ``cpd <command>: <what was wrong and what to do>``, and exits with status 2.
+Anything else is a bug: one line naming the exception and pointing at ``cpd --debug``, exit status 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from collections.abc import Callable
+from typing import Any
+
+__all__ = [
+    "USER_ERRORS",
+    "UserError",
+    "finite_float",
+    "format_error",
+    "fraction",
+    "nonnegative_float",
+    "nonnegative_int",
+    "positive_float",
+    "positive_int",
+    "require_device",
+    "seed",
+]
+
+
+class UserError(ValueError):
+    """A bad argument, file or setting; the message says what was wrong and what to do instead."""
+
+
+# ValueError: bad values (tasks, suites, budgets, configs, corrupt JSON); OSError: missing/unreadable
+# files, unreachable addresses (ConnectionError); ImportError: an optional dependency is not installed;
+# MemoryError / OverflowError: sizes too large for this machine or for a C integer.
+USER_ERRORS: tuple[type[BaseException], ...] = (
+    ValueError, OSError, ImportError, KeyError, MemoryError, OverflowError
+)  # fmt: skip
+
+DEBUG_HINT = "re-run with `cpd --debug ...` for the traceback"
+
+
+def format_error(prog: str, err: BaseException) -> tuple[str, int]:
+    """The one line ``cpd`` prints for ``err`` and the exit status (2 user error, 1 bug)."""
+    text = " ".join(str(err).split())  # one line, whatever the message held
+    if isinstance(err, KeyError):  # str(KeyError) is only the key's repr
+        return f"{prog}: missing entry {text} ({DEBUG_HINT})", 2
+    if isinstance(err, USER_ERRORS):
+        return f"{prog}: {text or type(err).__name__}", 2
+    detail = f"{type(err).__name__}: {text}" if text else type(err).__name__
+    return f"{prog}: internal error: {detail} (a bug in cpd_fast; {DEBUG_HINT})", 1
+
+
+def require_device(device: str) -> None:
+    """Raise :class:`UserError` unless torch can use ``device`` (``"cpu"``, ``"cuda"``, ``"cuda:1"``)."""
+    import torch
+
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        raise UserError(f"--device {device!r} is not a torch device; use cpu or cuda") from err
+    if dev.type == "cpu":
+        return
+    if dev.type != "cuda":
+        raise UserError(f"--device {device!r} is not supported; use cpu or cuda")
+    if not torch.cuda.is_available():
+        raise UserError(
+            f"--device {device} but torch {torch.__version__} sees no CUDA device; use --device cpu "
+            "(or a machine with a GPU and a CUDA build of torch)"
+        )
+    if dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise UserError(
+            f"--device {device} but only {torch.cuda.device_count()} CUDA device(s) are visible; "
+            "pick an index below that"
+        )
+
+
+# ----------------------------------------------------------------------------- argparse value types
+# Used as ``type=`` of ``cpd`` options: a bad value is a one-line usage error before any work starts.
+
+
+def _number(text: str, kind: type) -> int | float:
+    try:
+        value = kind(text)
+    except (TypeError, ValueError):
+        what = "an int" if kind is int else "a number"
+        raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+    if kind is float and not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
+    return value
+
+
+def _checked(name: str, kind: type, ok: Callable[[Any], bool], rule: str) -> Callable[[str], Any]:
+    """An argparse ``type``: parse ``kind`` from the text, then require ``ok(value)`` (``must be <rule>``)."""
+
+    def parse(text: str) -> Any:
+        value = _number(text, kind)
+        if not ok(value):
+            raise argparse.ArgumentTypeError(f"must be {rule}, got {text!r}")
+        return value
+
+    parse.__name__ = parse.__qualname__ = name
+    parse.__doc__ = f"{'An int' if kind is int else 'A finite number'}: {rule}."
+    return parse
+
+
+positive_int = _checked("positive_int", int, lambda v: v >= 1, "a positive int (>= 1)")  # counts, steps
+nonnegative_int = _checked("nonnegative_int", int, lambda v: v >= 0, "an int >= 0")  # retries
+# every RNG in use (torch, numpy, the envs) accepts it
+seed = _checked("seed", int, lambda v: 0 <= v < 2**31, "an int in [0, 2**31)")
+positive_float = _checked("positive_float", float, lambda v: v > 0, "a finite number > 0")  # budgets, lr
+nonnegative_float = _checked("nonnegative_float", float, lambda v: v >= 0, "a finite number >= 0")  # noise
+finite_float = _checked("finite_float", float, lambda v: True, "a finite number")  # biases
+fraction = _checked("fraction", float, lambda v: 0.0 <= v <= 1.0, "in [0, 1]")  # thresholds, decays

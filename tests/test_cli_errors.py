@@ -1,0 +1,304 @@
+"""Every user mistake on the ``cpd`` command line: one actionable line on stderr, exit status 2, no
+traceback (``cpd --debug`` shows it). In-process through ``cpd_fast.cli.main``; a few via the executable."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from cpd_fast.cli import build_parser, main
+
+
+def run_main(argv: list[str], capsys) -> tuple[int, str, str]:
+    """``main(argv)`` -> (exit status, stdout, stderr); argparse's usage errors exit via SystemExit."""
+    try:
+        code = main(argv)
+    except SystemExit as exit_:
+        code = exit_.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def assert_one_line(argv: list[str], capsys, *fragments: str, prog: str | None = None) -> str:
+    code, out, err = run_main(argv, capsys)
+    lines = err.strip().splitlines()
+    assert code == 2, (argv, code, out, err)
+    assert len(lines) == 1, (argv, err)
+    assert "Traceback" not in err + out and "internal error" not in err
+    line = lines[0]
+    assert line.startswith(prog or "cpd "), line
+    for fragment in fragments:
+        assert fragment in line, (fragment, line)
+    return line
+
+
+def cpd(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
+    exe = shutil.which("cpd")
+    cmd = [exe] if exe else [sys.executable, "-m", "cpd_fast.cli"]
+    return subprocess.run([*cmd, *args], capture_output=True, text=True, timeout=timeout)
+
+
+def _parser_with(option: str) -> list[list[str]]:
+    """Subcommand paths (``["distill"]``, ``["teachers", "train"]``) whose parser has ``option``."""
+    import argparse
+
+    found = []
+
+    def walk(parser: argparse.ArgumentParser, path: list[str]) -> None:
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for name, sub in action.choices.items():
+                    walk(sub, [*path, name])
+            elif option in action.option_strings:
+                found.append(path)
+
+    walk(build_parser(), [])
+    return found
+
+
+def _has_run() -> bool:
+    return ["run"] in _parser_with("--preset")
+
+
+# ----------------------------------------------------------------------------- unknown names
+
+
+def test_unknown_task_suite_method(tmp_path, capsys):
+    out = str(tmp_path / "run")
+    assert_one_line(["distill", "--tasks", "reach-v9", "push-v3", "--out", out], capsys,
+                    "cpd distill: unknown Meta-World v3 task 'reach-v9'", "reach-v3")  # fmt: skip
+    assert not os.path.exists(out)  # refused before the run directory is made
+    assert_one_line(["distill", "--suite", "mt99", "--out", out], capsys, "unknown suite or task 'mt99'")
+    assert_one_line(["teachers", "train", "--suite", "mt99", "--run-dir", out], capsys,
+                    "cpd teachers train: unknown suite or task 'mt99'")  # fmt: skip
+    assert_one_line(["envs", "check", "--tasks", "reach"], capsys, "cpd envs check: unknown", "reach-v3")
+    assert_one_line(["teachers", "eval", "--task", "reach-v9", "--source", "scripted"], capsys,
+                    "cpd teachers eval: unknown Meta-World v3 task")  # fmt: skip
+    assert_one_line(["distill", "--method", "packnet", "--out", out], capsys,
+                    "cpd distill: error: argument --method: invalid choice: 'packnet'", "--help")  # fmt: skip
+    assert_one_line(["frobnicate"], capsys, "cpd: error: argument COMMAND: invalid choice", prog="cpd:")
+    assert_one_line(["distill", "--tasks", "reach-v3", "push-v3", "drawer-close-v3", "--out", out], capsys,
+                    "does not split into stages of 2")  # fmt: skip
+
+
+def test_unknown_preset(capsys):
+    if not _has_run():
+        pytest.skip("`cpd run` is not registered")
+    assert_one_line(["run", "--preset", "huge"], capsys, "cpd run: error: argument --preset", "'huge'")
+
+
+def test_missing_required_argument_is_one_line(capsys):
+    assert_one_line(["distill"], capsys, "cpd distill: error:", "--out")
+    assert_one_line(["teachers"], capsys, "cpd teachers: error:", "TEACHERS_COMMAND")
+
+
+# ----------------------------------------------------------------------------- budgets and counts
+
+
+@pytest.mark.parametrize(
+    ("argv", "fragment"),
+    [
+        (["distill", "--budget", "0"], "argument --budget: must be a finite number > 0, got '0'"),
+        (["distill", "--budget", "-1"], "argument --budget: must be a finite number > 0"),
+        (["distill", "--budget", "nan"], "argument --budget: must be a finite number, got 'nan'"),
+        (["distill", "--budget", "inf"], "argument --budget: must be a finite number"),
+        (["distill", "--budget", "lots"], "argument --budget: expected a number, got 'lots'"),
+        (["distill", "--steps-per-stage", "0"], "argument --steps-per-stage: must be a positive int"),
+        (["distill", "--episodes", "0"], "argument --episodes: must be a positive int (>= 1), got '0'"),
+        (["distill", "--episodes", "-3"], "argument --episodes: must be a positive int"),
+        (["distill", "--lr", "nan"], "argument --lr: must be a finite number"),
+        (["distill", "--replay-fraction", "0"], "argument --replay-fraction: must be a finite number > 0"),
+        (["distill", "--threads", "-1"], "argument --threads: must be a positive int"),
+        (["distill", "--seed", "-1"], "argument --seed: must be an int in [0, 2**31)"),
+        (["teachers", "train", "--total-steps", "0"], "argument --total-steps: must be a positive int"),
+        (["teachers", "train", "--threshold", "nan"], "argument --threshold: must be a finite number"),
+        (["teachers", "train", "--threshold", "1.5"], "argument --threshold: must be in [0, 1]"),
+        (
+            ["teachers", "train", "--retrain-factor", "0"],
+            "argument --retrain-factor: must be a finite number > 0",
+        ),
+        (["teachers", "train", "--workers", "0"], "argument --workers: must be a positive int"),
+        (["teachers", "collect", "--episodes", "0"], "argument --episodes: must be a positive int"),
+        (
+            ["teachers", "collect", "--noise-std", "-0.1"],
+            "argument --noise-std: must be a finite number >= 0",
+        ),
+        (["teachers", "eval", "--goals", "0"], "argument --goals: must be a positive int"),
+        (["envs", "check", "--episodes", "0"], "argument --episodes: must be a positive int"),
+        (["dpp-demo", "--k", "0"], "argument --k: must be a positive int"),
+    ],
+)
+def test_invalid_budgets_and_counts(argv, fragment, tmp_path, capsys):
+    required = {"distill": ["--out", str(tmp_path)], "train": ["--run-dir", str(tmp_path)],
+                "collect": ["--run-dir", str(tmp_path)], "eval": ["--task", "reach-v3"]}  # fmt: skip
+    words = [a for a in argv[:2] if not a.startswith("-")]
+    assert_one_line([*argv, *required.get(words[-1], [])], capsys, fragment, prog=f"cpd {' '.join(words)}:")
+
+
+def test_dpp_demo_k_above_n(capsys):
+    assert_one_line(["dpp-demo", "--n", "5", "--k", "10"], capsys, "cpd dpp-demo: --k 10 is more than --n 5")
+
+
+# ----------------------------------------------------------------------------- teacher files
+
+
+def _teachers_json(run_dir, path: str | None) -> None:
+    from cpd_fast.teachers.gate import TeacherRecord, write_teachers_json
+
+    rec = TeacherRecord(task="reach-v3", source="ppo", path=path, success_rate=0.9, protocol="official",
+                        threshold=0.8, passed=True, status="ok", used=True, flagged=False,
+                        history=[])  # fmt: skip
+    write_teachers_json(run_dir, {"reach-v3": rec}, tasks=["reach-v3"])
+
+
+def test_missing_teacher_files(tmp_path, capsys):
+    empty = tmp_path / "teachers"
+    empty.mkdir()
+    assert_one_line(["teachers", "collect", "--run-dir", str(empty)], capsys,
+                    "cpd teachers collect: no teachers.json at",
+                    "run `cpd teachers train` first")  # fmt: skip
+    assert_one_line(["distill", "--tasks", "reach-v3", "push-v3", "--teachers", str(empty), "--out",
+                     str(tmp_path / "run")], capsys, "cpd distill: no teachers.json")  # fmt: skip
+
+    _teachers_json(empty, str(tmp_path / "gone" / "policy.pt"))  # points at a checkpoint that is not there
+    assert_one_line(["teachers", "collect", "--run-dir", str(empty), "--tasks", "reach-v3"], capsys,
+                    "cpd teachers collect: no PPO policy checkpoint at", "gone/policy.pt")  # fmt: skip
+    assert not (empty / "datasets").exists()  # every teacher loads before any collection starts
+    missing = str(tmp_path / "x.pt")
+    assert_one_line(["teachers", "eval", "--task", "reach-v3", "--checkpoint", missing], capsys,
+                    "cpd teachers eval: no PPO policy checkpoint at")  # fmt: skip
+    assert_one_line(["teachers", "eval", "--task", "reach-v3"], capsys, "--checkpoint PATH is required")
+    assert_one_line(["teachers", "train", "--tasks", "reach-v3", "--run-dir", str(tmp_path / "r"),
+                     "--fidelity", str(tmp_path / "nope.json")], capsys,
+                    "cpd teachers train: no fidelity report at", "cpd envs check --out")  # fmt: skip
+
+
+def _bad_checkpoint(path, obs_dim: int = 39, act_dim: int = 4, garbage: bool = False) -> str:
+    """A policy.pt whose network takes ``obs_dim`` observations / gives ``act_dim`` actions."""
+    from cpd_fast.teachers.ppo import ActorCritic, PPOConfig, policy_payload
+
+    if garbage:
+        path.write_bytes(b"PK\x03\x04 truncated")  # a torch zip cut short
+        return str(path)
+    payload = policy_payload(ActorCritic(PPOConfig()), PPOConfig(), "reach-v3")
+    resized = {}
+    for k, v in payload["state_dict"].items():
+        shape = list(v.shape)
+        if k.startswith("obs_norm.") and shape:
+            shape = [obs_dim]
+        elif k.endswith(".0.weight"):
+            shape[1] = obs_dim
+        elif k == "actor_logstd" or (k.startswith("actor.4") and shape):
+            shape[0] = act_dim
+        resized[k] = torch.zeros(shape, dtype=v.dtype)
+    payload["state_dict"] = resized
+    torch.save(payload, path)
+    return str(path)
+
+
+def test_teacher_observation_dim_mismatch(tmp_path, capsys):
+    ckpt = _bad_checkpoint(tmp_path / "policy.pt", obs_dim=50)
+    assert_one_line(["teachers", "eval", "--task", "reach-v3", "--checkpoint", ckpt], capsys,
+                    "cpd teachers eval: teacher checkpoint", "takes 50-dim observations",
+                    "use 39", "cpd teachers train")  # fmt: skip
+    _teachers_json(tmp_path, ckpt)  # the same checkpoint behind a gate: collection refuses it too
+    assert_one_line(["teachers", "collect", "--run-dir", str(tmp_path)], capsys, "takes 50-dim observations")
+
+    ckpt = _bad_checkpoint(tmp_path / "act.pt", act_dim=6)
+    assert_one_line(["teachers", "eval", "--task", "reach-v3", "--checkpoint", ckpt], capsys,
+                    "outputs 6-dim actions but Meta-World v3 tasks use 4")  # fmt: skip
+    ckpt = _bad_checkpoint(tmp_path / "junk.pt", garbage=True)
+    assert_one_line(["teachers", "eval", "--task", "reach-v3", "--checkpoint", ckpt], capsys,
+                    "cannot read teacher checkpoint", "corrupt")  # fmt: skip
+
+
+def test_checkpoint_teacher_api_names_the_dims(tmp_path):
+    from cpd_fast.teachers.checkpoint import CheckpointTeacher
+
+    with pytest.raises(ValueError, match=r"takes 7-dim observations but .* use 39"):
+        CheckpointTeacher(_bad_checkpoint(tmp_path / "p.pt", obs_dim=7), task="reach-v3")
+
+
+# ----------------------------------------------------------------------------- device and Ray
+
+
+def test_device_that_is_not_there(tmp_path, capsys):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    paths = _parser_with("--device")
+    assert ["distill"] in paths
+    required = {"distill": ["--out", str(tmp_path / "d")], "run": ["--out", str(tmp_path / "r")]}
+    for path in paths:
+        argv = [*path, *required.get(path[-1], []), "--device", "cuda"]
+        assert_one_line(argv, capsys, f"cpd {' '.join(path)}: --device cuda but torch", "sees no CUDA device",
+                        "use --device cpu")  # fmt: skip
+    assert not os.listdir(tmp_path)  # refused before anything was written
+
+
+def test_ray_address_that_does_not_answer(tmp_path, capsys):
+    t0 = time.perf_counter()
+    argv = ["teachers", "train", "--backend", "ray", "--ray-address", "127.0.0.1:1", "--tasks", "reach-v3",
+            "--run-dir", str(tmp_path / "r")]  # fmt: skip
+    assert_one_line(
+        argv, capsys, "cpd teachers train: no Ray cluster answers at 127.0.0.1:1", "ray start --head"
+    )
+    assert time.perf_counter() - t0 < 20
+    argv[argv.index("127.0.0.1:1")] = "headnode"
+    assert_one_line(argv, capsys, "--ray-address 'headnode' is not HOST:PORT")
+    assert not (tmp_path / "r" / "teachers.json").exists()
+
+
+def test_ray_address_check_times_out_fast():
+    from cpd_fast.distributed import check_ray_address
+
+    t0 = time.perf_counter()
+    with pytest.raises(ConnectionError, match="no Ray cluster answers"):
+        check_ray_address("192.0.2.1:6379", timeout=0.5)  # TEST-NET-1: never answers
+    assert time.perf_counter() - t0 < 5
+    check_ray_address(None)
+    check_ray_address("auto")
+
+
+# ----------------------------------------------------------------------------- the executable, --debug, bugs
+
+
+def test_executable_one_line_and_debug_traceback(tmp_path):
+    r = cpd("teachers", "train", "--backend", "ray", "--ray-address", "127.0.0.1:1", "--tasks", "reach-v3",
+            "--run-dir", str(tmp_path / "r"))  # fmt: skip
+    assert r.returncode == 2 and r.stderr.strip().count("\n") == 0, r.stderr
+    assert r.stderr.startswith("cpd teachers train: no Ray cluster answers") and "Traceback" not in r.stderr
+
+    r = cpd("distill", "--suite", "mt99", "--out", str(tmp_path / "d"))
+    assert r.returncode == 2 and r.stderr.strip() == (
+        "cpd distill: unknown suite or task 'mt99'. Suites: mt10, mt25, mt50, cw10; or pass a list of -v3 "
+        "task names."
+    )
+    r = cpd("--debug", "distill", "--suite", "mt99", "--out", str(tmp_path / "d"))
+    assert r.returncode != 0 and "Traceback (most recent call last)" in r.stderr
+    assert "ValueError: unknown suite or task 'mt99'" in r.stderr
+
+    r = cpd("distill", "--budget", "0", "--out", str(tmp_path / "d"))
+    assert r.returncode == 2 and r.stderr.strip().count("\n") == 0 and "--budget" in r.stderr
+
+
+def test_bug_is_one_line_with_debug_hint(capsys, monkeypatch):
+    import cpd_fast.demo
+
+    def broken(**kw):
+        raise RuntimeError("boom\nsecond line")
+
+    monkeypatch.setattr(cpd_fast.demo, "dpp_demo", broken)
+    code, _, err = run_main(["dpp-demo", "--n", "10", "--k", "2"], capsys)
+    assert code == 1 and err.strip().count("\n") == 0
+    assert err.strip() == (
+        "cpd dpp-demo: internal error: RuntimeError: boom second line (a bug in cpd_fast; re-run with "
+        "`cpd --debug ...` for the traceback)"
+    )
+    with pytest.raises(RuntimeError, match="boom"):
+        main(["--debug", "dpp-demo", "--n", "10", "--k", "2"])
