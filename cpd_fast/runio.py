@@ -156,7 +156,10 @@ def load_torch_checked(path: str | os.PathLike, recover: str | None = None, **kw
     kwargs.setdefault("weights_only", True)
     try:
         return torch.load(path, **kwargs)
-    except (RuntimeError, EOFError, pickle.UnpicklingError) as err:  # "failed finding central directory"
+    except PermissionError:
+        raise
+    # a damaged zip archive: RuntimeError "failed finding central directory", OSError EINVAL, EOFError, ...
+    except (RuntimeError, EOFError, OSError, pickle.UnpicklingError) as err:
         why = f"{type(err).__name__}: {err}".splitlines()[0]
         raise CorruptFileError(_corrupt_message(path, why, recover)) from err
 
