@@ -1,8 +1,8 @@
 """The continual-distillation protocol: phase masking, growth, an end-to-end tiny run, resume, errors."""
 
+import itertools
 import json
 import os
-import shutil
 from types import SimpleNamespace
 
 import numpy as np
@@ -132,6 +132,17 @@ def test_phases_per_method():
     assert phases_of(tiny_config(method="joint"), 0) == [("train", 80)]  # the sum over the 2 stages
 
 
+def test_lr_schedule_warms_up_then_decays_per_phase():
+    cfg = tiny_config(warmup_steps=10, lr_min_ratio=0.1)
+    f = [continual.lr_factor(cfg, it, 200) for it in range(200)]
+    assert f[0] == pytest.approx(0.1) and f[9] == pytest.approx(1.0)  # linear warm-up over 10 steps
+    assert all(a >= b for a, b in itertools.pairwise(f[9:]))  # then non-increasing
+    assert f[-1] == pytest.approx(0.1, abs=1e-3)  # ends at lr_min_ratio
+    assert continual.lr_factor(tiny_config(lr_schedule="constant"), 5, 200) == 1.0
+    with pytest.raises(ValueError, match="lr_schedule"):
+        tiny_config(lr_schedule="step")
+
+
 def test_windows_pad_at_history_start():
     data = synthetic_data()
     idx = torch.tensor([0, 2, 10])
@@ -182,8 +193,15 @@ def test_tiny_run_end_to_end(tiny_run, tmp_path):
     assert set(json.load(open(run_dir / "progress.json"))["done"]) >= {"stage1/phase2", "stage1/eval"}
     with open(run_dir / "config.json") as f:
         assert DistillConfig.from_dict(json.load(f)).method == "cpd"
+    # both evaluation modes: the main matrix (inferred embedding) and the task-id (prototype) one
+    assert on_disk.extra["eval_mode"] == "inferred"
+    R_proto = np.array(on_disk.extra["success_matrix_modes"]["prototype"], dtype=float)
+    assert R_proto.shape == R.shape and not np.isnan(R_proto[1]).any()
+    assert set(on_disk.extra["time_s"]) == {"data", "train", "replay", "eval"}
+    assert on_disk.extra["time_s"]["train"] > 0 and on_disk.extra["time_s"]["eval"] > 0
     written = write_report([run_dir], tmp_path / "report")
     assert (tmp_path / "report" / "results.md").is_file() and len(written) >= 4
+    assert "| cpd [task id] |" in (tmp_path / "report" / "results.md").read_text()
 
     # the trained student imitates the teacher on held-out episodes far better than an untrained one
     collect_dataset(ScriptedExpert("reach-v3"), "reach-v3", tmp_path / "ho", episodes=1, num_envs=1,
@@ -239,12 +257,14 @@ def test_resume_after_kill_reproduces_the_run(tiny_run, tmp_path, monkeypatch):
 def test_baselines_run(tiny_run, tmp_path, method):
     _, run_dir, _ = tiny_run
     out = tmp_path / method
-    # reuse the collected teacher data (same config fields) so the test only pays for training
-    shutil.copytree(run_dir / "datasets", out / "datasets")
-    with open(out / "progress.json", "w") as f:
-        json.dump({"done": [f"data/{t}" for t in TASKS]}, f)
-    shutil.copy(run_dir / "teacher_success.json", out / "teacher_success.json")
-    r = run_distill(tiny_config(method=method, steps_per_stage=10, eval_goals=1), out)
+    # share the collected teacher data (same collection settings) so the test only pays for training;
+    # its manifests make the run skip collection: the datasets' files stay untouched
+    data_dir = run_dir / "datasets"
+    stamp = {p: p.stat().st_mtime_ns for p in data_dir.rglob("*") if p.is_file()}
+    cfg = tiny_config(method=method, steps_per_stage=10, data_dir=str(data_dir), eval_modes=("inferred",))
+    r = run_distill(cfg, out)
+    assert {p: p.stat().st_mtime_ns for p in data_dir.rglob("*") if p.is_file()} == stamp
+    assert not (out / "datasets").exists() and r.extra["success_matrix_modes"] == {}
     R = np.array(r.R)
     assert R.shape == ((1, 4) if method == "joint" else (2, 4))
     assert r.extra["num_experts"] == 4  # fixed capacity: one expert per task of the whole suite

@@ -174,6 +174,16 @@ def test_losses_train_all_terms_and_prototype_vs_inferred():
     # per-position targets
     out = s.losses(obs, torch.zeros(16, H, ACT), labels, update_prototypes=False)
     assert torch.isfinite(out["total"])
+    # use_prototype picks the conditioning per window: all False = inferred, all True = prototype
+    target = torch.zeros(16, ACT)
+    for flag, ref in ((False, inferred), (True, proto)):
+        use = torch.full((16,), flag)
+        out = s.losses(obs, target, labels, update_prototypes=False, use_prototype=use)
+        torch.testing.assert_close(out["mse"], ((ref - target) ** 2).mean())
+    mixed = torch.arange(16) % 2 == 0
+    out = s.losses(obs, target, labels, update_prototypes=False, use_prototype=mixed)
+    both = torch.where(mixed[:, None], proto, inferred)
+    torch.testing.assert_close(out["mse"], ((both - target) ** 2).mean())
 
 
 def test_prototype_requires_seen_task():
