@@ -11,7 +11,9 @@ class _Parser(argparse.ArgumentParser):
     """argparse with a one-line usage error (the full usage is one ``--help`` away)."""
 
     def error(self, message: str) -> NoReturn:
-        self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
+        from cpd_fast.errors import printable
+
+        self.exit(2, f"{self.prog}: error: {printable(message)} (see `{self.prog} --help`)\n")
 
 
 def build_parser() -> argparse.ArgumentParser:

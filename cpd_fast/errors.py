@@ -23,6 +23,7 @@ __all__ = [
     "nonnegative_int",
     "positive_float",
     "positive_int",
+    "printable",
     "require_device",
     "seed",
 ]
@@ -42,9 +43,17 @@ USER_ERRORS: tuple[type[BaseException], ...] = (
 DEBUG_HINT = "re-run with `cpd --debug ...` for the traceback"
 
 
+def printable(text: str) -> str:
+    """``text`` with every non-printable character escaped (``\\r``, ``\\x1b``, ``\\u202e``): user input
+    echoed in a message can neither break the line nor drive the terminal."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
+
+
 def format_error(prog: str, err: BaseException) -> tuple[str, int]:
     """The one line ``cpd`` prints for ``err`` and the exit status (2 user error, 1 bug)."""
-    text = " ".join(str(err).split())  # one line, whatever the message held
+    text = printable(" ".join(str(err).split()))  # one line, whatever the message held
     if isinstance(err, KeyError):  # str(KeyError) is only the key's repr
         return f"{prog}: missing entry {text} ({DEBUG_HINT})", 2
     if isinstance(err, USER_ERRORS):
