@@ -98,6 +98,10 @@ def collect_dataset(
         raise ValueError(f"episodes must be a positive int, got {episodes!r}")
     if isinstance(num_envs, bool) or not isinstance(num_envs, int) or num_envs <= 0:
         raise ValueError(f"num_envs must be a positive int, got {num_envs!r}")
+    if isinstance(max_episode_steps, bool) or not isinstance(max_episode_steps, int):
+        raise ValueError(f"max_episode_steps must be an int, got {max_episode_steps!r}")
+    if not 1 <= max_episode_steps <= MAX_EPISODE_STEPS:  # checked before the episode buffers are allocated
+        raise ValueError(f"max_episode_steps must be in 1..{MAX_EPISODE_STEPS}, got {max_episode_steps}")
     if not isinstance(noise_std, int | float) or not noise_std >= 0 or not np.isfinite(noise_std):
         raise ValueError(f"noise_std must be a finite number >= 0, got {noise_std!r}")
     ds_id = dataset_id(task, namespace)

@@ -56,10 +56,19 @@ def format_error(prog: str, err: BaseException) -> tuple[str, int]:
     text = printable(" ".join(str(err).split()))  # one line, whatever the message held
     if isinstance(err, KeyError):  # str(KeyError) is only the key's repr
         return f"{prog}: missing entry {text} ({DEBUG_HINT})", 2
+    if isinstance(err, MemoryError) or _is_torch_oom(err):  # sizes the user chose do not fit
+        return f"{prog}: out of memory ({text or type(err).__name__}); choose smaller sizes or counts", 2
     if isinstance(err, USER_ERRORS):
         return f"{prog}: {text or type(err).__name__}", 2
     detail = f"{type(err).__name__}: {text}" if text else type(err).__name__
     return f"{prog}: internal error: {detail} (a bug in cpd_fast; {DEBUG_HINT})", 1
+
+
+def _is_torch_oom(err: BaseException) -> bool:
+    # torch.OutOfMemoryError (CUDA) or the CPU allocator's RuntimeError; no torch import needed here
+    return type(err).__name__ == "OutOfMemoryError" or (
+        isinstance(err, RuntimeError) and "DefaultCPUAllocator: can't allocate memory" in str(err)
+    )
 
 
 def require_device(device: str) -> None:

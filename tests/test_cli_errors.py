@@ -302,3 +302,27 @@ def test_bug_is_one_line_with_debug_hint(capsys, monkeypatch):
     )
     with pytest.raises(RuntimeError, match="boom"):
         main(["--debug", "dpp-demo", "--n", "10", "--k", "2"])
+
+
+def test_collect_checks_episode_length_before_allocating(tmp_path, capsys):
+    argv = ["teachers", "collect", "--run-dir", str(tmp_path), "--source", "scripted", "--tasks", "reach-v3",
+            "--max-episode-steps", "1000000000"]  # fmt: skip
+    assert_one_line(argv, capsys, "cpd teachers collect: max_episode_steps must be in 1..500")
+
+
+def test_error_classification():
+    from cpd_fast.errors import format_error
+
+    oom = RuntimeError("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate "
+                       "memory: you tried to allocate 400000000000000 bytes.")  # fmt: skip
+    line, code = format_error("cpd x", oom)
+    assert code == 2 and line.startswith("cpd x: out of memory (") and "choose smaller sizes" in line
+    assert format_error("cpd x", MemoryError())[1] == 2
+    assert format_error("cpd x", KeyError("teachers")) == (
+        "cpd x: missing entry 'teachers' (re-run with `cpd --debug ...` for the traceback)",
+        2,
+    )
+    assert format_error("cpd x", ConnectionError("refused")) == ("cpd x: refused", 2)
+    assert format_error("cpd x", ValueError("two\r\nlines \x1b[31m")) == ("cpd x: two lines \\x1b[31m", 2)
+    line, code = format_error("cpd x", AttributeError("oops"))
+    assert code == 1 and line.startswith("cpd x: internal error: AttributeError: oops (a bug in cpd_fast;")
