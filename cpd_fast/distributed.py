@@ -184,16 +184,20 @@ def check_ray_address(address: str | None, timeout: float = RAY_CONNECT_TIMEOUT_
 
     ``ray.init(address=...)`` keeps retrying an address that does not answer for minutes; a TCP connect
     to ``HOST:PORT`` (``ray://HOST:PORT`` for Ray Client) tells a typo or a stopped cluster at once.
-    ``None`` (start a local Ray) and ``"auto"`` (Ray finds a cluster on this node itself) are not checked.
+    ``None`` (start a local Ray) and ``"auto"`` (Ray finds a cluster on this node itself) defer to the
+    ``RAY_ADDRESS`` environment variable as ``ray.init`` does; that address is checked when set.
     """
+    where = "--ray-address"
     if not address or address == "auto":
-        return
+        address, where = os.environ.get("RAY_ADDRESS", ""), "RAY_ADDRESS"
+        if not address or address == "auto":
+            return
     hostport = address.split("://", 1)[1] if "://" in address else address
     host, sep, port = hostport.rpartition(":")
     host = host.strip("[]")  # [IPv6]:port
     if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
         raise ValueError(
-            f"--ray-address {address!r} is not HOST:PORT, ray://HOST:PORT or 'auto' "
+            f"{where} {address!r} is not HOST:PORT, ray://HOST:PORT or 'auto' "
             "(the head node prints its address on `ray start --head`)"
         )
     try:
@@ -203,7 +207,7 @@ def check_ray_address(address: str | None, timeout: float = RAY_CONNECT_TIMEOUT_
         why = getattr(err, "strerror", None) or str(err) or type(err).__name__
         raise ConnectionError(
             f"no Ray cluster answers at {address} ({why}, {timeout:g} s connect timeout); start one with "
-            "`ray start --head` on the head node, or fix --ray-address"
+            f"`ray start --head` on the head node, or fix {where}"
         ) from err
 
 

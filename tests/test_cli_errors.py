@@ -254,8 +254,10 @@ def test_ray_address_that_does_not_answer(tmp_path, capsys):
     assert not (tmp_path / "r" / "teachers.json").exists()
 
 
-def test_ray_address_check_times_out_fast():
+def test_ray_address_check_times_out_fast(monkeypatch):
     from cpd_fast.distributed import check_ray_address
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
 
     t0 = time.perf_counter()
     with pytest.raises(ConnectionError, match="no Ray cluster answers"):
@@ -263,6 +265,18 @@ def test_ray_address_check_times_out_fast():
     assert time.perf_counter() - t0 < 5
     check_ray_address(None)
     check_ray_address("auto")
+
+
+def test_ray_address_from_the_environment_is_checked(monkeypatch):
+    from cpd_fast.distributed import check_ray_address
+
+    monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:1")  # what ray.init() / ray.init("auto") would join
+    for address in (None, "auto"):
+        with pytest.raises(ConnectionError, match=r"answers at 127\.0\.0\.1:1 .* fix RAY_ADDRESS"):
+            check_ray_address(address)
+    monkeypatch.setenv("RAY_ADDRESS", "nonsense")
+    with pytest.raises(ValueError, match="RAY_ADDRESS 'nonsense' is not HOST:PORT"):
+        check_ray_address(None)
 
 
 # ----------------------------------------------------------------------------- the executable, --debug, bugs
