@@ -28,9 +28,12 @@ run (1500 steps per stage, 10 evaluation goals): the numbers are noisy, and mt10
 
 **Resume.** Re-running with the same ``--out`` continues: finished steps are skipped (their outputs are
 checked first), an interrupted distillation restarts at its last finished phase, an interrupted PPO
-teacher at its last checkpoint, an interrupted collection at the next task. ``cpd run --out RUN`` alone
-resumes with ``RUN/config.yaml``. A different config is refused, naming the keys that differ; the
-runtime-only keys (device, Ray backend/address, workers, progress) may change.
+teacher at its last checkpoint, an interrupted collection at the next task. Once a step runs, every
+later one runs too (cheaply: each skips its own finished work), so a redone step is never ignored
+downstream. ``cpd run --out RUN`` alone resumes with ``RUN/config.yaml``. A different config is
+refused, naming the keys that differ; the runtime-only keys (device, Ray backend/address, workers,
+progress) may change. A run directory records its own path (teachers, datasets): resume it where it was
+made.
 
 **Integrity.** Every write is atomic (:mod:`cpd_fast.runio`). Torch checkpoints carry a ``.sha256``
 sidecar and datasets a checksum per file in their ``<task>.collected.json``; a resumed run verifies them
@@ -46,10 +49,10 @@ is another sample of the same training run.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import glob
 import json
+import logging
 import os
 import time
 from dataclasses import dataclass, field
@@ -65,7 +68,8 @@ PRESETS = ("quick", "mt10", "mt25")
 _OWNED = ("suite", "tasks", "tasks_per_stage", "method", "teachers", "fidelity", "seed", "device", "data_dir",
           "progress")  # fmt: skip
 # keys that change how a run executes, not what it computes: they may differ on resume
-_RUNTIME = {"device", "backend", "ray_address", "workers", "progress", "ppo.device", "distill.threads"}
+_PPO_OWNED = ("seed", "device")  # PPOConfig fields set from the top level
+_RUNTIME = {"device", "backend", "ray_address", "workers", "progress", "distill.threads"}
 STATE_FILE = "pipeline.json"
 
 
@@ -146,14 +150,17 @@ class PipelineConfig:
             raise ValueError(
                 f"fidelity.episodes must be >= 0 (0 skips the check), got {self.fidelity.episodes}"
             )
-        owned = sorted(set(self.distill) & set(_OWNED))
-        if owned:
-            raise ValueError(f"set {', '.join(owned)} at the top level of the config, not under distill")
+        for section, keys in (("distill", _OWNED), ("ppo", _PPO_OWNED)):
+            owned = sorted(set(getattr(self, section)) & set(keys))
+            if owned:
+                raise ValueError(
+                    f"set {', '.join(owned)} at the top level of the config, not under {section}"
+                )
         self.task_list()  # known tasks that split into equal stages
         # resolve (and so validate) the two nested configs: every number the run uses ends up in config.yaml
         self.distill = _strip(self.distill_config(self.methods[0]).to_dict(), _OWNED)
         if self.teachers == "ppo":
-            self.ppo = self.ppo_config().to_dict()
+            self.ppo = _strip(self.ppo_config().to_dict(), _PPO_OWNED)
         if self.gate.eval_goals is None:
             self.gate.eval_goals = self.distill["eval_goals"]
 
@@ -173,7 +180,7 @@ class PipelineConfig:
         from cpd_fast.teachers.ppo import PPOConfig
 
         known = _known(PPOConfig, self.ppo, "ppo")
-        return PPOConfig(**{"device": self.device, **known, "seed": self.seed})
+        return PPOConfig(**known, device=self.device, seed=self.seed)
 
     def task_list(self) -> list[str]:
         from cpd_fast.tasks import resolve_tasks, stages
@@ -325,10 +332,13 @@ class _State:
 def _remedy(run_dir: str, path: str) -> str:
     """What to delete to redo the step that wrote ``path`` (the step re-runs because its output is gone)."""
     rel = os.path.relpath(path, run_dir).split(os.sep)
-    if rel[0] in ("methods", "teachers") and len(rel) > 2:
-        what = "that method's distillation" if rel[0] == "methods" else "that teacher's training"
-        return f"delete {os.path.join(run_dir, rel[0], rel[1])} and re-run the same command to redo {what}"
-    return "delete it and re-run the same command to redo the step that wrote it"
+    again = "and re-run the same command to redo"
+    if rel[0] == "methods" and len(rel) > 2:
+        return f"delete {os.path.join(run_dir, *rel[:2])} {again} that method's distillation"
+    if rel[0] == "teachers" and len(rel) > 2:
+        where = f"{os.path.join(run_dir, *rel[:2])} and {os.path.join(run_dir, 'teachers.json')}"
+        return f"delete {where} {again} that teacher's training"
+    return f"delete it {again} the step that wrote it"
 
 
 def verify_run_dir(run_dir: str) -> int:
@@ -404,13 +414,17 @@ class Pipeline:
         return os.path.join(self.run_dir, "methods", method)
 
     def run(self) -> dict[str, dict[str, Any]]:
+        """Run the unfinished steps. Once one runs, every later step runs too (each is idempotent, so what
+        is already done inside it is skipped): a redone upstream step is never silently ignored."""
         steps = self.steps()
+        cascade = False
         for i, (name, fn, outputs) in enumerate(steps, 1):
             head = f"[bold]\\[{i}/{len(steps)}] {name}[/bold]"
-            if self.state.done(name, outputs):
+            if not cascade and self.state.done(name, outputs):
                 self.console.print(f"{head}: done earlier, skipped")
                 continue
             self.console.print(f"{head}: {self.describe(name)}")
+            cascade = True
             t0 = time.perf_counter()
             record = fn() or {}
             record["time_s"] = round(time.perf_counter() - t0, 1)
@@ -628,19 +642,11 @@ def run_pipeline(cfg: PipelineConfig, run_dir: str, console: Any = None) -> dict
     if resumed:
         n = verify_run_dir(run_dir)
         console.print(f"resuming {run_dir} ({n} checksummed files verified)")
-    pipe = Pipeline(cfg, run_dir, console)
-    with _quiet_logs():
-        steps = pipe.run()
+    # warnings (a teacher below the gate, an envpool mismatch) as one line each
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    steps = Pipeline(cfg, run_dir, console).run()
     print_summary(cfg, run_dir, console, time.perf_counter() - t0)
     return steps
-
-
-@contextlib.contextmanager
-def _quiet_logs():
-    import logging
-
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    yield
 
 
 def print_summary(cfg: PipelineConfig, run_dir: str, console: Any, wall: float) -> None:

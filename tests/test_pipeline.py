@@ -178,26 +178,36 @@ def test_different_config_is_refused(tiny_config, uninterrupted):
     assert config_diff(saved, cfg.to_dict()) == []
 
 
-def test_corrupt_files_are_named_with_the_remedy(tiny_config, uninterrupted, tmp_path):
-    run = str(tmp_path / "C")
-    shutil.copytree(uninterrupted, run)
+def test_corrupt_files_are_named_and_the_remedy_works(tiny_config, uninterrupted):
+    # in place: a run directory records its own path (run_distill refuses a copy whose paths differ), and
+    # following the remedies restores exactly what was there (the steps are deterministic)
+    run = uninterrupted
+    before = {m: _results(run, m) for m in TINY["methods"]}
+    data_before = _manifest_files(run, "pick-place-v3")
     cfg = resolve_config(config_file=tiny_config)
+    # a truncated dataset file: named, with the manifest to delete; doing so re-collects that task only
+    rel = next(r for r in _manifest_files(run, "pick-place-v3") if r.endswith(".hdf5"))
+    path = os.path.join(run, "datasets", rel)
+    with open(path, "r+b") as f:
+        f.truncate(os.path.getsize(path) // 2)
+    with pytest.raises(
+        CorruptFileError, match=re.escape(path) + r" is corrupt.*delete .*pick-place-v3\.collected"
+    ):
+        run_pipeline(cfg, run)
+    os.remove(os.path.join(run, "datasets", "pick-place-v3.collected.json"))
+    # a flipped byte in a checkpoint: named, with the method directory to delete; doing so redoes cpd
     ckpt = os.path.join(run, "methods", "cpd", "checkpoints", "stage0-train.pt")
     data = bytearray(open(ckpt, "rb").read())
     data[len(data) // 2] ^= 0xFF
     open(ckpt, "wb").write(bytes(data))
     with pytest.raises(
-        CorruptFileError, match=r"stage0-train.pt is corrupt.*delete .*methods/cpd and re-run"
+        CorruptFileError, match=r"stage0-train\.pt is corrupt.*sha256.*delete .*methods/cpd and re-run"
     ):
         run_pipeline(cfg, run)
-    shutil.copy(os.path.join(uninterrupted, "methods", "cpd", "checkpoints", "stage0-train.pt"), ckpt)
-
-    (rel, _), *_ = _manifest_files(run, "pick-place-v3").items()
-    path = os.path.join(run, "datasets", rel)
-    with open(path, "r+b") as f:
-        f.truncate(os.path.getsize(path) // 2)
-    with pytest.raises(CorruptFileError, match=r"delete .*pick-place-v3.collected.json and re-run"):
-        run_pipeline(cfg, run)
+    shutil.rmtree(os.path.join(run, "methods", "cpd"))
+    run_pipeline(cfg, run)
+    assert _manifest_files(run, "pick-place-v3") == data_before
+    assert {m: _results(run, m) for m in TINY["methods"]} == before
 
 
 def test_checked_loader_detects_truncation_and_bit_flips(tmp_path):
