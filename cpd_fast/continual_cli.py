@@ -13,7 +13,7 @@ __all__ = ["add_cli"]
 
 def add_cli(subparsers: argparse._SubParsersAction) -> None:
     """Register ``cpd distill`` on the top-level ``cpd`` subparsers."""
-    from cpd_fast.continual import METHODS, DistillConfig
+    from cpd_fast.continual import EVAL_MODES, METHODS, DistillConfig
     from cpd_fast.errors import finite_float, fraction, nonnegative_float, positive_float, positive_int, seed
 
     d = DistillConfig()
@@ -51,6 +51,11 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--batch-size", type=positive_int, default=d.batch_size)
     p.add_argument("--lr", type=positive_float, default=d.lr)
+    p.add_argument(
+        "--eval-modes", nargs="+", choices=EVAL_MODES, default=list(d.eval_modes),
+        help="evaluation modes, the first one is the main matrix: inferred (no task id) and/or prototype "
+        "(the task id selects its prototype embedding) (default: %(default)s)",
+    )  # fmt: skip
     p.add_argument(
         "--eval-goals", type=positive_int, default=d.eval_goals, help="official goals per evaluation (50)"
     )
@@ -93,6 +98,7 @@ def _cli_distill(args: argparse.Namespace) -> int:
         budget=args.budget, data_dir=args.data_dir,
         steps_per_stage=args.steps_per_stage, episodes_per_task=args.episodes, noise_std=args.noise_std,
         batch_size=args.batch_size, lr=args.lr, eval_goals=args.eval_goals, eval_envs=args.eval_envs,
+        eval_modes=tuple(args.eval_modes),
         replay_fraction=args.replay_fraction, replay_selection=args.replay_selection,
         freeze_shared=not args.no_freeze_shared, phase2=not args.no_phase2, gate_bias=args.gate_bias,
         route_new_experts=not args.no_route_new_experts,

@@ -59,15 +59,20 @@ def load_runs(result_paths: Iterable[str | os.PathLike]) -> list[RunResult]:
 MODE_LABELS = {"prototype": "task id"}
 
 
+def _mode_label(method: str, mode: str) -> str:
+    return f"{method} [{MODE_LABELS.get(mode, mode)}]"
+
+
 def _with_eval_modes(run: RunResult) -> list[RunResult]:
     """The run, plus one pseudo-run per extra evaluation mode (e.g. ``cpd [task id]``: the same student
     evaluated with its task's prototype instead of the inferred embedding), so each mode gets its row."""
-    out = [run]
+    main = run.extra.get("eval_mode", "inferred")
+    out = [run if main == "inferred" else dataclasses.replace(run, method=_mode_label(run.method, main))]
     for mode, matrix in run.extra.get("success_matrix_modes", {}).items():
         R = [[math.nan if x is None else float(x) for x in row] for row in matrix]
         out.append(
             dataclasses.replace(
-                run, method=f"{run.method} [{MODE_LABELS.get(mode, mode)}]", success_matrix=R,
+                run, method=_mode_label(run.method, mode), success_matrix=R,
                 extra={**run.extra, "eval_mode": mode, "success_matrix_modes": {}},
             )
         )  # fmt: skip
@@ -250,7 +255,9 @@ def write_report(
         "Relative performance: mean over tasks of student / teacher success after the last stage (tasks "
         "whose teacher never succeeds are excluded). ACC: mean final success. Forgetting: best success "
         "at an earlier stage minus final success, per task, averaged. BWT: final minus end-of-own-stage "
-        "success, averaged over tasks before the last stage.",
+        "success, averaged over tasks before the last stage. Rows marked [task id]: the student is given "
+        "the task id, which selects the task's learned prototype embedding; unmarked rows give no task id "
+        "(the embedding is inferred from the observation history).",
         "",
     ]
     md_path = out / "results.md"
