@@ -244,6 +244,9 @@ def test_config_file_round_trip_and_flag_overrides(tmp_path, capsys):
     assert capsys.readouterr().out == first
     assert main(["run", "--config", str(path), "--seed", "4", "--print-config"]) == 0
     assert yaml.safe_load(capsys.readouterr().out)["seed"] == 4  # flags beat the file
+    assert main(["run", "--ray-address", "auto", "--print-config"]) == 0
+    d = yaml.safe_load(capsys.readouterr().out)
+    assert (d["backend"], d["ray_address"]) == ("ray", "auto")
 
 
 @pytest.mark.parametrize(
