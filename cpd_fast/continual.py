@@ -195,6 +195,31 @@ class DistillConfig:
         return max(1, round(self.budget * self.steps_per_stage))
 
     @property
+    def label(self) -> str:
+        """The method's name in results and reports, with every ablation that differs from the default
+        (``cpd`` / ``cpd (no shared freeze)`` / ...): runs group by it, so ablations never pool as seeds."""
+        d = DistillConfig()
+        notes = []
+        if self.method in FREEZING and not self.freeze_shared:
+            notes.append("no shared freeze")
+        if self.method == "cpd":
+            if not self.phase2:
+                notes.append("no phase 2")
+            if self.gate_bias != d.gate_bias:
+                notes.append(f"gate bias {self.gate_bias:g}")
+            if not self.route_new_experts:
+                notes.append("top-k routing only")
+        if self.selection is not None:
+            default_selection = "uniform" if self.method == "replay" else "dpp"
+            if self.selection != default_selection:
+                notes.append(f"{self.selection} replay")
+            if self.replay_fraction != d.replay_fraction:
+                notes.append(f"replay {100 * self.replay_fraction:g}%")
+        if self.method in ("ewc", "online-ewc") and self.ewc_lambda != d.ewc_lambda:
+            notes.append(f"lambda {self.ewc_lambda:g}")
+        return self.method + (f" ({', '.join(notes)})" if notes else "")
+
+    @property
     def selection(self) -> str | None:
         """Replay selection of this run (None: no replay)."""
         if self.method in ("cpd", "static-moe"):
@@ -644,7 +669,7 @@ def _run_distill(cfg: DistillConfig, run_dir: str | os.PathLike, dist: ddp.DistC
     def result(wall: float, complete: bool) -> RunResult:
         task_stage = [0 if joint else next(s for s, st in enumerate(run_stages) if t in st) for t in tasks]
         return RunResult(
-            suite=suite_name, method=cfg.method, seed=cfg.seed, tasks=tasks, task_stage=task_stage,
+            suite=suite_name, method=cfg.label, seed=cfg.seed, tasks=tasks, task_stage=task_stage,
             success_matrix=R.tolist(), teacher_success=[teacher_success[t] for t in tasks], wall_time_s=wall,
             extra={"complete": complete, "eval_mode": main_mode,
                    "success_matrix_modes": {m: _nan_to_none(v) for m, v in R_modes.items() if m != main_mode},

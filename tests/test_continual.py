@@ -132,6 +132,15 @@ def test_phases_per_method():
     assert phases_of(tiny_config(method="joint"), 0) == [("train", 80)]  # the sum over the 2 stages
 
 
+def test_label_names_every_ablation_so_reports_never_pool_them():
+    assert tiny_config().label == "cpd"
+    assert tiny_config(freeze_shared=False, phase2=False).label == "cpd (no shared freeze, no phase 2)"
+    uniform5 = tiny_config(replay_selection="uniform", replay_fraction=0.05)
+    assert uniform5.label == "cpd (uniform replay, replay 5%)"
+    assert tiny_config(method="replay").label == "replay"  # uniform is replay's own default
+    assert tiny_config(method="finetune", freeze_shared=False).label == "finetune"  # flag unused there
+
+
 def test_lr_schedule_warms_up_then_decays_per_phase():
     cfg = tiny_config(warmup_steps=10, lr_min_ratio=0.1)
     f = [continual.lr_factor(cfg, it, 200) for it in range(200)]
