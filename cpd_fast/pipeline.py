@@ -58,6 +58,8 @@ import json
 import logging
 import os
 import time
+import types
+import typing
 from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any
@@ -122,6 +124,11 @@ class PipelineConfig:
         from cpd_fast.distributed import BACKENDS
         from cpd_fast.teachers.gate import ON_FAIL
 
+        if isinstance(self.methods, str):
+            self.methods = [self.methods]
+        _known(PipelineConfig, dict(vars(self)), "the config")  # field types
+        if self.workers is not None and self.workers < 1:
+            raise ValueError(f"workers must be a positive int, got {self.workers}")
         if isinstance(self.fidelity, dict):
             self.fidelity = FidelitySettings(**_known(FidelitySettings, self.fidelity, "fidelity"))
         if isinstance(self.gate, dict):
@@ -134,8 +141,6 @@ class PipelineConfig:
             raise ValueError(f"unknown teachers {self.teachers!r}; choose scripted or ppo")
         if self.backend not in BACKENDS:
             raise ValueError(f"unknown backend {self.backend!r}; choose one of {', '.join(BACKENDS)}")
-        if isinstance(self.methods, str):
-            self.methods = [self.methods]
         bad = [m for m in self.methods if m not in METHODS]
         if bad or not self.methods:
             raise ValueError(
@@ -162,8 +167,9 @@ class PipelineConfig:
         self.task_list()  # known tasks that split into equal stages
         # resolve (and so validate) the two nested configs: every number the run uses ends up in config.yaml
         self.distill = _strip(self.distill_config(self.methods[0]).to_dict(), _OWNED)
+        ppo = _strip(self.ppo_config().to_dict(), _PPO_OWNED)  # validated even when unused
         if self.teachers == "ppo":
-            self.ppo = _strip(self.ppo_config().to_dict(), _PPO_OWNED)
+            self.ppo = ppo
         if self.gate.eval_goals is None:
             self.gate.eval_goals = self.distill["eval_goals"]
 
@@ -197,18 +203,60 @@ class PipelineConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> PipelineConfig:
+        if not isinstance(d, dict):
+            raise ValueError(f"a config must be a mapping (key: value), got {d!r}")
+        d = {**d, "methods": [d["methods"]]} if isinstance(d.get("methods"), str) else d
         return cls(**_known(cls, d, "the config"))
 
 
 def _known(cls: type, d: dict[str, Any], where: str) -> dict[str, Any]:
-    """``d`` restricted to ``cls``'s fields; an unknown key is a user mistake (a typo), said in one line."""
+    """``d`` checked against ``cls``'s fields: an unknown key (a typo) or a value of the wrong type (``abc``
+    for a number) is a user mistake, said in one line, not a ``TypeError`` deep inside a constructor."""
+    if not isinstance(d, dict):
+        raise ValueError(f"{where} must be a mapping (key: value), got {d!r}")
+    hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(d) - names)
     if unknown:
         raise ValueError(
             f"unknown key(s) in {where}: {', '.join(unknown)}; known: {', '.join(sorted(names))}"
         )
+    for k, v in d.items():
+        if not _type_ok(v, hints[k]):
+            raise ValueError(f"{where}: {k} must be {_type_name(hints[k])}, got {v!r}")
     return dict(d)
+
+
+def _type_ok(v: Any, hint: Any) -> bool:
+    """Does a YAML value fit a field annotation? (lists stand for tuples, mappings for dataclasses)."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_type_ok(v, a) for a in args)
+    if hint is Any:
+        return True
+    if hint is type(None):
+        return v is None
+    if origin in (list, tuple):
+        return isinstance(v, list | tuple) and all(_type_ok(x, args[0]) for x in v)
+    if origin is dict or dataclasses.is_dataclass(hint):
+        return isinstance(v, dict) or (dataclasses.is_dataclass(hint) and isinstance(v, hint))
+    if hint is float:
+        return isinstance(v, int | float) and not isinstance(v, bool)
+    if hint is int:
+        return isinstance(v, int) and not isinstance(v, bool)
+    return isinstance(v, hint) if isinstance(hint, type) else True
+
+
+def _type_name(hint: Any) -> str:
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(hint))
+    if hint is type(None):
+        return "null"
+    if typing.get_origin(hint) in (list, tuple):
+        return "a list"
+    if typing.get_origin(hint) is dict or dataclasses.is_dataclass(hint):
+        return "a mapping"
+    return getattr(hint, "__name__", str(hint))
 
 
 def _strip(d: dict[str, Any], keys: tuple[str, ...]) -> dict[str, Any]:
@@ -264,7 +312,12 @@ def parse_set(items: list[str]) -> dict[str, Any]:
         *parents, leaf = key.strip().split(".")
         for p in parents:
             node = node.setdefault(p, {})
-        node[leaf] = yaml.safe_load(value)
+        if not all([*parents, leaf]):
+            raise ValueError(f"--set key {key!r} has an empty part; write e.g. distill.steps_per_stage=500")
+        try:
+            node[leaf] = yaml.safe_load(value)
+        except yaml.YAMLError as err:
+            raise ValueError(f"--set {key}: {value!r} is not a YAML value ({type(err).__name__})") from None
     return out
 
 

@@ -258,6 +258,11 @@ def test_config_file_round_trip_and_flag_overrides(tmp_path, capsys):
         ("tasks_per_stage=3", "does not split into stages"),
         ("gate.on_fail=ignore", "unknown gate.on_fail"),
         ("nonsense", "KEY=VALUE"),
+        ("seed=abc", "seed must be int"),
+        ("gate.threshold=abc", "threshold must be float"),
+        ("distill.student=3", "student must be a mapping"),
+        ("distill.lr=[1]", "lr must be float"),
+        ("x=[", "not a YAML value"),
     ],
 )
 def test_bad_config_values_give_one_line_errors(override, message, capsys):
