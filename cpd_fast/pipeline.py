@@ -692,6 +692,10 @@ def run_pipeline(cfg: PipelineConfig, run_dir: str, console: Any = None) -> dict
 
         if not torch.cuda.is_available():
             raise ValueError("--device cuda but torch sees no CUDA device; use --device cpu")
+    if cfg.teachers == "ppo" and cfg.backend == "ray":  # fail now, not after the fidelity check
+        from cpd_fast.distributed import check_ray_address
+
+        check_ray_address(cfg.ray_address)
     t0 = time.perf_counter()
     resumed = os.path.isfile(os.path.join(run_dir, "config.yaml"))
     prepare_run_dir(cfg, run_dir)
