@@ -491,7 +491,7 @@ def _phase_seed(seed: int, stage: int, tag: str) -> int:
     return (seed * 1_000_003 + stage * 10_007 + sum(map(ord, tag)) * 101) % (2**62)
 
 
-def _teacher_specs(cfg: DistillConfig, tasks: list[str]) -> dict[str, tuple[str, str | None, float | None]]:
+def teacher_specs(cfg: DistillConfig, tasks: list[str]) -> dict[str, tuple[str, str | None, float | None]]:
     """``{task: (source, path, recorded official success or None)}``; one-line errors for user mistakes."""
     if cfg.teachers == "scripted":
         return {t: ("scripted", None, None) for t in tasks}
@@ -511,6 +511,39 @@ def _teacher_specs(cfg: DistillConfig, tasks: list[str]) -> dict[str, tuple[str,
         official = r.success_rate if r.protocol == "official" else None
         out[t] = (r.source, path, official)
     return out
+
+
+def ensure_dataset(
+    cfg: DistillConfig, task: str, root: str, source: str, path: str | None, backend: str
+) -> dict[str, Any]:
+    """Collect ``task``'s teacher dataset under ``root`` unless one made with the same settings is there.
+
+    What makes the data is recorded in ``root/<task>.collected.json`` (``spec``: teacher, episodes, noise,
+    seed, episode length, env backend, evaluation goals; ``files``: sha256 of each dataset file), written
+    after the dataset is complete; runs (and every method of a ``cpd run``) sharing ``root`` reuse it.
+    Returns the manifest (callers may add ``teacher_success`` and rewrite it).
+    """
+    from cpd_fast.data import collect_dataset, dataset_files
+    from cpd_fast.teachers.base import make_teacher
+
+    spec = {"teacher": f"{source}:{path or task}", "episodes": cfg.episodes_per_task,
+            "noise_std": cfg.noise_std, "seed": cfg.seed, "max_episode_steps": cfg.max_episode_steps,
+            "backend": backend, "eval_goals": cfg.eval_goals}  # fmt: skip
+    manifest_path = os.path.join(root, f"{task}.collected.json")
+    manifest: dict[str, Any] = {}
+    if os.path.isfile(manifest_path):
+        with open(manifest_path) as f:
+            manifest = json.load(f)
+    if manifest.get("spec") != spec:
+        teacher = make_teacher(source, task, path, device="cpu")
+        collect_dataset(
+            teacher, task, root, episodes=cfg.episodes_per_task, num_envs=cfg.collect_envs,
+            noise_std=cfg.noise_std, backend=backend, seed=cfg.seed, max_episode_steps=cfg.max_episode_steps,
+            overwrite=True, teacher_name=spec["teacher"],
+        )  # fmt: skip
+        manifest = {"spec": spec, "files": dataset_files(root, task)}
+        write_json_atomic(manifest_path, manifest)
+    return manifest
 
 
 def _log_writer(run_dir: str, cfg: DistillConfig):
@@ -541,7 +574,7 @@ def run_distill(cfg: DistillConfig, run_dir: str | os.PathLike, data_parallel: b
 
 
 def _run_distill(cfg: DistillConfig, run_dir: str | os.PathLike, dist: ddp.DistContext | None) -> Any:
-    from cpd_fast.data import collect_dataset, load_teacher_data
+    from cpd_fast.data import load_teacher_data
     from cpd_fast.metrics import RunResult
     from cpd_fast.teachers.base import make_teacher
     from cpd_fast.teachers.gate import evaluate_teacher
@@ -580,7 +613,7 @@ def _run_distill(cfg: DistillConfig, run_dir: str | os.PathLike, dist: ddp.DistC
         clock.update(timing.get("clock", {}))
 
     # 2. teachers and data
-    specs = _teacher_specs(cfg, tasks)
+    specs = teacher_specs(cfg, tasks)
     backends = dict(KNOWN_BAD_ENVPOOL)
     if cfg.fidelity:
         from cpd_fast.fidelity import load_backend_choices
@@ -594,38 +627,20 @@ def _run_distill(cfg: DistillConfig, run_dir: str | os.PathLike, dist: ddp.DistC
             teacher_success = json.load(f)
     for task in tasks if main else []:  # rank 0 collects; the other ranks read its files after the barrier
         source, path, official = specs[task]
-        teacher = None
         t0 = time.perf_counter()
-        # what makes the task's data: a dataset collected with the same settings is reused
-        spec = {"teacher": f"{source}:{path or task}", "episodes": cfg.episodes_per_task,
-                "noise_std": cfg.noise_std, "seed": cfg.seed, "max_episode_steps": cfg.max_episode_steps,
-                "backend": backends.get(task, "envpool"), "eval_goals": cfg.eval_goals}  # fmt: skip
-        manifest_path = os.path.join(root, f"{task}.collected.json")
-        manifest = {}
-        if os.path.isfile(manifest_path):
-            with open(manifest_path) as f:
-                manifest = json.load(f)
-        if manifest.get("spec") != spec:
-            teacher = make_teacher(source, task, path, device="cpu")
-            collect_dataset(
-                teacher, task, root, episodes=cfg.episodes_per_task, num_envs=cfg.collect_envs,
-                noise_std=cfg.noise_std, backend=spec["backend"], seed=cfg.seed,
-                max_episode_steps=cfg.max_episode_steps, overwrite=True, teacher_name=spec["teacher"],
-            )  # fmt: skip
-            manifest = {"spec": spec}
-            write_json_atomic(manifest_path, manifest)
+        manifest = ensure_dataset(cfg, task, root, source, path, backends.get(task, "envpool"))
         if task not in teacher_success:
             if "teacher_success" not in manifest:
                 if official is not None and cfg.eval_goals == 50:
                     manifest["teacher_success"] = float(official)
                 else:
-                    teacher = teacher or make_teacher(source, task, path, device="cpu")
+                    teacher = make_teacher(source, task, path, device="cpu")
                     manifest["teacher_success"] = float(
                         evaluate_teacher(teacher, task, num_goals=cfg.eval_goals, num_envs=cfg.eval_envs)[
                             "success_rate"
                         ]
                     )
-                write_json_atomic(manifest_path, manifest)
+                write_json_atomic(os.path.join(root, f"{task}.collected.json"), manifest)
             teacher_success[task] = manifest["teacher_success"]
             write_json_atomic(ts_path, teacher_success)
         clock["data"] += time.perf_counter() - t0

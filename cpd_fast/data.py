@@ -29,7 +29,14 @@ import numpy as np
 from cpd_fast.envs import ACT_DIM, MAX_EPISODE_STEPS, OBS_DIM, make_vec_env
 from cpd_fast.tasks import MT50, validate_task
 
-__all__ = ["TeacherData", "collect_dataset", "dataset_id", "load_teacher_data"]
+__all__ = [
+    "TeacherData",
+    "collect_dataset",
+    "dataset_files",
+    "dataset_id",
+    "load_teacher_data",
+    "verify_dataset_files",
+]
 
 DEFAULT_NAMESPACE = "cpd"
 
@@ -292,3 +299,42 @@ def load_teacher_data(
         step=cat["step"],
         tasks=tasks,
     )
+
+
+def dataset_files(root: str | os.PathLike, task: str, namespace: str = DEFAULT_NAMESPACE) -> dict[str, str]:
+    """``{path relative to root: sha256}`` of the files of ``task``'s Minari dataset under ``root``."""
+    import glob
+
+    from cpd_fast.runio import file_sha256
+
+    root = os.fspath(root)
+    top = os.path.join(root, dataset_id(task, namespace))
+    paths = sorted(p for p in glob.glob(os.path.join(top, "**", "*"), recursive=True) if os.path.isfile(p))
+    return {os.path.relpath(p, root): file_sha256(p) for p in paths}
+
+
+def verify_dataset_files(manifest_path: str | os.PathLike) -> int:
+    """Check the files listed in a ``<task>.collected.json`` manifest against their sha256; returns how many.
+
+    Raises:
+        CorruptFileError: naming the missing or damaged file, or the manifest itself, and how to recover.
+    """
+    import json
+
+    from cpd_fast.runio import CorruptFileError, file_sha256
+
+    manifest_path = os.fspath(manifest_path)
+    root = os.path.dirname(manifest_path)
+    try:
+        with open(manifest_path) as f:
+            files = json.load(f).get("files", {})
+    except json.JSONDecodeError:
+        raise CorruptFileError(f"{manifest_path} is corrupt; delete it and re-run to collect again") from None
+    for rel, digest in files.items():
+        path = os.path.join(root, rel)
+        if not os.path.isfile(path) or file_sha256(path) != digest:
+            raise CorruptFileError(
+                f"{path} is {'missing' if not os.path.isfile(path) else 'corrupt (sha256 mismatch)'}; delete "
+                f"{manifest_path} and re-run the same command to collect that task again"
+            )
+    return len(files)

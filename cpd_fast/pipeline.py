@@ -64,7 +64,8 @@ from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any
 
-from cpd_fast.runio import CorruptFileError, atomic_path, file_sha256, verify_sha256, write_json_atomic
+from cpd_fast.data import verify_dataset_files
+from cpd_fast.runio import CorruptFileError, atomic_path, verify_sha256, write_json_atomic
 
 __all__ = ["PRESETS", "PipelineConfig", "add_cli", "load_preset", "resolve_config", "run_pipeline"]
 
@@ -409,34 +410,8 @@ def verify_run_dir(run_dir: str) -> int:
         if os.path.isfile(path):
             n += verify_sha256(path, _remedy(run_dir, path))
     for manifest_path in sorted(glob.glob(os.path.join(run_dir, "datasets", "*.collected.json"))):
-        n += _verify_dataset(manifest_path)
+        n += verify_dataset_files(manifest_path)
     return n
-
-
-def _verify_dataset(manifest_path: str) -> int:
-    root = os.path.dirname(manifest_path)
-    try:
-        with open(manifest_path) as f:
-            files = json.load(f).get("files", {})
-    except json.JSONDecodeError:
-        raise CorruptFileError(f"{manifest_path} is corrupt; delete it and re-run to collect again") from None
-    for rel, digest in files.items():
-        path = os.path.join(root, rel)
-        if not os.path.isfile(path) or file_sha256(path) != digest:
-            raise CorruptFileError(
-                f"{path} is {'missing' if not os.path.isfile(path) else 'corrupt (sha256 mismatch)'}; delete "
-                f"{manifest_path} and re-run the same command to collect that task again"
-            )
-    return len(files)
-
-
-def _dataset_files(root: str, task: str) -> dict[str, str]:
-    """``{path relative to root: sha256}`` of the files of ``task``'s Minari dataset."""
-    from cpd_fast.data import DEFAULT_NAMESPACE, dataset_id
-
-    top = os.path.join(root, dataset_id(task, DEFAULT_NAMESPACE))
-    paths = sorted(p for p in glob.glob(os.path.join(top, "**", "*"), recursive=True) if os.path.isfile(p))
-    return {os.path.relpath(p, root): file_sha256(p) for p in paths}
 
 
 # ----------------------------------------------------------------------------- the steps
@@ -581,43 +556,22 @@ class Pipeline:
 
     # ---- collection
     def collect(self) -> dict[str, Any]:
-        """One dataset per task, reused by every method: ``run_distill`` skips a task whose manifest
-        (``<task>.collected.json``) holds the same collection spec, so this writes exactly that spec."""
+        """One dataset per task, reused by every method (:func:`cpd_fast.continual.ensure_dataset`: the
+        same manifest ``<task>.collected.json`` that ``run_distill`` checks before collecting)."""
         from tqdm import tqdm
 
-        from cpd_fast.continual import _teacher_specs
-        from cpd_fast.data import collect_dataset
-        from cpd_fast.teachers.base import make_teacher
+        from cpd_fast.continual import ensure_dataset, teacher_specs
 
-        d = self.cfg.distill
         dcfg = self.cfg.distill_config(self.cfg.methods[0], self.run_dir, self.fidelity_path)
-        specs = _teacher_specs(dcfg, self.tasks)
+        specs = teacher_specs(dcfg, self.tasks)
         backends = self._backends()
         out = {}
         for task in tqdm(self.tasks, desc="collect", disable=not self.cfg.progress, leave=False):
             source, path, _ = specs[task]
-            # the same spec as cpd_fast.continual.run_distill's, so that it reuses this data
-            spec = {"teacher": f"{source}:{path or task}", "episodes": d["episodes_per_task"],
-                    "noise_std": d["noise_std"], "seed": self.cfg.seed,
-                    "max_episode_steps": d["max_episode_steps"], "backend": backends.get(task, "envpool"),
-                    "eval_goals": d["eval_goals"]}  # fmt: skip
-            manifest_path = os.path.join(self.data_root, f"{task}.collected.json")
-            manifest: dict[str, Any] = {}
-            if os.path.isfile(manifest_path):
-                with open(manifest_path) as f:
-                    manifest = json.load(f)
-            if manifest.get("spec") != spec or not manifest.get("files"):
-                teacher = make_teacher(source, task, path, device="cpu")
-                collect_dataset(
-                    teacher, task, self.data_root, episodes=d["episodes_per_task"],
-                    num_envs=d["collect_envs"], noise_std=d["noise_std"], backend=spec["backend"],
-                    seed=self.cfg.seed, max_episode_steps=d["max_episode_steps"], overwrite=True,
-                    teacher_name=spec["teacher"],
-                )  # fmt: skip
-                manifest = {"spec": spec, "files": _dataset_files(self.data_root, task)}
-                if self.cfg.gate.eval_goals == d["eval_goals"]:  # the gate measured what run_distill would
-                    manifest["teacher_success"] = self._teacher_success(task)
-                write_json_atomic(manifest_path, manifest)
+            manifest = ensure_dataset(dcfg, task, self.data_root, source, path, backends.get(task, "envpool"))
+            if "teacher_success" not in manifest and self.cfg.gate.eval_goals == dcfg.eval_goals:
+                manifest["teacher_success"] = self._teacher_success(task)  # the gate measured it already
+                write_json_atomic(os.path.join(self.data_root, f"{task}.collected.json"), manifest)
             out[task] = {"files": len(manifest["files"])}
         return out
 
@@ -631,7 +585,7 @@ class Pipeline:
         from cpd_fast.continual import run_distill
 
         for task in self.tasks:  # a method must not train on data that changed since it was collected
-            _verify_dataset(os.path.join(self.data_root, f"{task}.collected.json"))
+            verify_dataset_files(os.path.join(self.data_root, f"{task}.collected.json"))
         result = run_distill(
             self.cfg.distill_config(method, self.run_dir, self.fidelity_path), self.method_dir(method)
         )

@@ -170,7 +170,7 @@ def test_config_errors():
     with pytest.raises(ValueError, match="unknown Meta-World"):
         run_distill(tiny_config(tasks=["reach-v9", "push-v3"]), "/nonexistent/never")
     with pytest.raises(FileNotFoundError, match=r"teachers\.json"):
-        continual._teacher_specs(tiny_config(teachers="/nonexistent/dir"), TASKS)
+        continual.teacher_specs(tiny_config(teachers="/nonexistent/dir"), TASKS)
 
 
 # ----------------------------------------------------------------------------- end to end
