@@ -594,7 +594,8 @@ def _run_distill(cfg: DistillConfig, run_dir: str | os.PathLike, dist: ddp.DistC
         with open(cfg_path) as f:
             saved = json.load(f)
         mine = json.loads(json.dumps(cfg.to_dict()))
-        ignore = {"progress", "tensorboard", "threads", "device"}
+        # runtime-only keys; eval_modes may grow (a finished run evaluates just the added modes)
+        ignore = {"progress", "tensorboard", "threads", "device", "eval_modes"}
         diff = sorted(k for k in mine if k not in ignore and saved.get(k) != mine[k])
         if diff:
             raise ValueError(
@@ -767,19 +768,27 @@ def _run_distill(cfg: DistillConfig, run_dir: str | os.PathLike, dist: ddp.DistC
             replay.update({int(t): ReplaySet.from_dict(d) for t, d in loaded.items()})
         # evaluation of every task seen so far
         eval_path = os.path.join(run_dir, "eval", f"stage{s}.json")
-        if main and f"stage{s}/eval" not in progress:
+        # a finished stage re-run with more eval_modes evaluates only the missing ones (the student holds
+        # this stage's final weights here: skipped phases load their checkpoints)
+        rows = {}
+        if f"stage{s}/eval" in progress and os.path.isfile(eval_path):
+            with open(eval_path) as f:
+                rows = json.load(f)
+        missing = [m for m in cfg.eval_modes if m not in rows]
+        if main and (f"stage{s}/eval" not in progress or missing):
             t0 = time.perf_counter()
             student.eval()
-            rows: dict[str, dict[str, float]] = {m: {} for m in cfg.eval_modes}
+            rows.update({m: {} for m in missing})
             for t in seen:
-                for m in cfg.eval_modes:
+                for m in missing:
                     with torch.no_grad():
                         v = evaluate_student(student, tasks[t], cfg, None if m == "inferred" else t)
                     rows[m][tasks[t]] = v
                     if writer is not None:
                         writer.add_scalar(f"success_{m}/{tasks[t]}", v, s)
             write_json_atomic(eval_path, rows)
-            progress.mark(f"stage{s}/eval")
+            if f"stage{s}/eval" not in progress:
+                progress.mark(f"stage{s}/eval")
             clock["eval"] += time.perf_counter() - t0
         ddp.barrier(dist)
         with open(eval_path) as f:

@@ -60,14 +60,14 @@ MODE_LABELS = {"prototype": "task id"}
 
 
 def _mode_label(method: str, mode: str) -> str:
-    return f"{method} [{MODE_LABELS.get(mode, mode)}]"
+    return method if mode == "inferred" else f"{method} [{MODE_LABELS.get(mode, mode)}]"
 
 
 def _with_eval_modes(run: RunResult) -> list[RunResult]:
     """The run, plus one pseudo-run per extra evaluation mode (e.g. ``cpd [task id]``: the same student
     evaluated with its task's prototype instead of the inferred embedding), so each mode gets its row."""
     main = run.extra.get("eval_mode", "inferred")
-    out = [run if main == "inferred" else dataclasses.replace(run, method=_mode_label(run.method, main))]
+    out = [dataclasses.replace(run, method=_mode_label(run.method, main))]
     for mode, matrix in run.extra.get("success_matrix_modes", {}).items():
         R = [[math.nan if x is None else float(x) for x in row] for row in matrix]
         out.append(

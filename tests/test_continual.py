@@ -1,5 +1,6 @@
 """The continual-distillation protocol: phase masking, growth, an end-to-end tiny run, resume, errors."""
 
+import dataclasses
 import itertools
 import json
 import os
@@ -274,6 +275,12 @@ def test_baselines_run(tiny_run, tmp_path, method):
     r = run_distill(cfg, out)
     assert {p: p.stat().st_mtime_ns for p in data_dir.rglob("*") if p.is_file()} == stamp
     assert not (out / "datasets").exists() and r.extra["success_matrix_modes"] == {}
+    if method == "replay":  # a finished run re-run with an added eval mode evaluates only that mode
+        before = (out / "checkpoints" / "stage1-train.pt").stat().st_mtime_ns
+        r2 = run_distill(dataclasses.replace(cfg, eval_modes=("inferred", "prototype")), out)
+        assert (out / "checkpoints" / "stage1-train.pt").stat().st_mtime_ns == before  # no retraining
+        np.testing.assert_array_equal(np.array(r2.R), np.array(r.R))
+        assert not np.isnan(np.array(r2.extra["success_matrix_modes"]["prototype"], dtype=float)[1]).any()
     R = np.array(r.R)
     assert R.shape == ((1, 4) if method == "joint" else (2, 4))
     assert r.extra["num_experts"] == 4  # fixed capacity: one expert per task of the whole suite
