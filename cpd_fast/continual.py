@@ -97,6 +97,7 @@ class DistillConfig:
 
     suite: str = "mt25"
     tasks: list[str] | None = None  # explicit task list (overrides the suite's tasks)
+    name: str | None = None  # the task list's name in results and reports (default: see _task_list_name)
     tasks_per_stage: int = 5
     method: str = "cpd"
     teachers: str = "scripted"  # "scripted" or a teachers RUN_DIR holding teachers.json
@@ -513,6 +514,17 @@ def teacher_specs(cfg: DistillConfig, tasks: list[str]) -> dict[str, tuple[str, 
     return out
 
 
+def _task_list_name(cfg: DistillConfig) -> str:
+    """The suite, ``"mt25[:10]"`` for an explicit list that is a suite's first tasks, else ``"custom"``."""
+    if not cfg.tasks:
+        return cfg.suite
+    from cpd_fast.tasks import SUITES
+
+    suite = SUITES.get(cfg.suite, ())
+    n = len(cfg.tasks)
+    return f"{cfg.suite}[:{n}]" if list(suite[:n]) == list(cfg.tasks) else "custom"
+
+
 def ensure_dataset(
     cfg: DistillConfig, task: str, root: str, source: str, path: str | None, backend: str
 ) -> dict[str, Any]:
@@ -587,7 +599,7 @@ def _run_distill(cfg: DistillConfig, run_dir: str | os.PathLike, dist: ddp.DistC
         torch.set_num_threads(cfg.threads)
     stage_tasks = _stage_tasks(cfg)
     tasks = [t for s in stage_tasks for t in s]
-    suite_name = cfg.suite if not cfg.tasks else "custom"
+    suite_name = cfg.name or _task_list_name(cfg)
     # 1. resolved config first (a resumed run must use the same one)
     cfg_path = os.path.join(run_dir, "config.json")
     if os.path.isfile(cfg_path):

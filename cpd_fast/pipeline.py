@@ -179,6 +179,7 @@ class PipelineConfig:
         from cpd_fast.continual import DistillConfig
 
         known = _known(DistillConfig, self.distill, "distill")
+        known["name"] = known.get("name") or self.suite or self.preset  # the report's title for the tasks
         return DistillConfig(
             **known, suite=self.suite or "custom", tasks=self.tasks, tasks_per_stage=self.tasks_per_stage,
             method=method, teachers=run_dir or "scripted", fidelity=fidelity, seed=self.seed,
