@@ -251,6 +251,25 @@ class RunResult:
     def metrics(self, min_teacher_success: float = 0.0) -> RunMetrics:
         return compute_metrics(self.R, self.teacher_success, self.task_stage, min_teacher_success)
 
+    def first_stages(self, n: int) -> RunResult:
+        """The run as of its first ``n`` stages: the tasks introduced in them and the rows measured after
+        them, e.g. to set an MT25 run beside runs on MT25's first ten tasks. The suite is renamed
+        ``"<suite>[:<tasks>]"`` and the wall time is unknown (NaN); a run with ≤ n stages is returned as is.
+        """
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ValueError(f"n must be a positive int, got {n!r}")
+        if self.R.shape[0] <= n:
+            return self
+        keep = [j for j, st in enumerate(self.task_stage) if st < n]
+        cut = lambda M: [[M[i][j] for j in keep] for i in range(n)]
+        modes = {m: cut(M) for m, M in self.extra.get("success_matrix_modes", {}).items()}
+        return RunResult(
+            suite=f"{self.suite}[:{len(keep)}]", method=self.method, seed=self.seed,
+            tasks=[self.tasks[j] for j in keep], task_stage=[self.task_stage[j] for j in keep],
+            success_matrix=cut(self.R.tolist()), teacher_success=[self.teacher_success[j] for j in keep],
+            wall_time_s=math.nan, extra={**self.extra, "success_matrix_modes": modes, "first_stages": n},
+        )  # fmt: skip
+
     def to_json(self) -> dict:
         d = asdict(self)
         d["success_matrix"] = [[None if math.isnan(x) else x for x in row] for row in self.R.tolist()]

@@ -41,8 +41,9 @@ __all__ = ["add_cli", "format_table", "load_runs", "write_report"]
 _TABLE_COLUMNS = ("relative_performance", "acc", "mean_forgetting", "bwt")
 
 
-def load_runs(result_paths: Iterable[str | os.PathLike]) -> list[RunResult]:
-    """Load results files or run directories (their ``results.json``)."""
+def load_runs(result_paths: Iterable[str | os.PathLike], stages: int | None = None) -> list[RunResult]:
+    """Load results files or run directories (their ``results.json``); ``stages``: each run as of its first
+    ``stages`` stages (:meth:`RunResult.first_stages`)."""
     runs = []
     for p in result_paths:
         path = Path(p)
@@ -50,7 +51,8 @@ def load_runs(result_paths: Iterable[str | os.PathLike]) -> list[RunResult]:
             raise FileNotFoundError(f"no results at {path}")
         if path.is_dir() and not (path / "results.json").exists():
             raise FileNotFoundError(f"run directory {path} has no results.json")
-        runs += _with_eval_modes(RunResult.load(path))
+        run = RunResult.load(path)
+        runs += _with_eval_modes(run.first_stages(stages) if stages else run)
     if not runs:
         raise ValueError("write_report needs at least one results file or run directory")
     return runs
@@ -101,6 +103,8 @@ def _fmt_pct(stat: dict, n: int) -> str:
 
 
 def _fmt_minutes(stat: dict, n: int) -> str:
+    if math.isnan(stat["mean"]):
+        return "–"
     s = f"{stat['mean'] / 60:.1f}"
     return s + (f" [{stat['low'] / 60:.1f}, {stat['high'] / 60:.1f}]" if n > 1 else "")
 
@@ -230,10 +234,16 @@ def plot_forgetting(summaries: Sequence[dict], path: Path) -> Path:
 
 
 def write_report(
-    result_paths: Iterable[str | os.PathLike], out_dir: str | os.PathLike, level: float = 0.9
+    result_paths: Iterable[str | os.PathLike],
+    out_dir: str | os.PathLike,
+    level: float = 0.9,
+    stages: int | None = None,
 ) -> list[Path]:
-    """Write figures, ``results.md`` and ``summary.json`` for the given runs; returns the written paths."""
-    runs = load_runs(result_paths)
+    """Write figures, ``results.md`` and ``summary.json`` for the given runs; returns the written paths.
+
+    ``stages``: report every run as of its first ``stages`` stages (longer runs beside prefix runs).
+    """
+    runs = load_runs(result_paths, stages)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     by_suite: dict[str, list[dict]] = {}
@@ -281,7 +291,9 @@ def _json_safe(x: Any) -> Any:
 
 
 def add_cli(subparsers: argparse._SubParsersAction) -> None:
-    """Register ``cpd report RUN_DIR... [--out DIR]`` on the top-level ``cpd`` subparsers."""
+    """Register ``cpd report RUN_DIR... [--out DIR] [--stages N]`` on the top-level ``cpd`` subparsers."""
+    from cpd_fast.errors import positive_int
+
     p = subparsers.add_parser(
         "report",
         help="figures and the results table from finished runs",
@@ -293,6 +305,10 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--out", default=None, help="output directory (default: RUN_DIR/report for one run, else ./report)"
     )
+    p.add_argument(
+        "--stages", type=positive_int, default=None,
+        help="report each run as of its first N stages (e.g. an MT25 run beside runs on its first 10 tasks)",
+    )  # fmt: skip
     p.set_defaults(func=_cli_report)
 
 
@@ -301,7 +317,8 @@ def _cli_report(args: argparse.Namespace) -> int:
     if out is None:
         one = Path(args.runs[0])
         out = one / "report" if len(args.runs) == 1 and one.is_dir() else Path("report")
-    paths = write_report(args.runs, out)  # a bad RUN_DIR: one-line error from cpd_fast.cli.main
+    # a bad RUN_DIR: one-line error from cpd_fast.cli.main
+    paths = write_report(args.runs, out, stages=args.stages)
     for p in paths:
         print(p)
     return 0

@@ -85,3 +85,22 @@ def test_missing_results_raise(tmp_path):
         write_report([tmp_path], tmp_path / "out")
     with pytest.raises(ValueError, match="at least one"):
         write_report([], tmp_path / "out")
+
+
+def test_first_stages_sets_a_long_run_beside_prefix_runs(tmp_path):
+    nan = float("nan")
+    run = RunResult(
+        suite="mt25", method="cpd", seed=0, tasks=["a", "b", "c"], task_stage=[0, 1, 2],
+        success_matrix=[[1.0, nan, nan], [0.5, 1.0, nan], [0.2, 0.8, 1.0]], teacher_success=[1.0] * 3,
+        wall_time_s=60.0, extra={"success_matrix_modes": {"prototype": [[0.9, None, None]] * 3}},
+    )  # fmt: skip
+    two = run.first_stages(2)
+    assert (two.suite, two.tasks, two.task_stage) == ("mt25[:2]", ["a", "b"], [0, 1])
+    np.testing.assert_array_equal(two.R, [[1.0, nan], [0.5, 1.0]])
+    assert two.metrics().mean_forgetting == pytest.approx(0.5)
+    assert two.extra["success_matrix_modes"]["prototype"] == [[0.9, None], [0.9, None]]
+    assert run.first_stages(3) is run
+    run.save(tmp_path / "r.json")
+    written = write_report([tmp_path / "r.json"], tmp_path / "rep", stages=2)
+    md = (tmp_path / "rep" / "results.md").read_text()
+    assert "## mt25[:2]" in md and "| cpd [task id] |" in md and len(written) >= 4
