@@ -587,7 +587,7 @@ def run_distill(cfg: DistillConfig, run_dir: str | os.PathLike, data_parallel: b
 
 def _run_distill(cfg: DistillConfig, run_dir: str | os.PathLike, dist: ddp.DistContext | None) -> Any:
     from cpd_fast.data import load_teacher_data
-    from cpd_fast.metrics import RunResult
+    from cpd_fast.metrics import RunResult, matrix_to_json
     from cpd_fast.teachers.base import make_teacher
     from cpd_fast.teachers.gate import evaluate_teacher
 
@@ -700,7 +700,9 @@ def _run_distill(cfg: DistillConfig, run_dir: str | os.PathLike, dist: ddp.DistC
             suite=suite_name, method=cfg.label, seed=cfg.seed, tasks=tasks, task_stage=task_stage,
             success_matrix=R.tolist(), teacher_success=[teacher_success[t] for t in tasks], wall_time_s=wall,
             extra={"complete": complete, "eval_mode": main_mode,
-                   "success_matrix_modes": {m: _nan_to_none(v) for m, v in R_modes.items() if m != main_mode},
+                   "success_matrix_modes": {
+                       m: matrix_to_json(M) for m, M in R_modes.items() if m != main_mode
+                   },
                    "time_s": {k: round(v, 1) for k, v in clock.items()},
                    "config": cfg.to_dict(), "replay": _replay_report(replay, data),
                    "num_experts": student.num_experts, "budget_steps_per_stage": cfg.stage_steps,
@@ -840,10 +842,6 @@ def _routing(
         out[data.tasks[t]] = [round(float(c), 4) for c in counts / counts.sum()]
     student.train(was)
     return out
-
-
-def _nan_to_none(R: np.ndarray) -> list[list[float | None]]:
-    return [[None if math.isnan(x) else float(x) for x in row] for row in R.tolist()]
 
 
 def _full_pool(data: WindowData, t: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -41,6 +41,8 @@ __all__ = [
     "bwt",
     "compute_metrics",
     "forgetting",
+    "matrix_from_json",
+    "matrix_to_json",
     "relative_performance",
     "stage_of_tasks",
     "summarize",
@@ -204,6 +206,16 @@ def bootstrap_ci(
     return mean, float(min(lo, mean)), float(max(hi, mean))
 
 
+def matrix_to_json(R: Any) -> list[list[float | None]]:
+    """A success matrix as JSON lists: NaN (task not seen yet) becomes ``null``."""
+    return [[None if math.isnan(x) else float(x) for x in row] for row in np.asarray(R, float).tolist()]
+
+
+def matrix_from_json(M: Sequence[Sequence[float | None]]) -> list[list[float]]:
+    """Inverse of :func:`matrix_to_json`: ``null`` becomes NaN."""
+    return [[math.nan if x is None else float(x) for x in row] for row in M]
+
+
 # ----------------------------------------------------------------------------- one run's results
 
 
@@ -272,15 +284,13 @@ class RunResult:
 
     def to_json(self) -> dict:
         d = asdict(self)
-        d["success_matrix"] = [[None if math.isnan(x) else x for x in row] for row in self.R.tolist()]
+        d["success_matrix"] = matrix_to_json(self.R)
         return d
 
     @classmethod
     def from_json(cls, d: dict) -> RunResult:
         d = dict(d)
-        d["success_matrix"] = [
-            [math.nan if x is None else float(x) for x in row] for row in d["success_matrix"]
-        ]
+        d["success_matrix"] = matrix_from_json(d["success_matrix"])
         return cls(**d)
 
     def save(self, path: str | os.PathLike) -> None:

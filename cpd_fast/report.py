@@ -33,7 +33,7 @@ from typing import Any
 
 import numpy as np
 
-from cpd_fast.metrics import RunResult, summarize
+from cpd_fast.metrics import RunResult, matrix_from_json, summarize
 from cpd_fast.runio import atomic_path, write_json_atomic
 
 __all__ = ["add_cli", "format_table", "load_runs", "write_report"]
@@ -71,10 +71,9 @@ def _with_eval_modes(run: RunResult) -> list[RunResult]:
     main = run.extra.get("eval_mode", "inferred")
     out = [dataclasses.replace(run, method=_mode_label(run.method, main))]
     for mode, matrix in run.extra.get("success_matrix_modes", {}).items():
-        R = [[math.nan if x is None else float(x) for x in row] for row in matrix]
         out.append(
             dataclasses.replace(
-                run, method=_mode_label(run.method, mode), success_matrix=R,
+                run, method=_mode_label(run.method, mode), success_matrix=matrix_from_json(matrix),
                 extra={**run.extra, "eval_mode": mode, "success_matrix_modes": {}},
             )
         )  # fmt: skip
