@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from cpd_fast.continual import DistillConfig, evaluate_student, phases_of
-from cpd_fast.metrics import RunResult
+from cpd_fast.metrics import RunResult, relative_performance
 from cpd_fast.runio import load_torch_checked, write_json_atomic
 from cpd_fast.student import Student
 
@@ -44,11 +44,11 @@ def main() -> None:
             t: evaluate_student(student, t, cfg, None if mode == "inferred" else j)
             for j, t in enumerate(result.tasks)
         }
-        ratio = [succ[t] / ts for t, ts in zip(result.tasks, result.teacher_success, strict=True) if ts > 0]
+        final = [succ[t] for t in result.tasks]
         out["modes"][mode] = {
             "success": succ,
-            "acc": float(np.mean(list(succ.values()))),
-            "relative_performance": float(np.mean(ratio)),
+            "acc": float(np.mean(final)),
+            "relative_performance": relative_performance(final, result.teacher_success)[0],
             "eval_s": round(time.perf_counter() - t0, 1),
         }
         m = out["modes"][mode]
