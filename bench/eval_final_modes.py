@@ -17,7 +17,8 @@ import time
 import numpy as np
 import torch
 
-from cpd_fast.continual import DistillConfig, evaluate_student, phases_of
+from cpd_fast.distill import DistillConfig, phases_of
+from cpd_fast.evaluation import evaluate_student
 from cpd_fast.metrics import RunResult, relative_performance
 from cpd_fast.runio import load_torch_checked, write_json_atomic
 from cpd_fast.student import Student
@@ -38,10 +39,11 @@ def main() -> None:
     ckpt = os.path.join(args.run_dir, "checkpoints", f"stage{last}-{phase}.pt")
     student = Student.from_state_dict(load_torch_checked(ckpt)["student"]).eval()
     out = {"run": args.run_dir, "checkpoint": ckpt, "modes": {}}
+    settings = dict(num_goals=cfg.eval_goals, num_envs=cfg.eval_envs, max_episode_steps=cfg.eval_max_steps)
     for mode in args.modes:
         t0 = time.perf_counter()
         succ = {
-            t: evaluate_student(student, t, cfg, None if mode == "inferred" else j)
+            t: evaluate_student(student, t, **settings, task_id=None if mode == "inferred" else j)
             for j, t in enumerate(result.tasks)
         }
         final = [succ[t] for t in result.tasks]

@@ -42,7 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=seed, default=0)
     demo.set_defaults(func=_dpp_demo)
 
-    from cpd_fast.continual_cli import add_cli as add_distill_cli
+    from cpd_fast.distill.cli import add_cli as add_distill_cli
     from cpd_fast.fidelity import add_cli as add_envs_cli
     from cpd_fast.report import add_cli as add_report_cli
     from cpd_fast.teachers.cli import add_cli as add_teachers_cli
@@ -83,8 +83,9 @@ def main(argv: list[str] | None = None) -> int:
     sub = [v for k, v in vars(args).items() if k.endswith("_command") and isinstance(v, str)]
     prog = " ".join(["cpd", args.command, *sub])
     try:
-        if getattr(args, "device", None) is not None:  # every command with --device
-            require_device(args.device)
+        device = getattr(args, "device", None) or getattr(args, "cfg_device", None)
+        if device is not None:  # every command with --device (cpd distill's comes from DistillConfig)
+            require_device(device)
         return args.func(args)
     except KeyboardInterrupt:
         if args.debug:

@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from cpd_fast.envs import ACT_DIM, MAX_EPISODE_STEPS, OBS_DIM, make_vec_env
+from cpd_fast.errors import require_int
 from cpd_fast.tasks import MT50, validate_task
 
 __all__ = [
@@ -98,13 +99,10 @@ def collect_dataset(
     """
     import gymnasium as gym
     import minari
-    from minari.data_collector import EpisodeBuffer
 
     task = validate_task(task)
-    if isinstance(episodes, bool) or not isinstance(episodes, int) or episodes <= 0:
-        raise ValueError(f"episodes must be a positive int, got {episodes!r}")
-    if isinstance(num_envs, bool) or not isinstance(num_envs, int) or num_envs <= 0:
-        raise ValueError(f"num_envs must be a positive int, got {num_envs!r}")
+    require_int("episodes", episodes)
+    require_int("num_envs", num_envs)
     if isinstance(max_episode_steps, bool) or not isinstance(max_episode_steps, int):
         raise ValueError(f"max_episode_steps must be an int, got {max_episode_steps!r}")
     if not 1 <= max_episode_steps <= MAX_EPISODE_STEPS:  # checked before the episode buffers are allocated
@@ -112,7 +110,6 @@ def collect_dataset(
     if not isinstance(noise_std, int | float) or not noise_std >= 0 or not np.isfinite(noise_std):
         raise ValueError(f"noise_std must be a finite number >= 0, got {noise_std!r}")
     ds_id = dataset_id(task, namespace)
-    task_id = MT50.index(task)
     rng = np.random.default_rng(seed)
 
     with _datasets_root(root):
@@ -121,62 +118,9 @@ def collect_dataset(
                 return ds_id
             minari.delete_dataset(ds_id)
 
-        n = min(num_envs, episodes)
-        L = max_episode_steps
-        # Per-env episode buffers, filled one time step at a time (vectorised over envs).
-        obs_b = np.zeros((n, L + 1, OBS_DIM), np.float32)
-        mean_b = np.zeros((n, L + 1, ACT_DIM), np.float32)
-        act_b = np.zeros((n, L, ACT_DIM), np.float32)
-        rew_b = np.zeros((n, L), np.float32)
-        succ_b = np.zeros((n, L + 1), np.float32)
-        term_b = np.zeros((n, L), bool)
-        trunc_b = np.zeros((n, L), bool)
-        length = np.zeros(n, np.int64)
-        rows = np.arange(n)
-        buffers: list[Any] = []
-
-        with make_vec_env(task, n, backend=backend, seed=seed, max_episode_steps=max_episode_steps) as env:
-            obs = env.reset()
-            mean = _checked_mean(teacher, obs)
-            obs_b[:, 0], mean_b[:, 0] = obs, mean
-            while len(buffers) < episodes:
-                action = mean + noise_std * rng.standard_normal(mean.shape).astype(np.float32)
-                action = np.clip(action, -1.0, 1.0)
-                obs, reward, terminated, truncated, info = env.step(action)
-                mean = _checked_mean(teacher, obs)
-                live = ~info["autoreset"]  # auto-reset rows: the env ignored the action; nothing to store
-                r, k = rows[live], length[live]
-                act_b[r, k], rew_b[r, k] = action[live], reward[live]
-                term_b[r, k], trunc_b[r, k] = terminated[live], truncated[live]
-                obs_b[r, k + 1], mean_b[r, k + 1], succ_b[r, k + 1] = (
-                    obs[live],
-                    mean[live],
-                    info["success"][live],
-                )
-                length[live] += 1
-                for i in np.flatnonzero(live & (terminated | truncated)):
-                    T = int(length[i])
-                    if len(buffers) < episodes:
-                        buffers.append(
-                            EpisodeBuffer(
-                                id=len(buffers),
-                                observations=obs_b[i, : T + 1].copy(),
-                                actions=act_b[i, :T].copy(),
-                                rewards=rew_b[i, :T].copy(),
-                                terminations=term_b[i, :T].copy(),
-                                truncations=trunc_b[i, :T].copy(),
-                                infos={
-                                    "action_mean": mean_b[i, : T + 1].copy(),
-                                    "success": succ_b[i, : T + 1].copy(),
-                                    "task_id": np.full(T + 1, task_id, np.int64),
-                                },
-                            )
-                        )
-                    length[i] = 0
-                # rows that were just auto-reset start their next episode with this observation
-                fresh = info["autoreset"]
-                obs_b[fresh, 0], mean_b[fresh, 0], succ_b[fresh, 0] = obs[fresh], mean[fresh], 0.0
-
+        rollout_settings = dict(backend=backend, seed=seed, max_episode_steps=max_episode_steps)
+        buffers = _rollout_episodes(teacher, task, min(num_envs, episodes), episodes, noise_std, rng,
+                                    **rollout_settings)  # fmt: skip
         box_obs = gym.spaces.Box(-np.inf, np.inf, (OBS_DIM,), np.float64)
         box_act = gym.spaces.Box(-1.0, 1.0, (ACT_DIM,), np.float32)
         with warnings.catch_warnings():  # Minari nags about author/permalink/env spec metadata
@@ -191,6 +135,72 @@ def collect_dataset(
                 data_format="hdf5",
             )
     return ds_id
+
+
+def _rollout_episodes(
+    teacher: Any, task: str, n: int, episodes: int, noise_std: float, rng: np.random.Generator, *,
+    backend: str, seed: int, max_episode_steps: int,
+) -> list[Any]:  # fmt: skip
+    """``episodes`` whole episodes of ``teacher`` (noisy actions, mean targets) on ``n`` envs side by side,
+    as Minari ``EpisodeBuffer``s in completion order."""
+    from minari.data_collector import EpisodeBuffer
+
+    task_id = MT50.index(task)
+    L = max_episode_steps
+    # Per-env episode buffers, filled one time step at a time (vectorised over envs).
+    obs_b = np.zeros((n, L + 1, OBS_DIM), np.float32)
+    mean_b = np.zeros((n, L + 1, ACT_DIM), np.float32)
+    act_b = np.zeros((n, L, ACT_DIM), np.float32)
+    rew_b = np.zeros((n, L), np.float32)
+    succ_b = np.zeros((n, L + 1), np.float32)
+    term_b = np.zeros((n, L), bool)
+    trunc_b = np.zeros((n, L), bool)
+    length = np.zeros(n, np.int64)
+    rows = np.arange(n)
+    buffers: list[Any] = []
+
+    with make_vec_env(task, n, backend=backend, seed=seed, max_episode_steps=max_episode_steps) as env:
+        obs = env.reset()
+        mean = _checked_mean(teacher, obs)
+        obs_b[:, 0], mean_b[:, 0] = obs, mean
+        while len(buffers) < episodes:
+            action = mean + noise_std * rng.standard_normal(mean.shape).astype(np.float32)
+            action = np.clip(action, -1.0, 1.0)
+            obs, reward, terminated, truncated, info = env.step(action)
+            mean = _checked_mean(teacher, obs)
+            live = ~info["autoreset"]  # auto-reset rows: the env ignored the action; nothing to store
+            r, k = rows[live], length[live]
+            act_b[r, k], rew_b[r, k] = action[live], reward[live]
+            term_b[r, k], trunc_b[r, k] = terminated[live], truncated[live]
+            obs_b[r, k + 1], mean_b[r, k + 1], succ_b[r, k + 1] = (
+                obs[live],
+                mean[live],
+                info["success"][live],
+            )
+            length[live] += 1
+            for i in np.flatnonzero(live & (terminated | truncated)):
+                T = int(length[i])
+                if len(buffers) < episodes:
+                    buffers.append(
+                        EpisodeBuffer(
+                            id=len(buffers),
+                            observations=obs_b[i, : T + 1].copy(),
+                            actions=act_b[i, :T].copy(),
+                            rewards=rew_b[i, :T].copy(),
+                            terminations=term_b[i, :T].copy(),
+                            truncations=trunc_b[i, :T].copy(),
+                            infos={
+                                "action_mean": mean_b[i, : T + 1].copy(),
+                                "success": succ_b[i, : T + 1].copy(),
+                                "task_id": np.full(T + 1, task_id, np.int64),
+                            },
+                        )
+                    )
+                length[i] = 0
+            # rows that were just auto-reset start their next episode with this observation
+            fresh = info["autoreset"]
+            obs_b[fresh, 0], mean_b[fresh, 0], succ_b[fresh, 0] = obs[fresh], mean[fresh], 0.0
+    return buffers
 
 
 def _checked_mean(teacher: Any, obs: np.ndarray) -> np.ndarray:
@@ -338,3 +348,42 @@ def verify_dataset_files(manifest_path: str | os.PathLike) -> int:
                 f"{manifest_path} and re-run the same command to collect that task again"
             )
     return len(files)
+
+
+def ensure_dataset(
+    task: str,
+    root: str,
+    make_teacher: Any,
+    teacher_name: str,
+    *,
+    episodes: int,
+    noise_std: float,
+    seed: int,
+    max_episode_steps: int,
+    num_envs: int,
+    backend: str,
+    eval_goals: int,
+) -> dict[str, Any]:
+    """Collect ``task``'s teacher dataset under ``root`` unless one made with the same settings is there.
+
+    What makes the data is recorded in ``root/<task>.collected.json`` (``spec``: teacher, episodes, noise,
+    seed, episode length, env backend, evaluation goals; ``files``: sha256 of each dataset file), written
+    after the dataset is complete; runs (and every method of a ``cpd run``) sharing ``root`` reuse it.
+    ``make_teacher()`` builds the teacher (called only when the data must be collected).
+    Returns the manifest (the teacher's success is added by :func:`cpd_fast.teachers.gate.record_success`).
+    """
+    from cpd_fast.runio import read_json, write_json_atomic
+
+    spec = {"teacher": teacher_name, "episodes": episodes, "noise_std": noise_std, "seed": seed,
+            "max_episode_steps": max_episode_steps, "backend": backend, "eval_goals": eval_goals}  # fmt: skip
+    manifest_path = os.path.join(root, f"{task}.collected.json")
+    manifest: dict[str, Any] = read_json(manifest_path, {})
+    if manifest.get("spec") != spec:
+        collect_dataset(
+            make_teacher(), task, root, episodes=episodes, num_envs=num_envs, noise_std=noise_std,
+            backend=backend, seed=seed, max_episode_steps=max_episode_steps, overwrite=True,
+            teacher_name=teacher_name,
+        )  # fmt: skip
+        manifest = {"spec": spec, "files": dataset_files(root, task)}
+        write_json_atomic(manifest_path, manifest)
+    return manifest

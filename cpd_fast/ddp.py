@@ -5,7 +5,7 @@ Launch (one process per GPU, or per CPU slot with gloo)::
     torchrun --nproc-per-node N -m cpd_fast.cli distill --suite mt25 --device cuda --out runs/x --ddp
 
 ``--device cuda`` uses NCCL with ``cuda:LOCAL_RANK``; ``--device cpu`` uses gloo. Under ``torchrun``
-(``WORLD_SIZE > 1`` in the environment) :func:`~cpd_fast.continual.run_distill` goes data-parallel even
+(``WORLD_SIZE > 1`` in the environment) :func:`~cpd_fast.distill.run.run_distill` goes data-parallel even
 without ``--ddp``, so that N copies never write one run directory side by side.
 
 **How a step is split.** Every rank holds the same sampler and draws the *same* global batch of
@@ -14,24 +14,10 @@ rank r trains on rows ``[r·B/W, (r+1)·B/W)`` (:func:`rank_rows`). This is the 
 a ``DistributedSampler`` over an infinite, task-balanced stream: the ranks partition each global batch
 without communicating, and the global batch is exactly the one a single process draws, so a run with W
 processes reproduces the single-process run with the same ``batch_size`` (to float32 reduction order),
-and resume stays exact. ``batch_size`` must be divisible by W.
-
-**What is not a per-window average** (see :class:`ShardedBatch`, used by ``Student.losses(group=...)``):
-
-* *MSE* is a masked mean: each rank divides its squared-error sum by the *global* count of real
-  positions (one scalar all-reduce).
-* *Supervised-contrastive loss* compares every pair of the batch: the last-position embeddings are
-  all-gathered (every rank computes the same global loss); the gather's backward keeps the rank's own
-  rows, so each rank's embedding gradient is the global loss's.
-* *MoE load-balancing loss* ``w·E·Σ_e f_e·P_e``: the routed-row counts behind ``f_e`` are all-reduced and
-  each rank contributes its tokens' share of ``P_e`` (gate probabilities from a forward hook on the gate).
-* *Prototype EMA* (a buffer, not a parameter): updated on every rank from the all-gathered embeddings
-  and task ids, i.e. the single-process update, so the buffers stay identical without a broadcast
-  (DDP's ``broadcast_buffers`` is off: it would copy rank 0's buffer before every forward).
-
-Each rank back-propagates ``W ×`` its share of the global loss; DDP averages the gradients over the W
-ranks, which gives the single-process gradient. Gradients being equal, AdamW, clipping and the MoE's
-frozen-row restore give equal parameters on every rank.
+and resume stays exact. ``batch_size`` must be divisible by W. How the losses that are not per-window
+averages are computed over the global batch is the training code's business
+(:class:`cpd_fast.distill.train.DistillLoss`); this module supplies the process group, the
+:class:`Collectives` it uses, and the DDP wrapper.
 
 **Rank 0 alone** collects data, evaluates, selects replay, and writes checkpoints, ``progress.json``,
 ``metrics.jsonl``, TensorBoard and ``results.json``; the other ranks wait at barriers and read its files
@@ -44,13 +30,12 @@ from __future__ import annotations
 import datetime
 import os
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-__all__ = ["DistContext", "ShardedBatch", "barrier", "rank_rows", "requested", "setup", "teardown", "wrap"]
+__all__ = ["Collectives", "DistContext", "barrier", "rank_rows", "requested", "setup", "teardown", "wrap"]
 
 # Rank 0 collects data and evaluates while the others wait at a barrier: that can take a long time.
 DEFAULT_TIMEOUT_S = 6 * 3600
@@ -164,23 +149,11 @@ def _all_gather(x: torch.Tensor) -> torch.Tensor:
     return torch.cat(parts)
 
 
-class ShardedBatch:
-    """One rank's slice of a global batch: the collectives ``Student.losses(group=...)`` needs.
+class Collectives:
+    """The two collectives a global-batch loss needs: a differentiable all-gather and a sum over ranks."""
 
-    Holds a forward hook on the MoE gate (the gate probabilities of this rank's tokens, for the
-    load-balancing loss); :meth:`close` removes it.
-    """
-
-    def __init__(self, ctx: DistContext, moe: nn.Module) -> None:
+    def __init__(self, ctx: DistContext) -> None:
         self.world_size = ctx.world_size
-        self._probs: torch.Tensor | None = None
-        self._hook = moe.gate.register_forward_hook(self._keep_probs)
-
-    def _keep_probs(self, module: nn.Module, inputs: Any, logits: torch.Tensor) -> None:
-        self._probs = torch.softmax(logits.float(), dim=-1)  # exactly as moe.route computes them
-
-    def close(self) -> None:
-        self._hook.remove()
 
     def gather(self, x: torch.Tensor) -> torch.Tensor:
         """Every rank's ``x`` concatenated along dim 0 in rank order (differentiable, see _GatherRows)."""
@@ -192,38 +165,13 @@ class ShardedBatch:
         dist.all_reduce(x)
         return x
 
-    def aux_share(self, moe: nn.Module) -> torch.Tensor:
-        """This rank's share of the global batch's ``MoELayer.aux_loss`` (the shares sum to it).
-
-        ``aux = w·E·Σ_e f_e·P_e`` with ``f_e`` = routed rows of e / (N·k) over the global batch (not
-        differentiable: all-reduced counts) and ``P_e`` = mean gate probability over the N global tokens
-        (this rank adds its tokens' sum / N).
-        """
-        probs = self._probs
-        counts = self.sum(moe.tokens_per_expert)
-        if moe._always is not None:  # as MoELayer.forward: balance the free top-k choice only
-            counts = counts.index_fill(0, moe._always, 0)
-        n = probs.shape[0] * self.world_size
-        frac = counts.to(probs.dtype) / (n * moe.top_k)
-        return moe.aux_loss_weight * moe.num_experts * (frac * probs.sum(0) / n).sum()
-
 
 # ----------------------------------------------------------------------------- the DDP wrapper
 
 
-class _Losses(nn.Module):
-    """DDP wraps a module and calls its ``forward``: this one's is ``Student.losses``."""
-
-    def __init__(self, student: nn.Module) -> None:
-        super().__init__()
-        self.student = student
-
-    def forward(self, *args: Any, **kwargs: Any) -> dict[str, torch.Tensor]:
-        return self.student.losses(*args, **kwargs)
-
-
-def wrap(student: nn.Module, ctx: DistContext) -> nn.Module:
-    """``DistributedDataParallel`` over ``student.losses`` for one phase (its trainable parameters).
+def wrap(module: nn.Module, ctx: DistContext) -> nn.Module:
+    """``DistributedDataParallel`` over ``module`` (e.g. the loss module holding the student) for one phase
+    (its trainable parameters).
 
     ``find_unused_parameters`` stays off: every trainable parameter gets a gradient at every step (the
     stacked expert weights even when an expert receives no token; frozen ones have
@@ -240,4 +188,4 @@ def wrap(student: nn.Module, ctx: DistContext) -> nn.Module:
     if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters:  # newer torch
         no_sync = {"forward_sync_buffers": False}
     device_ids = [ctx.device.index] if ctx.device.type == "cuda" else None
-    return DistributedDataParallel(_Losses(student), device_ids=device_ids, **no_sync)
+    return DistributedDataParallel(module, device_ids=device_ids, **no_sync)

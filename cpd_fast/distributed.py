@@ -25,12 +25,12 @@ import json
 import logging
 import math
 import os
-import signal
 import socket
 import time
 from collections.abc import Iterator, Sequence
 from typing import Any
 
+from cpd_fast.errors import require_int
 from cpd_fast.tasks import resolve_tasks
 
 __all__ = ["BACKENDS", "check_ray_address", "run_jobs", "run_teacher_job", "train_teachers"]
@@ -49,9 +49,9 @@ def run_teacher_job(job: dict[str, Any]) -> dict[str, Any]:
     """Train (or resume) one PPO teacher and evaluate it officially. Runs in a worker; plain-dict I/O.
 
     ``job`` keys: ``task``, ``out_dir``, ``config`` (a :class:`~cpd_fast.teachers.ppo.PPOConfig` dict),
-    ``eval_goals``, ``eval_envs``, and optionally ``threads`` (torch threads) and ``fault_marker``
-    (fault injection for tests: when that file does not exist yet, the job creates it, trains one update,
-    checkpoints, and kills its own process — a crash after real progress).
+    ``eval_goals``, ``eval_envs``, and optionally ``threads`` (torch threads). Crash tests kill a job with
+    the package's one fault-injection point (:mod:`cpd_fast.runio`: ``CPD_TEST_KILL_AFTER`` on its
+    ``checkpoint.pt``, ``CPD_TEST_KILL_SCOPE=process``, ``CPD_TEST_KILL_ONCE``).
 
     Returns:
         ``{"task", "path", "success_rate", "protocol", "total_steps", "wall_time_s", "steps_per_s"}``.
@@ -72,12 +72,6 @@ def run_teacher_job(job: dict[str, Any]) -> dict[str, Any]:
     if os.path.isfile(eval_path):  # finished earlier (idempotent re-run)
         with open(eval_path) as f:
             return json.load(f)
-
-    marker = job.get("fault_marker")
-    if marker and not os.path.exists(marker):
-        open(marker, "w").close()
-        train_ppo(task, cfg, out_dir, stop_after_updates=1, tensorboard=False)
-        os.kill(os.getpid(), signal.SIGKILL)
 
     t0 = time.perf_counter()
     result = train_ppo(task, cfg, out_dir, progress=bool(job.get("progress")))
@@ -296,32 +290,23 @@ def train_teachers(
     eval_envs: int = 10,
     max_retries: int = 2,
     progress: bool = False,
-    fault_markers: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     """Train one PPO teacher per task into ``run_dir/teachers/<task>/``, gate them, write ``teachers.json``.
 
     Args:
         tasks: suite name or task list.
-        run_dir: the run directory.
+        run_dir: the run directory (locked while this runs: :class:`cpd_fast.runio.RunLock`).
         config: a :class:`~cpd_fast.teachers.ppo.PPOConfig` for every task (``backend`` field overridden
             per task by ``env_backends``, e.g. from ``cpd envs check``: dial-turn-v3 -> gymnasium).
         backend / workers / ray_address / num_gpus_per_job / max_retries: see :func:`run_jobs`.
-        threshold: official success a teacher needs (default 0.8).
-        on_fail: ``"retrain"`` (``retrain_factor`` x steps, once), ``"scripted"`` or ``"exclude"``.
-        eval_goals: official goals to evaluate on (50 = the official protocol).
-        fault_markers: ``{task: path}`` fault injection for tests (see :func:`run_teacher_job`).
+        threshold, on_fail, retrain_factor, eval_goals, eval_envs: the quality gate
+            (:mod:`cpd_fast.teachers.gate`, which holds the whole policy).
 
     Returns:
         ``{task: TeacherRecord}`` as written to ``run_dir/teachers.json``.
     """
-    from cpd_fast.teachers.gate import (
-        DEFAULT_THRESHOLD,
-        ON_FAIL,
-        TeacherRecord,
-        evaluate_teacher,
-        passes,
-        write_teachers_json,
-    )
+    from cpd_fast.runio import RunLock
+    from cpd_fast.teachers.gate import DEFAULT_THRESHOLD, ON_FAIL, apply_remedy, verdict, write_teachers_json
     from cpd_fast.teachers.ppo import PPOConfig
 
     task_list = resolve_tasks(tasks)
@@ -333,14 +318,12 @@ def train_teachers(
         raise ValueError(f"threshold must be in [0, 1], got {threshold}")
     if not (retrain_factor > 0 and math.isfinite(retrain_factor)):
         raise ValueError(f"retrain_factor must be a finite number > 0, got {retrain_factor}")
-    for name, value in (("eval_goals", eval_goals), ("eval_envs", eval_envs)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be a positive int, got {value!r}")
+    require_int("eval_goals", eval_goals)
+    require_int("eval_envs", eval_envs)
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
     run_dir = os.fspath(run_dir)
     env_backends = env_backends or {}
-    fault_markers = fault_markers or {}
 
     def job(task: str, out: str, total_steps: int) -> dict[str, Any]:
         task_cfg = dataclasses.replace(
@@ -353,82 +336,30 @@ def train_teachers(
             "eval_goals": eval_goals,
             "eval_envs": eval_envs,
             "progress": progress,
-            "fault_marker": fault_markers.get(task),
         }
 
-    run = dict(
-        backend=backend,
-        workers=workers,
-        ray_address=ray_address,
-        num_gpus_per_job=num_gpus_per_job,
-        max_retries=max_retries,
-    )
-    first = run_jobs([job(t, "ppo", cfg.total_steps) for t in task_list], **run)
+    run = dict(backend=backend, workers=workers, ray_address=ray_address, num_gpus_per_job=num_gpus_per_job,
+               max_retries=max_retries)  # fmt: skip
 
-    def attempt(summary: dict[str, Any], source: str = "ppo") -> dict[str, Any]:
-        return {"source": source, **{k: v for k, v in summary.items() if k != "task"}}
-
-    records: dict[str, TeacherRecord] = {}
-    failed = []
-    for task, summary in zip(task_list, first, strict=True):
-        ok = passes(summary.get("success_rate"), threshold)
-        records[task] = TeacherRecord(
-            task=task,
-            source="ppo",
-            path=summary.get("path"),
-            success_rate=summary.get("success_rate"),
-            protocol=summary.get("protocol", "official"),
-            threshold=threshold,
-            passed=ok,
-            status="ok" if ok else "failed",
-            used=ok,
-            flagged=not ok,
-            history=[attempt(summary)],
-        )
-        if not ok:
-            failed.append(task)
-            log.warning(
-                "%s: teacher below the gate (success %s < %.2f)", task, summary.get("success_rate"), threshold
-            )
-
-    if failed and on_fail == "retrain":
+    def retrain(failed: list[str]) -> list[dict[str, Any]]:
         budget = round(cfg.total_steps * retrain_factor)
-        again = run_jobs([job(t, "ppo-retrain", budget) for t in failed], **run)
-        for task, summary in zip(failed, again, strict=True):
-            rec = records[task]
-            rec.history.append(attempt(summary))
-            if passes(summary.get("success_rate"), threshold):
-                rec.path, rec.success_rate = summary["path"], summary["success_rate"]
-                rec.passed, rec.used, rec.status = True, True, "retrained"
-            else:
-                rec.status = "failed"  # flagged and unused: never silently used
-    elif failed and on_fail == "scripted":
-        from cpd_fast.teachers.scripted import ScriptedExpert
+        return run_jobs([job(t, "ppo-retrain", budget) for t in failed], **run)
 
-        for task in failed:
-            rec = records[task]
-            measured = evaluate_teacher(ScriptedExpert(task), task, num_goals=eval_goals, num_envs=eval_envs)
-            rec.history.append({"source": "scripted", "path": None, **measured})
-            rec.source, rec.path, rec.success_rate = "scripted", None, measured["success_rate"]
-            rec.protocol = measured["protocol"]
-            rec.passed = passes(measured["success_rate"], threshold)
-            rec.used = rec.passed  # a scripted expert below the gate is not used either
-            rec.status = "replaced-by-scripted" if rec.passed else "failed"
-    elif failed:  # exclude
-        for task in failed:
-            records[task].used, records[task].status = False, "excluded"
-
-    write_teachers_json(
-        run_dir,
-        records,
-        tasks=task_list,
-        threshold=threshold,
-        on_fail=on_fail,
-        retrain_factor=retrain_factor,
-        eval_goals=eval_goals,
-        backend=backend,
-        env_backends={t: env_backends.get(t, cfg.backend) for t in task_list},
-        config=cfg.to_dict(),
-        date=time.strftime("%Y-%m-%d %H:%M:%S"),
-    )
+    if backend == "ray":
+        check_ray_address(ray_address)  # an address that does not answer: refused before anything is written
+    with RunLock(run_dir):
+        first = run_jobs([job(t, "ppo", cfg.total_steps) for t in task_list], **run)
+        records = {t: verdict(t, "ppo", sm, threshold) for t, sm in zip(task_list, first, strict=True)}
+        for task, rec in records.items():  # one warning line per failed teacher
+            if not rec.passed:
+                log.warning(
+                    "%s: teacher below the gate (success %s < %.2f)", task, rec.success_rate, threshold
+                )
+        apply_remedy(records, on_fail, retrain=retrain, eval_goals=eval_goals, eval_envs=eval_envs)
+        write_teachers_json(
+            run_dir, records, tasks=task_list, threshold=threshold, on_fail=on_fail,
+            retrain_factor=retrain_factor, eval_goals=eval_goals, backend=backend,
+            env_backends={t: env_backends.get(t, cfg.backend) for t in task_list}, config=cfg.to_dict(),
+            date=time.strftime("%Y-%m-%d %H:%M:%S"),
+        )  # fmt: skip
     return records

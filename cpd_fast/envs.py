@@ -32,6 +32,7 @@ from typing import Any
 
 import numpy as np
 
+from cpd_fast.errors import require_int
 from cpd_fast.tasks import validate_task
 
 __all__ = [
@@ -202,8 +203,7 @@ def make_vec_env(
         a :class:`VecEnv`; call ``reset()`` before ``step()``.
     """
     task = validate_task(task)
-    if isinstance(num_envs, bool) or not isinstance(num_envs, (int, np.integer)) or num_envs <= 0:
-        raise ValueError(f"num_envs must be a positive int, got {num_envs!r}")
+    require_int("num_envs", num_envs)
     if not 1 <= max_episode_steps <= MAX_EPISODE_STEPS:
         raise ValueError(f"max_episode_steps must be in 1..{MAX_EPISODE_STEPS}, got {max_episode_steps}")
     num_envs = int(num_envs)

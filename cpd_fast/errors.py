@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import numbers
 from collections.abc import Callable
 from typing import Any
 
@@ -19,12 +20,14 @@ __all__ = [
     "finite_float",
     "format_error",
     "fraction",
+    "integer",
     "nonnegative_float",
     "nonnegative_int",
     "positive_float",
     "positive_int",
     "printable",
     "require_device",
+    "require_int",
     "seed",
 ]
 
@@ -53,6 +56,10 @@ def printable(text: str) -> str:
 
 def format_error(prog: str, err: BaseException) -> tuple[str, int]:
     """The one line ``cpd`` prints for ``err`` and the exit status (2 user error, 1 bug)."""
+    if type(err).__name__ == "ValidationError" and hasattr(err, "errors"):  # pydantic: a bad config value
+        from cpd_fast.config import describe
+
+        return f"{prog}: {printable(describe(err))}", 2
     text = printable(" ".join(str(err).split()))  # one line, whatever the message held
     if isinstance(err, KeyError):  # str(KeyError) is only the key's repr
         return f"{prog}: missing entry {text} ({DEBUG_HINT})", 2
@@ -69,6 +76,15 @@ def _is_torch_oom(err: BaseException) -> bool:
     return type(err).__name__ == "OutOfMemoryError" or (
         isinstance(err, RuntimeError) and "DefaultCPUAllocator: can't allocate memory" in str(err)
     )
+
+
+def require_int(name: str, value: Any, minimum: int = 1) -> int:
+    """``value`` as an int ``>= minimum`` (numpy integers count, ``bool`` does not); otherwise a ValueError
+    naming ``name`` — the one check behind every count, size and index argument of the package."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
+        rule = "a positive int" if minimum == 1 else f"an int >= {minimum}"
+        raise ValueError(f"{name} must be {rule}, got {value!r}")
+    return int(value)
 
 
 def require_device(device: str) -> None:
@@ -131,4 +147,5 @@ seed = _checked("seed", int, lambda v: 0 <= v < 2**31, "an int in [0, 2**31)")
 positive_float = _checked("positive_float", float, lambda v: v > 0, "a finite number > 0")  # budgets, lr
 nonnegative_float = _checked("nonnegative_float", float, lambda v: v >= 0, "a finite number >= 0")  # noise
 finite_float = _checked("finite_float", float, lambda v: True, "a finite number")  # biases
+integer = _checked("integer", int, lambda v: True, "an int")  # config flags (ranges: the config schema)
 fraction = _checked("fraction", float, lambda v: 0.0 <= v <= 1.0, "in [0, 1]")  # thresholds, decays

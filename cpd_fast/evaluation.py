@@ -8,6 +8,8 @@ Two protocols, deliberately kept apart:
   counts as a success if ``info["success"]`` is 1 at any step, and it stops at the first success
   (Meta-World's evaluation switches ``terminate_on_success`` on). Runs Meta-World's own Python envs,
   ``num_envs`` episodes at a time, so the policy sees batches.
+* :func:`evaluate_student` — the official protocol for the distilled student (:class:`StudentPolicy`
+  keeps one observation history per env slot), with or without the task id.
 * :func:`evaluate_monitoring` — a cheap *non-official* estimate for training curves: random goals
   (envpool draws them from the continuous range), a fixed number of episodes, any backend.
 
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -29,8 +32,10 @@ from cpd_fast.tasks import validate_task
 __all__ = [
     "NUM_OFFICIAL_GOALS",
     "EvalResult",
+    "StudentPolicy",
     "evaluate_monitoring",
     "evaluate_official",
+    "evaluate_student",
     "official_goals",
 ]
 
@@ -195,6 +200,55 @@ def evaluate_official(
         backend="metaworld",
         meta={"goal_seed": goal_seed, "max_episode_steps": max_episode_steps},
     )
+
+
+class StudentPolicy:
+    """Adapts a :class:`~cpd_fast.student.Student` to ``evaluate_official(..., episode_info=True)``: one
+    observation history per env slot, restarted at each episode's first observation."""
+
+    def __init__(self, student: Any, num_envs: int, task_id: int | None = None) -> None:
+        import torch
+
+        from cpd_fast.student import HistoryBuffer
+
+        self.student = student
+        self.history = HistoryBuffer.for_student(student, num_envs)
+        self.last = np.zeros((num_envs, student.config.obs_dim), np.float32)
+        device = next(student.parameters()).device
+        self.task_ids = None if task_id is None else torch.full((num_envs,), task_id, device=device)
+
+    def __call__(self, obs: np.ndarray, slots: np.ndarray, fresh: np.ndarray) -> np.ndarray:
+        import torch
+
+        self.last[slots] = obs
+        reset = np.zeros(len(self.last), bool)
+        reset[slots] = fresh
+        # idle slots push their stale observation: harmless, their output is dropped
+        obs_t, reset_t = torch.from_numpy(self.last), torch.from_numpy(reset)
+        act = self.student.act(obs_t, self.history, reset_t, self.task_ids)
+        return act[torch.from_numpy(slots)].cpu().numpy()
+
+
+def evaluate_student(
+    student: Any,
+    task: str,
+    *,
+    num_goals: int = NUM_OFFICIAL_GOALS,
+    num_envs: int = 25,
+    max_episode_steps: int = MAX_EPISODE_STEPS,
+    task_id: int | None = None,
+) -> float:
+    """Official-protocol success of the student on ``task``: with ``task_id=None`` the task embedding is
+    inferred from the history (no task id); otherwise the task's prototype conditions the policy."""
+    import torch
+
+    n_envs = min(num_envs, num_goals)
+    with torch.no_grad():
+        result = evaluate_official(
+            StudentPolicy(student, n_envs, task_id), task, num_envs=n_envs, num_goals=num_goals,
+            max_episode_steps=max_episode_steps, episode_info=True,
+        )  # fmt: skip
+    return result.success_rate
 
 
 def evaluate_monitoring(

@@ -25,10 +25,12 @@ from cpd_fast.runio import write_json_atomic
 from cpd_fast.tasks import resolve_tasks
 
 __all__ = [
+    "KNOWN_BAD_ENVPOOL",
     "FidelityRow",
     "add_cli",
     "backend_choices",
     "check_fidelity",
+    "collection_backends",
     "format_table",
     "load_backend_choices",
     "save_report",
@@ -37,6 +39,9 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 DEFAULT_PASS_THRESHOLD = 0.8
+# Tasks whose scripted expert fails under envpool 1.2.5 (DESIGN.md §3): collect them with gymnasium when no
+# fidelity report was made.
+KNOWN_BAD_ENVPOOL = {"dial-turn-v3": "gymnasium"}
 
 
 @dataclass
@@ -163,6 +168,12 @@ def load_backend_choices(path: str) -> dict[str, str]:
     if not isinstance(payload, dict) or not isinstance(payload.get("backend"), dict):
         raise ValueError(f"{path!r} is not a `cpd envs check` report (no 'backend' table)")
     return dict(payload["backend"])
+
+
+def collection_backends(report: str | None) -> dict[str, str]:
+    """``{task: backend}`` for collection and training: from a fidelity report, else the known mismatches
+    (:data:`KNOWN_BAD_ENVPOOL`); tasks not listed use envpool."""
+    return load_backend_choices(report) if report else dict(KNOWN_BAD_ENVPOOL)
 
 
 def add_cli(subparsers: argparse._SubParsersAction) -> None:

@@ -33,6 +33,8 @@ from typing import Any
 
 import numpy as np
 
+from cpd_fast.errors import require_int
+
 __all__ = [
     "RunMetrics",
     "RunResult",
@@ -268,8 +270,7 @@ class RunResult:
         them, e.g. to set an MT25 run beside runs on MT25's first ten tasks. The suite is renamed
         ``"<suite>[:<tasks>]"`` and the wall time is unknown (NaN); a run with ≤ n stages is returned as is.
         """
-        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-            raise ValueError(f"n must be a positive int, got {n!r}")
+        require_int("n", n)
         if self.R.shape[0] <= n:
             return self
         keep = [j for j, st in enumerate(self.task_stage) if st < n]

@@ -8,24 +8,24 @@ Steps, in order (each is skipped when a previous invocation finished it and its 
                                         quality gate (official protocol); every task needs a usable teacher
     collect     RUN/datasets/           one Minari dataset per task, shared by every method
     distill:M   RUN/methods/M/          continual distillation with method M, evaluated after every stage
-                                        (``cpd_fast.continual.run_distill``: checkpoints per phase)
+                                        (``cpd_fast.distill.run.run_distill``: checkpoints per phase)
     report      RUN/report/             results.md, summary.json, heatmaps and bar charts
 
 **Presets** are YAML files shipped in ``cpd_fast/presets`` (``quick``, ``mt10``, ``mt25``). A config is
 layered: preset, then ``--config FILE`` (a partial or a full config; a run's own ``config.yaml`` works),
 then the flags (``--seed``, ``--methods``, ... and ``--set dotted.key=value`` for anything else, values
-parsed as YAML). ``distill`` holds :class:`~cpd_fast.continual.DistillConfig` fields, ``ppo``
+parsed as YAML). ``distill`` holds :class:`~cpd_fast.distill.config.DistillConfig` fields, ``ppo``
 :class:`~cpd_fast.teachers.ppo.PPOConfig` fields; what a preset leaves out is their defaults, and the
 resolved config records every number, so a run states exactly what it did.
 
-**What ``quick`` shows** (the default; 5 min 45 s end to end measured on this project's 2-core CPU
-machine while other jobs kept its load at ~6; no GPU, nothing to download): Meta-World's scripted
+**What ``quick`` shows** (the default; about 6 minutes on one core of this project's 2-core CPU machine;
+no GPU, nothing to download): Meta-World's scripted
 experts, gated with the official protocol on 10 of the 50 goals, teach four MT25 tasks in two stages
 (reach + drawer-close, then button-press-topdown + window-close). cpd and plain fine-tuning are distilled
 from the same datasets with the same budget (1500 steps of 128 windows per stage) and evaluated on every
-seen task after each stage. Measured (seed 0): cpd keeps the first stage (ACC 0.95, forgetting 0.05:
-reach 0.9 -> 0.8, drawer-close 1.0 -> 1.0), fine-tuning forgets it (ACC 0.68, forgetting 0.60: reach
-0.9 -> 0.0, drawer-close 1.0 -> 0.7); both learn the second stage fully. It is smoke-sized (one seed, 10
+seen task after each stage. Measured (seed 0): cpd keeps the first stage (ACC 0.97, forgetting 0.00:
+reach 0.9 -> 0.9, drawer-close 1.0 -> 1.0), fine-tuning forgets it (ACC 0.75, forgetting 0.45: reach
+0.9 -> 0.3, drawer-close 1.0 -> 0.7); both learn the second stage fully. It is smoke-sized (one seed, 10
 evaluation goals: a task's success moves in steps of 0.1); mt10 and mt25 are the study. The report
 labels a run on an explicit task list "custom".
 
@@ -58,90 +58,104 @@ import json
 import logging
 import os
 import time
-import types
-import typing
-from dataclasses import dataclass, field
+from dataclasses import field
 from importlib import resources
 from typing import Any
 
+from cpd_fast.config import (
+    Bool,
+    Fraction,
+    NonNegativeInt,
+    PositiveFloat,
+    PositiveInt,
+    Seed,
+    Str,
+    config_class,
+    from_mapping,
+    load_yaml,
+    merge,
+    parse_set,
+)
 from cpd_fast.data import verify_dataset_files
-from cpd_fast.runio import CorruptFileError, atomic_path, verify_sha256, write_json_atomic
+from cpd_fast.runio import Ledger, RunLock, atomic_path, check_same_config, read_json, verify_sha256
+from cpd_fast.runio import config_diff as _config_diff
 
-__all__ = ["PRESETS", "PipelineConfig", "add_cli", "load_preset", "resolve_config", "run_pipeline"]
+__all__ = [
+    "PRESETS",
+    "PipelineConfig",
+    "add_cli",
+    "config_diff",
+    "load_preset",
+    "resolve_config",
+    "run_pipeline",
+]
 
 PRESETS = ("quick", "mt10", "mt25")
 # DistillConfig fields the pipeline sets itself (from the top level, or per step)
 _OWNED = ("suite", "tasks", "tasks_per_stage", "method", "teachers", "fidelity", "seed", "device", "data_dir",
           "progress")  # fmt: skip
-# keys that change how a run executes, not what it computes: they may differ on resume
 _PPO_OWNED = ("seed", "device")  # PPOConfig fields set from the top level
-_RUNTIME = {"device", "backend", "ray_address", "workers", "progress", "distill.threads"}
+# keys that change how a run executes, not what it computes: they may differ on resume
+_RUNTIME = ("device", "backend", "ray_address", "workers", "progress", "distill.threads")
 STATE_FILE = "pipeline.json"
 
 
-@dataclass
+@config_class
 class FidelitySettings:
     """``cpd envs check`` inside the run: scripted-expert episodes per task and backend (0 skips the check;
-    then the known envpool mismatches of :data:`cpd_fast.continual.KNOWN_BAD_ENVPOOL` are used)."""
+    then the known envpool mismatches of :data:`cpd_fast.fidelity.KNOWN_BAD_ENVPOOL` are used)."""
 
-    episodes: int = 8
-    num_envs: int = 8
+    episodes: NonNegativeInt = 8
+    num_envs: PositiveInt = 8
 
 
-@dataclass
+@config_class
 class GateSettings:
     """Teacher quality gate (:mod:`cpd_fast.teachers.gate`). ``eval_goals`` None: the distillation's."""
 
-    threshold: float = 0.8
-    on_fail: str = "retrain"  # PPO teachers only: retrain | scripted | exclude
-    eval_goals: int | None = None
-    eval_envs: int = 10
-    retrain_factor: float = 2.0
+    threshold: Fraction = 0.8
+    on_fail: Str = "retrain"  # retrain | scripted | exclude (retrain: PPO teachers only)
+    eval_goals: PositiveInt | None = None
+    eval_envs: PositiveInt = 10
+    retrain_factor: PositiveFloat = 2.0
 
 
-@dataclass
+@config_class
 class PipelineConfig:
     """One ``cpd run``: what to distil, with which teachers and methods. Written as ``RUN/config.yaml``."""
 
-    preset: str = "quick"
-    suite: str | None = None  # a suite name (mt10, mt25, ...), or
-    tasks: list[str] | None = None  # an explicit task list (then suite is ignored)
-    tasks_per_stage: int = 5
-    teachers: str = "scripted"  # scripted | ppo
-    methods: list[str] = field(default_factory=lambda: ["cpd"])
-    seed: int = 0
-    device: str = "cpu"
-    backend: str = "local"  # PPO teacher training: local process pool | ray
-    ray_address: str | None = None
-    workers: int | None = None
-    progress: bool = True
+    preset: Str = "quick"
+    suite: Str | None = None  # a suite name (mt10, mt25, ...), or
+    tasks: list[Str] | None = None  # an explicit task list (then suite is ignored)
+    tasks_per_stage: PositiveInt = 5
+    teachers: Str = "scripted"  # scripted | ppo
+    methods: list[Str] = field(default_factory=lambda: ["cpd"])
+    seed: Seed = 0
+    device: Str = "cpu"
+    backend: Str = "local"  # PPO teacher training: local process pool | ray
+    ray_address: Str | None = None
+    workers: PositiveInt | None = None
+    progress: Bool = True
     fidelity: FidelitySettings = field(default_factory=FidelitySettings)
     gate: GateSettings = field(default_factory=GateSettings)
-    ppo: dict[str, Any] = field(default_factory=dict)  # PPOConfig fields (resolved when teachers == ppo)
-    distill: dict[str, Any] = field(default_factory=dict)  # DistillConfig fields (resolved)
+    ppo: dict[Str, Any] = field(default_factory=dict)  # PPOConfig fields (resolved when teachers == ppo)
+    distill: dict[Str, Any] = field(default_factory=dict)  # DistillConfig fields (resolved)
 
     def __post_init__(self) -> None:
-        from cpd_fast.continual import METHODS
+        from cpd_fast.distill.methods import METHODS
         from cpd_fast.distributed import BACKENDS
         from cpd_fast.teachers.gate import ON_FAIL
 
-        if isinstance(self.methods, str):
-            self.methods = [self.methods]
-        _known(PipelineConfig, dict(vars(self)), "the config")  # field types
-        if self.workers is not None and self.workers < 1:
-            raise ValueError(f"workers must be a positive int, got {self.workers}")
-        if isinstance(self.fidelity, dict):
-            self.fidelity = FidelitySettings(**_known(FidelitySettings, self.fidelity, "fidelity"))
-        if isinstance(self.gate, dict):
-            self.gate = GateSettings(**_known(GateSettings, self.gate, "gate"))
         if not self.suite and not self.tasks:
             raise ValueError("the config needs a suite (e.g. suite: mt10) or a task list (tasks: [...])")
         if self.tasks:
             self.suite = None
-        if self.teachers not in ("scripted", "ppo"):
-            raise ValueError(f"unknown teachers {self.teachers!r}; choose scripted or ppo")
-        if self.backend not in BACKENDS:
-            raise ValueError(f"unknown backend {self.backend!r}; choose one of {', '.join(BACKENDS)}")
+        for key, value, allowed in (
+            ("teachers", self.teachers, ("scripted", "ppo")), ("backend", self.backend, BACKENDS),
+            ("gate.on_fail", self.gate.on_fail, ON_FAIL), ("device", self.device, ("cpu", "cuda")),
+        ):  # fmt: skip
+            if value not in allowed:
+                raise ValueError(f"unknown {key} {value!r}; choose one of {', '.join(allowed)}")
         bad = [m for m in self.methods if m not in METHODS]
         if bad or not self.methods:
             raise ValueError(
@@ -149,16 +163,6 @@ class PipelineConfig:
             )
         if len(set(self.methods)) != len(self.methods):
             raise ValueError(f"a method is listed twice: {' '.join(self.methods)}")
-        if self.gate.on_fail not in ON_FAIL:
-            raise ValueError(
-                f"unknown gate.on_fail {self.gate.on_fail!r}; choose one of {', '.join(ON_FAIL)}"
-            )
-        if self.device not in ("cpu", "cuda"):
-            raise ValueError(f"unknown device {self.device!r}; choose cpu or cuda")
-        if self.fidelity.episodes < 0:
-            raise ValueError(
-                f"fidelity.episodes must be >= 0 (0 skips the check), got {self.fidelity.episodes}"
-            )
         for section, keys in (("distill", _OWNED), ("ppo", _PPO_OWNED)):
             owned = sorted(set(getattr(self, section)) & set(keys))
             if owned:
@@ -175,23 +179,23 @@ class PipelineConfig:
             self.gate.eval_goals = self.distill["eval_goals"]
 
     def distill_config(self, method: str, run_dir: str = "", fidelity: str | None = None) -> Any:
-        """The :class:`~cpd_fast.continual.DistillConfig` of one method of this run."""
-        from cpd_fast.continual import DistillConfig
+        """The :class:`~cpd_fast.distill.config.DistillConfig` of one method of this run."""
+        from cpd_fast.distill.config import DistillConfig
 
-        known = _known(DistillConfig, self.distill, "distill")
-        known["name"] = known.get("name") or self.suite or self.preset  # the report's title for the tasks
-        return DistillConfig(
-            **known, suite=self.suite or "custom", tasks=self.tasks, tasks_per_stage=self.tasks_per_stage,
+        d = dict(self.distill)
+        d["name"] = d.get("name") or self.suite or self.preset  # the report's title for the tasks
+        d.update(
+            suite=self.suite or "custom", tasks=self.tasks, tasks_per_stage=self.tasks_per_stage,
             method=method, teachers=run_dir or "scripted", fidelity=fidelity, seed=self.seed,
             device=self.device, data_dir=os.path.join(run_dir, "datasets") if run_dir else None,
             progress=self.progress,
         )  # fmt: skip
+        return from_mapping(DistillConfig, d, "distill")
 
     def ppo_config(self) -> Any:
         from cpd_fast.teachers.ppo import PPOConfig
 
-        known = _known(PPOConfig, self.ppo, "ppo")
-        return PPOConfig(**known, device=self.device, seed=self.seed)
+        return from_mapping(PPOConfig, {**self.ppo, "device": self.device, "seed": self.seed}, "ppo")
 
     def task_list(self) -> list[str]:
         from cpd_fast.tasks import resolve_tasks, stages
@@ -199,66 +203,28 @@ class PipelineConfig:
         stages(self.tasks or self.suite, self.tasks_per_stage)  # validates the stage split
         return resolve_tasks(self.tasks or self.suite)
 
+    def unused_settings(self, given: dict[str, Any]) -> list[str]:
+        """Settings the user gave (``given``: flags and --set keys) that this run does not use."""
+        out = []
+        if self.teachers != "ppo" or self.backend != "ray":
+            out += [f"--{k.replace('_', '-')}" for k in ("ray_address",) if given.get(k) is not None]
+        if self.teachers != "ppo":
+            out += [f"--{k}" for k in ("workers",) if given.get(k) is not None]
+        if given.get("distill"):
+            configs = [self.distill_config(m) for m in self.methods]
+            keys = sorted(given["distill"])
+            out += [f"distill.{k}" for k in keys if all(k in c.unused(keys) for c in configs)]
+        return out
+
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         return json.loads(json.dumps(d))  # plain lists/dicts (tuples -> lists): YAML- and compare-friendly
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> PipelineConfig:
-        if not isinstance(d, dict):
-            raise ValueError(f"a config must be a mapping (key: value), got {d!r}")
-        d = {**d, "methods": [d["methods"]]} if isinstance(d.get("methods"), str) else d
-        return cls(**_known(cls, d, "the config"))
-
-
-def _known(cls: type, d: dict[str, Any], where: str) -> dict[str, Any]:
-    """``d`` checked against ``cls``'s fields: an unknown key (a typo) or a value of the wrong type (``abc``
-    for a number) is a user mistake, said in one line, not a ``TypeError`` deep inside a constructor."""
-    if not isinstance(d, dict):
-        raise ValueError(f"{where} must be a mapping (key: value), got {d!r}")
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(d) - names)
-    if unknown:
-        raise ValueError(
-            f"unknown key(s) in {where}: {', '.join(unknown)}; known: {', '.join(sorted(names))}"
-        )
-    for k, v in d.items():
-        if not _type_ok(v, hints[k]):
-            raise ValueError(f"{where}: {k} must be {_type_name(hints[k])}, got {v!r}")
-    return dict(d)
-
-
-def _type_ok(v: Any, hint: Any) -> bool:
-    """Does a YAML value fit a field annotation? (lists stand for tuples, mappings for dataclasses)."""
-    origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if origin in (typing.Union, types.UnionType):
-        return any(_type_ok(v, a) for a in args)
-    if hint is Any:
-        return True
-    if hint is type(None):
-        return v is None
-    if origin in (list, tuple):
-        return isinstance(v, list | tuple) and all(_type_ok(x, args[0]) for x in v)
-    if origin is dict or dataclasses.is_dataclass(hint):
-        return isinstance(v, dict) or (dataclasses.is_dataclass(hint) and isinstance(v, hint))
-    if hint is float:
-        return isinstance(v, int | float) and not isinstance(v, bool)
-    if hint is int:
-        return isinstance(v, int) and not isinstance(v, bool)
-    return isinstance(v, hint) if isinstance(hint, type) else True
-
-
-def _type_name(hint: Any) -> str:
-    if typing.get_origin(hint) in (typing.Union, types.UnionType):
-        return " or ".join(_type_name(a) for a in typing.get_args(hint))
-    if hint is type(None):
-        return "null"
-    if typing.get_origin(hint) in (list, tuple):
-        return "a list"
-    if typing.get_origin(hint) is dict or dataclasses.is_dataclass(hint):
-        return "a mapping"
-    return getattr(hint, "__name__", str(hint))
+        if isinstance(d, dict) and isinstance(d.get("methods"), str):
+            d = {**d, "methods": [d["methods"]]}
+        return from_mapping(cls, d, "the config")
 
 
 def _strip(d: dict[str, Any], keys: tuple[str, ...]) -> dict[str, Any]:
@@ -278,51 +244,6 @@ def load_preset(name: str) -> dict[str, Any]:
     return {**(yaml.safe_load(text) or {}), "preset": name}
 
 
-def _load_yaml(path: str) -> dict[str, Any]:
-    import yaml
-
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"config file {path!r} not found")
-    with open(path) as f:
-        try:
-            d = yaml.safe_load(f) or {}
-        except yaml.YAMLError as err:
-            raise ValueError(f"{path} is not valid YAML: {str(err).splitlines()[0]}") from None
-    if not isinstance(d, dict):
-        raise ValueError(f"{path} must hold a YAML mapping (key: value), not {type(d).__name__}")
-    return d
-
-
-def _merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
-    """Recursive dict update: nested sections merge key by key, anything else is replaced."""
-    out = dict(base)
-    for k, v in top.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
-
-
-def parse_set(items: list[str]) -> dict[str, Any]:
-    """``["distill.steps_per_stage=500", "methods=[cpd, ewc]"]`` -> nested dict (values parsed as YAML)."""
-    import yaml
-
-    out: dict[str, Any] = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise ValueError(f"--set expects KEY=VALUE (e.g. distill.steps_per_stage=500), got {item!r}")
-        node = out
-        *parents, leaf = key.strip().split(".")
-        for p in parents:
-            node = node.setdefault(p, {})
-        if not all([*parents, leaf]):
-            raise ValueError(f"--set key {key!r} has an empty part; write e.g. distill.steps_per_stage=500")
-        try:
-            node[leaf] = yaml.safe_load(value)
-        except yaml.YAMLError as err:
-            raise ValueError(f"--set {key}: {value!r} is not a YAML value ({type(err).__name__})") from None
-    return out
-
-
 def resolve_config(
     preset: str | None = None,
     config_file: str | None = None,
@@ -333,58 +254,25 @@ def resolve_config(
 
     The preset is ``preset``, else the config file's ``preset`` key, else ``quick``.
     """
-    file_d = _load_yaml(config_file) if config_file else {}
+    file_d = load_yaml(config_file) if config_file else {}
     if base is None:
         base = load_preset(preset or file_d.get("preset") or "quick")
     elif preset:
         base = load_preset(preset)
-    d = _merge(_merge(base, file_d), overrides or {})
+    d = merge(merge(base, file_d), overrides or {})
     if preset:
         d["preset"] = preset
     return PipelineConfig.from_dict(d)
 
 
-def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict) and v:
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
 def config_diff(saved: dict[str, Any], mine: dict[str, Any]) -> list[str]:
-    """Dotted keys whose values differ (runtime-only keys and unused PPO settings are ignored)."""
-    a, b = _flat(saved), _flat(mine)
-    ignore = set(_RUNTIME)
-    if saved.get("teachers") == mine.get("teachers") == "scripted":
-        ignore |= {k for k in a.keys() | b.keys() if k.startswith("ppo.") or k == "ppo"}
-    return sorted(k for k in a.keys() | b.keys() if k not in ignore and a.get(k) != b.get(k))
+    """Dotted keys whose values differ (runtime-only keys, and the PPO settings of scripted-teacher runs,
+    are ignored)."""
+    scripted = saved.get("teachers") == mine.get("teachers") == "scripted"
+    return _config_diff(saved, mine, _RUNTIME + (("ppo",) if scripted else ()))
 
 
 # ----------------------------------------------------------------------------- the run directory
-
-
-class _State:
-    """``RUN/pipeline.json``: finished steps with their records, written only after a step's outputs."""
-
-    def __init__(self, run_dir: str) -> None:
-        self.path = os.path.join(run_dir, STATE_FILE)
-        self.steps: dict[str, dict[str, Any]] = {}
-        if os.path.isfile(self.path):
-            with open(self.path) as f:
-                try:
-                    self.steps = json.load(f)["steps"]
-                except (json.JSONDecodeError, KeyError):
-                    raise CorruptFileError(f"{self.path} is corrupt; delete it and re-run") from None
-
-    def done(self, name: str, outputs: list[str]) -> bool:
-        return name in self.steps and all(os.path.exists(p) for p in outputs)
-
-    def mark(self, name: str, record: dict[str, Any]) -> None:
-        self.steps[name] = record
-        write_json_atomic(self.path, {"steps": self.steps})
 
 
 def _remedy(run_dir: str, path: str) -> str:
@@ -424,7 +312,7 @@ class Pipeline:
     def __init__(self, cfg: PipelineConfig, run_dir: str, console: Any) -> None:
         self.cfg, self.run_dir, self.console = cfg, run_dir, console
         self.tasks = cfg.task_list()
-        self.state = _State(run_dir)
+        self.state = Ledger(os.path.join(run_dir, STATE_FILE))
         self.fidelity_path = os.path.join(run_dir, "fidelity.json") if cfg.fidelity.episodes else None
         self.data_root = os.path.join(run_dir, "datasets")
 
@@ -489,10 +377,9 @@ class Pipeline:
         return {"backend": backend_choices(rows)}
 
     def _backends(self) -> dict[str, str]:
-        from cpd_fast.continual import KNOWN_BAD_ENVPOOL
-        from cpd_fast.fidelity import load_backend_choices
+        from cpd_fast.fidelity import collection_backends
 
-        return load_backend_choices(self.fidelity_path) if self.fidelity_path else dict(KNOWN_BAD_ENVPOOL)
+        return collection_backends(self.fidelity_path)
 
     # ---- teachers + quality gate
     def teachers(self) -> dict[str, Any]:
@@ -525,22 +412,13 @@ class Pipeline:
 
     def _gate_scripted(self) -> None:
         """The gate on Meta-World's scripted experts: measured, recorded, never used below the threshold."""
-        from tqdm import tqdm
-
-        from cpd_fast.teachers.gate import TeacherRecord, evaluate_teacher, passes, write_teachers_json
-        from cpd_fast.teachers.scripted import ScriptedExpert
+        from cpd_fast.teachers.gate import gate_scripted, write_teachers_json
 
         g = self.cfg.gate
-        records = {}
-        for task in tqdm(self.tasks, desc="gate", disable=not self.cfg.progress, leave=False):
-            m = evaluate_teacher(ScriptedExpert(task), task, num_goals=g.eval_goals, num_envs=g.eval_envs)
-            ok = passes(m["success_rate"], g.threshold)
-            records[task] = TeacherRecord(
-                task=task, source="scripted", path=None, success_rate=m["success_rate"],
-                protocol=m["protocol"], threshold=g.threshold, passed=ok, status="ok" if ok else "failed",
-                used=ok, flagged=not ok,
-                history=[{"source": "scripted", "path": None, "success_rate": m["success_rate"]}],
-            )  # fmt: skip
+        records = gate_scripted(
+            self.tasks, g.threshold, eval_goals=g.eval_goals, eval_envs=g.eval_envs,
+            progress=self.cfg.progress,
+        )  # fmt: skip
         write_teachers_json(
             self.run_dir, records, tasks=self.tasks, threshold=g.threshold, eval_goals=g.eval_goals
         )
@@ -557,33 +435,26 @@ class Pipeline:
 
     # ---- collection
     def collect(self) -> dict[str, Any]:
-        """One dataset per task, reused by every method (:func:`cpd_fast.continual.ensure_dataset`: the
-        same manifest ``<task>.collected.json`` that ``run_distill`` checks before collecting)."""
+        """One dataset per task, reused by every method, with its teacher's success recorded once
+        (:func:`cpd_fast.distill.run.collect_task_data`, which ``run_distill`` calls too and then skips)."""
         from tqdm import tqdm
 
-        from cpd_fast.continual import ensure_dataset, teacher_specs
+        from cpd_fast.distill.run import collect_task_data
+        from cpd_fast.teachers.gate import teacher_specs
 
         dcfg = self.cfg.distill_config(self.cfg.methods[0], self.run_dir, self.fidelity_path)
-        specs = teacher_specs(dcfg, self.tasks)
+        specs = teacher_specs(dcfg.teachers, self.tasks)
         backends = self._backends()
         out = {}
         for task in tqdm(self.tasks, desc="collect", disable=not self.cfg.progress, leave=False):
-            source, path, _ = specs[task]
-            manifest = ensure_dataset(dcfg, task, self.data_root, source, path, backends.get(task, "envpool"))
-            if "teacher_success" not in manifest and self.cfg.gate.eval_goals == dcfg.eval_goals:
-                manifest["teacher_success"] = self._teacher_success(task)  # the gate measured it already
-                write_json_atomic(os.path.join(self.data_root, f"{task}.collected.json"), manifest)
-            out[task] = {"files": len(manifest["files"])}
+            collect_task_data(dcfg, task, self.data_root, specs[task], backends.get(task, "envpool"))
+            manifest = os.path.join(self.data_root, f"{task}.collected.json")
+            out[task] = {"files": len(read_json(manifest)["files"])}
         return out
-
-    def _teacher_success(self, task: str) -> float:
-        from cpd_fast.teachers.gate import load_teachers_json
-
-        return float(load_teachers_json(self.run_dir)[task].success_rate)
 
     # ---- distillation (+ evaluation after every stage)
     def distill(self, method: str) -> dict[str, Any]:
-        from cpd_fast.continual import run_distill
+        from cpd_fast.distill.run import run_distill
 
         for task in self.tasks:  # a method must not train on data that changed since it was collected
             verify_dataset_files(os.path.join(self.data_root, f"{task}.collected.json"))
@@ -618,16 +489,10 @@ def prepare_run_dir(cfg: PipelineConfig, run_dir: str) -> None:
     path = os.path.join(run_dir, "config.yaml")
     mine = cfg.to_dict()
     if os.path.isfile(path):
-        saved = _load_yaml(path)
-        diff = config_diff(saved, mine)
-        if diff:
-            a, b = _flat(saved), _flat(mine)
-            shown = "; ".join(f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in diff[:4])
-            more = f" (+{len(diff) - 4} more)" if len(diff) > 4 else ""
-            raise ValueError(
-                f"{run_dir} holds a run made with a different config ({shown}{more}); resume it with "
-                f"`cpd run --out {run_dir}` alone, or choose a new --out"
-            )
+        saved = load_yaml(path)
+        scripted = saved.get("teachers") == mine.get("teachers") == "scripted"
+        remedy = f"resume it with `cpd run --out {run_dir}` alone, or choose a new --out"
+        check_same_config(saved, mine, _RUNTIME + (("ppo",) if scripted else ()), run_dir, remedy)
         return
     os.makedirs(run_dir, exist_ok=True)
     with atomic_path(path) as tmp, open(tmp, "w") as f:
@@ -652,15 +517,16 @@ def run_pipeline(cfg: PipelineConfig, run_dir: str, console: Any = None) -> dict
 
         check_ray_address(cfg.ray_address)
     t0 = time.perf_counter()
-    resumed = os.path.isfile(os.path.join(run_dir, "config.yaml"))
-    prepare_run_dir(cfg, run_dir)
-    if resumed:
-        n = verify_run_dir(run_dir)
-        console.print(f"resuming {run_dir} ({n} checksummed files verified)")
-    # warnings (a teacher below the gate, an envpool mismatch) as one line each
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    steps = Pipeline(cfg, run_dir, console).run()
-    print_summary(cfg, run_dir, console, time.perf_counter() - t0)
+    with RunLock(run_dir):  # a second process on this directory is refused at once
+        resumed = os.path.isfile(os.path.join(run_dir, "config.yaml"))
+        prepare_run_dir(cfg, run_dir)
+        if resumed:
+            n = verify_run_dir(run_dir)
+            console.print(f"resuming {run_dir} ({n} checksummed files verified)")
+        # warnings (a teacher below the gate, an envpool mismatch) as one line each
+        logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+        steps = Pipeline(cfg, run_dir, console).run()
+        print_summary(cfg, run_dir, console, time.perf_counter() - t0)
     return steps
 
 
@@ -700,7 +566,7 @@ def print_summary(cfg: PipelineConfig, run_dir: str, console: Any, wall: float) 
 
 def add_cli(subparsers: argparse._SubParsersAction) -> None:
     """Register ``cpd run`` on the top-level ``cpd`` subparsers."""
-    from cpd_fast.continual import METHODS
+    from cpd_fast.distill.methods import METHODS
 
     p = subparsers.add_parser(
         "run",
@@ -716,7 +582,7 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--teachers", choices=("scripted", "ppo"), default=None)
     p.add_argument("--backend", choices=("local", "ray"), default=None, help="where PPO teachers train")
     p.add_argument("--ray-address", default=None, help="existing Ray cluster ('auto', 'ray://host:port')")
-    p.add_argument("--methods", nargs="+", choices=METHODS, default=None, metavar="METHOD",
+    p.add_argument("--methods", nargs="+", choices=list(METHODS), default=None, metavar="METHOD",
                    help=f"methods to distil with ({', '.join(METHODS)})")  # fmt: skip
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--device", choices=("cpu", "cuda"), default=None)
@@ -734,17 +600,27 @@ def _cli_run(args: argparse.Namespace) -> int:
     import yaml
 
     overrides = parse_set(args.overrides)
+    given = merge(overrides, {"ray_address": args.ray_address})
     flags = {"teachers": args.teachers, "backend": args.backend, "ray_address": args.ray_address,
              "methods": args.methods, "seed": args.seed, "device": args.device,
              "progress": False if args.no_progress else None}  # fmt: skip
     if args.ray_address and args.backend is None:
         flags["backend"] = "ray"  # an address only makes sense for the Ray backend
-    overrides = _merge(overrides, {k: v for k, v in flags.items() if v is not None})
+    overrides = merge(overrides, {k: v for k, v in flags.items() if v is not None})
     base = None
     saved = os.path.join(args.out, "config.yaml") if args.out else None
     if saved and os.path.isfile(saved) and not args.preset and not args.config:
-        base = _load_yaml(saved)  # `cpd run --out RUN` resumes RUN with its own config
+        base = load_yaml(saved)  # `cpd run --out RUN` resumes RUN with its own config
     cfg = resolve_config(args.preset, args.config, overrides, base=base)
+    unused = cfg.unused_settings(given)
+    flags_unused = [u for u in unused if u.startswith("--")]
+    if flags_unused:
+        raise ValueError(
+            f"{', '.join(flags_unused)}: only used to train PPO teachers (--teachers ppo), and this run uses "
+            f"{cfg.teachers} teachers; drop it (it would be ignored)"
+        )
+    for key in unused:  # distill settings no selected method reads: a typo or a leftover, said once
+        logging.getLogger(__name__).warning("%s is not used by the methods %s (ignored)", key, cfg.methods)
     if args.print_config:
         print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
         return 0

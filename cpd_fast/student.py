@@ -56,6 +56,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cpd_fast.errors import require_int
 from cpd_fast.moe import MoELayer
 
 __all__ = ["HistoryBuffer", "Student", "StudentConfig", "supcon_loss"]
@@ -92,11 +93,8 @@ class StudentConfig:
     def __post_init__(self) -> None:
         for name in ("obs_dim", "act_dim", "history", "d_model", "n_heads", "d_ff", "expert_hidden",
                      "top_k", "experts_per_task", "task_embed_dim", "task_encoder_hidden"):  # fmt: skip
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"StudentConfig.{name} must be a positive int, got {v!r}")
-        if isinstance(self.n_layers, bool) or not isinstance(self.n_layers, int) or self.n_layers < 0:
-            raise ValueError(f"StudentConfig.n_layers must be an int >= 0, got {self.n_layers!r}")
+            require_int(f"StudentConfig.{name}", getattr(self, name))
+        require_int("StudentConfig.n_layers", self.n_layers, 0)
         if self.d_model % self.n_heads:
             raise ValueError(f"d_model={self.d_model} must be divisible by n_heads={self.n_heads}")
         if not 0.0 <= self.dropout < 1.0:
@@ -132,11 +130,6 @@ def supcon_loss(z: torch.Tensor, labels: torch.Tensor, temperature: float = 0.1)
     # masked_fill, not multiply: the diagonal of log_prob is -inf and -inf * 0 is NaN
     per_anchor = log_prob.masked_fill(~pos, 0.0).sum(1) / n_pos.clamp(min=1)
     return -(per_anchor[has]).mean()
-
-
-def _whole_batch(group: Any, z: torch.Tensor, task_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(z, task_ids)`` of the whole batch: this one, or every rank's slice gathered (data-parallel)."""
-    return (z, task_ids) if group is None else (group.gather(z), group.gather(task_ids))
 
 
 # ----------------------------------------------------------------------------- modules
@@ -204,8 +197,7 @@ class Student(nn.Module):
         cfg = config if config is not None else StudentConfig()
         if not isinstance(cfg, StudentConfig):
             raise TypeError(f"config must be a StudentConfig, got {type(cfg).__name__}")
-        if isinstance(num_tasks, bool) or not isinstance(num_tasks, int) or num_tasks < 0:
-            raise ValueError(f"num_tasks must be an int >= 0, got {num_tasks!r}")
+        require_int("num_tasks", num_tasks, 0)
         if num_experts is None:
             num_experts = max(num_tasks * cfg.experts_per_task, cfg.top_k)
         self.config = cfg
@@ -343,6 +335,50 @@ class Student(nn.Module):
         h, _ = self._trunk(obs_window, mask, task_ids, "all")
         return torch.tanh(self.head(h))
 
+    def check_loss_inputs(
+        self,
+        obs_window: torch.Tensor,
+        teacher_action_mean: torch.Tensor,
+        task_ids: torch.Tensor | None,
+        mask: torch.Tensor | None,
+        use_prototype: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, bool]:
+        """Validate a training batch (see :meth:`losses`); returns ``(mask, per_position)``."""
+        cfg = self.config
+        if task_ids is None:
+            raise ValueError("losses() needs task_ids (contrastive labels)")
+        mask = self._check(obs_window, mask, task_ids)
+        if not isinstance(teacher_action_mean, torch.Tensor):
+            raise TypeError("teacher_action_mean must be a torch.Tensor")
+        B, H = obs_window.shape[:2]
+        if teacher_action_mean.shape not in ((B, cfg.act_dim), (B, H, cfg.act_dim)):
+            raise ValueError(
+                f"teacher_action_mean must have shape [{B}, {cfg.act_dim}] or [{B}, {H}, {cfg.act_dim}], "
+                f"got {tuple(teacher_action_mean.shape)}"
+            )
+        if use_prototype is not None and (
+            not isinstance(use_prototype, torch.Tensor) or use_prototype.shape != (B,)
+        ):
+            raise ValueError(f"use_prototype must be a bool tensor of shape [{B}]")
+        return mask, teacher_action_mean.dim() == 3
+
+    def predict(
+        self,
+        obs_window: torch.Tensor,
+        mask: torch.Tensor,
+        task_ids: torch.Tensor,
+        use_prototype: torch.Tensor | None,
+        per_position: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Training-time prediction on checked inputs: ``(action means [B, act_dim] or [B, H, act_dim],
+        last-position inferred embeddings [B, task_embed_dim])``. Rows with ``use_prototype`` are conditioned
+        on their task's prototype, the others on the inferred embedding."""
+        h, z = self._trunk(
+            obs_window, mask, task_ids if use_prototype is not None else None,
+            "all" if per_position else "last", use_prototype,
+        )  # fmt: skip
+        return torch.tanh(self.head(h)), z[:, -1]
+
     def losses(
         self,
         obs_window: torch.Tensor,
@@ -351,7 +387,6 @@ class Student(nn.Module):
         mask: torch.Tensor | None = None,
         update_prototypes: bool | None = None,
         use_prototype: torch.Tensor | None = None,
-        group: Any = None,
     ) -> dict[str, torch.Tensor]:
         """Distillation losses on a batch of windows.
 
@@ -364,76 +399,34 @@ class Student(nn.Module):
             update_prototypes: EMA-update the prototypes from this batch (default: ``self.training``).
             use_prototype: bool ``[B]``: windows conditioned on their task's prototype (the others on the
                 inferred embedding); default none. The prototypes are updated from this batch first.
-            group: a :class:`cpd_fast.ddp.ShardedBatch` when this batch is one rank's slice of a global
-                batch (data-parallel training): the losses and the prototype update are the global
-                batch's, and the result has one more entry, ``backward``, the loss to back-propagate.
 
         Returns ``dict(mse, contrastive, aux, total)`` of scalars with
-        ``total = mse + aux + contrastive_weight · contrastive`` (aux already carries its weight).
+        ``total = mse + aux + contrastive_weight · contrastive`` (aux already carries its weight). A
+        data-parallel trainer computes the same losses over a global batch from :meth:`predict`
+        (:class:`cpd_fast.distill.train.DistillLoss`).
         """
         cfg = self.config
-        if task_ids is None:
-            raise ValueError("losses() needs task_ids (contrastive labels)")
-        mask = self._check(obs_window, mask, task_ids)
-        if not isinstance(teacher_action_mean, torch.Tensor):
-            raise TypeError("teacher_action_mean must be a torch.Tensor")
-        B, H = obs_window.shape[:2]
-        per_position = teacher_action_mean.dim() == 3
-        if teacher_action_mean.shape not in ((B, cfg.act_dim), (B, H, cfg.act_dim)):
-            raise ValueError(
-                f"teacher_action_mean must have shape [{B}, {cfg.act_dim}] or [{B}, {H}, {cfg.act_dim}], "
-                f"got {tuple(teacher_action_mean.shape)}"
-            )
+        mask, per_position = self.check_loss_inputs(
+            obs_window, teacher_action_mean, task_ids, mask, use_prototype
+        )
         update = update_prototypes if update_prototypes is not None else self.training
-        if use_prototype is not None:
-            if not isinstance(use_prototype, torch.Tensor) or use_prototype.shape != (B,):
-                raise ValueError(f"use_prototype must be a bool tensor of shape [{B}]")
-            if update:  # every task of the batch has a prototype before it is used
-                with torch.no_grad():
-                    z0 = self.task_encoder(obs_window, mask)[:, -1]
-                    self.update_prototypes(*_whole_batch(group, z0, task_ids))
-                update = False
-        h, z = self._trunk(
-            obs_window, mask, task_ids if use_prototype is not None else None,
-            "all" if per_position else "last", use_prototype,
-        )  # fmt: skip
-        pred = torch.tanh(self.head(h))
+        if use_prototype is not None and update:  # every task of the batch has a prototype before it is used
+            with torch.no_grad():
+                self.update_prototypes(self.task_encoder(obs_window, mask)[:, -1], task_ids)
+            update = False
+        pred, z_last = self.predict(obs_window, mask, task_ids, use_prototype, per_position)
         target = teacher_action_mean.to(pred.dtype).clamp(-1.0, 1.0)
-        if group is not None:
-            w = mask.to(pred.dtype).unsqueeze(-1) if per_position else pred.new_ones(B, 1)
-            return self._sharded_losses(pred, target, w, z[:, -1], task_ids, update, group)
         if per_position:
             w = mask.to(pred.dtype).unsqueeze(-1)
             mse = ((pred - target) ** 2 * w).sum() / (w.sum() * cfg.act_dim)
         else:
             mse = F.mse_loss(pred, target)
-        z_last = z[:, -1]
         contrastive = supcon_loss(z_last, task_ids, cfg.contrastive_temperature)
         aux = self.moe.aux_loss
         if update:
             self.update_prototypes(z_last.detach(), task_ids)
         total = mse + aux + cfg.contrastive_weight * contrastive
         return {"mse": mse, "contrastive": contrastive, "aux": aux, "total": total}
-
-    def _sharded_losses(self, pred, target, w, z_last, task_ids, update: bool, group) -> dict[str, Any]:
-        """:meth:`losses` on one rank's slice of a global batch (see :mod:`cpd_fast.ddp`).
-
-        ``w [B, H, 1]`` or ``[B, 1]``: weights of the squared errors (the mask of real positions). The
-        reported losses are the global batch's; ``backward`` is W × this rank's share of the global
-        ``total``, so DDP's gradient average over the W ranks is the single-process gradient.
-        """
-        cfg = self.config
-        mse_share = ((pred - target) ** 2 * w).sum() / (group.sum(w.sum()) * cfg.act_dim)
-        aux_share = group.aux_share(self.moe)
-        z_all, ids_all = group.gather(z_last), group.gather(task_ids)
-        # the same on every rank; its gradient reaches this rank's own embeddings only
-        contrastive = supcon_loss(z_all, ids_all, cfg.contrastive_temperature)
-        if update:
-            self.update_prototypes(z_all.detach(), ids_all)
-        backward = group.world_size * (mse_share + aux_share + cfg.contrastive_weight * contrastive)
-        mse, aux, contrastive = group.sum(mse_share), group.sum(aux_share), contrastive.detach()
-        total = mse + aux + cfg.contrastive_weight * contrastive
-        return {"mse": mse, "contrastive": contrastive, "aux": aux, "total": total, "backward": backward}
 
     @torch.no_grad()
     def update_prototypes(self, z: torch.Tensor, task_ids: torch.Tensor) -> None:
@@ -484,8 +477,7 @@ class Student(nn.Module):
         are replaced by bigger ones: call ``student.moe.update_optimizer(opt)`` or rebuild the optimizer.
         """
         n = self.config.experts_per_task if n_new_experts is None else n_new_experts
-        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
-            raise ValueError(f"n_new_experts must be an int >= 0, got {n!r}")
+        require_int("n_new_experts", n, 0)
         new = self.moe.add_experts(n) if n > 0 else []
         self.prototypes = torch.cat([self.prototypes, self.prototypes.new_zeros(1, self.prototypes.shape[1])])
         self.prototype_count = torch.cat([self.prototype_count, self.prototype_count.new_zeros(1)])

@@ -13,6 +13,8 @@ from __future__ import annotations
 import difflib
 from collections.abc import Sequence
 
+from cpd_fast.errors import require_int
+
 __all__ = [
     "CW10",
     "MT10",
@@ -182,8 +184,7 @@ def stages(suite: str | Sequence[str], tasks_per_stage: int) -> list[list[str]]:
     be a multiple of ``tasks_per_stage`` so that every stage has the same size.
     """
     tasks = resolve_tasks(suite)
-    if isinstance(tasks_per_stage, bool) or not isinstance(tasks_per_stage, int) or tasks_per_stage <= 0:
-        raise ValueError(f"tasks_per_stage must be a positive int, got {tasks_per_stage!r}")
+    require_int("tasks_per_stage", tasks_per_stage)
     if len(tasks) % tasks_per_stage:
         raise ValueError(
             f"suite of {len(tasks)} tasks does not split into stages of {tasks_per_stage}; "

@@ -3,11 +3,11 @@ traceback (``cpd --debug`` shows it). In-process through ``cpd_fast.cli.main``; 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
@@ -114,7 +114,7 @@ def test_missing_required_argument_is_one_line(capsys):
         (["distill", "--episodes", "-3"], "argument --episodes: must be a positive int"),
         (["distill", "--lr", "nan"], "argument --lr: must be a finite number"),
         (["distill", "--replay-fraction", "0"], "argument --replay-fraction: must be a finite number > 0"),
-        (["distill", "--threads", "-1"], "argument --threads: must be a positive int"),
+        (["distill", "--threads", "-1"], "argument --threads: must be an int >= 0"),  # 0: torch default
         (["distill", "--seed", "-1"], "argument --seed: must be an int in [0, 2**31)"),
         (["teachers", "train", "--total-steps", "0"], "argument --total-steps: must be a positive int"),
         (["teachers", "train", "--threshold", "nan"], "argument --threshold: must be a finite number"),
@@ -241,30 +241,93 @@ def test_device_that_is_not_there(tmp_path, capsys):
     assert not os.listdir(tmp_path)  # refused before anything was written
 
 
-def test_ray_address_that_does_not_answer(tmp_path, capsys):
-    t0 = time.perf_counter()
-    argv = ["teachers", "train", "--backend", "ray", "--ray-address", "127.0.0.1:1", "--tasks", "reach-v3",
-            "--run-dir", str(tmp_path / "r")]  # fmt: skip
-    assert_one_line(
-        argv, capsys, "cpd teachers train: no Ray cluster answers at 127.0.0.1:1", "ray start --head"
-    )
-    assert time.perf_counter() - t0 < 20
-    argv[argv.index("127.0.0.1:1")] = "headnode"
-    assert_one_line(argv, capsys, "--ray-address 'headnode' is not HOST:PORT")
-    assert not (tmp_path / "r" / "teachers.json").exists()
+def _fake_connect(monkeypatch, error: OSError | None) -> list[tuple[tuple[str, int], float | None]]:
+    """Replace check_ray_address's TCP connect: raise ``error`` at once (``None``: a cluster answers).
+
+    Returns the list of ``(address, timeout)`` the connects were given.
+    """
+    import cpd_fast.distributed
+
+    calls = []
+
+    def create_connection(address, timeout=None, *args, **kwargs):
+        calls.append((address, timeout))
+        if error is not None:
+            raise error
+        return contextlib.nullcontext()
+
+    monkeypatch.setattr(cpd_fast.distributed.socket, "create_connection", create_connection)
+    return calls
 
 
-def test_ray_address_check_times_out_fast(monkeypatch):
-    from cpd_fast.distributed import check_ray_address
+def _written(run_dir) -> list[str]:
+    """Files under ``run_dir`` other than its lock (``cpd teachers train`` locks the directory first)."""
+    return sorted(str(p.relative_to(run_dir)) for p in run_dir.rglob("*") if p.name != ".lock")
+
+
+def test_ray_address_that_does_not_answer(tmp_path, capsys, monkeypatch):
+    """Refused before any teacher job starts: one connect with the bounded timeout, nothing written."""
+    from cpd_fast import distributed
 
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    connects = _fake_connect(monkeypatch, TimeoutError("timed out"))
+    started = []
+    monkeypatch.setattr(distributed, "_run_ray", lambda *a, **kw: started.append(a) or [])
+    monkeypatch.setattr(distributed, "_run_local", lambda *a, **kw: started.append(a) or [])
+    run_dir = tmp_path / "r"
+    argv = ["teachers", "train", "--backend", "ray", "--ray-address", "127.0.0.1:1", "--tasks", "reach-v3",
+            "--run-dir", str(run_dir)]  # fmt: skip
+    timeout = distributed.RAY_CONNECT_TIMEOUT_S
+    assert_one_line(argv, capsys, "cpd teachers train: no Ray cluster answers at 127.0.0.1:1",
+                    f"(timed out, {timeout:g} s connect timeout)", "ray start --head")  # fmt: skip
+    assert connects == [(("127.0.0.1", 1), timeout)]
+    assert started == [] and _written(run_dir) == []
 
-    t0 = time.perf_counter()
-    with pytest.raises(ConnectionError, match="no Ray cluster answers"):
-        check_ray_address("192.0.2.1:6379", timeout=0.5)  # TEST-NET-1: never answers
-    assert time.perf_counter() - t0 < 5
-    check_ray_address(None)
+    argv[argv.index("127.0.0.1:1")] = "headnode"
+    assert_one_line(argv, capsys, "--ray-address 'headnode' is not HOST:PORT")
+    assert len(connects) == 1  # a malformed address is refused without a connect
+    assert started == [] and _written(run_dir) == []
+
+
+def test_cpd_run_checks_the_ray_address_before_any_step(tmp_path, capsys, monkeypatch):
+    if not _has_run():
+        pytest.skip("`cpd run` is not registered")
+    from cpd_fast import distributed, pipeline
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    connects = _fake_connect(monkeypatch, ConnectionRefusedError(111, "Connection refused"))
+
+    def no_step(self):
+        raise AssertionError("a pipeline step ran")
+
+    monkeypatch.setattr(pipeline.Pipeline, "run", no_step)
+    out = tmp_path / "run"
+    argv = ["run", "--teachers", "ppo", "--ray-address", "10.0.0.7:6379", "--no-progress", "--out", str(out)]
+    assert_one_line(argv, capsys, "cpd run: no Ray cluster answers at 10.0.0.7:6379 (Connection refused",
+                    "ray start --head")  # fmt: skip
+    assert connects == [(("10.0.0.7", 6379), distributed.RAY_CONNECT_TIMEOUT_S)]
+    assert not out.exists()  # not even config.yaml: the fidelity step would have come first
+
+
+def test_ray_address_check_gives_the_connect_its_timeout(monkeypatch):
+    from cpd_fast.distributed import RAY_CONNECT_TIMEOUT_S, check_ray_address
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    connects = _fake_connect(monkeypatch, TimeoutError("timed out"))
+    timed_out = r"no Ray cluster answers at 192\.0\.2\.1:6379 \(timed out, 0\.5 s connect timeout\)"
+    with pytest.raises(ConnectionError, match=timed_out):
+        check_ray_address("192.0.2.1:6379", timeout=0.5)
+    with pytest.raises(ConnectionError, match=r"answers at ray://\[::1\]:10001 .* fix --ray-address"):
+        check_ray_address("ray://[::1]:10001")  # Ray Client address, IPv6 host
+    assert connects == [(("192.0.2.1", 6379), 0.5), (("::1", 10001), RAY_CONNECT_TIMEOUT_S)]
+    assert 0 < RAY_CONNECT_TIMEOUT_S < float("inf")  # the default never waits for the OS's own timeout
+    check_ray_address(None)  # a local Ray / Ray's own discovery: nothing to connect to
     check_ray_address("auto")
+    assert len(connects) == 2
+
+    connects = _fake_connect(monkeypatch, None)  # something listens: the check passes
+    check_ray_address("10.0.0.7:6379", timeout=2)
+    assert connects == [(("10.0.0.7", 6379), 2)]
 
 
 def test_ray_address_from_the_environment_is_checked(monkeypatch):

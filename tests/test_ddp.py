@@ -16,10 +16,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_continual import TINY, synthetic_data
+from test_distill import TINY, synthetic_data
 
-from cpd_fast import continual, ddp
-from cpd_fast.continual import DistillConfig, TaskSampler, configure_phase, train_phase
+from cpd_fast import ddp
+from cpd_fast.distill import DistillConfig, DistillLoss, TaskSampler, configure_phase, train_phase
+from cpd_fast.distill.windows import full_pool
 from cpd_fast.student import Student, StudentConfig
 
 HERE = Path(__file__).resolve().parent
@@ -54,7 +55,7 @@ def first_step_grads(dist: ddp.DistContext | None) -> dict[str, torch.Tensor]:
     s = Student(cfg.student, num_tasks=2)
     s.train()
     gen = torch.Generator().manual_seed(1)
-    idx, start = TaskSampler({t: continual._full_pool(data, t) for t in (0, 1)}).sample(cfg.batch_size, gen)
+    idx, start = TaskSampler({t: full_pool(data, t) for t in (0, 1)}).sample(cfg.batch_size, gen)
     use_proto = torch.rand(cfg.batch_size, generator=gen) < 0.5
     rows = ddp.rank_rows(cfg.batch_size, dist)
     idx, start, use_proto = idx[rows], start[rows], use_proto[rows]
@@ -62,10 +63,9 @@ def first_step_grads(dist: ddp.DistContext | None) -> dict[str, torch.Tensor]:
     if dist is None:
         loss = s.losses(obs, target, data.task[idx], mask, use_prototype=use_proto)["total"]
     else:
-        model = ddp.wrap(s, dist)  # held until after backward: the reducer lives with the wrapper
-        group = ddp.ShardedBatch(dist, s.moe)
-        out = model(obs, target, data.task[idx], mask, use_prototype=use_proto, group=group)
-        loss = out["backward"]
+        # held until after backward: the reducer lives with the wrapper
+        model = ddp.wrap(DistillLoss(s, ddp.Collectives(dist)), dist)
+        loss = model(obs, target, data.task[idx], mask, use_proto)["backward"]
     loss.backward()
     return {n: p.grad.clone() for n, p in s.named_parameters()}
 
@@ -76,16 +76,17 @@ def train_three_phases(dist: ddp.DistContext | None) -> dict:
     cfg, data = _config(), synthetic_data()
     torch.manual_seed(0)
     s = Student(cfg.student, num_tasks=1)
+    initial = {k: v.clone() for k, v in s.state_dict().items() if isinstance(v, torch.Tensor)}
     summaries = []
     phases = [(0, "train", [0], 4), (1, "phase1", [0, 1], 4), (1, "phase2", [0, 1], 3)]
     for stage, phase, tasks, steps in phases:
         new = s.add_task() if phase == "phase1" else list(range(s.num_experts))
         configure_phase(s, cfg, stage, phase, new)
-        sampler = TaskSampler({t: continual._full_pool(data, t) for t in tasks})
+        sampler = TaskSampler({t: full_pool(data, t) for t in tasks})
         gen = torch.Generator().manual_seed(stage * 10 + len(phase))
         summaries.append(train_phase(s, data, sampler, steps, cfg, gen, dist=dist))
     state = {k: v.clone() for k, v in s.state_dict().items() if isinstance(v, torch.Tensor)}
-    return {"state": state, "summaries": summaries}
+    return {"state": state, "summaries": summaries, "initial": initial}
 
 
 def run_cases(out: str | None = None) -> dict:
@@ -150,7 +151,9 @@ def test_two_gloo_ranks_equal_one_process(tmp_path):
     assert a.keys() == b.keys()
     assert torch.equal(a["prototype_count"], b["prototype_count"])
     assert torch.allclose(a["prototypes"], b["prototypes"], atol=1e-4)
-    assert not torch.equal(a["moe.w1"][:1], Student(StudentConfig(**TINY), num_tasks=1).moe.w1)  # trained
+    for k in ("moe.w1", "blocks.0.qkv.weight", "head.1.weight"):  # trained: moved from the initial weights
+        n = want["initial"][k].shape[0]
+        assert (a[k][:n] - want["initial"][k]).abs().max() > 1e-3, k
     floats = [k for k in a if a[k].is_floating_point()]
     delta = torch.cat([(a[k].double() - b[k].double()).abs().flatten() for k in floats])
     outliers = (delta > PARAM_ATOL).float().mean().item()
@@ -195,8 +198,8 @@ def test_cli_under_torchrun(tmp_path):
         assert cli.main([*args, "--out", str(one_dir), "--data-dir", str(ddp_dir / "datasets")]) == 0
     finally:
         torch.set_num_threads(n)
-    done = json.loads((ddp_dir / "progress.json").read_text())["done"]
-    assert done == json.loads((one_dir / "progress.json").read_text())["done"]
+    done = list(json.loads((ddp_dir / "progress.json").read_text())["steps"])
+    assert done == list(json.loads((one_dir / "progress.json").read_text())["steps"])
     assert len(done) == len(set(done)) == 7  # 2 stages: train | phase1, phase2; replay and eval each
     assert json.loads((ddp_dir / "results.json").read_text())["extra"]["complete"]
     summaries = [json.loads(line) for line in (ddp_dir / "metrics.jsonl").read_text().splitlines()]

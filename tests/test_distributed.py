@@ -27,8 +27,18 @@ def check_trained(records, run_dir):
     assert os.path.isfile(os.path.join(run_dir, "teachers.json"))
 
 
-def test_local_trains_two_in_parallel_and_retries_a_killed_worker(tmp_path):
-    marker = tmp_path / "killed-once"
+def kill_once_after_first_checkpoint(monkeypatch, run_dir, task):
+    """The fault-injection point (cpd_fast.runio): ``task``'s worker SIGKILLs itself right after its first
+    PPO checkpoint, once (a crash after real progress); the marker file records that it happened."""
+    marker = run_dir / "killed-once"
+    monkeypatch.setenv("CPD_TEST_KILL_AFTER", str(run_dir / "teachers" / task / "ppo" / "checkpoint.pt"))
+    monkeypatch.setenv("CPD_TEST_KILL_SCOPE", "process")
+    monkeypatch.setenv("CPD_TEST_KILL_ONCE", str(marker))
+    return marker
+
+
+def test_local_trains_two_in_parallel_and_retries_a_killed_worker(tmp_path, monkeypatch):
+    marker = kill_once_after_first_checkpoint(monkeypatch, tmp_path, "drawer-close-v3")
     records = train_teachers(
         TASKS,
         tmp_path,
@@ -38,7 +48,6 @@ def test_local_trains_two_in_parallel_and_retries_a_killed_worker(tmp_path):
         on_fail="exclude",
         eval_goals=1,
         eval_envs=1,
-        fault_markers={"drawer-close-v3": str(marker)},
     )
     check_trained(records, tmp_path)
     assert marker.exists()  # the drawer-close worker did die once, and was re-run from its checkpoint
@@ -60,9 +69,9 @@ def test_unknown_backend():
         run_jobs([{"task": "reach-v3"}], backend="slurm")
 
 
-def test_ray_trains_two_and_survives_a_killed_worker(tmp_path):
+def test_ray_trains_two_and_survives_a_killed_worker(tmp_path, monkeypatch):
     ray = pytest.importorskip("ray")
-    marker = tmp_path / "killed-once"
+    marker = kill_once_after_first_checkpoint(monkeypatch, tmp_path, "reach-v3")
     ray.init(num_cpus=2, include_dashboard=False)
     try:
         records = train_teachers(
@@ -74,7 +83,6 @@ def test_ray_trains_two_and_survives_a_killed_worker(tmp_path):
             eval_goals=1,
             eval_envs=1,
             max_retries=2,
-            fault_markers={"reach-v3": str(marker)},
         )
     finally:
         ray.shutdown()

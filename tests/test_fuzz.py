@@ -58,7 +58,7 @@ def _reached(*args, **kwargs):
 
 # (module, attribute) where each command's real work starts; validation happens before these
 HEAVY = [
-    ("cpd_fast.continual", "run_distill"),  # cpd distill
+    ("cpd_fast.distill.run", "run_distill"),  # cpd distill
     ("cpd_fast.distributed", "_run_local"),  # cpd teachers train (after train_teachers' checks)
     ("cpd_fast.distributed", "_run_ray"),  # ... after check_ray_address
     ("cpd_fast.data", "collect_dataset"),  # cpd teachers collect (after every teacher loaded)

@@ -15,6 +15,37 @@ pytestmark = [
 ]
 
 
+def _read(getter):
+    try:
+        return getter()
+    except RuntimeError:  # torch >= 2.9 refuses to answer after a mix of its legacy and new TF32 APIs
+        return None
+
+
+@pytest.fixture
+def ieee_fp32_matmul():
+    """fp32 matmuls without TF32 (the fp32 oracle needs full precision); every setting restored after.
+
+    The kernels read the legacy flag (``kernels/moe_grouped._precision``), so that is the one set. On
+    torch >= 2.9 assigning it also changes ``fp32_precision`` (``"none"`` -> ``"ieee"``) and can leave
+    ``torch.get_float32_matmul_precision()`` raising: each of the three is put back as it was.
+    """
+    matmul = torch.backends.cuda.matmul
+    allow = _read(lambda: matmul.allow_tf32)
+    precision = getattr(matmul, "fp32_precision", None)
+    legacy = _read(torch.get_float32_matmul_precision)
+    matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        if allow is not None:
+            matmul.allow_tf32 = allow
+        if precision is not None and matmul.fp32_precision != precision:
+            matmul.fp32_precision = precision
+        if legacy is not None and _read(torch.get_float32_matmul_precision) != legacy:
+            torch.set_float32_matmul_precision(legacy)
+
+
 def _run(layer, x, g):
     layer.zero_grad()
     xi = x.clone().requires_grad_()
@@ -25,9 +56,9 @@ def _run(layer, x, g):
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 2e-4), (torch.bfloat16, 3e-2)])
 @pytest.mark.parametrize("N,E,k", [(257, 5, 2), (4099, 25, 2), (1000, 8, 4), (333, 1, 1)])
-def test_triton_matches_torch_backend(dtype, tol, N, E, k):
+def test_triton_matches_torch_backend(dtype, tol, N, E, k, ieee_fp32_matmul):
+    assert not torch.backends.cuda.matmul.allow_tf32
     torch.manual_seed(0)
-    torch.backends.cuda.matmul.allow_tf32 = False
     layer = MoELayer(128, 256, E, top_k=k, backend="triton").cuda()
     ref_layer = MoELayer(128, 256, E, top_k=k, backend="torch").cuda()
     ref_layer.load_state_dict(layer.state_dict())

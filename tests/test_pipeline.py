@@ -33,7 +33,7 @@ import torch
 import yaml
 
 from cpd_fast.cli import main
-from cpd_fast.pipeline import config_diff, resolve_config, run_pipeline
+from cpd_fast.pipeline import Pipeline, config_diff, resolve_config, run_pipeline
 from cpd_fast.runio import CorruptFileError, load_torch_checked, save_torch_atomic
 
 TINY = {
@@ -133,7 +133,7 @@ def test_kill_and_resume_matches_uninterrupted(tiny_config, uninterrupted, tmp_p
             assert not os.path.exists(os.path.join(out, "datasets", "pick-place-v3.collected.json"))
         if point.endswith("stage1-phase1.pt"):
             with open(os.path.join(out, "methods", "cpd", "progress.json")) as f:
-                assert "stage1/phase1" not in json.load(f)["done"]
+                assert "stage1/phase1" not in json.load(f)["steps"]
         if point.endswith("replay/stage1.pt"):  # the kill landed inside the stage-1 evaluation
             assert os.path.exists(os.path.join(out, "methods", "cpd", "replay", "stage1.pt"))
             assert not os.path.exists(os.path.join(out, "methods", "cpd", "eval", "stage1.json"))
@@ -160,12 +160,36 @@ def test_kill_and_resume_matches_uninterrupted(tiny_config, uninterrupted, tmp_p
     assert os.path.isfile(os.path.join(out, "report", "results.md"))
 
 
+def _file_states(run: str) -> dict[str, tuple[int, int, bytes]]:
+    """Every file under ``run`` but its lock (which names each holder): (inode, mtime in ns, contents).
+    An atomic rewrite (temp file + rename) changes the inode even within the file system's timestamp
+    granularity; an in-place write changes the rest."""
+    states = {}
+    for root, _, files in os.walk(run):
+        for name in files:
+            if root == run and name == ".lock":
+                continue
+            path = os.path.join(root, name)
+            st = os.stat(path)
+            with open(path, "rb") as f:
+                states[os.path.relpath(path, run)] = (st.st_ino, st.st_mtime_ns, f.read())
+    return states
+
+
 def test_resume_finished_run_skips_every_step(uninterrupted, capsys):
-    before = os.path.getmtime(os.path.join(uninterrupted, "pipeline.json"))
+    cfg = resolve_config(config_file=os.path.join(uninterrupted, "config.yaml"))
+    steps = [name for name, _, _ in Pipeline(cfg, uninterrupted, console=None).steps()]
+    assert {f"distill:{m}" for m in TINY["methods"]} <= set(steps)  # the run's own config, not a preset
+    before = _file_states(uninterrupted)
     assert main(["run", "--out", uninterrupted, "--no-progress"]) == 0  # --out alone: its own config
     text = capsys.readouterr().out
-    assert text.count("done earlier, skipped") == 6 and "finetune" in text
-    assert os.path.getmtime(os.path.join(uninterrupted, "pipeline.json")) == before
+    assert text.count("done earlier, skipped") == len(steps)
+    for i, name in enumerate(steps, 1):
+        assert f"[{i}/{len(steps)}] {name}: done earlier, skipped" in text
+    assert " done in " not in text
+    after = _file_states(uninterrupted)
+    assert after.keys() == before.keys()
+    assert [f for f in before if after[f] != before[f]] == []  # nothing rewritten, not even pipeline.json
 
 
 def test_different_config_is_refused(tiny_config, uninterrupted):
@@ -178,10 +202,23 @@ def test_different_config_is_refused(tiny_config, uninterrupted):
     assert config_diff(saved, cfg.to_dict()) == []
 
 
-def test_corrupt_files_are_named_and_the_remedy_works(tiny_config, uninterrupted):
-    # in place: a run directory records its own path (run_distill refuses a copy whose paths differ), and
+@pytest.fixture
+def damageable_run(uninterrupted, tmp_path):
+    """The uninterrupted run, to damage in place; put back as it was afterwards, pass or fail.
+
+    In place, not in a copy: a run directory records its own path (its methods' config.json name the
+    teachers and datasets they used, and run_distill refuses a copy whose paths differ).
+    """
+    pristine = tmp_path / "pristine"
+    shutil.copytree(uninterrupted, pristine, symlinks=True)  # contents and mtimes
+    yield uninterrupted
+    shutil.rmtree(uninterrupted)
+    shutil.copytree(pristine, uninterrupted, symlinks=True)
+
+
+def test_corrupt_files_are_named_and_the_remedy_works(tiny_config, damageable_run):
     # following the remedies restores exactly what was there (the steps are deterministic)
-    run = uninterrupted
+    run = damageable_run
     before = {m: _results(run, m) for m in TINY["methods"]}
     data_before = _manifest_files(run, "pick-place-v3")
     cfg = resolve_config(config_file=tiny_config)
@@ -244,24 +281,26 @@ def test_config_file_round_trip_and_flag_overrides(tmp_path, capsys):
     assert capsys.readouterr().out == first
     assert main(["run", "--config", str(path), "--seed", "4", "--print-config"]) == 0
     assert yaml.safe_load(capsys.readouterr().out)["seed"] == 4  # flags beat the file
-    assert main(["run", "--ray-address", "auto", "--print-config"]) == 0
+    assert main(["run", "--teachers", "ppo", "--ray-address", "auto", "--print-config"]) == 0
     d = yaml.safe_load(capsys.readouterr().out)
-    assert (d["backend"], d["ray_address"]) == ("ray", "auto")
+    assert (d["backend"], d["ray_address"]) == ("ray", "auto")  # an address implies the Ray backend
+    assert main(["run", "--ray-address", "auto", "--print-config"]) == 2  # scripted teachers: unused
+    assert "--ray-address: only used to train PPO teachers" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(
     ("override", "message"),
     [
-        ("distill.steps_per_stage=0", "steps_per_stage must be a positive int"),
+        ("distill.steps_per_stage=0", "distill: steps_per_stage: input should be greater than 0, got 0"),
         ("distill.stepz=3", "unknown key.*stepz"),
         ("distill.seed=3", "set seed at the top level"),
         ("tasks_per_stage=3", "does not split into stages"),
         ("gate.on_fail=ignore", "unknown gate.on_fail"),
         ("nonsense", "KEY=VALUE"),
-        ("seed=abc", "seed must be int"),
-        ("gate.threshold=abc", "threshold must be float"),
-        ("distill.student=3", "student must be a mapping"),
-        ("distill.lr=[1]", "lr must be float"),
+        ("seed=abc", "seed: input should be a valid integer, got 'abc'"),
+        ("gate.threshold=abc", "gate.threshold: input should be a valid number, got 'abc'"),
+        ("distill.student=3", "student: input should be a dictionary or an instance of StudentConfig"),
+        ("distill.lr=[1]", r"lr: input should be a valid number, got \[1\]"),
         ("x=[", "not a YAML value"),
     ],
 )

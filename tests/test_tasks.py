@@ -5,7 +5,6 @@ import sys
 
 import pytest
 
-from cpd_fast import tasks
 from cpd_fast.tasks import CW10, MT10, MT25, MT50, SUITES, resolve_tasks, stages, validate_task
 
 
@@ -24,9 +23,12 @@ def test_cw10_is_continual_world_order_and_exists_in_v3():
 
 
 def test_suite_sizes_and_uniqueness():
-    for name, n in [("mt10", 10), ("mt25", 25), ("mt50", 50), ("cw10", 10)]:
-        assert len(SUITES[name]) == n
+    sizes = {"mt10": 10, "mt25": 25, "mt50": 50, "cw10": 10}
+    assert {name: len(suite) for name, suite in SUITES.items()} == sizes  # exactly these suites, in order
+    assert list(SUITES) == list(sizes)  # the order error messages list them in
+    for name, n in sizes.items():
         assert len(set(SUITES[name])) == n
+        assert resolve_tasks(name) == list(SUITES[name])
     assert MT25[:10] == MT10
     assert MT25[-1] == "dial-turn-v3"
 
@@ -78,4 +80,3 @@ def test_tasks_module_does_not_import_metaworld():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
-    assert tasks.__name__ == "cpd_fast.tasks"

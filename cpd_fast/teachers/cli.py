@@ -150,13 +150,13 @@ def _cli_train(args: argparse.Namespace) -> int:
 
 
 def _cli_collect(args: argparse.Namespace) -> int:
-    from cpd_fast.data import collect_dataset
     from cpd_fast.errors import UserError
     from cpd_fast.fidelity import load_backend_choices
+    from cpd_fast.runio import RunLock
     from cpd_fast.tasks import resolve_tasks
-    from cpd_fast.teachers.base import make_teacher
     from cpd_fast.teachers.gate import usable_teachers
 
+    usable = {}
     if args.source == "gate":
         usable = usable_teachers(args.run_dir)
         tasks = resolve_tasks(args.tasks or args.suite) if (args.tasks or args.suite) else list(usable)
@@ -170,6 +170,15 @@ def _cli_collect(args: argparse.Namespace) -> int:
         raise UserError(f"no usable teacher for the requested tasks in {args.run_dir}/teachers.json")
     env_backends = load_backend_choices(args.fidelity) if args.fidelity else {}
     root = os.path.join(args.run_dir, "datasets")
+    with RunLock(args.run_dir):  # one process writes a run directory at a time
+        _collect_all(args, tasks, usable, root, env_backends)
+    return 0
+
+
+def _collect_all(args: argparse.Namespace, tasks: list[str], usable: dict, root: str, backends: dict) -> None:
+    from cpd_fast.data import collect_dataset
+    from cpd_fast.teachers.base import make_teacher
+
     # every teacher loads before any collection: a missing or mismatched checkpoint fails in seconds
     teachers = {
         t: make_teacher(usable[t].source, t, usable[t].path)
@@ -186,13 +195,12 @@ def _cli_collect(args: argparse.Namespace) -> int:
             episodes=args.episodes,
             num_envs=args.num_envs,
             noise_std=args.noise_std,
-            backend=env_backends.get(task, "envpool"),
+            backend=backends.get(task, "envpool"),
             seed=args.seed,
             max_episode_steps=args.max_episode_steps,
             overwrite=args.overwrite,
         )
         print(f"{task:<30} -> {ds} ({time.perf_counter() - t0:.1f} s)")
-    return 0
 
 
 def _cli_eval(args: argparse.Namespace) -> int:

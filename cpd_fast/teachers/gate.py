@@ -10,7 +10,14 @@ A teacher whose official success (50 fixed goals, :func:`cpd_fast.evaluation.eva
 
 The verdicts go to ``teachers.json`` in the run directory (:func:`write_teachers_json`), one
 :class:`TeacherRecord` per task with every attempt in ``history``; :func:`usable_teachers` is what later
-stages read, and it returns only records with ``used`` true.
+stages read, and it returns only records with ``used`` true. This module holds the whole policy — the pass
+rule (:func:`passes`), the first verdict (:func:`verdict`) and the remedies (:func:`apply_remedy`); the
+trainers (:func:`cpd_fast.distributed.train_teachers`, ``cpd run``'s scripted gate) only supply the
+measurements.
+
+Downstream, :func:`teacher_specs` turns ``teachers.json`` into what collection needs per task, and
+:func:`record_success` stores each teacher's official success with its dataset, measured once: the gate's
+own measurement when it used the same number of goals as the distillation's evaluation.
 """
 
 from __future__ import annotations
@@ -18,6 +25,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,10 +33,16 @@ __all__ = [
     "DEFAULT_THRESHOLD",
     "ON_FAIL",
     "TeacherRecord",
+    "TeacherSpec",
+    "apply_remedy",
     "evaluate_teacher",
+    "gate_scripted",
     "load_teachers_json",
     "passes",
+    "record_success",
+    "teacher_specs",
     "usable_teachers",
+    "verdict",
     "write_teachers_json",
 ]
 
@@ -116,3 +130,147 @@ def load_teachers_json(path: str | os.PathLike) -> dict[str, TeacherRecord]:
 def usable_teachers(path: str | os.PathLike) -> dict[str, TeacherRecord]:
     """Records that downstream stages may use (``used`` true), in file order."""
     return {t: r for t, r in load_teachers_json(path).items() if r.used}
+
+
+# ----------------------------------------------------------------------------- the policy
+
+
+def verdict(task: str, source: str, summary: dict[str, Any], threshold: float) -> TeacherRecord:
+    """The gate's first verdict on a measured teacher (``summary``: ``path``, ``success_rate``, ...)."""
+    ok = passes(summary.get("success_rate"), threshold)
+    return TeacherRecord(
+        task=task, source=source, path=summary.get("path"), success_rate=summary.get("success_rate"),
+        protocol=summary.get("protocol", "official"), threshold=threshold, passed=ok,
+        status="ok" if ok else "failed", used=ok, flagged=not ok,
+        history=[{"source": source, **{k: v for k, v in summary.items() if k != "task"}}],
+    )  # fmt: skip
+
+
+def apply_remedy(
+    records: dict[str, TeacherRecord],
+    on_fail: str,
+    *,
+    retrain: Callable[[list[str]], Sequence[dict[str, Any]]] | None = None,
+    eval_goals: int = 50,
+    eval_envs: int = 10,
+) -> list[str]:
+    """Apply ``on_fail`` to the failed records in place; returns the tasks that were failing.
+
+    ``retrain(tasks)`` trains those tasks again (with the larger budget) and returns their summaries;
+    ``scripted`` measures Meta-World's scripted expert instead; ``exclude`` drops the teacher. A teacher
+    still below the threshold after its remedy stays flagged and unused: never silently used.
+    """
+    if on_fail not in ON_FAIL:
+        raise ValueError(f"unknown --on-fail {on_fail!r}; choose one of {', '.join(ON_FAIL)}")
+    failed = [t for t, r in records.items() if not r.passed]
+    if not failed:
+        return failed
+    if on_fail == "retrain":
+        if retrain is None:
+            raise ValueError("on_fail 'retrain' needs a trainer (PPO teachers)")
+        for task, summary in zip(failed, retrain(failed), strict=True):
+            rec = records[task]
+            rec.history.append({"source": rec.source, **{k: v for k, v in summary.items() if k != "task"}})
+            if passes(summary.get("success_rate"), rec.threshold):
+                rec.path, rec.success_rate = summary["path"], summary["success_rate"]
+                rec.passed, rec.used, rec.status = True, True, "retrained"
+            else:
+                rec.status = "failed"
+    elif on_fail == "scripted":
+        from cpd_fast.teachers.scripted import ScriptedExpert
+
+        for task in failed:
+            rec = records[task]
+            measured = evaluate_teacher(ScriptedExpert(task), task, num_goals=eval_goals, num_envs=eval_envs)
+            rec.history.append({"source": "scripted", "path": None, **measured})
+            rec.source, rec.path, rec.success_rate = "scripted", None, measured["success_rate"]
+            rec.protocol = measured["protocol"]
+            rec.passed = passes(measured["success_rate"], rec.threshold)
+            rec.used = rec.passed  # a scripted expert below the gate is not used either
+            rec.status = "replaced-by-scripted" if rec.passed else "failed"
+    else:  # exclude
+        for task in failed:
+            records[task].used, records[task].status = False, "excluded"
+    return failed
+
+
+def gate_scripted(
+    tasks: Sequence[str], threshold: float, *, eval_goals: int, eval_envs: int, progress: bool = False
+) -> dict[str, TeacherRecord]:
+    """The gate on Meta-World's scripted experts: measured and recorded; one below the threshold is unused
+    (there is nothing to fall back to)."""
+    from tqdm import tqdm
+
+    from cpd_fast.teachers.scripted import ScriptedExpert
+
+    records = {}
+    for task in tqdm(tasks, desc="gate", disable=not progress, leave=False):
+        m = evaluate_teacher(ScriptedExpert(task), task, num_goals=eval_goals, num_envs=eval_envs)
+        records[task] = verdict(task, "scripted", {"path": None, **m}, threshold)
+        records[task].history = [{"source": "scripted", "path": None, "success_rate": m["success_rate"]}]
+    return records
+
+
+# ----------------------------------------------------------------------------- downstream
+
+
+@dataclass(frozen=True)
+class TeacherSpec:
+    """What collection needs to know of one task's teacher (see :func:`teacher_specs`)."""
+
+    source: str  # "scripted", "ppo" or "checkpoint" (cpd_fast.teachers.base.make_teacher)
+    path: str | None
+    success: float | None = None  # the gate's official-protocol measurement, if any
+    goals: int | None = None  # how many of the official goals that measurement used
+
+    def name(self, task: str) -> str:
+        """The teacher's name in dataset manifests (``scripted:reach-v3``, ``ppo:RUN/.../policy.pt``)."""
+        return f"{self.source}:{self.path or task}"
+
+    def make(self, task: str, device: str = "cpu") -> Any:
+        from cpd_fast.teachers.base import make_teacher
+
+        return make_teacher(self.source, task, self.path, device=device)
+
+
+def teacher_specs(teachers: str, tasks: Sequence[str]) -> dict[str, TeacherSpec]:
+    """``{task: TeacherSpec}`` from ``"scripted"`` or a run directory's ``teachers.json``; one-line errors
+    for a task without a usable teacher or a missing checkpoint."""
+    if teachers == "scripted":
+        return {t: TeacherSpec("scripted", None) for t in tasks}
+    records = load_teachers_json(teachers)
+    path_json = teachers if os.path.isfile(teachers) else os.path.join(teachers, TEACHERS_JSON)
+    with open(path_json) as f:
+        subset_goals = json.load(f).get("settings", {}).get("eval_goals")
+    root = os.path.dirname(path_json)
+    out = {}
+    for t in tasks:
+        r = records.get(t)
+        if r is None or not r.used:
+            raise ValueError(f"no usable teacher for {t} in {path_json}")
+        path = r.path
+        if path and not os.path.isabs(path) and not os.path.isfile(path):
+            path = os.path.join(root, path)
+        if r.source != "scripted" and (not path or not os.path.isfile(path)):
+            raise FileNotFoundError(f"teacher checkpoint for {t} not found: {path!r}")
+        goals = 50 if r.protocol == "official" else subset_goals
+        out[t] = TeacherSpec(r.source, path, r.success_rate, goals)
+    return out
+
+
+def record_success(
+    manifest_path: str, task: str, spec: TeacherSpec, *, eval_goals: int, eval_envs: int
+) -> float:
+    """The teacher's official success on ``eval_goals`` goals, stored in its dataset manifest: read when
+    there, else the gate's measurement when it used the same goals, else measured now (once)."""
+    from cpd_fast.runio import read_json, write_json_atomic
+
+    manifest = read_json(manifest_path)
+    if "teacher_success" not in manifest:
+        if spec.success is not None and spec.goals == eval_goals:
+            manifest["teacher_success"] = float(spec.success)
+        else:
+            measured = evaluate_teacher(spec.make(task), task, num_goals=eval_goals, num_envs=eval_envs)
+            manifest["teacher_success"] = float(measured["success_rate"])
+        write_json_atomic(manifest_path, manifest)
+    return float(manifest["teacher_success"])

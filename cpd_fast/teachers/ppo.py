@@ -1,8 +1,11 @@
 """Continuous-action PPO for one Meta-World task, on vectorised envs (envpool by default).
 
-Reads top to bottom: the hyper-parameters (:class:`PPOConfig`), the networks (:class:`ActorCritic`, whose
-observation normaliser lives in its ``state_dict``), the reward scaler, then :func:`train_ppo` — rollout,
-GAE, clipped-objective update, logging and checkpoints.
+Reads top to bottom, CleanRL-style: the hyper-parameters (:class:`PPOConfig`), the running statistics
+(:class:`RunningMeanStd`, shared by the observation normaliser and the reward scaler), the networks
+(:class:`ActorCritic`, whose observation normaliser lives in its ``state_dict``), the reward scaler, the
+trained teacher, then the pieces of training, each testable alone — :func:`compute_gae`,
+:func:`ppo_loss` / :func:`ppo_update`, :class:`RolloutCollector` — and :func:`train_ppo`, which strings
+them together: setup, resume, loop { anneal lr, rollout, GAE, update, normaliser refresh, log, checkpoint }.
 
 Conventions worth knowing:
 
@@ -26,29 +29,61 @@ Conventions worth knowing:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import os
+import tempfile
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import numpy as np
 import torch
+from pydantic import Field, Strict
 from torch import nn
 
+from cpd_fast.config import (
+    Bool,
+    Float,
+    Fraction,
+    NonNegativeFloat,
+    NonNegativeInt,
+    PositiveFloat,
+    PositiveInt,
+    Seed,
+    Str,
+    config_class,
+    from_mapping,
+)
 from cpd_fast.envs import ACT_DIM, MAX_EPISODE_STEPS, OBS_DIM, make_vec_env
-from cpd_fast.runio import append_jsonl, load_torch_checked, save_torch_atomic, write_json_atomic
+from cpd_fast.runio import (
+    RunLogger,
+    check_same_config,
+    load_torch_checked,
+    save_torch_atomic,
+    write_json_atomic,
+)
 from cpd_fast.tasks import validate_task
 
 __all__ = [
     "POLICY_FORMAT",
+    "PPO_STATS",
     "ActorCritic",
+    "PPOBatch",
     "PPOConfig",
     "PPOPolicy",
     "RewardScaler",
+    "Rollout",
+    "RolloutCollector",
+    "RunningMeanStd",
     "TrainResult",
+    "compute_gae",
     "load_policy",
+    "merge_moments",
+    "policy_payload",
+    "ppo_loss",
+    "ppo_update",
     "train_ppo",
 ]
 
@@ -58,7 +93,7 @@ POLICY_FORMAT = "cpd_fast.ppo_policy/1"
 # ----------------------------------------------------------------------------------------------------------
 # Hyper-parameters
 # ----------------------------------------------------------------------------------------------------------
-@dataclass
+@config_class
 class PPOConfig:
     """Every knob of a PPO run. Defaults are tuned for Meta-World v3 on a few CPU cores.
 
@@ -68,57 +103,45 @@ class PPOConfig:
     are deltas in [-1, 1]; std 1 mostly hits the clip bounds).
     """
 
-    total_steps: int = 1_000_000  # env steps (all envs together), auto-reset steps included
-    num_envs: int = 16
-    num_steps: int = 256  # steps per env per rollout; batch = num_envs * num_steps
-    learning_rate: float = 3e-4
-    anneal_lr: bool = True  # linearly to 0 over total_steps
-    gamma: float = 0.99
-    gae_lambda: float = 0.95
-    num_minibatches: int = 8
-    update_epochs: int = 8
-    clip_coef: float = 0.2
-    clip_vloss: bool = True
-    ent_coef: float = 0.0
-    vf_coef: float = 0.5
-    max_grad_norm: float = 0.5
-    target_kl: float | None = None  # stop the epochs of an update early past this approx-KL
-    hidden_sizes: tuple[int, ...] = (256, 256)
-    state_dependent_std: bool = False  # log-std from a head on the actor's features instead of a parameter
-    init_log_std: float = -0.5
-    norm_obs: bool = True
-    norm_reward: bool = True  # divide rewards by a running std of the discounted return
-    clip_obs: float = 10.0
-    clip_reward: float = 10.0
-    backend: str = "envpool"  # or "gymnasium" (tasks where envpool is unfaithful, e.g. dial-turn-v3)
+    total_steps: PositiveInt = 1_000_000  # env steps (all envs together), auto-reset steps included
+    num_envs: PositiveInt = 16
+    num_steps: PositiveInt = 256  # steps per env per rollout; batch = num_envs * num_steps
+    learning_rate: PositiveFloat = 3e-4
+    anneal_lr: Bool = True  # linearly to 0 over total_steps
+    gamma: Fraction = 0.99
+    gae_lambda: Fraction = 0.95
+    num_minibatches: PositiveInt = 8
+    update_epochs: PositiveInt = 8
+    clip_coef: PositiveFloat = 0.2
+    clip_vloss: Bool = True
+    ent_coef: NonNegativeFloat = 0.0
+    vf_coef: NonNegativeFloat = 0.5
+    max_grad_norm: PositiveFloat = 0.5
+    target_kl: PositiveFloat | None = None  # stop the epochs of an update early past this approx-KL
+    hidden_sizes: tuple[PositiveInt, ...] = (256, 256)
+    state_dependent_std: Bool = False  # log-std from a head on the actor's features instead of a parameter
+    init_log_std: Float = -0.5
+    norm_obs: Bool = True
+    norm_reward: Bool = True  # divide rewards by a running std of the discounted return
+    clip_obs: PositiveFloat = 10.0
+    clip_reward: PositiveFloat = 10.0
+    backend: Literal["envpool", "gymnasium"] = "envpool"  # gymnasium: tasks where envpool is unfaithful
     # Pipeline two env groups (envpool only; even num_envs). None = on when the networks run on a GPU:
     # on a 2-core CPU the two groups' smaller batches and the extra threads cost more than the overlap gains.
-    async_envs: bool | None = None
-    max_episode_steps: int = MAX_EPISODE_STEPS
-    seed: int = 0
-    device: str = "auto"  # "auto" = cuda when available
-    torch_threads: int = 0  # >0: torch.set_num_threads (the local pool sets it per worker)
-    checkpoint_every: int = 10  # updates between resume checkpoints
-    log_every: int = 1  # updates between log records
+    async_envs: Bool | None = None
+    max_episode_steps: Annotated[int, Strict(), Field(ge=1, le=MAX_EPISODE_STEPS)] = MAX_EPISODE_STEPS
+    seed: Seed = 0
+    device: Str = "auto"  # "auto" = cuda when available
+    torch_threads: NonNegativeInt = 0  # >0: torch.set_num_threads (the local pool sets it per worker)
+    checkpoint_every: PositiveInt = 10  # updates between resume checkpoints
+    log_every: PositiveInt = 1  # updates between log records
 
     def __post_init__(self) -> None:
-        self.hidden_sizes = tuple(int(h) for h in self.hidden_sizes)
-        if isinstance(self.total_steps, bool) or int(self.total_steps) != self.total_steps:
-            raise ValueError(f"total_steps must be an int, got {self.total_steps!r}")
-        if self.total_steps <= 0:
-            raise ValueError(f"total_steps must be positive, got {self.total_steps}")
-        for name in ("num_envs", "num_steps", "num_minibatches", "update_epochs", "checkpoint_every"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         if (self.num_envs * self.num_steps) % self.num_minibatches:
             raise ValueError(
                 f"num_envs*num_steps ({self.num_envs * self.num_steps}) must be divisible by "
                 f"num_minibatches ({self.num_minibatches})"
             )
-        if self.backend not in ("envpool", "gymnasium"):
-            raise ValueError(f"unknown backend {self.backend!r}; choose envpool or gymnasium")
-        if not 1 <= self.max_episode_steps <= MAX_EPISODE_STEPS:
-            raise ValueError(f"max_episode_steps must be in 1..{MAX_EPISODE_STEPS}")
 
     @property
     def batch_size(self) -> int:
@@ -135,34 +158,78 @@ class PPOConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> PPOConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in known})
+        """From a saved config (``config.json``, a checkpoint's ``config``); an unknown key is refused."""
+        return from_mapping(cls, d, "PPO config")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Running statistics (observation normaliser and reward scaler)
+# ----------------------------------------------------------------------------------------------------------
+def merge_moments(mean: Any, var: Any, count: Any, b_mean: Any, b_var: Any, b_count: Any) -> tuple:
+    """Chan et al.'s parallel merge of running ``(mean, var, count)`` with a batch's moments.
+
+    ``var`` is the population variance. Plain arithmetic, so it runs unchanged on python floats and torch
+    tensors, each with its own rounding (a python float's ``**2`` is libm's ``pow``, a tensor's is ``x*x``).
+    """
+    total = count + b_count
+    delta = b_mean - mean
+    mean = mean + delta * b_count / total
+    var = (var * count + b_var * b_count + delta**2 * count * b_count / total) / total
+    return mean, var, total
+
+
+class RunningMeanStd:
+    """Running mean and population variance of a stream of batches, in float64.
+
+    One update rule, two storages: a scalar stream keeps python floats (``RunningMeanStd()``; batches are
+    numpy arrays or anything ``np.asarray`` takes — the reward scaler), a per-feature stream keeps torch
+    float64 tensors (:class:`RunningNorm` registers them as module buffers; batches are ``[B, *shape]``
+    tensors, moments taken by torch on the buffers' device). ``count`` starts at ``epsilon``: the prior
+    (mean 0, var 1) is a pseudo-observation of that weight, as in Stable-Baselines3 and CleanRL.
+    """
+
+    def __init__(self, epsilon: float = 1e-4) -> None:
+        self.mean, self.var, self.count = 0.0, 1.0, epsilon
+
+    def update(self, batch: Any) -> None:
+        """Merge ``batch`` into the stats (an empty batch changes nothing)."""
+        if isinstance(self.mean, torch.Tensor):
+            with torch.no_grad():
+                x = torch.as_tensor(batch).to(self.mean.device, torch.float64).reshape(-1, *self.mean.shape)
+                if x.shape[0]:
+                    self.update_from_moments(x.mean(0), x.var(0, unbiased=False), x.shape[0])
+        else:
+            x = np.asarray(batch, dtype=np.float64).reshape(-1)
+            if x.size:
+                self.update_from_moments(float(x.mean()), float(x.var()), x.size)
+
+    def update_from_moments(self, b_mean: Any, b_var: Any, b_count: int) -> None:
+        """Merge a batch given by its mean, population variance and size."""
+        mean, var, count = merge_moments(self.mean, self.var, self.count, b_mean, b_var, b_count)
+        if isinstance(self.mean, torch.Tensor):  # in place: they may be a module's registered buffers
+            self.mean.copy_(mean)
+            self.var.copy_(var)
+            self.count.copy_(count)
+        else:
+            self.mean, self.var, self.count = mean, var, count
 
 
 # ----------------------------------------------------------------------------------------------------------
 # Networks
 # ----------------------------------------------------------------------------------------------------------
-class RunningNorm(nn.Module):
-    """Per-feature running mean/variance (parallel Welford merge); stats are buffers, so they checkpoint."""
+class RunningNorm(nn.Module, RunningMeanStd):
+    """Per-feature observation normaliser: a :class:`RunningMeanStd` whose stats are buffers (checkpointed).
+
+    The buffers are ``mean``, ``var`` (float64 ``[dim]``) and ``count`` (float64 scalar).
+    """
 
     def __init__(self, dim: int, clip: float, enabled: bool = True) -> None:
-        super().__init__()
+        nn.Module.__init__(self)
         self.clip = clip
         self.enabled = enabled
         self.register_buffer("mean", torch.zeros(dim, dtype=torch.float64))
         self.register_buffer("var", torch.ones(dim, dtype=torch.float64))
         self.register_buffer("count", torch.tensor(1e-4, dtype=torch.float64))
-
-    @torch.no_grad()
-    def update(self, x: torch.Tensor) -> None:
-        """Merge a batch ``[B, dim]`` into the stats."""
-        x = x.to(self.mean.device, torch.float64).reshape(-1, self.mean.numel())
-        b_mean, b_var, b = x.mean(0), x.var(0, unbiased=False), x.shape[0]
-        total = self.count + b
-        delta = b_mean - self.mean
-        self.mean += delta * b / total
-        self.var.copy_((self.var * self.count + b_var * b + delta**2 * self.count * b / total) / total)
-        self.count.copy_(total)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.enabled:
@@ -236,35 +303,30 @@ class ActorCritic(nn.Module):
 class RewardScaler:
     """Divides rewards by the running std of the discounted return (reward *scaling*: no mean shift).
 
-    Keeps one discounted return per env; ``state()``/``load()`` round-trip it through a checkpoint.
+    Keeps one discounted return per env, and the returns' :class:`RunningMeanStd` in ``stats``;
+    ``state()``/``load()`` round-trip the stats through a checkpoint (``{"mean", "var", "count"}`` floats).
     """
 
     def __init__(self, num_envs: int, gamma: float, clip: float, enabled: bool = True) -> None:
         self.gamma, self.clip, self.enabled = gamma, clip, enabled
         self.ret = np.zeros(num_envs, dtype=np.float64)
-        self.mean, self.var, self.count = 0.0, 1.0, 1e-4
+        self.stats = RunningMeanStd()
 
     def __call__(self, reward: np.ndarray, done: np.ndarray, valid: np.ndarray) -> np.ndarray:
         """Scale ``reward [N]``; ``done`` ends the tracked returns; only ``valid`` envs update the stats."""
         if not self.enabled:
             return reward
         self.ret = np.where(valid, self.ret * self.gamma + reward, self.ret)
-        x = self.ret[valid]
-        if x.size:
-            b_mean, b_var, b = float(x.mean()), float(x.var()), x.size
-            total = self.count + b
-            delta = b_mean - self.mean
-            self.mean += delta * b / total
-            self.var = (self.var * self.count + b_var * b + delta**2 * self.count * b / total) / total
-            self.count = total
+        self.stats.update(self.ret[valid])
         self.ret[done] = 0.0
-        return np.clip(reward / math.sqrt(self.var + 1e-8), -self.clip, self.clip).astype(np.float32)
+        return np.clip(reward / math.sqrt(self.stats.var + 1e-8), -self.clip, self.clip).astype(np.float32)
 
     def state(self) -> dict[str, Any]:
-        return {"mean": self.mean, "var": self.var, "count": self.count}
+        return {"mean": self.stats.mean, "var": self.stats.var, "count": self.stats.count}
 
     def load(self, state: dict[str, Any]) -> None:
-        self.mean, self.var, self.count = float(state["mean"]), float(state["var"]), float(state["count"])
+        self.stats.mean, self.stats.var = float(state["mean"]), float(state["var"])
+        self.stats.count = float(state["count"])
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -321,6 +383,275 @@ def load_policy(path: str | os.PathLike, device: str = "cpu") -> PPOPolicy:
 
 
 # ----------------------------------------------------------------------------------------------------------
+# Training pieces: GAE, the PPO loss and update, the rollout
+# ----------------------------------------------------------------------------------------------------------
+def compute_gae(
+    rewards: np.ndarray,
+    values: np.ndarray,
+    last_value: np.ndarray,
+    terminated: np.ndarray,
+    done: np.ndarray,
+    gamma: float,
+    lam: float,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Generalised advantage estimation over a time-major rollout; returns ``(advantages, returns)``.
+
+    Args:
+        rewards, values: float32 ``[T, N]`` (``values[t]`` = V(obs at t)).
+        last_value: float32 ``[N]``, V(obs after the last step).
+        terminated: bool ``[T, N]``, a true termination at t: no bootstrap from the next value.
+        done: bool ``[T, N]``, terminated or truncated at t: cuts the GAE chain. A truncation (``done`` but
+            not ``terminated``) still bootstraps from the next value: a time limit is not a terminal state.
+        gamma, lam: discount and GAE λ.
+
+    Returns:
+        float32 ``[T, N]`` advantages and returns (= advantages + values, the value targets). The λ-chain
+        is carried in float64 (a python float times a bool mask is float64) and stored as float32.
+    """
+    rewards, values = np.asarray(rewards, np.float32), np.asarray(values, np.float32)
+    last_value = np.asarray(last_value, np.float32)
+    terminated, done = np.asarray(terminated, bool), np.asarray(done, bool)
+    gamma, lam = float(gamma), float(lam)
+    T, N = rewards.shape
+    adv = np.zeros((T, N), dtype=np.float32)
+    last_gae = np.zeros(N, dtype=np.float32)
+    for t in reversed(range(T)):
+        next_v = last_value if t == T - 1 else values[t + 1]
+        delta = rewards[t] + gamma * next_v * (~terminated[t]) - values[t]
+        last_gae = delta + gamma * lam * (~done[t]) * last_gae
+        adv[t] = last_gae
+    return adv, adv + values
+
+
+@dataclass
+class PPOBatch:
+    """Flat transitions for the PPO update (rows = transitions); ``batch[idx]`` selects a minibatch."""
+
+    obs: torch.Tensor  # [B, 39] raw observations
+    actions: torch.Tensor  # [B, 4] as sampled
+    logprobs: torch.Tensor  # [B] log-prob of the actions under the rollout policy
+    advantages: torch.Tensor  # [B] GAE advantages (normalised per minibatch by ppo_loss)
+    returns: torch.Tensor  # [B] value targets
+    values: torch.Tensor  # [B] the rollout's value estimates (for value clipping)
+
+    def __len__(self) -> int:
+        return self.obs.shape[0]
+
+    def __getitem__(self, idx: torch.Tensor | slice) -> PPOBatch:
+        return PPOBatch(*(getattr(self, f.name)[idx] for f in dataclasses.fields(self)))
+
+
+PPO_STATS = ("pg_loss", "v_loss", "entropy", "approx_kl", "clipfrac")
+
+
+def ppo_loss(
+    model: ActorCritic, mb: PPOBatch, cfg: PPOConfig
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The PPO objective on one minibatch: clipped surrogate + (optionally clipped) value loss − entropy.
+
+    Advantages are normalised within the minibatch. Returns the loss to minimise and detached scalar
+    stats (:data:`PPO_STATS`): ``approx_kl`` is the ``(r - 1) - log r`` estimator, ``clipfrac`` the share of
+    ratios outside ``[1 - clip_coef, 1 + clip_coef]``.
+    """
+    _, new_logp, entropy, new_v = model.action_and_value(mb.obs, mb.actions)
+    log_ratio = new_logp - mb.logprobs
+    ratio = log_ratio.exp()
+    with torch.no_grad():
+        approx_kl = ((ratio - 1) - log_ratio).mean()
+        clipfrac = ((ratio - 1).abs() > cfg.clip_coef).float().mean()
+    adv = (mb.advantages - mb.advantages.mean()) / (mb.advantages.std() + 1e-8)
+    pg_loss = torch.max(-adv * ratio, -adv * torch.clamp(ratio, 1 - cfg.clip_coef, 1 + cfg.clip_coef)).mean()
+    if cfg.clip_vloss:
+        v_clipped = mb.values + torch.clamp(new_v - mb.values, -cfg.clip_coef, cfg.clip_coef)
+        v_loss = 0.5 * torch.max((new_v - mb.returns) ** 2, (v_clipped - mb.returns) ** 2).mean()
+    else:
+        v_loss = 0.5 * ((new_v - mb.returns) ** 2).mean()
+    ent = entropy.mean()
+    loss = pg_loss - cfg.ent_coef * ent + cfg.vf_coef * v_loss
+    stats = {
+        "pg_loss": pg_loss,
+        "v_loss": v_loss,
+        "entropy": ent,
+        "approx_kl": approx_kl,
+        "clipfrac": clipfrac,
+    }
+    return loss, {k: v.detach() for k, v in stats.items()}
+
+
+def ppo_update(
+    model: ActorCritic,
+    optimizer: torch.optim.Optimizer,
+    batch: PPOBatch,
+    cfg: PPOConfig,
+    generator: torch.Generator | None = None,
+) -> dict[str, float]:
+    """``update_epochs`` epochs of minibatch SGD on :func:`ppo_loss`; returns the mean of each stat.
+
+    Each epoch shuffles with ``torch.randperm`` (``generator``; None = torch's global RNG) into
+    ``num_minibatches`` minibatches (a remainder is dropped); gradients are clipped to ``max_grad_norm``.
+    With ``target_kl`` set, the epochs stop early once an epoch's last minibatch exceeds it.
+    """
+    model.train()
+    n = len(batch)
+    mb_size = max(1, n // cfg.num_minibatches)
+    stats: dict[str, list[float]] = {k: [] for k in PPO_STATS}
+    for _epoch in range(cfg.update_epochs):
+        perm = torch.randperm(n, device=batch.obs.device, generator=generator)
+        for start in range(0, n - mb_size + 1, mb_size):
+            loss, mb_stats = ppo_loss(model, batch[perm[start : start + mb_size]], cfg)
+            optimizer.zero_grad()
+            loss.backward()
+            nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+            optimizer.step()
+            for k, v in mb_stats.items():
+                stats[k].append(v.item())
+        if cfg.target_kl is not None and stats["approx_kl"][-1] > cfg.target_kl:
+            break
+    return {k: float(np.mean(v)) for k, v in stats.items()}
+
+
+@dataclass
+class Rollout:
+    """One rollout, time-major ``[T, N, ...]``: tensors on the networks' device, env outputs in numpy.
+
+    The arrays are the collector's buffers, overwritten by its next :meth:`RolloutCollector.collect`.
+    """
+
+    obs: torch.Tensor  # [T, N, 39] raw observations the actions were taken in
+    actions: torch.Tensor  # [T, N, 4]
+    logprobs: torch.Tensor  # [T, N]
+    values: torch.Tensor  # [T, N]
+    rewards: np.ndarray  # [T, N] float32, scaled by the reward scaler
+    terminated: np.ndarray  # [T, N] bool, true termination: no bootstrap
+    dones: np.ndarray  # [T, N] bool, terminated | truncated: cuts the GAE chain
+    valid: np.ndarray  # [T, N] bool, False for auto-reset transitions (action ignored)
+    next_obs: np.ndarray  # [N, 39] the observations after the last step (for the bootstrap value)
+    episode_returns: list[float]  # episodes finished during this rollout (raw, unscaled returns)
+    episode_successes: list[float]
+
+    def ppo_batch(self, advantages: np.ndarray, returns: np.ndarray) -> PPOBatch:
+        """The valid (non-auto-reset) transitions, flattened, with their advantages and value targets."""
+        device = self.obs.device
+        mask = torch.as_tensor(self.valid.reshape(-1), device=device)
+        return PPOBatch(
+            obs=self.obs.reshape(-1, OBS_DIM)[mask],
+            actions=self.actions.reshape(-1, ACT_DIM)[mask],
+            logprobs=self.logprobs.reshape(-1)[mask],
+            advantages=torch.as_tensor(advantages.reshape(-1), device=device)[mask],
+            returns=torch.as_tensor(returns.reshape(-1), device=device)[mask],
+            values=self.values.reshape(-1)[mask],
+        )
+
+
+class RolloutCollector:
+    """The envs of a run (one group, or two pipelined envpool groups), the rollout buffers and episode stats.
+
+    ``update`` (the number of updates done, on resume) shifts the env seeds so a resumed run sees new
+    episodes. ``episode_returns`` / ``episode_successes`` accumulate over the collector's life.
+    """
+
+    def __init__(self, task: str, cfg: PPOConfig, device: torch.device, update: int = 0) -> None:
+        want_async = device.type == "cuda" if cfg.async_envs is None else cfg.async_envs
+        use_async = want_async and cfg.backend == "envpool" and cfg.num_envs >= 2 and cfg.num_envs % 2 == 0
+        n_groups = 2 if use_async else 1
+        per_group = cfg.num_envs // n_groups
+        self.envs = [
+            make_vec_env(
+                task,
+                per_group,
+                backend=cfg.backend,
+                # a different seed stream per group and per resume, so a resumed run sees new episodes
+                seed=cfg.seed * 1000 + g * per_group + update * 7919,
+                max_episode_steps=cfg.max_episode_steps,
+            )
+            for g in range(n_groups)
+        ]
+        self.slices = [slice(g * per_group, (g + 1) * per_group) for g in range(n_groups)]
+        self.device = device
+        T, N = self.T, self.N = cfg.num_steps, cfg.num_envs
+        self.obs = torch.zeros((T, N, OBS_DIM), device=device)
+        self.actions = torch.zeros((T, N, ACT_DIM), device=device)
+        self.logprobs = torch.zeros((T, N), device=device)
+        self.values = torch.zeros((T, N), device=device)
+        self.rewards = np.zeros((T, N), dtype=np.float32)
+        self.terminated = np.zeros((T, N), dtype=bool)
+        self.dones = np.zeros((T, N), dtype=bool)
+        self.valid = np.zeros((T, N), dtype=bool)
+        self.next_obs = np.concatenate([env.reset() for env in self.envs])
+        self.ep_ret = np.zeros(N, dtype=np.float64)
+        self.ep_success = np.zeros(N, dtype=bool)
+        self.episode_returns: list[float] = []
+        self.episode_successes: list[float] = []
+
+    def collect(self, model: ActorCritic, reward_scaler: RewardScaler) -> Rollout:
+        """Step every env ``T`` times with ``model``'s sampled actions; group g's inference overlaps the
+        other group's stepping. Row t's rewards are scaled once every group has sent step t+1."""
+        model.eval()
+        n_logged = len(self.episode_returns)
+        for t in range(self.T):
+            for g, sl in enumerate(self.slices):
+                if t > 0:
+                    self._finish_step(g, t - 1)
+                obs_t = torch.as_tensor(self.next_obs[sl], device=self.device)
+                with torch.no_grad():
+                    action, logp, _, value = model.action_and_value(obs_t)
+                self.obs[t, sl], self.actions[t, sl], self.logprobs[t, sl], self.values[t, sl] = (
+                    obs_t,
+                    action,
+                    logp,
+                    value,
+                )
+                self.envs[g].step_async(action.cpu().numpy())
+            if t > 0:
+                self._scale_rewards(reward_scaler, t - 1)
+        for g in range(len(self.envs)):
+            self._finish_step(g, self.T - 1)
+        self._scale_rewards(reward_scaler, self.T - 1)
+        return Rollout(
+            self.obs,
+            self.actions,
+            self.logprobs,
+            self.values,
+            self.rewards,
+            self.terminated,
+            self.dones,
+            self.valid,
+            self.next_obs,
+            self.episode_returns[n_logged:],
+            self.episode_successes[n_logged:],
+        )
+
+    def _scale_rewards(self, reward_scaler: RewardScaler, t: int) -> None:
+        self.rewards[t] = reward_scaler(self.rewards[t], self.dones[t], self.valid[t])
+
+    def _finish_step(self, g: int, t: int) -> None:
+        """Collect group g's step in flight (its action was taken at time t) into the buffers."""
+        sl = self.slices[g]
+        obs, reward, terminated, truncated, info = self.envs[g].step_wait()
+        done = terminated | truncated
+        self.rewards[t, sl] = reward  # raw here; scaled for the whole row at once
+        self.terminated[t, sl], self.dones[t, sl], self.valid[t, sl] = terminated, done, ~info["autoreset"]
+        self.ep_ret[sl] += reward
+        self.ep_success[sl] |= info["success"] > 0.5
+        for i in np.flatnonzero(done):
+            j = sl.start + i
+            self.episode_returns.append(float(self.ep_ret[j]))
+            self.episode_successes.append(float(self.ep_success[j]))
+            self.ep_ret[j], self.ep_success[j] = 0.0, False
+        self.next_obs[sl] = obs
+
+    def close(self) -> None:
+        for env in self.envs:
+            env.close()
+
+    def __enter__(self) -> RolloutCollector:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+# ----------------------------------------------------------------------------------------------------------
 # Training
 # ----------------------------------------------------------------------------------------------------------
 @dataclass
@@ -339,36 +670,80 @@ class TrainResult:
     resumed_from: int = 0
 
 
-class _Logger:
-    """metrics.jsonl always; TensorBoard when installed (lazy import)."""
-
-    def __init__(self, run_dir: str, tensorboard: bool) -> None:
-        self.path = os.path.join(run_dir, "metrics.jsonl")
-        self.writer = None
-        if tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-
-                self.writer = SummaryWriter(os.path.join(run_dir, "tb"))
-            except ImportError:  # tensorboard not installed: the JSONL log is complete on its own
-                self.writer = None
-
-    def log(self, step: int, record: dict[str, float]) -> None:
-        append_jsonl(self.path, {"step": step, **record})
-        if self.writer is not None:
-            for k, v in record.items():
-                if isinstance(v, (int, float)) and math.isfinite(v):
-                    self.writer.add_scalar(k, v, step)
-
-    def close(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
-
-
 def _device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
+
+
+def _save_checkpoint(
+    path: str,
+    task: str,
+    cfg: PPOConfig,
+    model: ActorCritic,
+    optimizer: torch.optim.Optimizer,
+    reward_scaler: RewardScaler,
+    global_step: int,
+    update: int,
+) -> None:
+    """Write the resume state (``checkpoint.pt``) atomically."""
+    state = {
+        "config": cfg.to_dict(),
+        "task": task,
+        "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        "optimizer": optimizer.state_dict(),
+        "reward_scaler": reward_scaler.state(),
+        "torch_rng": torch.get_rng_state(),
+        "global_step": global_step,
+        "update": update,
+    }
+    save_torch_atomic(state, path)
+
+
+def _load_checkpoint(
+    path: str,
+    cfg: PPOConfig,
+    model: ActorCritic,
+    optimizer: torch.optim.Optimizer,
+    reward_scaler: RewardScaler,
+    device: torch.device,
+) -> tuple[int, int]:
+    """Restore a :func:`_save_checkpoint` into the learner (its config must match ``cfg`` but for
+    ``total_steps``); returns ``(global_step, update)``."""
+    redo = "delete it and re-run: this teacher's training restarts from scratch"
+    state = load_torch_checked(path, redo, map_location=device)
+    # total_steps may grow: a finished teacher trained further continues from its checkpoint
+    check_same_config(
+        state["config"], cfg.to_dict(), ("total_steps",), path, "use a new run directory or resume=False"
+    )
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    reward_scaler.load(state["reward_scaler"])
+    torch.set_rng_state(state["torch_rng"])
+    return int(state["global_step"]), int(state["update"])
+
+
+def _update_record(
+    stats: dict[str, float],
+    rollout: Rollout,
+    *,
+    steps_per_s: float,
+    lr: float,
+    rollout_s: float,
+    update_s: float,
+) -> dict[str, float]:
+    """One update's log record: losses, throughput, learning rate, timings, and this rollout's episodes."""
+    record = {
+        **stats,
+        "steps_per_s": steps_per_s,
+        "learning_rate": lr,
+        "rollout_s": rollout_s,
+        "update_s": update_s,
+    }
+    if rollout.episode_returns:
+        record["episodic_return"] = float(np.mean(rollout.episode_returns))
+        record["success_rate"] = float(np.mean(rollout.episode_successes))
+    return record
 
 
 def train_ppo(
@@ -395,251 +770,79 @@ def train_ppo(
     Returns:
         :class:`TrainResult`; ``policy_path`` is ``run_dir/policy.pt`` once ``total_steps`` are done.
     """
-    import tempfile
-
+    # ---- setup
     task = validate_task(task)
     cfg = config if config is not None else PPOConfig()
     run_dir = os.fspath(run_dir) if run_dir is not None else tempfile.mkdtemp(prefix=f"ppo-{task}-")
     os.makedirs(run_dir, exist_ok=True)
-    ckpt_path = os.path.join(run_dir, "checkpoint.pt")
-    policy_path = os.path.join(run_dir, "policy.pt")
-
+    ckpt_path, policy_path = os.path.join(run_dir, "checkpoint.pt"), os.path.join(run_dir, "policy.pt")
     if cfg.torch_threads > 0:
         torch.set_num_threads(cfg.torch_threads)
     device = _device(cfg.device)
     torch.manual_seed(cfg.seed)
-
     model = ActorCritic(cfg).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.learning_rate, eps=1e-5)
     reward_scaler = RewardScaler(cfg.num_envs, cfg.gamma, cfg.clip_reward, enabled=cfg.norm_reward)
-    global_step, update = 0, 0
 
+    # ---- resume
+    global_step, update = 0, 0
     if resume and os.path.isfile(ckpt_path):
-        redo = "delete it and re-run: this teacher's training restarts from scratch"
-        state = load_torch_checked(ckpt_path, redo, map_location=device)
-        saved = PPOConfig.from_dict(state["config"])
-        if {**saved.to_dict(), "total_steps": 0} != {**cfg.to_dict(), "total_steps": 0}:
-            raise ValueError(
-                f"{ckpt_path} was written with a different config; use a new run directory or resume=False"
-            )
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        reward_scaler.load(state["reward_scaler"])
-        torch.set_rng_state(state["torch_rng"])
-        global_step, update = int(state["global_step"]), int(state["update"])
+        global_step, update = _load_checkpoint(ckpt_path, cfg, model, optimizer, reward_scaler, device)
     resumed_from = global_step
     if global_step == 0 and os.path.exists(os.path.join(run_dir, "metrics.jsonl")):
         os.remove(os.path.join(run_dir, "metrics.jsonl"))  # a fresh start: drop an older run's log
     write_json_atomic(os.path.join(run_dir, "config.json"), {"task": task, **cfg.to_dict()})
 
     def save_checkpoint() -> None:
-        save_torch_atomic(
-            {
-                "config": cfg.to_dict(),
-                "task": task,
-                "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-                "optimizer": optimizer.state_dict(),
-                "reward_scaler": reward_scaler.state(),
-                "torch_rng": torch.get_rng_state(),
-                "global_step": global_step,
-                "update": update,
-            },
-            ckpt_path,
-        )
+        _save_checkpoint(ckpt_path, task, cfg, model, optimizer, reward_scaler, global_step, update)
 
-    # Env groups: two pipelined envpool groups (async) or one group.
-    want_async = device.type == "cuda" if cfg.async_envs is None else cfg.async_envs
-    use_async = want_async and cfg.backend == "envpool" and cfg.num_envs >= 2 and cfg.num_envs % 2 == 0
-    n_groups = 2 if use_async else 1
-    per_group = cfg.num_envs // n_groups
-    envs = [
-        make_vec_env(
-            task,
-            per_group,
-            backend=cfg.backend,
-            # a different seed stream per group and per resume, so a resumed run sees new episodes
-            seed=cfg.seed * 1000 + g * per_group + update * 7919,
-            max_episode_steps=cfg.max_episode_steps,
-        )
-        for g in range(n_groups)
-    ]
-    slices = [slice(g * per_group, (g + 1) * per_group) for g in range(n_groups)]
-
-    T, N = cfg.num_steps, cfg.num_envs
-    obs_buf = torch.zeros((T, N, OBS_DIM), device=device)
-    act_buf = torch.zeros((T, N, ACT_DIM), device=device)
-    logp_buf = torch.zeros((T, N), device=device)
-    val_buf = torch.zeros((T, N), device=device)
-    rew_buf = np.zeros((T, N), dtype=np.float32)
-    term_buf = np.zeros((T, N), dtype=bool)  # true termination: no bootstrap
-    done_buf = np.zeros((T, N), dtype=bool)  # terminated | truncated: cuts the GAE chain
-    valid_buf = np.zeros((T, N), dtype=bool)  # False for auto-reset transitions (action ignored)
-
-    next_obs = np.concatenate([env.reset() for env in envs])
-    ep_ret = np.zeros(N, dtype=np.float64)
-    ep_success = np.zeros(N, dtype=bool)
-    returns_log: list[float] = []
-    success_log: list[float] = []
     first_update: dict[str, float] = {}
-    logger = _Logger(run_dir, tensorboard)
-    bar = None
-    if progress:
-        from tqdm import tqdm
-
-        bar = tqdm(total=cfg.total_steps, initial=min(global_step, cfg.total_steps), unit="step", desc=task)
-
-    def finish_step(g: int, t: int) -> None:
-        """Collect group g's step in flight (its action was taken at time t) into the buffers."""
-        sl = slices[g]
-        obs, reward, terminated, truncated, info = envs[g].step_wait()
-        valid = ~info["autoreset"]
-        done = terminated | truncated
-        rew_buf[t, sl] = reward  # scaled below, for the whole row at once
-        term_buf[t, sl], done_buf[t, sl], valid_buf[t, sl] = terminated, done, valid
-        ep_ret[sl] += reward
-        ep_success[sl] |= info["success"] > 0.5
-        for i in np.flatnonzero(done):
-            j = sl.start + i
-            returns_log.append(float(ep_ret[j]))
-            success_log.append(float(ep_success[j]))
-            ep_ret[j], ep_success[j] = 0.0, False
-        next_obs[sl] = obs
-
+    updates_this_call, max_updates = 0, math.inf if stop_after_updates is None else stop_after_updates
     t_start = time.perf_counter()
-    updates_this_call = 0
-    try:
-        while global_step < cfg.total_steps:
-            if stop_after_updates is not None and updates_this_call >= stop_after_updates:
-                break
+    with contextlib.ExitStack() as stack:
+        envs = stack.enter_context(RolloutCollector(task, cfg, device, update))
+        logger = stack.enter_context(RunLogger(run_dir, tensorboard))
+        bar = stack.enter_context(_progress_bar(task, cfg, global_step)) if progress else None
+        while global_step < cfg.total_steps and updates_this_call < max_updates:
             if cfg.anneal_lr:
-                frac = 1.0 - update / cfg.num_updates
-                optimizer.param_groups[0]["lr"] = frac * cfg.learning_rate
-            n_logged = len(returns_log)
+                optimizer.param_groups[0]["lr"] = (1.0 - update / cfg.num_updates) * cfg.learning_rate
 
-            # ---- rollout: T steps of every env; group g's inference overlaps the other group's stepping
             t_rollout = time.perf_counter()
-            model.eval()
-            for t in range(T):
-                for g, sl in enumerate(slices):
-                    if t > 0:
-                        finish_step(g, t - 1)
-                    obs_t = torch.as_tensor(next_obs[sl], device=device)
-                    with torch.no_grad():
-                        action, logp, _, value = model.action_and_value(obs_t)
-                    obs_buf[t, sl], act_buf[t, sl], logp_buf[t, sl], val_buf[t, sl] = (
-                        obs_t,
-                        action,
-                        logp,
-                        value,
-                    )
-                    envs[g].step_async(action.cpu().numpy())
-                if t > 0:
-                    rew_buf[t - 1] = reward_scaler(rew_buf[t - 1], done_buf[t - 1], valid_buf[t - 1])
-            for g in range(n_groups):
-                finish_step(g, T - 1)
-            rew_buf[T - 1] = reward_scaler(rew_buf[T - 1], done_buf[T - 1], valid_buf[T - 1])
-            global_step += T * N
+            rollout = envs.collect(model, reward_scaler)
+            global_step += cfg.batch_size
 
-            # ---- GAE (truncation bootstraps: Meta-World's time limit is not a terminal state)
+            # GAE; truncation bootstraps: Meta-World's time limit is not a terminal state
             with torch.no_grad():
-                last_value = model.value(torch.as_tensor(next_obs, device=device)).cpu().numpy()
-            values = val_buf.cpu().numpy()
-            adv = np.zeros((T, N), dtype=np.float32)
-            last_gae = np.zeros(N, dtype=np.float32)
-            for t in reversed(range(T)):
-                next_v = last_value if t == T - 1 else values[t + 1]
-                delta = rew_buf[t] + cfg.gamma * next_v * (~term_buf[t]) - values[t]
-                last_gae = delta + cfg.gamma * cfg.gae_lambda * (~done_buf[t]) * last_gae
-                adv[t] = last_gae
-            returns = adv + values
+                last_value = model.value(torch.as_tensor(rollout.next_obs, device=device)).cpu().numpy()
+            values, gamma, lam = rollout.values.cpu().numpy(), cfg.gamma, cfg.gae_lambda
+            advantages, returns = compute_gae(
+                rollout.rewards, values, last_value, rollout.terminated, rollout.dones, gamma, lam
+            )
 
-            # ---- PPO update over the valid (non-auto-reset) transitions
             t_update = time.perf_counter()
-            model.train()
-            mask = torch.as_tensor(valid_buf.reshape(-1), device=device)
-            b_obs = obs_buf.reshape(-1, OBS_DIM)[mask]
-            b_act = act_buf.reshape(-1, ACT_DIM)[mask]
-            b_logp = logp_buf.reshape(-1)[mask]
-            b_adv = torch.as_tensor(adv.reshape(-1), device=device)[mask]
-            b_ret = torch.as_tensor(returns.reshape(-1), device=device)[mask]
-            b_val = val_buf.reshape(-1)[mask]
-            n = b_obs.shape[0]
-            mb_size = max(1, n // cfg.num_minibatches)
-            stats: dict[str, list[float]] = {
-                k: [] for k in ("pg_loss", "v_loss", "entropy", "approx_kl", "clipfrac")
-            }
-            for _epoch in range(cfg.update_epochs):
-                perm = torch.randperm(n, device=device)
-                for start in range(0, n - mb_size + 1, mb_size):
-                    idx = perm[start : start + mb_size]
-                    _, new_logp, entropy, new_v = model.action_and_value(b_obs[idx], b_act[idx])
-                    log_ratio = new_logp - b_logp[idx]
-                    ratio = log_ratio.exp()
-                    with torch.no_grad():
-                        approx_kl = ((ratio - 1) - log_ratio).mean()
-                        stats["approx_kl"].append(approx_kl.item())
-                        stats["clipfrac"].append(((ratio - 1).abs() > cfg.clip_coef).float().mean().item())
-                    mb_adv = b_adv[idx]
-                    mb_adv = (mb_adv - mb_adv.mean()) / (mb_adv.std() + 1e-8)
-                    pg_loss = torch.max(
-                        -mb_adv * ratio, -mb_adv * torch.clamp(ratio, 1 - cfg.clip_coef, 1 + cfg.clip_coef)
-                    ).mean()
-                    if cfg.clip_vloss:
-                        v_clipped = b_val[idx] + torch.clamp(
-                            new_v - b_val[idx], -cfg.clip_coef, cfg.clip_coef
-                        )
-                        v_loss = (
-                            0.5 * torch.max((new_v - b_ret[idx]) ** 2, (v_clipped - b_ret[idx]) ** 2).mean()
-                        )
-                    else:
-                        v_loss = 0.5 * ((new_v - b_ret[idx]) ** 2).mean()
-                    ent = entropy.mean()
-                    loss = pg_loss - cfg.ent_coef * ent + cfg.vf_coef * v_loss
-                    optimizer.zero_grad()
-                    loss.backward()
-                    nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
-                    optimizer.step()
-                    stats["pg_loss"].append(pg_loss.item())
-                    stats["v_loss"].append(v_loss.item())
-                    stats["entropy"].append(ent.item())
-                if cfg.target_kl is not None and stats["approx_kl"][-1] > cfg.target_kl:
-                    break
-            # refresh the observation normaliser with this rollout's observations (frozen until now)
-            if cfg.norm_obs:
-                model.obs_norm.update(obs_buf.reshape(-1, OBS_DIM))
+            stats = ppo_update(model, optimizer, rollout.ppo_batch(advantages, returns), cfg)
+            if cfg.norm_obs:  # refresh the normaliser with this rollout's observations (frozen until now)
+                model.obs_norm.update(rollout.obs.reshape(-1, OBS_DIM))
             update += 1
             updates_this_call += 1
 
-            # ---- logs and checkpoints
-            record = {k: float(np.mean(v)) for k, v in stats.items()}
-            if not first_update:
-                first_update = dict(record)
-            elapsed = time.perf_counter() - t_start
-            record["steps_per_s"] = (global_step - resumed_from) / max(elapsed, 1e-9)
-            record["learning_rate"] = optimizer.param_groups[0]["lr"]
-            record["rollout_s"] = t_update - t_rollout  # rollout + GAE
-            record["update_s"] = time.perf_counter() - t_update
-            new_returns, new_success = returns_log[n_logged:], success_log[n_logged:]
-            if new_returns:
-                record["episodic_return"] = float(np.mean(new_returns))
-                record["success_rate"] = float(np.mean(new_success))
+            first_update = first_update or dict(stats)
+            record = _update_record(
+                stats,
+                rollout,
+                steps_per_s=(global_step - resumed_from) / max(time.perf_counter() - t_start, 1e-9),
+                lr=optimizer.param_groups[0]["lr"],
+                rollout_s=t_update - t_rollout,  # rollout + GAE
+                update_s=time.perf_counter() - t_update,
+            )
             if update % cfg.log_every == 0:
                 logger.log(global_step, record)
             if bar is not None:
-                bar.update(T * N)
-                if new_returns:
-                    bar.set_postfix(
-                        ret=f"{record['episodic_return']:.0f}", succ=f"{record['success_rate']:.2f}"
-                    )
+                _show_progress(bar, record, cfg.batch_size)
             if update % cfg.checkpoint_every == 0 or global_step >= cfg.total_steps:
                 save_checkpoint()
-    finally:
-        for env in envs:
-            env.close()
-        logger.close()
-        if bar is not None:
-            bar.close()
 
+    # ---- finish
     elapsed = time.perf_counter() - t_start
     if global_step >= cfg.total_steps:
         save_checkpoint()
@@ -654,7 +857,19 @@ def train_ppo(
         steps_per_s=(global_step - resumed_from) / max(elapsed, 1e-9),
         policy_path=policy_path,
         first_update=first_update,
-        episode_returns=returns_log,
-        episode_successes=success_log,
+        episode_returns=envs.episode_returns,
+        episode_successes=envs.episode_successes,
         resumed_from=resumed_from,
     )
+
+
+def _progress_bar(task: str, cfg: PPOConfig, global_step: int) -> Any:
+    from tqdm import tqdm
+
+    return tqdm(total=cfg.total_steps, initial=min(global_step, cfg.total_steps), unit="step", desc=task)
+
+
+def _show_progress(bar: Any, record: dict[str, float], steps: int) -> None:
+    bar.update(steps)
+    if "episodic_return" in record:
+        bar.set_postfix(ret=f"{record['episodic_return']:.0f}", succ=f"{record['success_rate']:.2f}")

@@ -1,26 +1,31 @@
-"""The continual-distillation protocol: phase masking, growth, an end-to-end tiny run, resume, errors."""
+"""Continual distillation (cpd_fast.distill): phase masking, growth, a tiny run end to end, resume, errors."""
 
 import dataclasses
 import itertools
 import json
 import os
+import signal
+import subprocess
+import sys
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 
-from cpd_fast import continual
-from cpd_fast.continual import (
+from cpd_fast.distill import (
     DistillConfig,
     TaskSampler,
     WindowData,
     configure_phase,
+    lr_factor,
     phases_of,
     run_distill,
     train_phase,
 )
+from cpd_fast.distill.windows import full_pool
 from cpd_fast.student import Student, StudentConfig
+from cpd_fast.teachers.gate import teacher_specs
 
 TINY = dict(d_model=32, n_heads=2, n_layers=1, d_ff=64, expert_hidden=32, task_encoder_hidden=32,
             task_embed_dim=16, history=4)  # fmt: skip
@@ -61,7 +66,7 @@ def synthetic_data(n_tasks=2, episodes=3, T=30, seed=0) -> WindowData:
 
 
 def _pools(data, tasks):
-    return {t: continual._full_pool(data, t) for t in tasks}
+    return {t: full_pool(data, t) for t in tasks}
 
 
 def _snapshot(module):
@@ -144,11 +149,11 @@ def test_label_names_every_ablation_so_reports_never_pool_them():
 
 def test_lr_schedule_warms_up_then_decays_per_phase():
     cfg = tiny_config(warmup_steps=10, lr_min_ratio=0.1)
-    f = [continual.lr_factor(cfg, it, 200) for it in range(200)]
+    f = [lr_factor(cfg, it, 200) for it in range(200)]
     assert f[0] == pytest.approx(0.1) and f[9] == pytest.approx(1.0)  # linear warm-up over 10 steps
     assert all(a >= b for a, b in itertools.pairwise(f[9:]))  # then non-increasing
     assert f[-1] == pytest.approx(0.1, abs=1e-3)  # ends at lr_min_ratio
-    assert continual.lr_factor(tiny_config(lr_schedule="constant"), 5, 200) == 1.0
+    assert lr_factor(tiny_config(lr_schedule="constant"), 5, 200) == 1.0
     with pytest.raises(ValueError, match="lr_schedule"):
         tiny_config(lr_schedule="step")
 
@@ -171,7 +176,7 @@ def test_config_errors():
     with pytest.raises(ValueError, match="unknown Meta-World"):
         run_distill(tiny_config(tasks=["reach-v9", "push-v3"]), "/nonexistent/never")
     with pytest.raises(FileNotFoundError, match=r"teachers\.json"):
-        continual.teacher_specs(tiny_config(teachers="/nonexistent/dir"), TASKS)
+        teacher_specs("/nonexistent/dir", TASKS)
 
 
 # ----------------------------------------------------------------------------- end to end
@@ -200,7 +205,7 @@ def test_tiny_run_end_to_end(tiny_run, tmp_path):
     assert on_disk.extra["num_experts"] == 4  # one expert per task
     replay = on_disk.extra["replay"]["per_task"]
     assert all(v["fraction"] <= cfg.replay_fraction for v in replay.values())
-    assert set(json.load(open(run_dir / "progress.json"))["done"]) >= {"stage1/phase2", "stage1/eval"}
+    assert set(json.load(open(run_dir / "progress.json"))["steps"]) >= {"stage1/phase2", "stage1/eval"}
     with open(run_dir / "config.json") as f:
         assert DistillConfig.from_dict(json.load(f)).method == "cpd"
     # both evaluation modes: the main matrix (inferred embedding) and the task-id (prototype) one
@@ -231,23 +236,21 @@ def test_tiny_run_end_to_end(tiny_run, tmp_path):
     assert mse[0] < 0.5 * mse[1], mse
 
 
-def test_resume_after_kill_reproduces_the_run(tiny_run, tmp_path, monkeypatch):
+def test_resume_after_kill_reproduces_the_run(tiny_run, tmp_path):
     cfg, run_dir, result = tiny_run
     killed = tmp_path / "killed"
-    real = continual._mark_done
-    calls = []
-
-    def dies_at_stage1_phase1(progress, name):
-        if name == "stage1/phase1":  # outputs written, completion not recorded: a kill mid-phase
-            raise KeyboardInterrupt
-        calls.append(name)
-        real(progress, name)
-
-    monkeypatch.setattr(continual, "_mark_done", dies_at_stage1_phase1)
-    with pytest.raises(KeyboardInterrupt):
-        run_distill(cfg, killed)
-    monkeypatch.setattr(continual, "_mark_done", real)
-    assert "stage0/eval" in calls
+    # SIGKILL right after stage 1's Phase-1 checkpoint is written, before the ledger records the phase
+    env = {**os.environ, "CPD_TEST_KILL_AFTER": str(killed / "checkpoints" / "stage1-phase1.pt"),
+           "CPD_TEST_KILL_SCOPE": "process"}  # fmt: skip
+    code = (
+        "import json, sys; from cpd_fast.distill import DistillConfig, run_distill; "
+        "run_distill(DistillConfig.from_dict(json.loads(sys.argv[1])), sys.argv[2])"
+    )
+    proc = subprocess.run([sys.executable, "-c", code, json.dumps(cfg.to_dict()), str(killed)], env=env)
+    assert proc.returncode == -signal.SIGKILL
+    done = json.load(open(killed / "progress.json"))["steps"]
+    assert "stage0/eval" in done and "stage1/phase1" not in done
+    assert (killed / "checkpoints" / "stage1-phase1.pt").is_file()
     resumed = run_distill(cfg, killed)
     assert resumed.success_matrix == result.success_matrix or np.array_equal(
         np.array(resumed.success_matrix), np.array(result.success_matrix), equal_nan=True

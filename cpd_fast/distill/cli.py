@@ -1,0 +1,105 @@
+"""``cpd distill``: one continual-distillation run (:func:`cpd_fast.distill.run.run_distill`).
+
+Every :class:`~cpd_fast.distill.config.DistillConfig` field is a flag, generated from the dataclass
+(``--steps-per-stage``, ``--no-freeze-shared``, ...), so a new field is one line there; the student's
+fields are set with ``--set student.d_model=192`` (values parsed as YAML). A flag the chosen method does not
+read (``--ewc-lambda`` with ``--method cpd``) is refused: it would be silently ignored.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+__all__ = ["add_cli"]
+
+_ALIASES = {"episodes_per_task": "episodes"}  # historical flag names
+_HELP = {
+    "suite": "mt10 | mt25 | mt50 | cw10",
+    "tasks": "explicit task list (overrides --suite's tasks)",
+    "tasks_per_stage": "tasks per stage (default 5, or 2 with --tasks)",
+    "teachers": "'scripted' or a teachers RUN_DIR with teachers.json",
+    "fidelity": "`cpd envs check` JSON choosing each task's data backend",
+    "budget": "scales the optimizer steps per stage",
+    "steps_per_stage": "optimizer steps per stage, before --budget scaling",
+    "data_dir": "teacher datasets directory shared between runs (default RUN_DIR/datasets); a task's data "
+    "is reused when its collection settings match",
+    "episodes_per_task": "teacher episodes per task",
+    "noise_std": "exploration noise of the data",
+    "eval_modes": "evaluation modes, the first one is the main matrix: inferred (no task id) and/or "
+    "prototype (the task id selects its prototype embedding)",
+    "eval_goals": "official goals per evaluation (50)",
+    "replay_selection": "default: dpp for cpd/static-moe, uniform for replay",
+    "freeze_shared": "ablation: keep the shared layers trainable",
+    "phase2": "ablation: skip Phase 2 (all steps in Phase 1)",
+    "gate_bias": "gate bias of new experts",
+    "route_new_experts": "ablation: Phase 1 routes by top-k only (newborn experts may never be routed)",
+    "ewc_gamma": "online-EWC decay",
+    "threads": "torch threads (0: torch's default; 1 is fastest on a busy CPU)",
+    "progress": "no progress bars",
+    "tensorboard": "no TensorBoard events (metrics.jsonl only)",
+}
+
+
+def add_cli(subparsers: argparse._SubParsersAction) -> None:
+    """Register ``cpd distill`` on the top-level ``cpd`` subparsers."""
+    from cpd_fast.config import add_config_flags
+    from cpd_fast.distill.config import EVAL_MODES, DistillConfig
+    from cpd_fast.distill.methods import METHODS
+
+    p = subparsers.add_parser(
+        "distill",
+        help="continual distillation of teachers into one student, stage by stage",
+        description="Collects teacher data, trains the student stage by stage with METHOD, evaluates every "
+        "seen task after each stage (Meta-World's official protocol) and writes RUN_DIR/results.json. A "
+        "killed run resumes from its last finished phase when re-run with the same arguments.",
+    )
+    fields = add_config_flags(
+        p, DistillConfig, skip=("student",), aliases=_ALIASES, helps=_HELP,
+        choices={"method": METHODS, "device": ("cpu", "cuda"), "eval_modes": EVAL_MODES,
+                 "replay_selection": ("dpp", "uniform"), "lr_schedule": ("cosine", "constant")},
+    )  # fmt: skip
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
+                   help="any config key, dotted for the student: --set student.d_model=192")  # fmt: skip
+    p.add_argument(
+        "--ddp", action="store_true",
+        help="data-parallel training over the processes torchrun starts (automatic under torchrun): "
+        "torchrun --nproc-per-node N -m cpd_fast.cli distill ... --ddp (docs/scale.md)",
+    )  # fmt: skip
+    p.add_argument("--out", required=True, metavar="RUN_DIR")
+    p.set_defaults(func=_cli_distill, config_fields=fields)
+
+
+def _cli_distill(args: argparse.Namespace) -> int:
+    # bad values raise ValueError/FileNotFoundError: cpd_fast.cli.main prints them as one line (exit 2)
+    import dataclasses
+
+    from cpd_fast.config import flag_values, from_mapping, merge, parse_set
+    from cpd_fast.distill.config import DistillConfig
+    from cpd_fast.distill.run import run_distill
+
+    given = flag_values(args, args.config_fields)
+    values = merge(parse_set(args.overrides), given)
+    values.setdefault("tasks_per_stage", 2 if values.get("tasks") else 5)
+    if "eval_modes" in values:
+        values["eval_modes"] = tuple(values["eval_modes"])
+    if isinstance(values.get("student"), dict):
+        values["student"] = {**dataclasses.asdict(DistillConfig().student), **values["student"]}
+    defaults = DistillConfig()
+    flags = {
+        f.name: ("--no-" if getattr(defaults, f.name) is True else "--")
+        + _ALIASES.get(f.name, f.name).replace("_", "-")
+        for f in dataclasses.fields(DistillConfig)
+        if f.name != "student"  # set with --set student.KEY=VALUE
+    }
+    cfg = from_mapping(DistillConfig, values, "", names=flags)  # errors name the flag: "--lr: ..."
+    unused = cfg.unused(sorted(values))
+    if unused:
+        shown = ", ".join(flags[k] for k in unused)
+        raise ValueError(f"{shown}: not used by --method {cfg.method} (it would be ignored); drop it")
+    result = run_distill(cfg, args.out, data_parallel=True if args.ddp else None)
+    if int(os.environ.get("RANK", "0")) != 0:  # data-parallel: rank 0 reports
+        return 0
+    m = result.metrics()
+    print(f"{args.out}/results.json: ACC {m.acc:.3f}  BWT {m.bwt:.3f}  relative {m.relative_performance:.3f}")
+    return 0

@@ -1,0 +1,183 @@
+"""``DistillConfig``: every number one continual-distillation run uses, saved first as ``RUN/config.json``."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import asdict, field
+from typing import Literal
+
+from cpd_fast.config import (
+    Bool,
+    Float,
+    Fraction,
+    NonNegativeFloat,
+    NonNegativeInt,
+    OpenFraction,
+    PositiveFloat,
+    PositiveFraction,
+    PositiveInt,
+    Seed,
+    Str,
+    config_class,
+    from_mapping,
+)
+from cpd_fast.distill.methods import get_method
+from cpd_fast.student import StudentConfig
+
+__all__ = ["EVAL_MODES", "RUNTIME_KEYS", "DistillConfig"]
+
+EVAL_MODES = ("inferred", "prototype")
+# keys that change how a run executes, not what it computes: a resumed run may change them (eval_modes
+# may grow: a finished run evaluates just the added modes)
+RUNTIME_KEYS = ("progress", "tensorboard", "threads", "device", "eval_modes")
+
+
+def _cpu_student() -> StudentConfig:
+    # Sized for the CPU budget: ~0.085 s per step of 256 windows on one busy core (d_model 256 costs 4.5x).
+    return StudentConfig(
+        d_model=128, n_heads=4, n_layers=2, d_ff=256, expert_hidden=256, task_encoder_hidden=128
+    )
+
+
+@config_class
+class DistillConfig:
+    """Everything one run needs. Step counts are *before* ``budget`` scaling
+    (``steps = round(budget · steps_per_stage)``)."""
+
+    suite: Str = "mt25"
+    tasks: list[Str] | None = None  # explicit task list (overrides the suite's tasks)
+    name: Str | None = None  # the task list's name in results and reports (default: task_list_name())
+    tasks_per_stage: PositiveInt = 5
+    method: Str = "cpd"  # a key of cpd_fast.distill.methods.METHODS
+    teachers: Str = "scripted"  # "scripted" or a teachers RUN_DIR holding teachers.json
+    fidelity: Str | None = None  # `cpd envs check` JSON: per-task collection backend
+    seed: Seed = 0
+    device: Str = "cpu"
+    budget: PositiveFloat = 1.0
+    # data
+    # teacher datasets directory (default RUN_DIR/datasets); runs that share one reuse each task's data
+    # when its collection settings match (RUN/datasets/<task>.collected.json)
+    data_dir: Str | None = None
+    episodes_per_task: PositiveInt = 20
+    noise_std: NonNegativeFloat = 0.1
+    collect_envs: PositiveInt = 10
+    max_episode_steps: PositiveInt = 500
+    # training
+    # 4000 fits the hour: the full MT25 cpd run (both eval modes) took 46.7 min on one of 2 cores
+    # (26 min training, 20.5 min evaluation; bench/mt25_default)
+    steps_per_stage: PositiveInt = 4000
+    batch_size: PositiveInt = 256
+    lr: PositiveFloat = 5e-4
+    # per phase: linear warm-up, then cosine decay to lr_min_ratio · lr; or "constant"
+    lr_schedule: Literal["cosine", "constant"] = "cosine"
+    warmup_steps: NonNegativeInt = 100
+    lr_min_ratio: Fraction = 0.1
+    weight_decay: NonNegativeFloat = 0.0
+    grad_clip: NonNegativeFloat = 1.0
+    phase1_fraction: OpenFraction = 0.5  # cpd: share of a stage's steps in Phase 1
+    # ablations (cpd)
+    freeze_shared: Bool = True
+    phase2: Bool = True
+    gate_bias: Float = -5.0
+    # Phase 1 routes every token to the newborn experts too (MoELayer.always_route), so they and
+    # their gate logits learn although a −5 bias keeps them out of every top-k.
+    route_new_experts: Bool = True
+    replay_selection: Literal["dpp", "uniform"] | None = None  # None: the method's own (see methods.py)
+    # replay
+    replay_fraction: PositiveFraction = 0.1
+    segment_len: PositiveInt = 10
+    # EWC
+    ewc_lambda: NonNegativeFloat = 100.0
+    ewc_gamma: Fraction = 0.9
+    fisher_batches: PositiveInt = 200  # the sign-trick estimate's relative noise is ~sqrt(2 / fisher_batches)
+    fisher_batch_size: PositiveInt = 8
+    # evaluation
+    eval_goals: PositiveInt = 50
+    eval_envs: PositiveInt = 25
+    eval_max_steps: PositiveInt = 500
+    # "inferred": no task id, the embedding comes from the history (the main number); "prototype": the
+    # task id selects its prototype embedding (extra["success_matrix_modes"], its own report row)
+    eval_modes: tuple[Literal["inferred", "prototype"], ...] = ("inferred", "prototype")
+    # logging
+    progress: Bool = True
+    tensorboard: Bool = True
+    threads: NonNegativeInt | None = 1  # torch threads (0: torch's default); 1 is fastest on 2 shared cores
+    student: StudentConfig = field(default_factory=_cpu_student)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.student, dict):
+            self.student = from_mapping(StudentConfig, self.student, "student")
+        get_method(self.method)
+        self.stage_tasks()  # unknown task/suite, or tasks that do not split into equal stages: now
+        self.eval_modes = tuple(self.eval_modes)
+        if not self.eval_modes or len(set(self.eval_modes)) != len(self.eval_modes):
+            raise ValueError(f"eval_modes must be a non-empty subset of {EVAL_MODES}, got {self.eval_modes}")
+        self.student.new_expert_gate_bias = float(self.gate_bias)
+
+    @property
+    def stage_steps(self) -> int:
+        return max(1, round(self.budget * self.steps_per_stage))
+
+    def stage_tasks(self) -> list[list[str]]:
+        """The run's tasks, stage by stage."""
+        from cpd_fast.tasks import stages
+
+        return stages(self.tasks if self.tasks else self.suite, self.tasks_per_stage)
+
+    def task_list_name(self) -> str:
+        """``name``, else the suite, ``"mt25[:10]"`` for a list that is a suite's first tasks, or "custom"."""
+        if self.name:
+            return self.name
+        if not self.tasks:
+            return self.suite
+        from cpd_fast.tasks import SUITES
+
+        suite = SUITES.get(self.suite, ())
+        n = len(self.tasks)
+        return f"{self.suite}[:{n}]" if list(suite[:n]) == list(self.tasks) else "custom"
+
+    @property
+    def selection(self) -> str | None:
+        """Replay selection of this run (None: the method keeps no replay memory)."""
+        default = get_method(self.method).replay
+        return None if default is None else (self.replay_selection or default)
+
+    @property
+    def label(self) -> str:
+        """The method's name in results and reports, with every ablation that differs from the default
+        (``cpd`` / ``cpd (no shared freeze)`` / ...): runs group by it, so ablations never pool as seeds.
+        Only the fields the method reads count (:meth:`Method.uses`)."""
+        d, uses = DistillConfig(), get_method(self.method).uses()
+        notes = []
+        for key, note in (
+            ("freeze_shared", lambda v: None if v else "no shared freeze"),
+            ("phase2", lambda v: None if v else "no phase 2"),
+            ("gate_bias", lambda v: f"gate bias {v:g}"),
+            ("route_new_experts", lambda v: None if v else "top-k routing only"),
+            ("replay_selection", lambda v: None),  # see below: compared with the method's own default
+            ("replay_fraction", lambda v: f"replay {100 * v:g}%"),
+            ("ewc_lambda", lambda v: f"lambda {v:g}"),
+        ):
+            if key == "replay_selection" and key in uses and self.selection != get_method(self.method).replay:
+                notes.append(f"{self.selection} replay")
+            elif key in uses and getattr(self, key) != getattr(d, key) and note(getattr(self, key)):
+                notes.append(note(getattr(self, key)))
+        return self.method + (f" ({', '.join(notes)})" if notes else "")
+
+    def unused(self, keys: list[str]) -> list[str]:
+        """Those of ``keys`` (fields set by the user) that this run's method does not read."""
+        from cpd_fast.distill.methods import METHOD_FIELDS
+
+        uses = get_method(self.method).uses()
+        return [k for k in keys if k in METHOD_FIELDS and k not in uses]
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> DistillConfig:
+        """From a saved ``config.json`` (or any mapping); an unknown key is refused by name."""
+        return from_mapping(cls, d, "distill config")
+
+    def replace(self, **changes: object) -> DistillConfig:
+        return dataclasses.replace(self, **changes)

@@ -1,0 +1,177 @@
+"""The method table: one declarative record per continual-distillation method.
+
+What trains where (``stage > 0``; stage 0 always trains everything in one phase):
+
+============ ====== ============================ ============================================ ==========
+method       growth shared layers + head         experts / gate                               replay
+============ ====== ============================ ============================================ ==========
+cpd          +1/task frozen (``freeze_shared``)  P1: old experts frozen, new + gate train;     DPP
+                                                 P2: gate frozen, all experts train
+static-moe   fixed  frozen (``freeze_shared``)   all train                                     DPP
+replay       fixed  train                        all train                                     uniform
+finetune     fixed  train                        all train                                     none
+ewc          fixed  train (+ EWC penalty)        all train (+ EWC penalty)                     none
+online-ewc   fixed  train (+ online-EWC penalty) all train (+ online-EWC penalty)              none
+joint        fixed  one stage with every task, all parameters, the total step budget           —
+============ ====== ============================ ============================================ ==========
+
+Fixed-capacity methods get ``num_tasks · experts_per_task`` experts from the start, the capacity cpd
+reaches at the end. The task encoder trains throughout (see :mod:`cpd_fast.student`). A new method is one
+:class:`Method` entry in :data:`METHODS` (plus, at most, one hook such as :class:`EWCHook`); nothing else
+in the package tells methods apart.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+__all__ = ["METHODS", "EWCHook", "Method", "configure_phase", "get_method", "phases_of"]
+
+
+@dataclass(frozen=True)
+class Method:
+    """What one method does; read by the stage loop (:mod:`cpd_fast.distill.run`).
+
+    Attributes:
+        name: the ``--method`` name.
+        grows: one expert per new task each stage (else fixed capacity from the start).
+        freezes_shared: shared layers and head are frozen after stage 0 (ablation ``freeze_shared``).
+        expert_phases: stage > 0 trains in Phase 1 (old experts frozen, new experts + gate, new experts
+            always routed) then Phase 2 (gate frozen, all experts) — ablations ``phase2``,
+            ``route_new_experts``, ``gate_bias``, ``phase1_fraction``.
+        replay: default replay selection (``"dpp"``, ``"uniform"``) or None for no replay memory.
+        penalty: ``"ewc"`` / ``"online-ewc"``: an :class:`EWCHook` consolidates after every stage.
+        joint: one stage with every task and the total step budget (the upper bound).
+    """
+
+    name: str
+    grows: bool = False
+    freezes_shared: bool = False
+    expert_phases: bool = False
+    replay: str | None = None
+    penalty: str | None = None
+    joint: bool = False
+
+    def uses(self) -> set[str]:
+        """The method-specific :class:`~cpd_fast.distill.config.DistillConfig` fields this method reads."""
+        used = set()
+        if self.freezes_shared:
+            used.add("freeze_shared")
+        if self.expert_phases:
+            used |= {"phase2", "gate_bias", "route_new_experts", "phase1_fraction"}
+        if self.replay is not None:
+            used |= {"replay_selection", "replay_fraction", "segment_len"}
+        if self.penalty is not None:
+            used |= {"ewc_lambda", "fisher_batches", "fisher_batch_size"}
+        if self.penalty == "online-ewc":
+            used.add("ewc_gamma")
+        return used
+
+
+METHODS: dict[str, Method] = {
+    m.name: m
+    for m in (
+        Method("cpd", grows=True, freezes_shared=True, expert_phases=True, replay="dpp"),
+        Method("finetune"),
+        Method("ewc", penalty="ewc"),
+        Method("online-ewc", penalty="online-ewc"),
+        Method("replay", replay="uniform"),
+        Method("static-moe", freezes_shared=True, replay="dpp"),
+        Method("joint", joint=True),
+    )
+}
+# every method-specific field (the union of Method.uses): one a method does not read is reported unused
+METHOD_FIELDS = set().union(*(m.uses() for m in METHODS.values()))
+
+
+def get_method(name: str) -> Method:
+    if name not in METHODS:
+        raise ValueError(f"unknown method {name!r}; choose one of {', '.join(METHODS)}")
+    return METHODS[name]
+
+
+def phases_of(cfg: Any, stage: int) -> list[tuple[str, int]]:
+    """``[(phase name, optimizer steps)]`` of a stage of run ``cfg`` (a DistillConfig)."""
+    method = get_method(cfg.method)
+    n = cfg.stage_steps
+    if method.joint:
+        return [("train", n * len(cfg.stage_tasks()))]
+    if method.expert_phases and stage > 0 and cfg.phase2:
+        n1 = max(1, round(n * cfg.phase1_fraction))
+        return [("phase1", n1), ("phase2", max(1, n - n1))]
+    return [("train", n)]
+
+
+def configure_phase(student: Any, cfg: Any, stage: int, phase: str, new_experts: list[int]) -> None:
+    """Set what trains in ``phase`` of ``stage`` (idempotent: a resumed run calls it again).
+
+    ``new_experts``: the experts added for this stage's tasks (growing methods only).
+    """
+    method = get_method(cfg.method)
+    moe = student.moe
+    moe.always_route([])
+    student.unfreeze_shared()
+    student.unfreeze_head()
+    student.unfreeze_task_encoder()
+    moe.unfreeze_experts(list(range(moe.num_experts)))
+    moe.unfreeze_gate()
+    if stage == 0 or method.joint:
+        return
+    if method.freezes_shared and cfg.freeze_shared:
+        student.freeze_shared()
+        student.freeze_head()  # the head maps every expert's output: training it moves old tasks too
+    if method.expert_phases:
+        if phase == "phase2":
+            moe.freeze_gate()
+        else:  # phase1 (or the only phase with --no-phase2)
+            old = [e for e in range(moe.num_experts) if e not in set(new_experts)]
+            if old:
+                moe.freeze_experts(old)
+            if cfg.route_new_experts and new_experts:
+                moe.always_route(new_experts)
+
+
+class EWCHook:
+    """The penalty methods' one hook: the EWC penalty in the loss, consolidated after every stage."""
+
+    def __init__(self, cfg: Any) -> None:
+        from cpd_fast.ewc import EWCPenalty
+
+        method = get_method(cfg.method)
+        self.cfg = cfg
+        self.penalty = EWCPenalty(cfg.ewc_lambda, online=method.penalty == "online-ewc", gamma=cfg.ewc_gamma)
+
+    def loss(self, student: Any) -> torch.Tensor | None:
+        return self.penalty.penalty(student) if self.penalty.terms else None
+
+    def end_of_stage(self, student: Any, data: Any, pools: dict, gen: torch.Generator) -> None:
+        """Estimate the stage's diagonal Fisher on its tasks' windows and consolidate."""
+        from cpd_fast.distill.windows import TaskSampler
+        from cpd_fast.ewc import diagonal_fisher
+
+        sampler = TaskSampler(pools)
+        device = torch.device(self.cfg.device)
+        was = student.training
+        student.eval()
+        batches = []
+        for _ in range(self.cfg.fisher_batches):
+            idx, start = sampler.sample(self.cfg.fisher_batch_size, gen)
+            obs, _, mask = data.windows(idx, start)
+            batches.append((obs.to(device), mask.to(device)))
+        fisher = diagonal_fisher(student, batches, lambda o, m: student(o, mask=m), generator=gen)
+        student.train(was)
+        self.penalty.consolidate(student, fisher)
+
+    def state_dict(self) -> dict:
+        return self.penalty.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.penalty.load_state_dict(state)
+
+
+def make_hook(cfg: Any) -> EWCHook | None:
+    """The method's hook, if it has one."""
+    return EWCHook(cfg) if get_method(cfg.method).penalty is not None else None

@@ -1,0 +1,324 @@
+"""One continual-distillation run, stage by stage, in a run directory that survives being killed.
+
+:func:`run_distill` top to bottom (:meth:`DistillRun.run` is the stage loop; each step is a method)::
+
+    resolved config → RUN/config.json (a resumed run must use the same one)
+    teachers (scripted or RUN/teachers.json) → dataset per task (Minari, shared via data_dir)
+    teacher success per task (measured once, stored with its dataset) → RUN/teacher_success.json
+    for stage s in stages:
+        grow (growing methods: one expert per new task)
+        for phase of the stage: configure what trains, train → checkpoints/stage{s}-{phase}.pt   (ledger)
+        replay selection for the stage's tasks → replay/stage{s}.pt                              (ledger)
+        evaluate every task seen so far → eval/stage{s}.json, results.json                        (ledger)
+    results.json (RunResult), metrics.jsonl, tb/ (TensorBoard), timing.json
+
+**Resume and determinism.** A step's outputs are written atomically and only then is it recorded in the
+ledger ``progress.json`` (:class:`cpd_fast.runio.Ledger`); a re-run skips finished steps and restarts the
+first unfinished one from the last checkpoint. Each phase draws from its own generator seeded by
+``(seed, stage, phase)`` and builds a fresh optimizer, so a resumed run repeats exactly what an
+uninterrupted one does (on the same machine and thread count). The run directory is locked
+(:class:`cpd_fast.runio.RunLock`) while a process works in it. Under DDP, rank 0 alone collects, selects
+replay, evaluates and writes; the other ranks wait at barriers and read its files.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+from typing import Any
+
+import numpy as np
+import torch
+
+from cpd_fast import ddp
+from cpd_fast.distill.config import RUNTIME_KEYS, DistillConfig
+from cpd_fast.distill.methods import configure_phase, get_method, make_hook, phases_of
+from cpd_fast.distill.stats import replay_report, routing_shares
+from cpd_fast.distill.train import train_phase
+from cpd_fast.distill.windows import TaskSampler, WindowData, full_pool
+from cpd_fast.runio import (
+    Ledger,
+    RunLock,
+    RunLogger,
+    check_same_config,
+    load_torch_checked,
+    read_json,
+    save_torch_atomic,
+    write_json_atomic,
+)
+
+__all__ = ["DistillRun", "collect_task_data", "run_distill"]
+
+
+def phase_seed(seed: int, stage: int, tag: str) -> int:
+    return (seed * 1_000_003 + stage * 10_007 + sum(map(ord, tag)) * 101) % (2**62)
+
+
+def collect_task_data(cfg: DistillConfig, task: str, root: str, spec: Any, backend: str) -> float:
+    """``task``'s teacher dataset under ``root`` (collected unless one with the same settings is there) and
+    its teacher's official success on ``cfg.eval_goals`` goals (recorded with it, measured once)."""
+    from cpd_fast.data import ensure_dataset
+    from cpd_fast.teachers.gate import record_success
+
+    ensure_dataset(
+        task, root, lambda: spec.make(task), spec.name(task), episodes=cfg.episodes_per_task,
+        noise_std=cfg.noise_std, seed=cfg.seed, max_episode_steps=cfg.max_episode_steps,
+        num_envs=cfg.collect_envs, backend=backend, eval_goals=cfg.eval_goals,
+    )  # fmt: skip
+    manifest = os.path.join(root, f"{task}.collected.json")
+    return record_success(manifest, task, spec, eval_goals=cfg.eval_goals, eval_envs=cfg.eval_envs)
+
+
+def run_distill(cfg: DistillConfig, run_dir: str | os.PathLike, data_parallel: bool | None = None) -> Any:
+    """Run (or resume) one continual-distillation run in ``run_dir``; returns its :class:`RunResult`.
+
+    ``data_parallel``: train with DDP over the processes torchrun started (:mod:`cpd_fast.ddp`; default:
+    when ``WORLD_SIZE > 1``). Rank 0 alone collects, evaluates and writes; every rank returns the result.
+    """
+    dist = ddp.setup(cfg.device) if ddp.requested(data_parallel) else None
+    try:
+        if dist is not None and dist.device.type == "cuda":
+            cfg = cfg.replace(device=str(dist.device))  # cuda:LOCAL_RANK
+        main = dist is None or dist.is_main
+        with RunLock(run_dir) if main else contextlib.nullcontext():
+            return DistillRun(cfg, os.fspath(run_dir), dist).run()
+    finally:
+        ddp.teardown(dist)
+
+
+class DistillRun:
+    """The state of one run; :meth:`run` is the stage loop (module docstring)."""
+
+    def __init__(self, cfg: DistillConfig, run_dir: str, dist: ddp.DistContext | None) -> None:
+        self.cfg, self.run_dir, self.dist = cfg, run_dir, dist
+        self.main = dist is None or dist.is_main  # the only process that writes the run directory
+        self.method = get_method(cfg.method)
+        self.tasks = [t for s in cfg.stage_tasks() for t in s]
+        self.stages = [self.tasks] if self.method.joint else cfg.stage_tasks()
+        self.task_index = {t: i for i, t in enumerate(self.tasks)}
+        self.ledger = Ledger(self.path("progress.json"))
+        timing = read_json(self.path("timing.json"), {})
+        self.prior_time = float(timing.get("wall_time_s", 0.0))
+        self.clock = {"data": 0.0, "train": 0.0, "replay": 0.0, "eval": 0.0, **timing.get("clock", {})}
+        self.t_start = time.perf_counter()
+        self.replay: dict[int, Any] = {}
+        self.routing: dict[int, dict[str, list[float]]] = {}
+        self.seen: list[int] = []
+        self.global_step = 0
+        self.R_modes = {m: np.full((len(self.stages), len(self.tasks)), np.nan) for m in cfg.eval_modes}
+
+    def path(self, *parts: str) -> str:
+        return os.path.join(self.run_dir, *parts)
+
+    # ---- the stage loop
+    def run(self) -> Any:
+        os.makedirs(self.run_dir, exist_ok=True)
+        if self.cfg.threads:
+            torch.set_num_threads(self.cfg.threads)
+        self.check_config()
+        self.teacher_success = self.prepare_data()
+        self.student = self.build_student()
+        self.hook = make_hook(self.cfg)  # EWC / online EWC; None for the other methods
+        with RunLogger(self.run_dir, self.cfg.tensorboard, enabled=self.main) as self.logger:
+            for s, stage in enumerate(self.stages):
+                new_ids = [self.task_index[t] for t in stage]
+                new_experts = self.grow(s, stage)
+                phases = phases_of(self.cfg, s)
+                for phase, steps in phases:
+                    self.train(s, phase, steps, new_ids, new_experts, last=phase == phases[-1][0])
+                self.seen += new_ids
+                self.routing[s] = routing_shares(self.student, self.data, self.seen, self.cfg.device)
+                if self.cfg.selection is not None and not self.method.joint:
+                    self.select_replay(s, new_ids)
+                self.evaluate(s)
+                self.record(s)
+        return self.result(self.wall(), complete=True)
+
+    # ---- steps
+    def check_config(self) -> None:
+        """Write the resolved config first; a resumed run must match it (runtime-only keys aside)."""
+        path, mine = self.path("config.json"), self.cfg.to_dict()
+        if os.path.isfile(path):
+            check_same_config(read_json(path), mine, RUNTIME_KEYS, self.run_dir, "use a new --out")
+        elif self.main:
+            write_json_atomic(path, mine)
+
+    def prepare_data(self) -> dict[str, float]:
+        """Collect each task's dataset and record its teacher's success; load every transition as windows."""
+        from cpd_fast.data import load_teacher_data
+        from cpd_fast.fidelity import collection_backends
+        from cpd_fast.teachers.gate import teacher_specs
+
+        cfg = self.cfg
+        specs = teacher_specs(cfg.teachers, self.tasks)
+        backends = collection_backends(cfg.fidelity)
+        root = cfg.data_dir or self.path("datasets")
+        ts_path = self.path("teacher_success.json")
+        success: dict[str, float] = read_json(ts_path, {})
+        for task in self.tasks if self.main else []:  # the other ranks read rank 0's files after the barrier
+            t0 = time.perf_counter()
+            value = collect_task_data(cfg, task, root, specs[task], backends.get(task, "envpool"))
+            if task not in success:
+                success[task] = value
+                write_json_atomic(ts_path, success)
+            self.clock["data"] += time.perf_counter() - t0
+        if self.dist is not None:
+            ddp.barrier(self.dist)
+            success = read_json(ts_path)
+        raw = load_teacher_data(self.tasks, root)
+        if raw.obs.shape[1] != cfg.student.obs_dim:
+            raise ValueError(
+                f"teacher data has obs dim {raw.obs.shape[1]}, the student expects {cfg.student.obs_dim}"
+            )
+        self.data = WindowData(raw, cfg.student.history)
+        return success
+
+    def build_student(self) -> Any:
+        """The student as it was born (a checkpoint restores growth): growing methods start with the first
+        stage's experts, the others with the capacity a growing method reaches at the end."""
+        from cpd_fast.student import Student
+
+        cfg = self.cfg
+        torch.manual_seed(cfg.seed)
+        if self.method.grows:
+            student = Student(cfg.student, num_tasks=len(self.stages[0]))
+        else:
+            n = max(len(self.tasks) * cfg.student.experts_per_task, cfg.student.top_k)
+            student = Student(cfg.student, num_tasks=len(self.tasks), num_experts=n)
+        return student.to(cfg.device)
+
+    def grow(self, s: int, stage: list[str]) -> list[int]:
+        """Growing methods: one expert per new task (stage 0's are the ones it was born with)."""
+        if not self.method.grows:
+            return []
+        if s == 0:
+            return list(range(self.student.num_experts))
+        torch.manual_seed(phase_seed(self.cfg.seed, s, "grow"))
+        new = [e for _ in stage for e in self.student.add_task()]
+        self.student.to(self.cfg.device)
+        return new
+
+    def train(self, s: int, phase: str, steps: int, new_ids: list[int], new_experts: list[int], last: bool):
+        """One phase: restored from its checkpoint when the ledger has it, else trained and checkpointed."""
+        cfg, name = self.cfg, f"stage{s}/{phase}"
+        ckpt = self.path("checkpoints", f"stage{s}-{phase}.pt")
+        base, self.global_step = self.global_step, self.global_step + steps
+        if name in self.ledger:
+            redo = f"delete {self.run_dir} and re-run: a finished phase is never redone, the run restarts"
+            state = load_torch_checked(ckpt, redo, map_location=cfg.device)
+            self.student.load_state_dict(state["student"])
+            if self.hook is not None:
+                self.hook.load_state_dict(state["ewc"])
+            return
+        t0 = time.perf_counter()
+        configure_phase(self.student, cfg, s, phase, new_experts)
+        pools = {t: full_pool(self.data, t) for t in new_ids}
+        pools.update({t: (r.index, r.hist_start) for t, r in self.replay.items()})
+        gen = torch.Generator().manual_seed(phase_seed(cfg.seed, s, phase))
+
+        def log(it: int, rec: dict) -> None:
+            self.logger.log(base + it, rec, prefix="loss/", phase=name)
+
+        summary = train_phase(
+            self.student, self.data, TaskSampler(pools), steps, cfg, gen, self.hook,
+            log if self.main else None, name, self.dist,
+        )  # fmt: skip
+        self.student.moe.always_route([])  # a training aid only: evaluation and routing stats use top-k
+        if self.hook is not None and last:
+            fgen = torch.Generator().manual_seed(phase_seed(cfg.seed, s, "fisher"))
+            pools = {t: full_pool(self.data, t) for t in new_ids}
+            self.hook.end_of_stage(self.student, self.data, pools, fgen)
+        payload = {"student": self.student.state_dict()}
+        if self.hook is not None:
+            payload["ewc"] = self.hook.state_dict()
+        if self.main:
+            save_torch_atomic(payload, ckpt)
+            self.logger.event({"step": self.global_step, "phase": name, "summary": summary})
+            self.ledger.mark(name)
+        self.clock["train"] += time.perf_counter() - t0
+
+    def select_replay(self, s: int, new_ids: list[int]) -> None:
+        """The replay memory of the stage's tasks (rank 0 selects; every rank loads it)."""
+        from cpd_fast.replay import ReplaySet, select_replay
+
+        cfg, data, path = self.cfg, self.data, self.path("replay", f"stage{s}.pt")
+        if self.main and f"stage{s}/replay" not in self.ledger:
+            t0 = time.perf_counter()
+            sets = {}
+            for t in new_ids:
+                sl = data.task_slice(t)
+                sets[t] = select_replay(
+                    data.obs[sl], data.target[sl], data.step[sl], data.episode[sl], sl.start,
+                    fraction=cfg.replay_fraction, segment_len=cfg.segment_len, selection=cfg.selection,
+                    seed=phase_seed(cfg.seed, s, f"replay{t}"),
+                )  # fmt: skip
+            save_torch_atomic({str(t): r.to_dict() for t, r in sets.items()}, path)
+            self.ledger.mark(f"stage{s}/replay")
+            self.clock["replay"] += time.perf_counter() - t0
+        ddp.barrier(self.dist)
+        loaded = load_torch_checked(path, f"delete {self.run_dir} and re-run: the run restarts")
+        self.replay.update({int(t): ReplaySet.from_dict(d) for t, d in loaded.items()})
+
+    def evaluate(self, s: int) -> None:
+        """Official-protocol success of every task seen so far, in every evaluation mode. A finished stage
+        re-run with more ``eval_modes`` evaluates only the missing ones (the student holds this stage's
+        final weights here: skipped phases load their checkpoints)."""
+        from cpd_fast.evaluation import evaluate_student
+
+        cfg, path, name = self.cfg, self.path("eval", f"stage{s}.json"), f"stage{s}/eval"
+        rows = read_json(path, {}) if name in self.ledger else {}
+        missing = [m for m in cfg.eval_modes if m not in rows]
+        if self.main and (name not in self.ledger or missing):
+            t0 = time.perf_counter()
+            self.student.eval()
+            rows.update({m: {} for m in missing})
+            for t in self.seen:
+                for m in missing:
+                    v = evaluate_student(
+                        self.student, self.tasks[t], num_goals=cfg.eval_goals, num_envs=cfg.eval_envs,
+                        max_episode_steps=cfg.eval_max_steps, task_id=None if m == "inferred" else t,
+                    )  # fmt: skip
+                    rows[m][self.tasks[t]] = v
+                    self.logger.scalars(s, {f"success_{m}/{self.tasks[t]}": v})
+            write_json_atomic(path, rows)
+            if name not in self.ledger:
+                self.ledger.mark(name)
+            self.clock["eval"] += time.perf_counter() - t0
+        ddp.barrier(self.dist)
+        self.rows = read_json(path)
+        for m in cfg.eval_modes:
+            for t, v in self.rows[m].items():
+                self.R_modes[m][s, self.task_index[t]] = v
+
+    def record(self, s: int) -> None:
+        """After each stage: timing, the results so far, and the stage's line in metrics.jsonl."""
+        if not self.main:
+            return
+        wall = self.wall()
+        write_json_atomic(self.path("timing.json"), {"wall_time_s": wall, "clock": self.clock})
+        self.result(wall, s == len(self.stages) - 1).save(self.path("results.json"))
+        self.logger.event({"stage": s, "success": self.rows, "wall_time_s": wall})
+
+    # ---- results
+    def wall(self) -> float:
+        return self.prior_time + time.perf_counter() - self.t_start
+
+    def result(self, wall: float, complete: bool) -> Any:
+        from cpd_fast.metrics import RunResult, matrix_to_json
+
+        cfg, main_mode = self.cfg, self.cfg.eval_modes[0]
+        stage_of = {t: i for i, st in enumerate(self.stages) for t in st}
+        return RunResult(
+            suite=cfg.task_list_name(), method=cfg.label, seed=cfg.seed, tasks=self.tasks,
+            task_stage=[stage_of[t] for t in self.tasks], success_matrix=self.R_modes[main_mode].tolist(),
+            teacher_success=[self.teacher_success[t] for t in self.tasks], wall_time_s=wall,
+            extra={"complete": complete, "eval_mode": main_mode,
+                   "success_matrix_modes": {
+                       m: matrix_to_json(M) for m, M in self.R_modes.items() if m != main_mode
+                   },
+                   "time_s": {k: round(v, 1) for k, v in self.clock.items()},
+                   "config": cfg.to_dict(), "replay": replay_report(self.replay, self.data),
+                   "num_experts": self.student.num_experts, "budget_steps_per_stage": cfg.stage_steps,
+                   "routing": {str(k): v for k, v in self.routing.items()}},
+        )  # fmt: skip

@@ -1,0 +1,115 @@
+"""One config schema (cpd_fast.config): typed validation, one rule for unknown keys, one-line errors,
+``cpd distill`` flags generated from DistillConfig, and settings a run would ignore refused."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from cpd_fast.config import from_mapping
+from cpd_fast.distill.config import DistillConfig
+from cpd_fast.errors import format_error
+from cpd_fast.pipeline import PipelineConfig, resolve_config
+
+
+def test_unknown_key_is_refused_naming_it_and_the_known_ones():
+    with pytest.raises(
+        ValueError, match=r"unknown key\(s\) in distill: stepz_per_stage; known: suite, tasks"
+    ):
+        from_mapping(DistillConfig, {"stepz_per_stage": 5}, "distill")
+    with pytest.raises(ValueError, match=r"unknown key\(s\) in distill config: stepz"):
+        DistillConfig.from_dict({"stepz": 1})  # saved configs too: nothing is dropped silently
+    with pytest.raises(ValueError, match=r"unknown key\(s\) in the config: metods"):
+        resolve_config("quick", overrides={"metods": ["cpd"]})
+    with pytest.raises(ValueError) as info:
+        DistillConfig(student={"d_modle": 4})
+    assert "unknown key 'student.d_modle'" in format_error("cpd distill", info.value)[0]
+
+
+@pytest.mark.parametrize(
+    "values, message",
+    [
+        ({"steps_per_stage": "abc"}, "steps_per_stage: input should be a valid integer, got 'abc'"),
+        ({"steps_per_stage": 0}, "steps_per_stage: input should be greater than 0, got 0"),
+        ({"steps_per_stage": True}, "steps_per_stage: input should be a valid integer, got True"),
+        ({"lr": "1e-3"}, "lr: input should be a valid number, got '1e-3'"),  # YAML 1.1 reads 1e-3 as text
+        ({"budget": float("nan")}, "budget: input should be a finite number, got nan"),
+        ({"ewc_gamma": 1.5}, "ewc_gamma: input should be less than or equal to 1, got 1.5"),
+        ({"eval_modes": ["oracle"]}, "eval_modes.0: input should be 'inferred' or 'prototype', got 'oracle'"),
+        ({"method": "packnet"}, "unknown method 'packnet'; choose one of cpd, finetune"),
+    ],
+)
+def test_bad_values_are_one_line_errors(values, message):
+    with pytest.raises(ValueError) as info:
+        from_mapping(DistillConfig, values, "distill")
+    assert message in str(info.value) and "\n" not in str(info.value)
+
+
+def test_a_direct_constructor_error_prints_as_one_line():
+    with pytest.raises(ValueError) as info:
+        DistillConfig(batch_size=-1)
+    line, status = format_error("cpd distill", info.value)
+    assert status == 2 and "\n" not in line and "batch_size: input should be greater than 0, got -1" in line
+
+
+def test_distill_flags_are_generated_from_the_config():
+    from cpd_fast.cli import build_parser
+
+    parser = build_parser()
+    distill = next(a for a in parser._subparsers._actions if a.dest == "command").choices["distill"]
+    dests = {a.dest for a in distill._actions}
+    fields = [f.name for f in dataclasses.fields(DistillConfig) if f.name != "student"]
+    assert {f"cfg_{f}" for f in fields} <= dests  # a new field is a new flag
+    flags = {opt for a in distill._actions for opt in a.option_strings}
+    assert {"--episodes", "--no-freeze-shared", "--no-phase2", "--steps-per-stage", "--set"} <= flags
+
+
+def test_distill_cli_builds_the_config_from_flags_and_set(monkeypatch, tmp_path):
+    import cpd_fast.distill.run as run
+    from cpd_fast import cli
+
+    seen = {}
+    monkeypatch.setattr(run, "run_distill", lambda cfg, out, data_parallel=None: seen.setdefault("cfg", cfg))
+    argv = ["distill", "--tasks", "reach-v3", "push-v3", "--episodes", "3", "--no-phase2",
+            "--set", "student.d_model=64", "--set", "lr=0.002", "--out", str(tmp_path / "r")]  # fmt: skip
+    with pytest.raises(AttributeError):  # the stub returns the config, which has no metrics(): it ran
+        cli.main(["--debug", *argv])
+    cfg = seen["cfg"]
+    assert cfg.tasks == ["reach-v3", "push-v3"] and cfg.tasks_per_stage == 2 and cfg.episodes_per_task == 3
+    assert not cfg.phase2 and cfg.lr == 0.002 and cfg.student.d_model == 64 and cfg.student.n_layers == 2
+
+
+def test_a_flag_the_method_does_not_read_is_refused(tmp_path, capsys):
+    from cpd_fast import cli
+
+    code = cli.main(["distill", "--method", "finetune", "--no-freeze-shared", "--ewc-lambda", "5",
+                     "--out", str(tmp_path / "r")])  # fmt: skip
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "--ewc-lambda, --no-freeze-shared: not used by --method finetune" in err
+    assert not (tmp_path / "r").exists()
+
+
+def test_run_refuses_a_ray_address_it_would_not_use(tmp_path, capsys):
+    from cpd_fast import cli
+
+    out = tmp_path / "run"
+    code = cli.main(["run", "--preset", "quick", "--ray-address", "127.0.0.1:1", "--out", str(out)])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "--ray-address: only used to train PPO teachers" in err and "\n" not in err
+    assert not out.exists()
+
+
+def test_run_warns_about_distill_settings_no_method_reads():
+    cfg = resolve_config("quick", overrides={"distill": {"ewc_lambda": 3.0}})
+    assert cfg.unused_settings({"distill": {"ewc_lambda": 3.0}}) == ["distill.ewc_lambda"]
+    cfg = resolve_config("quick", overrides={"methods": ["ewc"], "distill": {"ewc_lambda": 3.0}})
+    assert cfg.unused_settings({"distill": {"ewc_lambda": 3.0}}) == []
+
+
+def test_pipeline_sections_are_typed():
+    expected = r"the config: gate\.threshold: input should be less than or equal to 1, got 2\.0"
+    with pytest.raises(ValueError, match=expected):
+        PipelineConfig.from_dict({"suite": "mt10", "gate": {"threshold": 2.0}})
+    with pytest.raises(ValueError, match=r"unknown gate.on_fail 'x'"):
+        PipelineConfig.from_dict({"suite": "mt10", "gate": {"on_fail": "x"}})
