@@ -18,7 +18,7 @@ parsed as YAML). ``distill`` holds :class:`~cpd_fast.distill.config.DistillConfi
 :class:`~cpd_fast.teachers.ppo.PPOConfig` fields; what a preset leaves out is their defaults, and the
 resolved config records every number, so a run states exactly what it did.
 
-**What ``quick`` shows** (the default; about 6 minutes on one core of this project's 2-core CPU machine;
+**What ``quick`` shows** (the default; 8 min 13 s on one core of this project's 2-core CPU machine;
 no GPU, nothing to download): Meta-World's scripted
 experts, gated with the official protocol on 10 of the 50 goals, teach four MT25 tasks in two stages
 (reach + drawer-close, then button-press-topdown + window-close). cpd and plain fine-tuning are distilled
