@@ -322,4 +322,4 @@ def test_phase1_trains_newborn_experts_at_gate_bias_minus_5():
         after = _snapshot(s)
         # a -5 expert outside every top-k gets no gradient unless it is routed for every token
         assert torch.equal(before["moe.w1"][new], after["moe.w1"][new]) is not should_train
-        assert s.moe._always is None
+        assert s.moe.always_routed == []

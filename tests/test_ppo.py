@@ -467,3 +467,21 @@ def test_vecenv_step_async_matches_step():
         b.step_wait()
         with pytest.raises(RuntimeError, match="without step_async"):
             b.step_wait()
+
+
+def test_recipes_are_valid_configs_and_unknown_is_refused():
+    from cpd_fast.teachers.ppo import RECIPES, recipe_config
+
+    assert recipe_config("cpd") == PPOConfig()
+    mw = recipe_config("metaworld", total_steps=5)
+    assert (mw.update_epochs, mw.num_minibatches, mw.gae_lambda, mw.ent_coef, mw.vf_coef) == (
+        16,
+        32,
+        0.97,
+        5e-3,
+        1e-3,
+    )
+    assert not mw.clip_vloss and mw.batch_size == 10_240 and mw.total_steps == 5
+    assert all(recipe_config(r).batch_size % recipe_config(r).num_minibatches == 0 for r in RECIPES)
+    with pytest.raises(ValueError, match="unknown PPO recipe 'fast'; choose one of cpd, metaworld"):
+        recipe_config("fast")

@@ -25,6 +25,7 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
         seed,
     )
     from cpd_fast.teachers.gate import DEFAULT_THRESHOLD, ON_FAIL
+    from cpd_fast.teachers.ppo import RECIPES
 
     teachers = subparsers.add_parser("teachers", help="train, evaluate and roll out per-task teachers")
     sub = teachers.add_subparsers(dest="teachers_command", metavar="TEACHERS_COMMAND", required=True)
@@ -49,6 +50,9 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
         "--max-retries", type=nonnegative_int, default=2, help="re-runs of a teacher whose worker died"
     )
     train.add_argument("--total-steps", type=positive_int, default=1_000_000, help="env steps per teacher")
+    train.add_argument("--recipe", choices=tuple(RECIPES), default="cpd",
+                       help="PPO hyper-parameters: cpd (PPOConfig's defaults) or metaworld (the Meta-World+ "
+                       "authors' recipe); --num-envs/--num-steps override it")  # fmt: skip
     train.add_argument(
         "--num-envs", type=positive_int, default=None, help="envs per teacher (PPOConfig default)"
     )
@@ -113,12 +117,13 @@ def _cli_train(args: argparse.Namespace) -> int:
     from cpd_fast.distributed import train_teachers
     from cpd_fast.fidelity import load_backend_choices
     from cpd_fast.tasks import resolve_tasks
-    from cpd_fast.teachers.ppo import PPOConfig
+    from cpd_fast.teachers.ppo import recipe_config
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     tasks = resolve_tasks(args.tasks or args.suite)
     overrides = {"num_envs": args.num_envs, "num_steps": args.num_steps}
-    cfg = PPOConfig(
+    cfg = recipe_config(
+        args.recipe,
         total_steps=args.total_steps,
         seed=args.seed,
         **{k: v for k, v in overrides.items() if v is not None},

@@ -69,6 +69,7 @@ from cpd_fast.tasks import validate_task
 __all__ = [
     "POLICY_FORMAT",
     "PPO_STATS",
+    "RECIPES",
     "ActorCritic",
     "PPOBatch",
     "PPOConfig",
@@ -84,6 +85,7 @@ __all__ = [
     "policy_payload",
     "ppo_loss",
     "ppo_update",
+    "recipe_config",
     "train_ppo",
 ]
 
@@ -212,6 +214,27 @@ class RunningMeanStd:
             self.count.copy_(count)
         else:
             self.mean, self.var, self.count = mean, var, count
+
+
+# Named PPO recipes: field overrides of PPOConfig's defaults ("cpd").
+# "metaworld": the Meta-World+ authors' PPO (rainx0r/metaworld-algorithms: PPOConfig and
+# examples/multi_task/ppo_mt10.py): 10,000-step rollouts (here 20 envs x 512 steps = 10,240, divisible by 32),
+# 16 epochs x 32 minibatches, GAE lambda 0.97, entropy 5e-3, value coefficient 1e-3, grad-norm 1.0,
+# no value clipping, gamma 0.99, clip 0.2, Adam 3e-4 (eps 1e-5), advantages normalised.
+RECIPES: dict[str, dict[str, Any]] = {
+    "cpd": {},
+    "metaworld": {
+        "num_envs": 20, "num_steps": 512, "update_epochs": 16, "num_minibatches": 32, "gae_lambda": 0.97,
+        "ent_coef": 5e-3, "vf_coef": 1e-3, "max_grad_norm": 1.0, "clip_vloss": False,
+    },
+}  # fmt: skip
+
+
+def recipe_config(recipe: str, **overrides: Any) -> PPOConfig:
+    """``PPOConfig`` of a named recipe (:data:`RECIPES`) with ``overrides`` on top."""
+    if recipe not in RECIPES:
+        raise ValueError(f"unknown PPO recipe {recipe!r}; choose one of {', '.join(RECIPES)}")
+    return PPOConfig(**{**RECIPES[recipe], **overrides})
 
 
 # ----------------------------------------------------------------------------------------------------------
