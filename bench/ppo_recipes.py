@@ -9,6 +9,8 @@ and, after each chunk, measures the current policy with Meta-World's official pr
     python bench/ppo_recipes.py --task push-v3 --recipe metaworld --seed 0 \
         --out runs/recipes/push-metaworld-s0
 
+``python bench/ppo_recipes.py --summary DIR...`` prints the markdown table of finished or partial curves.
+
 Writes ``OUT/curve.json``: ``{"task", "recipe", "seed", "config", "points": [{"env_steps", "success",
 "wall_s", "steps_per_s"}], "steps_to_threshold"}``.
 """
@@ -28,18 +30,41 @@ from cpd_fast.teachers.gate import evaluate_teacher
 from cpd_fast.teachers.ppo import RECIPES, load_policy, recipe_config, train_ppo
 
 
+def summary(dirs: list[str]) -> None:
+    """Markdown table of curves: steps to the threshold (or the best success so far), throughput."""
+    print(
+        "| task | recipe | seed | env steps to >= 0.9 | official success at each measurement | env steps/s |"
+    )
+    print("|---|---|---|---|---|---|")
+    for d in dirs:
+        c = read_json(os.path.join(d, "curve.json"))
+        pts = c["points"]
+        reached = c["steps_to_threshold"]
+        last = pts[-1]["env_steps"] if pts else 0
+        shown = f"{reached / 1e6:.2f}M" if reached else f"not within {last / 1e6:.2f}M (so far)"
+        curve = ", ".join(f"{p['success']:.2f}" for p in pts)
+        sps = sum(p["steps_per_s"] for p in pts) / max(1, len(pts))
+        print(f"| {c['task']} | {c['recipe']} | {c['seed']} | {shown} | {curve} | {sps:.0f} |")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--task", required=True)
-    ap.add_argument("--recipe", choices=tuple(RECIPES), required=True)
+    ap.add_argument("--summary", nargs="+", metavar="DIR", help="print the table of these runs and exit")
+    ap.add_argument("--task")
+    ap.add_argument("--recipe", choices=tuple(RECIPES))
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--budget", type=int, default=3_000_000, help="env steps at most")
     ap.add_argument("--every", type=int, default=250_000, help="env steps between official measurements")
     ap.add_argument("--goals", type=int, default=50)
     ap.add_argument("--threshold", type=float, default=0.9)
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--out", required=True)
+    ap.add_argument("--out")
     args = ap.parse_args()
+    if args.summary:
+        summary(args.summary)
+        return
+    if not (args.task and args.recipe and args.out):
+        ap.error("--task, --recipe and --out are required (or --summary DIR...)")
     torch.set_num_threads(args.threads)
     cfg = recipe_config(
         args.recipe, total_steps=args.budget, seed=args.seed, device="cpu", checkpoint_every=1
