@@ -1,12 +1,14 @@
 """One config schema: typed dataclasses validated by pydantic, one rule for unknown keys, one-line errors.
 
-Every configuration of the package (:class:`~cpd_fast.distill.config.DistillConfig`,
-:class:`~cpd_fast.student.StudentConfig`, :class:`~cpd_fast.teachers.ppo.PPOConfig`,
-:class:`~cpd_fast.pipeline.PipelineConfig`) is a ``pydantic.dataclasses.dataclass`` declared with
-:data:`SCHEMA`: field types are checked when the object is built (from Python, YAML or flags), unknown keys
-are refused, and the shared value types below (:data:`PositiveInt`, :data:`Fraction`, ...) carry the
-range rules that used to be repeated by hand in every ``__post_init__``. Scalars are *strict* (``"5"``
-is not an int, ``true`` is not a number); lists stand for tuples and mappings for nested configs.
+The run configurations (:class:`~cpd_fast.distill.config.DistillConfig`,
+:class:`~cpd_fast.teachers.ppo.PPOConfig`, :class:`~cpd_fast.pipeline.PipelineConfig` and its sections)
+are pydantic dataclasses declared with :func:`config_class` (:data:`SCHEMA`); the model's
+:class:`~cpd_fast.student.StudentConfig` stays a plain dataclass, so the model imports without pydantic,
+and is validated as a field of ``DistillConfig``. Field types are checked when the object is built (from
+Python, YAML or flags), unknown keys are refused, and the shared value types below
+(:data:`PositiveInt`, :data:`Fraction`, ...) carry the range rules that used to be repeated by hand in
+every ``__post_init__``. Scalars are *strict* (``"5"`` is not an int, ``true`` is not a number); lists
+stand for tuples and mappings for nested configs.
 
 Why pydantic: it validates plain dataclasses (``dataclasses.asdict``/``replace``/``fields`` keep working),
 it is already in the environment through Ray, and its structured errors (``loc``, ``msg``, ``input``) turn
@@ -187,9 +189,9 @@ def add_config_flags(
     helps: dict[str, str] | None = None,
     choices: dict[str, Iterable[str]] | None = None,
     dest_prefix: str = "cfg_",
-) -> list[str]:
+) -> dict[str, str]:
     """One flag per field of config dataclass ``cls`` (``--steps-per-stage``; ``--no-NAME`` for a bool
-    that defaults to true, ``--NAME`` for one that defaults to false); returns the fields given flags.
+    that defaults to true, ``--NAME`` for one that defaults to false); returns ``{field: flag}``.
 
     Defaults are ``None`` (argparse's "not given"), so :func:`flag_values` keeps only what the user set and
     the dataclass supplies the rest; the values are validated when the config is built. ``aliases`` maps a
@@ -198,7 +200,7 @@ def add_config_flags(
     aliases, helps, choices = aliases or {}, helps or {}, choices or {}
     hints = typing.get_type_hints(cls, include_extras=True)
     defaults = cls()
-    made = []
+    made: dict[str, str] = {}
     for f in dataclasses.fields(cls):
         if not f.init or f.name in set(skip) or dataclasses.is_dataclass(_base(hints[f.name])[0]):
             continue
@@ -215,7 +217,7 @@ def add_config_flags(
                 parser.add_argument(flag, action="store_false", help=help_text, **kw)
             else:
                 parser.add_argument(flag, action="store_true", help=help_text, **kw)
-            made.append(f.name)
+            made[f.name] = flag
             continue
         origin = typing.get_origin(kind)
         if origin in (list, tuple):
@@ -230,7 +232,7 @@ def add_config_flags(
         kw["help"] = f"{help_text} (default: {shown})" if help_text else f"default: {shown}"
         kw["help"] = kw["help"].replace("%", "%%")
         parser.add_argument(flag, **kw)
-        made.append(f.name)
+        made[f.name] = flag
     return made
 
 

@@ -265,11 +265,15 @@ def resolve_config(
     return PipelineConfig.from_dict(d)
 
 
-def config_diff(saved: dict[str, Any], mine: dict[str, Any]) -> list[str]:
-    """Dotted keys whose values differ (runtime-only keys, and the PPO settings of scripted-teacher runs,
-    are ignored)."""
+def _runtime_keys(saved: dict[str, Any], mine: dict[str, Any]) -> tuple[str, ...]:
+    """Keys a resumed run may change: the runtime-only ones, and the PPO settings of scripted-teacher runs."""
     scripted = saved.get("teachers") == mine.get("teachers") == "scripted"
-    return _config_diff(saved, mine, _RUNTIME + (("ppo",) if scripted else ()))
+    return _RUNTIME + (("ppo",) if scripted else ())
+
+
+def config_diff(saved: dict[str, Any], mine: dict[str, Any]) -> list[str]:
+    """Dotted keys whose values differ, ignoring :func:`_runtime_keys`."""
+    return _config_diff(saved, mine, _runtime_keys(saved, mine))
 
 
 # ----------------------------------------------------------------------------- the run directory
@@ -490,9 +494,8 @@ def prepare_run_dir(cfg: PipelineConfig, run_dir: str) -> None:
     mine = cfg.to_dict()
     if os.path.isfile(path):
         saved = load_yaml(path)
-        scripted = saved.get("teachers") == mine.get("teachers") == "scripted"
         remedy = f"resume it with `cpd run --out {run_dir}` alone, or choose a new --out"
-        check_same_config(saved, mine, _RUNTIME + (("ppo",) if scripted else ()), run_dir, remedy)
+        check_same_config(saved, mine, _runtime_keys(saved, mine), run_dir, remedy)
         return
     os.makedirs(run_dir, exist_ok=True)
     with atomic_path(path) as tmp, open(tmp, "w") as f:

@@ -283,10 +283,11 @@ def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def config_diff(saved: dict[str, Any], mine: dict[str, Any], runtime: Iterable[str] = ()) -> list[str]:
-    """Dotted keys whose values differ between two configs, ignoring ``runtime`` keys (and any key below
-    a runtime prefix: ``"ppo"`` covers ``ppo.lr``). Values compare as JSON (tuples equal lists)."""
-    a, b = _flat(json.loads(json.dumps(saved))), _flat(json.loads(json.dumps(mine)))
+def _flat_json(d: dict[str, Any]) -> dict[str, Any]:
+    return _flat(json.loads(json.dumps(d)))  # values as JSON (tuples equal lists)
+
+
+def _diff_keys(a: dict[str, Any], b: dict[str, Any], runtime: Iterable[str]) -> list[str]:
     skip = set(runtime)
 
     def ignored(key: str) -> bool:
@@ -296,14 +297,20 @@ def config_diff(saved: dict[str, Any], mine: dict[str, Any], runtime: Iterable[s
     return sorted(k for k in a.keys() | b.keys() if not ignored(k) and a.get(k) != b.get(k))
 
 
+def config_diff(saved: dict[str, Any], mine: dict[str, Any], runtime: Iterable[str] = ()) -> list[str]:
+    """Dotted keys whose values differ between two configs, ignoring ``runtime`` keys (and any key below
+    a runtime prefix: ``"ppo"`` covers ``ppo.lr``). Values compare as JSON (tuples equal lists)."""
+    return _diff_keys(_flat_json(saved), _flat_json(mine), runtime)
+
+
 def check_same_config(
     saved: dict[str, Any], mine: dict[str, Any], runtime: Iterable[str], where: str, remedy: str
 ) -> None:
     """Refuse to resume ``where`` with a config that differs from the ``saved`` one (one line: the keys
     with their old and new values, then ``remedy``)."""
-    diff = config_diff(saved, mine, runtime)
+    a, b = _flat_json(saved), _flat_json(mine)
+    diff = _diff_keys(a, b, runtime)
     if diff:
-        a, b = _flat(json.loads(json.dumps(saved))), _flat(json.loads(json.dumps(mine)))
         shown = "; ".join(f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in diff[:4])
         more = f" (+{len(diff) - 4} more)" if len(diff) > 4 else ""
         raise ValueError(f"{where} holds a run made with a different config ({shown}{more}); {remedy}")

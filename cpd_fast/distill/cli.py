@@ -85,13 +85,7 @@ def _cli_distill(args: argparse.Namespace) -> int:
         values["eval_modes"] = tuple(values["eval_modes"])
     if isinstance(values.get("student"), dict):
         values["student"] = {**dataclasses.asdict(DistillConfig().student), **values["student"]}
-    defaults = DistillConfig()
-    flags = {
-        f.name: ("--no-" if getattr(defaults, f.name) is True else "--")
-        + _ALIASES.get(f.name, f.name).replace("_", "-")
-        for f in dataclasses.fields(DistillConfig)
-        if f.name != "student"  # set with --set student.KEY=VALUE
-    }
+    flags = args.config_fields  # {field: its flag}; the student's fields are set with --set student.KEY=V
     cfg = from_mapping(DistillConfig, values, "", names=flags)  # errors name the flag: "--lr: ..."
     unused = cfg.unused(sorted(values))
     if unused:

@@ -112,19 +112,27 @@ def write_teachers_json(
     return path
 
 
-def load_teachers_json(path: str | os.PathLike) -> dict[str, TeacherRecord]:
-    """Read the records back; ``path`` is ``teachers.json`` or the run directory holding it."""
+def _read_teachers_json(path: str | os.PathLike) -> tuple[str, dict[str, Any]]:
+    """``(path of teachers.json, its payload)``; ``path`` is the file or the run directory holding it."""
     path = os.fspath(path)
     if os.path.isdir(path):
         path = os.path.join(path, TEACHERS_JSON)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no teachers.json at {path!r}; run `cpd teachers train` first")
     with open(path) as f:
-        payload = json.load(f)
+        return path, json.load(f)
+
+
+def _records(payload: dict[str, Any]) -> dict[str, TeacherRecord]:
     known = {f.name for f in dataclasses.fields(TeacherRecord)}
     return {
         t: TeacherRecord(**{k: v for k, v in r.items() if k in known}) for t, r in payload["teachers"].items()
     }
+
+
+def load_teachers_json(path: str | os.PathLike) -> dict[str, TeacherRecord]:
+    """Read the records back; ``path`` is ``teachers.json`` or the run directory holding it."""
+    return _records(_read_teachers_json(path)[1])
 
 
 def usable_teachers(path: str | os.PathLike) -> dict[str, TeacherRecord]:
@@ -238,10 +246,9 @@ def teacher_specs(teachers: str, tasks: Sequence[str]) -> dict[str, TeacherSpec]
     for a task without a usable teacher or a missing checkpoint."""
     if teachers == "scripted":
         return {t: TeacherSpec("scripted", None) for t in tasks}
-    records = load_teachers_json(teachers)
-    path_json = teachers if os.path.isfile(teachers) else os.path.join(teachers, TEACHERS_JSON)
-    with open(path_json) as f:
-        subset_goals = json.load(f).get("settings", {}).get("eval_goals")
+    path_json, payload = _read_teachers_json(teachers)
+    records = _records(payload)
+    subset_goals = payload.get("settings", {}).get("eval_goals")
     root = os.path.dirname(path_json)
     out = {}
     for t in tasks:

@@ -736,9 +736,8 @@ def _load_checkpoint(
     redo = "delete it and re-run: this teacher's training restarts from scratch"
     state = load_torch_checked(path, redo, map_location=device)
     # total_steps may grow: a finished teacher trained further continues from its checkpoint
-    check_same_config(
-        state["config"], cfg.to_dict(), ("total_steps",), path, "use a new run directory or resume=False"
-    )
+    saved = PPOConfig.from_dict(state["config"]).to_dict()  # defaults filled for fields added since
+    check_same_config(saved, cfg.to_dict(), ("total_steps",), path, "use a new run directory or resume=False")
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     reward_scaler.load(state["reward_scaler"])
