@@ -1,9 +1,9 @@
 """PPO sample efficiency by recipe: env steps until a teacher reaches an official success threshold.
 
-Trains one task with a named recipe (:data:`cpd_fast.teachers.ppo.RECIPES`) in chunks of ``--every`` env
-steps (``train_ppo(..., stop_after_updates=...)`` on the full budget, so the LR schedule is the budget's)
-and, after each chunk, measures the current policy with Meta-World's official protocol
-(``--goals`` of the 50 fixed goals; 50 is the official figure). Stops at the first measurement
+Trains one task with a named recipe (:data:`cpd_fast.teachers.ppo.RECIPES`) with
+:func:`cpd_fast.teachers.curve.train_measured` (the same loop as ``cpd teachers train --eval-every``):
+chunks of ``--every`` env steps on the full budget's LR schedule, each followed by Meta-World's official
+protocol (``--goals`` of the 50 fixed goals; 50 is the official figure). Stops at the first measurement
 >= ``--threshold`` or at ``--budget``. Resumable: re-running continues from ``OUT/ppo`` and the JSON.
 
     python bench/ppo_recipes.py --task push-v3 --recipe metaworld --seed 0 \
@@ -11,23 +11,25 @@ and, after each chunk, measures the current policy with Meta-World's official pr
 
 ``python bench/ppo_recipes.py --summary DIR...`` prints the markdown table of finished or partial curves.
 
-Writes ``OUT/curve.json``: ``{"task", "recipe", "seed", "config", "points": [{"env_steps", "success",
-"wall_s", "steps_per_s"}], "steps_to_threshold"}``.
+Writes ``OUT/curve.json`` (:mod:`cpd_fast.teachers.curve`'s format plus ``recipe`` and ``seed``).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import math
+import logging
 import os
-import time
 
 import torch
 
+from cpd_fast.fidelity import KNOWN_BAD_ENVPOOL
 from cpd_fast.runio import read_json, write_json_atomic
-from cpd_fast.teachers.gate import evaluate_teacher
-from cpd_fast.teachers.ppo import RECIPES, load_policy, recipe_config, train_ppo
+from cpd_fast.teachers.curve import train_measured
+from cpd_fast.teachers.ppo import RECIPES, recipe_config
+
+
+def _steps_to_target(c: dict) -> int | None:
+    return c.get("steps_to_target", c.get("steps_to_threshold"))  # the key before train_measured existed
 
 
 def summary(dirs: list[str]) -> None:
@@ -39,12 +41,21 @@ def summary(dirs: list[str]) -> None:
     for d in dirs:
         c = read_json(os.path.join(d, "curve.json"))
         pts = c["points"]
-        reached = c["steps_to_threshold"]
+        reached = _steps_to_target(c)
         last = pts[-1]["env_steps"] if pts else 0
         shown = f"{reached / 1e6:.2f}M" if reached else f"not within {last / 1e6:.2f}M (so far)"
         curve = ", ".join(f"{p['success']:.2f}" for p in pts)
         sps = sum(p["steps_per_s"] for p in pts) / max(1, len(pts))
         print(f"| {c['task']} | {c['recipe']} | {c['seed']} | {shown} | {curve} | {sps:.0f} |")
+
+
+def _upgrade(path: str, every: int, goals: int) -> None:
+    """Give a curve.json written before train_measured the keys it checks on resume."""
+    c = read_json(path, None)
+    if c is None or "every" in c:
+        return
+    c.update(algorithm="ppo", every=every, goals=goals, steps_to_target=c.pop("steps_to_threshold", None))
+    write_json_atomic(path, c)
 
 
 def main() -> None:
@@ -66,33 +77,24 @@ def main() -> None:
     if not (args.task and args.recipe and args.out):
         ap.error("--task, --recipe and --out are required (or --summary DIR...)")
     torch.set_num_threads(args.threads)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")  # one line per measured chunk
     cfg = recipe_config(
-        args.recipe, total_steps=args.budget, seed=args.seed, device="cpu", checkpoint_every=1
+        args.recipe,
+        total_steps=args.budget,
+        seed=args.seed,
+        device="cpu",
+        checkpoint_every=1,
+        backend=KNOWN_BAD_ENVPOOL.get(args.task, "envpool"),  # the fidelity gate's choice (dial-turn)
     )
     path = os.path.join(args.out, "curve.json")
-    curve = read_json(path, {"task": args.task, "recipe": args.recipe, "seed": args.seed,
-                             "config": cfg.to_dict(), "points": [], "steps_to_threshold": None})  # fmt: skip
-    updates_per_chunk = max(1, math.ceil(args.every / cfg.batch_size))
-    run_dir = os.path.join(args.out, "ppo")
-    while curve["steps_to_threshold"] is None:
-        done = curve["points"][-1]["env_steps"] if curve["points"] else 0
-        if done >= args.budget:
-            break
-        t0 = time.perf_counter()
-        result = train_ppo(args.task, cfg, run_dir, stop_after_updates=updates_per_chunk, tensorboard=False)
-        train_s = time.perf_counter() - t0
-        policy = load_policy(os.path.join(run_dir, "checkpoint.pt"))
-        success = evaluate_teacher(policy, args.task, num_goals=args.goals, num_envs=10)["success_rate"]
-        point = {"env_steps": result.global_step, "success": success,
-                 "wall_s": round(time.perf_counter() - t0, 1), "steps_per_s": round(result.steps_per_s, 1),
-                 "train_s": round(train_s, 1)}  # fmt: skip
-        curve["points"].append(point)
-        if success >= args.threshold:
-            curve["steps_to_threshold"] = result.global_step
-        write_json_atomic(path, curve)
-        print(json.dumps(point), flush=True)
-    reached = curve["steps_to_threshold"]
-    print(f"{args.task} {args.recipe} seed {args.seed}: steps to >= {args.threshold}: {reached}")
+    _upgrade(path, args.every, args.goals)
+    curve = train_measured(args.task, cfg, os.path.join(args.out, "ppo"), every=args.every,
+                           stop_at=args.threshold, goals=args.goals, curve_path=path)  # fmt: skip
+    write_json_atomic(path, {**read_json(path), "recipe": args.recipe, "seed": args.seed})
+    print(
+        f"{args.task} {args.recipe} seed {args.seed}: "
+        f"steps to >= {args.threshold}: {curve['steps_to_target']}"
+    )
 
 
 if __name__ == "__main__":

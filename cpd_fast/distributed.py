@@ -49,15 +49,25 @@ def run_teacher_job(job: dict[str, Any]) -> dict[str, Any]:
     """Train (or resume) one PPO teacher and evaluate it officially. Runs in a worker; plain-dict I/O.
 
     ``job`` keys: ``task``, ``out_dir``, ``config`` (a :class:`~cpd_fast.teachers.ppo.PPOConfig` dict),
-    ``eval_goals``, ``eval_envs``, and optionally ``threads`` (torch threads). Crash tests kill a job with
-    the package's one fault-injection point (:mod:`cpd_fast.runio`: ``CPD_TEST_KILL_AFTER`` on its
-    ``checkpoint.pt``, ``CPD_TEST_KILL_SCOPE=process``, ``CPD_TEST_KILL_ONCE``).
+    ``eval_goals``, ``eval_envs``, and optionally ``threads`` (torch threads), ``algorithm`` (``"ppo"``, or
+    ``"ppo+demos"`` with ``demos``, a :class:`~cpd_fast.teachers.demos.DemoConfig` dict) and ``eval_every`` /
+    ``stop_at`` (train in measured chunks and stop at that success: :func:`cpd_fast.teachers.curve.
+    train_measured`). Crash tests kill a job with the package's one fault-injection point
+    (:mod:`cpd_fast.runio`: ``CPD_TEST_KILL_AFTER`` on its ``checkpoint.pt``, ``CPD_TEST_KILL_SCOPE=process``,
+    ``CPD_TEST_KILL_ONCE``).
 
     Returns:
-        ``{"task", "path", "success_rate", "protocol", "total_steps", "wall_time_s", "steps_per_s"}``.
+        ``{"task", "path", "success_rate", "protocol", "total_steps", "wall_time_s", "steps_per_s",
+        "algorithm"}``; a ``ppo+demos`` job adds ``scripted_success`` (the expert's official success on the
+        same goals: its bar) and ``extra_env_steps`` (demonstrations + critic warm-up).
     """
+    import functools
+
     import torch
 
+    from cpd_fast.runio import read_json
+    from cpd_fast.teachers.curve import train_measured
+    from cpd_fast.teachers.demos import ALGORITHM, DemoConfig, train_ppo_demos
     from cpd_fast.teachers.gate import evaluate_teacher
     from cpd_fast.teachers.ppo import PPOConfig, load_policy, train_ppo
 
@@ -73,20 +83,49 @@ def run_teacher_job(job: dict[str, Any]) -> dict[str, Any]:
         with open(eval_path) as f:
             return json.load(f)
 
+    algorithm = job.get("algorithm", "ppo")
+    trainer = train_ppo
+    if algorithm == ALGORITHM:
+        trainer = functools.partial(train_ppo_demos, demos=DemoConfig.from_dict(job.get("demos") or {}))
+    elif algorithm != "ppo":
+        raise ValueError(f"unknown teacher algorithm {algorithm!r}; choose ppo or {ALGORITHM}")
+    goals, envs, progress = job["eval_goals"], job["eval_envs"], bool(job.get("progress"))
     t0 = time.perf_counter()
-    result = train_ppo(task, cfg, out_dir, progress=bool(job.get("progress")))
-    policy = load_policy(result.policy_path)
-    measured = evaluate_teacher(policy, task, num_goals=job["eval_goals"], num_envs=job["eval_envs"])
+    if job.get("eval_every"):
+        stop_at = job.get("stop_at")
+        curve = train_measured(task, cfg, out_dir, every=job["eval_every"], goals=goals, eval_envs=envs,
+                               stop_at=2.0 if stop_at is None else stop_at, trainer=trainer,
+                               algorithm=algorithm, progress=progress)  # fmt: skip
+        last = curve["points"][-1]
+        path, steps, protocol = curve["policy_path"], last["env_steps"], curve["protocol"]
+        success, steps_per_s = last["success"], last["steps_per_s"]
+        wall = sum(p["wall_s"] for p in curve["points"])  # every chunk, over resumes
+    else:
+        result = trainer(task, cfg, out_dir, progress=progress)
+        measured = evaluate_teacher(load_policy(result.policy_path), task, num_goals=goals, num_envs=envs)
+        path, steps, protocol = result.policy_path, result.global_step, measured["protocol"]
+        success, steps_per_s = measured["success_rate"], result.steps_per_s
+        wall = time.perf_counter() - t0
     summary = {
         "task": task,
-        "path": result.policy_path,
-        "success_rate": measured["success_rate"],
-        "protocol": measured["protocol"],
-        "total_steps": result.global_step,
-        "wall_time_s": round(time.perf_counter() - t0, 2),
-        "steps_per_s": round(result.steps_per_s, 1),
+        "path": path,
+        "success_rate": success,
+        "protocol": protocol,
+        "total_steps": steps,
+        "wall_time_s": round(wall, 2),
+        "steps_per_s": round(steps_per_s, 1),
+        "algorithm": algorithm,
         "pid": os.getpid(),
     }
+    if algorithm == ALGORITHM:
+        from cpd_fast.teachers.scripted import ScriptedExpert
+
+        clone = read_json(os.path.join(out_dir, "clone.json"), {})
+        summary["extra_env_steps"] = int(clone.get("demo_env_steps", 0)) + int(
+            clone.get("warmup_env_steps", 0)
+        )
+        expert = evaluate_teacher(ScriptedExpert(task), task, num_goals=goals, num_envs=envs)
+        summary["scripted_success"] = expert["success_rate"]
     from cpd_fast.runio import write_json_atomic
 
     write_json_atomic(eval_path, summary)
@@ -290,6 +329,10 @@ def train_teachers(
     eval_envs: int = 10,
     max_retries: int = 2,
     progress: bool = False,
+    algorithm: str = "ppo",
+    demos: Any = None,
+    eval_every: int | None = None,
+    stop_at: float | None = None,
 ) -> dict[str, Any]:
     """Train one PPO teacher per task into ``run_dir/teachers/<task>/``, gate them, write ``teachers.json``.
 
@@ -301,11 +344,16 @@ def train_teachers(
         backend / workers / ray_address / num_gpus_per_job / max_retries: see :func:`run_jobs`.
         threshold, on_fail, retrain_factor, eval_goals, eval_envs: the quality gate
             (:mod:`cpd_fast.teachers.gate`, which holds the whole policy).
+        algorithm: ``"ppo"`` or ``"ppo+demos"`` (demonstration-augmented, :mod:`cpd_fast.teachers.demos`,
+            settings ``demos``: a :class:`~cpd_fast.teachers.demos.DemoConfig`; also ``on_fail="demos"``).
+        eval_every / stop_at: measure every teacher officially (``eval_goals``) every ``eval_every`` env
+            steps and stop it at ``stop_at`` success (:func:`cpd_fast.teachers.curve.train_measured`).
 
     Returns:
         ``{task: TeacherRecord}`` as written to ``run_dir/teachers.json``.
     """
     from cpd_fast.runio import RunLock
+    from cpd_fast.teachers.demos import ALGORITHM, DemoConfig
     from cpd_fast.teachers.gate import DEFAULT_THRESHOLD, ON_FAIL, apply_remedy, verdict, write_teachers_json
     from cpd_fast.teachers.ppo import PPOConfig
 
@@ -322,10 +370,17 @@ def train_teachers(
     require_int("eval_envs", eval_envs)
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    if algorithm not in ("ppo", ALGORITHM):
+        raise ValueError(f"unknown teacher algorithm {algorithm!r}; choose ppo or {ALGORITHM}")
+    if eval_every is not None:
+        require_int("eval_every", eval_every)
+    if stop_at is not None and not 0.0 <= stop_at <= 1.0:
+        raise ValueError(f"stop_at must be a success rate in [0, 1], got {stop_at}")
+    demos = demos if demos is not None else DemoConfig()
     run_dir = os.fspath(run_dir)
     env_backends = env_backends or {}
 
-    def job(task: str, out: str, total_steps: int) -> dict[str, Any]:
+    def job(task: str, out: str, total_steps: int, algo: str = algorithm) -> dict[str, Any]:
         task_cfg = dataclasses.replace(
             cfg, total_steps=total_steps, backend=env_backends.get(task, cfg.backend)
         )
@@ -336,6 +391,10 @@ def train_teachers(
             "eval_goals": eval_goals,
             "eval_envs": eval_envs,
             "progress": progress,
+            "algorithm": algo,
+            "demos": demos.to_dict(),
+            "eval_every": eval_every,
+            "stop_at": stop_at,
         }
 
     run = dict(backend=backend, workers=workers, ray_address=ray_address, num_gpus_per_job=num_gpus_per_job,
@@ -343,12 +402,16 @@ def train_teachers(
 
     def retrain(failed: list[str]) -> list[dict[str, Any]]:
         budget = round(cfg.total_steps * retrain_factor)
-        return run_jobs([job(t, "ppo-retrain", budget) for t in failed], **run)
+        if on_fail == "demos":
+            out = "ppo-demos" if algorithm == "ppo" else "ppo-demos-retrain"
+            return run_jobs([job(t, out, budget, ALGORITHM) for t in failed], **run)
+        return run_jobs([job(t, f"{first_dir}-retrain", budget) for t in failed], **run)
 
     if backend == "ray":
         check_ray_address(ray_address)  # an address that does not answer: refused before anything is written
+    first_dir = "ppo" if algorithm == "ppo" else "ppo-demos"
     with RunLock(run_dir):
-        first = run_jobs([job(t, "ppo", cfg.total_steps) for t in task_list], **run)
+        first = run_jobs([job(t, first_dir, cfg.total_steps) for t in task_list], **run)
         records = {t: verdict(t, "ppo", sm, threshold) for t, sm in zip(task_list, first, strict=True)}
         for task, rec in records.items():  # one warning line per failed teacher
             if not rec.passed:
@@ -360,6 +423,7 @@ def train_teachers(
             run_dir, records, tasks=task_list, threshold=threshold, on_fail=on_fail,
             retrain_factor=retrain_factor, eval_goals=eval_goals, backend=backend,
             env_backends={t: env_backends.get(t, cfg.backend) for t in task_list}, config=cfg.to_dict(),
+            algorithm=algorithm, demos=demos.to_dict(), eval_every=eval_every, stop_at=stop_at,
             date=time.strftime("%Y-%m-%d %H:%M:%S"),
         )  # fmt: skip
     return records

@@ -98,6 +98,11 @@ _PPO_OWNED = ("seed", "device")  # PPOConfig fields set from the top level
 # keys that change how a run executes, not what it computes: they may differ on resume
 _RUNTIME = ("device", "backend", "ray_address", "workers", "progress", "distill.threads")
 STATE_FILE = "pipeline.json"
+_TEACHERS = {
+    "ppo": "PPO training ({backend}) +",
+    "scripted": "scripted experts,",
+    "zoo": "teacher zoo {zoo},",
+}
 
 
 @config_class
@@ -114,7 +119,7 @@ class GateSettings:
     """Teacher quality gate (:mod:`cpd_fast.teachers.gate`). ``eval_goals`` None: the distillation's."""
 
     threshold: Fraction = 0.8
-    on_fail: Str = "retrain"  # retrain | scripted | exclude (retrain: PPO teachers only)
+    on_fail: Str = "retrain"  # retrain | demos | scripted | exclude (retrain, demos: PPO teachers only)
     eval_goals: PositiveInt | None = None
     eval_envs: PositiveInt = 10
     retrain_factor: PositiveFloat = 2.0
@@ -128,7 +133,8 @@ class PipelineConfig:
     suite: Str | None = None  # a suite name (mt10, mt25, ...), or
     tasks: list[Str] | None = None  # an explicit task list (then suite is ignored)
     tasks_per_stage: PositiveInt = 5
-    teachers: Str = "scripted"  # scripted | ppo
+    teachers: Str = "scripted"  # scripted | ppo | zoo (trained RL teachers shipped with the package)
+    zoo: Str = "mt25"  # teachers == zoo: a shipped zoo's name or a zoo directory (cpd_fast.teachers.zoo)
     methods: list[Str] = field(default_factory=lambda: ["cpd"])
     seed: Seed = 0
     device: Str = "cpu"
@@ -151,7 +157,7 @@ class PipelineConfig:
         if self.tasks:
             self.suite = None
         for key, value, allowed in (
-            ("teachers", self.teachers, ("scripted", "ppo")), ("backend", self.backend, BACKENDS),
+            ("teachers", self.teachers, ("scripted", "ppo", "zoo")), ("backend", self.backend, BACKENDS),
             ("gate.on_fail", self.gate.on_fail, ON_FAIL), ("device", self.device, ("cpu", "cuda")),
         ):  # fmt: skip
             if value not in allowed:
@@ -266,9 +272,9 @@ def resolve_config(
 
 
 def _runtime_keys(saved: dict[str, Any], mine: dict[str, Any]) -> tuple[str, ...]:
-    """Keys a resumed run may change: the runtime-only ones, and the PPO settings of scripted-teacher runs."""
-    scripted = saved.get("teachers") == mine.get("teachers") == "scripted"
-    return _RUNTIME + (("ppo",) if scripted else ())
+    """Keys a resumed run may change: the runtime-only ones, and the PPO settings of runs that train none."""
+    untrained = saved.get("teachers") == mine.get("teachers") and mine.get("teachers") in ("scripted", "zoo")
+    return _RUNTIME + (("ppo",) if untrained else ())
 
 
 def config_diff(saved: dict[str, Any], mine: dict[str, Any]) -> list[str]:
@@ -362,7 +368,7 @@ class Pipeline:
         return {
             "fidelity": f"scripted experts on envpool vs Meta-World, {c.fidelity.episodes} episodes/task",
             "teachers": (
-                f"{'PPO training (' + c.backend + ') +' if c.teachers == 'ppo' else 'scripted experts,'} "
+                f"{_TEACHERS[c.teachers].format(backend=c.backend, zoo=c.zoo)} "
                 f"quality gate (official protocol, {c.gate.eval_goals} goals, threshold {c.gate.threshold})"
             ),
             "collect": f"{d['episodes_per_task']} episodes x {n} tasks (noise std {d['noise_std']})",
@@ -391,6 +397,8 @@ class Pipeline:
 
         if self.cfg.teachers == "ppo":
             self._train_ppo()
+        elif self.cfg.teachers == "zoo":
+            self._gate_zoo()
         else:
             self._gate_scripted()
         records = load_teachers_json(self.run_dir)
@@ -425,6 +433,41 @@ class Pipeline:
         )  # fmt: skip
         write_teachers_json(
             self.run_dir, records, tasks=self.tasks, threshold=g.threshold, eval_goals=g.eval_goals
+        )
+
+    def _gate_zoo(self) -> None:
+        """The gate on a teacher zoo's records (measured when the zoo was built, 50 official goals): a task
+        the zoo lacks is a failed teacher, and ``gate.on_fail`` says what happens (scripted, exclude)."""
+        import dataclasses
+
+        from cpd_fast.errors import UserError
+        from cpd_fast.teachers.gate import TeacherRecord, apply_remedy, passes, write_teachers_json
+        from cpd_fast.teachers.zoo import missing_message, zoo_name, zoo_records
+
+        g = self.cfg.gate
+        path, zoo = zoo_records(self.cfg.zoo)
+        name = zoo_name(self.cfg.zoo)
+        records = {}
+        for t in self.tasks:
+            z = zoo.get(t)
+            if z is not None and z.used:
+                ok = passes(z.success_rate, g.threshold)
+                records[t] = dataclasses.replace(z, path=name, threshold=g.threshold, passed=ok, used=ok,
+                                                 status="ok" if ok else "failed", flagged=not ok)  # fmt: skip
+            else:
+                records[t] = TeacherRecord(
+                    task=t, source="zoo", path=name, success_rate=None, protocol="official",
+                    threshold=g.threshold, passed=False, status="failed", used=False, flagged=True,
+                    history=[{"source": "zoo", "missing_from": path}],
+                )  # fmt: skip
+        failed = [t for t, r in records.items() if not r.passed]
+        if failed and g.on_fail in ("retrain", "demos"):  # below this run's threshold (gaps: refused earlier)
+            raise UserError(
+                f"{missing_message(path, zoo, failed)}; gate.on_fail={g.on_fail} cannot train a zoo"
+            )
+        apply_remedy(records, g.on_fail, eval_goals=g.eval_goals, eval_envs=g.eval_envs)
+        write_teachers_json(
+            self.run_dir, records, tasks=self.tasks, threshold=g.threshold, eval_goals=g.eval_goals, zoo=path
         )
 
     def _teacher_table(self, records: dict[str, Any]) -> None:
@@ -519,6 +562,18 @@ def run_pipeline(cfg: PipelineConfig, run_dir: str, console: Any = None) -> dict
         from cpd_fast.distributed import check_ray_address
 
         check_ray_address(cfg.ray_address)
+    if (
+        cfg.teachers == "zoo"
+    ):  # an unknown zoo, or gaps no remedy can fill: refused before anything is written
+        from cpd_fast.errors import UserError
+        from cpd_fast.teachers.zoo import missing_message, zoo_records
+
+        path, zoo = zoo_records(cfg.zoo)
+        lacking = [t for t in cfg.task_list() if t not in zoo or not zoo[t].used]
+        if lacking and cfg.gate.on_fail in ("retrain", "demos"):
+            raise UserError(
+                f"{missing_message(path, zoo, lacking)}; gate.on_fail={cfg.gate.on_fail} cannot train a zoo"
+            )
     t0 = time.perf_counter()
     with RunLock(run_dir):  # a second process on this directory is refused at once
         resumed = os.path.isfile(os.path.join(run_dir, "config.yaml"))
@@ -582,7 +637,9 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--config", default=None, metavar="FILE", help="YAML config (partial or a run's config.yaml)"
     )
-    p.add_argument("--teachers", choices=("scripted", "ppo"), default=None)
+    p.add_argument("--teachers", choices=("scripted", "ppo", "zoo"), default=None,
+                   help="Meta-World's scripted experts, PPO trained in the run, or the shipped RL teachers "
+                   "(--set zoo=NAME_OR_DIR; default mt25)")  # fmt: skip
     p.add_argument("--backend", choices=("local", "ray"), default=None, help="where PPO teachers train")
     p.add_argument("--ray-address", default=None, help="existing Ray cluster ('auto', 'ray://host:port')")
     p.add_argument("--methods", nargs="+", choices=list(METHODS), default=None, metavar="METHOD",

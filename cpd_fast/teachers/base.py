@@ -7,7 +7,9 @@ so the three sources are interchangeable:
 * ``"ppo"`` — trained here by :func:`cpd_fast.teachers.ppo.train_ppo` (loaded from its ``policy.pt``);
 * ``"scripted"`` — Meta-World's hand-written expert (:class:`cpd_fast.teachers.scripted.ScriptedExpert`);
 * ``"checkpoint"`` — any saved ``policy.pt`` given by path
-  (:class:`cpd_fast.teachers.checkpoint.CheckpointTeacher`).
+  (:class:`cpd_fast.teachers.checkpoint.CheckpointTeacher`);
+* ``"zoo"`` — a shipped RL teacher (:mod:`cpd_fast.teachers.zoo`); ``path`` names the zoo (default
+  ``"mt25"``) or its directory.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import numpy as np
 
 __all__ = ["TEACHER_SOURCES", "Teacher", "make_teacher"]
 
-TEACHER_SOURCES = ("ppo", "scripted", "checkpoint")
+TEACHER_SOURCES = ("ppo", "scripted", "checkpoint", "zoo")
 
 
 @runtime_checkable
@@ -33,10 +35,15 @@ class Teacher(Protocol):
 
 
 def make_teacher(source: str, task: str, path: str | None = None, device: str = "cpu") -> Teacher:
-    """A teacher for ``task`` from ``source``; ``"ppo"`` and ``"checkpoint"`` need ``path`` (a policy.pt)."""
+    """A teacher for ``task`` from ``source``; ``"ppo"`` and ``"checkpoint"`` need ``path`` (a policy.pt),
+    ``"zoo"`` takes the zoo's name or directory (default ``"mt25"``)."""
     from cpd_fast.tasks import validate_task
 
     task = validate_task(task)
+    if source == "zoo":
+        from cpd_fast.teachers.zoo import DEFAULT_ZOO, zoo_teacher
+
+        return zoo_teacher(task, path or DEFAULT_ZOO, device=device)
     if source == "scripted":
         from cpd_fast.teachers.scripted import ScriptedExpert
 

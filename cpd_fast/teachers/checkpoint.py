@@ -22,9 +22,12 @@ class CheckpointTeacher:
         path: a ``policy.pt`` (or a resume ``checkpoint.pt``) from :func:`cpd_fast.teachers.ppo.train_ppo`.
         task: if given, must match the task the checkpoint was trained on.
         device: where the network runs (``"cpu"``, ``"cuda"``).
+        remedy: what a load error tells the user to do (default: train one, or pass another file).
     """
 
-    def __init__(self, path: str | os.PathLike, task: str | None = None, device: str = "cpu") -> None:
+    def __init__(
+        self, path: str | os.PathLike, task: str | None = None, device: str = "cpu", remedy: str | None = None
+    ) -> None:
         from cpd_fast.tasks import validate_task
         from cpd_fast.teachers.ppo import load_policy
 
@@ -34,7 +37,7 @@ class CheckpointTeacher:
         except FileNotFoundError:
             raise
         except Exception as err:  # unreadable file, or weights that do not fit the teacher network
-            clear = _explain(self.path, err)
+            clear = _explain(self.path, err, remedy or _RETRAIN)
             if clear is err:
                 raise
             raise clear from err
@@ -54,13 +57,15 @@ class CheckpointTeacher:
         return f"CheckpointTeacher({self.path!r}, task={self.task!r})"
 
 
-def _explain(path: str, err: Exception) -> Exception:
+_RETRAIN = "train one for this task with `cpd teachers train` (it resumes) or pass another policy.pt"
+
+
+def _explain(path: str, err: Exception, retrain: str) -> Exception:
     """Why ``path`` failed to load as a teacher, as a ``ValueError`` naming the file (else ``err`` itself)."""
     import torch
 
     from cpd_fast.envs import ACT_DIM, OBS_DIM
 
-    retrain = "train one for this task with `cpd teachers train` (it resumes) or pass another policy.pt"
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as load_err:

@@ -71,8 +71,44 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
     train.add_argument(
         "--eval-goals", type=positive_int, default=50, help="official goals (50 = official protocol)"
     )
+    train.add_argument("--algorithm", choices=("ppo", "ppo+demos"), default="ppo",
+                       help="plain PPO, or PPO started from the scripted expert (behaviour cloning, critic "
+                       "warm-up, a decaying cloning term: cpd_fast.teachers.demos)")  # fmt: skip
+    train.add_argument("--demo", action="append", default=[], metavar="KEY=VALUE",
+                       help="a DemoConfig field for ppo+demos (and --on-fail demos), e.g. "
+                       "--demo bc_coef=0.5")  # fmt: skip
+    train.add_argument("--eval-every", type=positive_int, default=None, metavar="STEPS",
+                       help="measure each teacher officially every STEPS env steps (a learning curve in "
+                       "curve.json) and stop it once it reaches --stop-at")  # fmt: skip
+    train.add_argument(
+        "--stop-at",
+        type=fraction,
+        default=None,
+        help="official success that ends a teacher's training early (needs --eval-every)",
+    )
     train.add_argument("--progress", action="store_true", help="show a progress bar per teacher")
     train.set_defaults(func=_cli_train)
+
+    export = sub.add_parser(
+        "export",
+        help="add a trained teacher to a teacher zoo (actor-only file + measured record)",
+        description="Exports a PPO checkpoint as ZOO/<task>.pt (actor and observation normaliser, no critic "
+        "or optimizer), measures it with the official protocol and records it in ZOO/teachers.json with its "
+        "provenance (from the run's curve.json / eval.json when given).",
+    )
+    export.add_argument("--zoo", required=True, help="zoo directory (created), e.g. cpd_fast/zoo/mt25")
+    export.add_argument("--task", required=True)
+    export.add_argument("--checkpoint", required=True, help="checkpoint.pt or policy.pt of the teacher")
+    export.add_argument(
+        "--record",
+        default=None,
+        help="the training's curve.json or eval.json (algorithm, env steps, wall time)",
+    )
+    export.add_argument("--command", default=None, help="the command that re-trains this teacher")
+    export.add_argument("--threshold", type=fraction, default=0.9, help="the zoo's bar (official success)")
+    export.add_argument("--goals", type=positive_int, default=50)
+    export.add_argument("--num-envs", type=positive_int, default=10)
+    export.set_defaults(func=_cli_export)
 
     collect = sub.add_parser(
         "collect",
@@ -99,10 +135,12 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
     collect.add_argument("--overwrite", action="store_true", help="replace existing datasets")
     collect.set_defaults(func=_cli_collect)
 
-    ev = sub.add_parser("eval", help="official 50-goal success of one teacher")
-    ev.add_argument("--task", required=True)
+    ev = sub.add_parser("eval", help="official 50-goal success of one teacher, or of a whole teacher zoo")
+    ev.add_argument("--task", default=None, help="the task (with --zoo: only this one)")
     ev.add_argument("--checkpoint", default=None, help="policy.pt; omit with --source scripted")
     ev.add_argument("--source", choices=("checkpoint", "scripted"), default="checkpoint")
+    ev.add_argument("--zoo", default=None, help="re-measure a zoo's teachers (name, e.g. mt25, or directory)")
+    ev.add_argument("--out", default=None, help="with --zoo: write the measurements as JSON")
     ev.add_argument("--goals", type=positive_int, default=50)
     ev.add_argument("--num-envs", type=positive_int, default=10)
     ev.set_defaults(func=_cli_eval)
@@ -128,6 +166,17 @@ def _cli_train(args: argparse.Namespace) -> int:
         seed=args.seed,
         **{k: v for k, v in overrides.items() if v is not None},
     )
+    from cpd_fast.config import from_mapping, parse_set
+    from cpd_fast.errors import UserError
+    from cpd_fast.teachers.demos import DemoConfig
+
+    if args.stop_at is not None and args.eval_every is None:
+        raise UserError("--stop-at needs --eval-every STEPS (how often to measure)")
+    if args.demo and args.algorithm != "ppo+demos" and args.on_fail != "demos":
+        raise UserError(
+            "--demo settings are only read by --algorithm ppo+demos or --on-fail demos; drop them"
+        )
+    demos = from_mapping(DemoConfig, parse_set(args.demo), "--demo")
     env_backends = load_backend_choices(args.fidelity) if args.fidelity else None
     t0 = time.perf_counter()
     records = train_teachers(
@@ -145,11 +194,17 @@ def _cli_train(args: argparse.Namespace) -> int:
         eval_goals=args.eval_goals,
         max_retries=args.max_retries,
         progress=args.progress,
+        algorithm=args.algorithm,
+        demos=demos,
+        eval_every=args.eval_every,
+        stop_at=args.stop_at,
     )
-    print(f"{'task':<30} {'source':<9} {'success':>7}  status")
+    print(f"{'task':<30} {'algorithm':<10} {'env steps':>10} {'success':>7}  status")
     for task, rec in records.items():
         rate = "-" if rec.success_rate is None else f"{rec.success_rate:.2f}"
-        print(f"{task:<30} {rec.source:<9} {rate:>7}  {rec.status}{'' if rec.used else ' (unused)'}")
+        steps = "-" if rec.env_steps is None else f"{rec.env_steps:,}"
+        print(f"{task:<30} {rec.algorithm or rec.source:<10} {steps:>10} {rate:>7}  {rec.status}"
+              f"{'' if rec.used else ' (unused)'}")  # fmt: skip
     print(f"wrote {os.path.join(args.run_dir, 'teachers.json')} ({time.perf_counter() - t0:.0f} s)")
     return 0
 
@@ -208,11 +263,69 @@ def _collect_all(args: argparse.Namespace, tasks: list[str], usable: dict, root:
         print(f"{task:<30} -> {ds} ({time.perf_counter() - t0:.1f} s)")
 
 
+def _cli_export(args: argparse.Namespace) -> int:
+    from cpd_fast.runio import read_json
+    from cpd_fast.teachers.zoo import add_teacher
+
+    prov: dict = {"threshold": args.threshold}
+    if args.record:
+        rec = read_json(args.record)
+        if "points" in rec:  # curve.json (cpd_fast.teachers.curve or bench/ppo_recipes.py)
+            last = rec["points"][-1]
+            prov.update(algorithm=rec.get("algorithm", "ppo"), env_steps=last["env_steps"],
+                        wall_time_s=round(sum(p["wall_s"] for p in rec["points"]), 1),
+                        curve=[[p["env_steps"], p["success"]] for p in rec["points"]],
+                        seed=rec.get("config", {}).get("seed"), recipe=rec.get("recipe"))  # fmt: skip
+        else:  # eval.json of `cpd teachers train`
+            prov.update(algorithm=rec.get("algorithm", "ppo"),
+                        env_steps=int(rec["total_steps"]) + int(rec.get("extra_env_steps") or 0),
+                        wall_time_s=rec.get("wall_time_s"),
+                        scripted_success=rec.get("scripted_success"))  # fmt: skip
+    if args.command:
+        prov["command"] = args.command
+    t0 = time.perf_counter()
+    r = add_teacher(args.zoo, args.task, args.checkpoint, provenance=prov, eval_goals=args.goals,
+                    eval_envs=args.num_envs)  # fmt: skip
+    print(f"{args.task}: {r.algorithm}, {r.env_steps} env steps, official success {r.success_rate:.2f} "
+          f"({r.status}) -> {os.path.join(args.zoo, r.path)} ({time.perf_counter() - t0:.0f} s)")  # fmt: skip
+    return 0
+
+
+def _eval_zoo(args: argparse.Namespace) -> int:
+    from cpd_fast.runio import write_json_atomic
+    from cpd_fast.teachers.gate import evaluate_teacher
+    from cpd_fast.teachers.zoo import zoo_records, zoo_teacher
+
+    path, records = zoo_records(args.zoo)
+    tasks = [args.task] if args.task else [t for t, r in records.items() if r.used]
+    teachers = {t: zoo_teacher(t, args.zoo) for t in tasks}  # every file loads before anything runs
+    out, differ = {}, []
+    print(f"{'task':<30} {'algorithm':<10} {'recorded':>8} {'measured':>8}")
+    for t, teacher in teachers.items():
+        m = evaluate_teacher(teacher, t, num_goals=args.goals, num_envs=args.num_envs)
+        rec = records[t]
+        out[t] = {"recorded": rec.success_rate, "measured": m["success_rate"], "protocol": m["protocol"]}
+        differ += [t] if m["success_rate"] != rec.success_rate else []
+        print(f"{t:<30} {rec.algorithm or '-':<10} {rec.success_rate:>8.2f} {m['success_rate']:>8.2f}")
+    if args.out:
+        write_json_atomic(args.out, {"zoo": path, "goals": args.goals, "teachers": out})
+    print(
+        f"{len(tasks)} teachers of {path}; measured differs from recorded for: {', '.join(differ) or 'none'}"
+    )
+    return 0
+
+
 def _cli_eval(args: argparse.Namespace) -> int:
     from cpd_fast.errors import UserError
     from cpd_fast.teachers.base import make_teacher
     from cpd_fast.teachers.gate import evaluate_teacher
 
+    if args.zoo:
+        if args.checkpoint or args.source != "checkpoint":
+            raise UserError("--zoo measures the zoo's own teachers; drop --checkpoint / --source")
+        return _eval_zoo(args)
+    if not args.task:
+        raise UserError("--task is required (or --zoo NAME to measure a whole zoo)")
     if args.source == "checkpoint" and not args.checkpoint:
         raise UserError("--checkpoint PATH is required (or use --source scripted)")
     teacher = make_teacher(args.source, args.task, args.checkpoint)

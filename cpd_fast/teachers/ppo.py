@@ -35,6 +35,7 @@ import math
 import os
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Annotated, Any, Literal
 
@@ -67,6 +68,7 @@ from cpd_fast.runio import (
 from cpd_fast.tasks import validate_task
 
 __all__ = [
+    "ACTOR_FORMAT",
     "POLICY_FORMAT",
     "PPO_STATS",
     "RECIPES",
@@ -80,6 +82,7 @@ __all__ = [
     "RunningMeanStd",
     "TrainResult",
     "compute_gae",
+    "export_policy",
     "load_policy",
     "merge_moments",
     "policy_payload",
@@ -90,6 +93,8 @@ __all__ = [
 ]
 
 POLICY_FORMAT = "cpd_fast.ppo_policy/1"
+ACTOR_FORMAT = "cpd_fast.ppo_actor/1"  # export_policy(actor_only=True): no critic (the shipped zoo)
+_CRITIC = "critic."
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -356,10 +361,16 @@ class RewardScaler:
 # The trained teacher
 # ----------------------------------------------------------------------------------------------------------
 class PPOPolicy:
-    """A trained PPO actor as a teacher: ``action_mean(obs [B, 39]) -> [B, 4]`` (deterministic, clipped)."""
+    """A trained PPO actor as a teacher: ``action_mean(obs [B, 39]) -> [B, 4]`` (deterministic, clipped).
+
+    The actor runs in float64 and its output is rounded to float32 once: float32 matmul kernels differ in
+    the last bits between CPUs (AVX2 / AVX-512, AMD / Intel), float64 ones by far less than a float32 ulp,
+    so a teacher's actions — and the datasets and evaluations built on them — are the same bits on every
+    machine. ``model`` is converted in place.
+    """
 
     def __init__(self, model: ActorCritic, config: PPOConfig, task: str | None = None) -> None:
-        self.model = model.eval()
+        self.model = model.eval().double()
         self.config = config
         self.task = task
         self.device = next(model.parameters()).device
@@ -369,8 +380,9 @@ class PPOPolicy:
         obs = np.asarray(obs, dtype=np.float32)
         if obs.ndim != 2 or obs.shape[1] != OBS_DIM:
             raise ValueError(f"obs must have shape [B, {OBS_DIM}], got {obs.shape}")
-        mean, _ = self.model.mean_and_logstd(torch.as_tensor(obs, device=self.device))
-        return mean.clamp(-1.0, 1.0).cpu().numpy()
+        x = torch.as_tensor(obs, device=self.device).double()
+        mean, _ = self.model.mean_and_logstd(x)
+        return mean.clamp(-1.0, 1.0).float().cpu().numpy()
 
     __call__ = action_mean
 
@@ -390,8 +402,47 @@ def policy_payload(model: ActorCritic, cfg: PPOConfig, task: str, extra: dict | 
     }
 
 
+def export_policy(
+    src: str | os.PathLike, dst: str | os.PathLike, *, actor_only: bool = False, extra: dict | None = None
+) -> dict:
+    """Write the teacher held by ``src`` (a ``checkpoint.pt`` or ``policy.pt``) as a policy file ``dst``.
+
+    ``actor_only`` leaves the critic out (:data:`ACTOR_FORMAT`: what a shipped zoo holds, about half the
+    bytes); no optimizer state either way. Returns the payload written (checksum sidecar included).
+    """
+    src = os.fspath(src)
+    payload = load_torch_checked(src, "re-run the training that wrote it", map_location="cpu")
+    if not isinstance(payload, dict) or "config" not in payload:
+        raise ValueError(f"{src!r} is not a cpd_fast PPO checkpoint (no config)")
+    state = payload["state_dict"] if "state_dict" in payload else payload["model"]
+    out = {
+        "format": ACTOR_FORMAT if actor_only else POLICY_FORMAT,
+        "task": payload.get("task"),
+        "config": PPOConfig.from_dict(payload["config"]).to_dict(),
+        "state_dict": {k: v for k, v in state.items() if not (actor_only and k.startswith(_CRITIC))},
+        "global_step": int(payload.get("global_step", 0)),
+        **(extra or {}),
+    }
+    save_torch_atomic(out, dst)
+    return out
+
+
+def _load_weights(model: ActorCritic, state: dict, actor_only: bool) -> None:
+    """``model.load_state_dict(state)``; an actor-only state must hold exactly the non-critic keys."""
+    if not actor_only:
+        model.load_state_dict(state)
+        return
+    want = {k for k in model.state_dict() if not k.startswith(_CRITIC)}
+    missing, unexpected = sorted(want - set(state)), sorted(set(state) - want)
+    if missing or unexpected:
+        raise RuntimeError(
+            f"Error(s) in loading the actor: missing keys {missing[:4]}, unexpected keys {unexpected[:4]}"
+        )
+    model.load_state_dict(state, strict=False)
+
+
 def load_policy(path: str | os.PathLike, device: str = "cpu") -> PPOPolicy:
-    """Load a ``policy.pt`` (or a resume ``checkpoint.pt``) written by :func:`train_ppo` as a teacher."""
+    """Load a ``policy.pt`` (or a resume ``checkpoint.pt``, or an actor-only export) as a teacher."""
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no PPO policy checkpoint at {path!r}; train one with `cpd teachers train`")
@@ -401,7 +452,8 @@ def load_policy(path: str | os.PathLike, device: str = "cpu") -> PPOPolicy:
         raise ValueError(f"{path!r} is not a cpd_fast PPO checkpoint (no config)")
     cfg = PPOConfig.from_dict(payload["config"])
     model = ActorCritic(cfg).to(device)
-    model.load_state_dict(payload["state_dict"] if "state_dict" in payload else payload["model"])
+    state = payload["state_dict"] if "state_dict" in payload else payload["model"]
+    _load_weights(model, state, actor_only=payload.get("format") == ACTOR_FORMAT)
     return PPOPolicy(model, cfg, task=payload.get("task"))
 
 
@@ -465,6 +517,8 @@ class PPOBatch:
 
 
 PPO_STATS = ("pg_loss", "v_loss", "entropy", "approx_kl", "clipfrac")
+# An extra loss term per minibatch: (model, minibatch size) -> (loss, detached scalar stats)
+AuxLoss = Callable[[ActorCritic, int], tuple[torch.Tensor, dict[str, torch.Tensor]]]
 
 
 def ppo_loss(
@@ -507,12 +561,15 @@ def ppo_update(
     batch: PPOBatch,
     cfg: PPOConfig,
     generator: torch.Generator | None = None,
+    aux_loss: AuxLoss | None = None,
 ) -> dict[str, float]:
     """``update_epochs`` epochs of minibatch SGD on :func:`ppo_loss`; returns the mean of each stat.
 
     Each epoch shuffles with ``torch.randperm`` (``generator``; None = torch's global RNG) into
     ``num_minibatches`` minibatches (a remainder is dropped); gradients are clipped to ``max_grad_norm``.
     With ``target_kl`` set, the epochs stop early once an epoch's last minibatch exceeds it.
+    ``aux_loss(model, mb_size)`` adds a term to every minibatch's loss (its stats are averaged too), e.g.
+    the decaying behaviour-cloning term of :mod:`cpd_fast.teachers.demos`.
     """
     model.train()
     n = len(batch)
@@ -522,12 +579,16 @@ def ppo_update(
         perm = torch.randperm(n, device=batch.obs.device, generator=generator)
         for start in range(0, n - mb_size + 1, mb_size):
             loss, mb_stats = ppo_loss(model, batch[perm[start : start + mb_size]], cfg)
+            if aux_loss is not None:
+                extra, extra_stats = aux_loss(model, mb_size)
+                loss = loss + extra
+                mb_stats = {**mb_stats, **extra_stats}
             optimizer.zero_grad()
             loss.backward()
             nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
             optimizer.step()
             for k, v in mb_stats.items():
-                stats[k].append(v.item())
+                stats.setdefault(k, []).append(v.item())
         if cfg.target_kl is not None and stats["approx_kl"][-1] > cfg.target_kl:
             break
     return {k: float(np.mean(v)) for k, v in stats.items()}
@@ -777,6 +838,8 @@ def train_ppo(
     progress: bool = False,
     tensorboard: bool = True,
     stop_after_updates: int | None = None,
+    init: dict[str, Any] | None = None,
+    aux_loss: Callable[[int], AuxLoss | None] | None = None,
 ) -> TrainResult:
     """Train a PPO teacher for ``task``; write checkpoints and logs into ``run_dir``.
 
@@ -788,6 +851,10 @@ def train_ppo(
         progress: show a tqdm bar.
         tensorboard: also write TensorBoard events.
         stop_after_updates: stop (checkpointed) after this many updates in this call — simulates a kill.
+        init: the learner's starting point when there is no checkpoint to resume: ``{"model": state_dict,
+            "reward_scaler": state}`` (either optional), e.g. a cloned actor and a warmed-up critic.
+        aux_loss: ``aux_loss(update)`` gives the extra loss term of that update (or None), passed to
+            :func:`ppo_update`; resume restores ``update``, so a schedule over updates resumes exactly.
 
     Returns:
         :class:`TrainResult`; ``policy_path`` is ``run_dir/policy.pt`` once ``total_steps`` are done.
@@ -810,6 +877,11 @@ def train_ppo(
     global_step, update = 0, 0
     if resume and os.path.isfile(ckpt_path):
         global_step, update = _load_checkpoint(ckpt_path, cfg, model, optimizer, reward_scaler, device)
+    elif init is not None:
+        if "model" in init:
+            model.load_state_dict(init["model"])
+        if "reward_scaler" in init:
+            reward_scaler.load(init["reward_scaler"])
     resumed_from = global_step
     if global_step == 0 and os.path.exists(os.path.join(run_dir, "metrics.jsonl")):
         os.remove(os.path.join(run_dir, "metrics.jsonl"))  # a fresh start: drop an older run's log
@@ -842,7 +914,8 @@ def train_ppo(
             )
 
             t_update = time.perf_counter()
-            stats = ppo_update(model, optimizer, rollout.ppo_batch(advantages, returns), cfg)
+            aux = aux_loss(update) if aux_loss is not None else None
+            stats = ppo_update(model, optimizer, rollout.ppo_batch(advantages, returns), cfg, aux_loss=aux)
             if cfg.norm_obs:  # refresh the normaliser with this rollout's observations (frozen until now)
                 model.obs_norm.update(rollout.obs.reshape(-1, OBS_DIM))
             update += 1

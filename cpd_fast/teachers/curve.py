@@ -1,0 +1,105 @@
+"""A teacher trained in measured chunks: its official-success learning curve, and the stop at a target.
+
+:func:`train_measured` trains PPO (or any trainer with :func:`~cpd_fast.teachers.ppo.train_ppo`'s
+signature, such as :func:`cpd_fast.teachers.demos.train_ppo_demos`) ``every`` env steps at a time on the
+*whole* budget's schedule (the learning rate anneals over ``total_steps`` whether or not the run stops
+early), and after each chunk measures the current policy with Meta-World's official protocol
+(:func:`cpd_fast.teachers.gate.evaluate_teacher`: ``goals`` of the 50 fixed goals, one episode each).
+It stops at the first measurement ``>= stop_at`` or at the budget, and writes the policy it measured
+last as ``policy.pt``. The curve goes to ``curve.json``; re-running resumes from the checkpoint and the
+curve (a run killed mid-chunk repeats that chunk from its last checkpoint).
+
+``curve.json``: ``{"task", "config", "every", "stop_at", "goals", "points": [{"env_steps", "success",
+"wall_s", "train_s", "steps_per_s"}], "steps_to_target", "algorithm", "protocol"}``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from collections.abc import Callable
+from typing import Any
+
+__all__ = ["CURVE_JSON", "train_measured"]
+
+CURVE_JSON = "curve.json"
+log = logging.getLogger(__name__)
+
+
+def train_measured(
+    task: str,
+    cfg: Any,
+    run_dir: str | os.PathLike,
+    *,
+    every: int,
+    stop_at: float,
+    goals: int = 50,
+    eval_envs: int = 10,
+    curve_path: str | os.PathLike | None = None,
+    trainer: Callable[..., Any] | None = None,
+    algorithm: str = "ppo",
+    progress: bool = False,
+) -> dict[str, Any]:
+    """Train ``task`` into ``run_dir`` until its official success reaches ``stop_at`` or ``cfg.total_steps``.
+
+    Args:
+        cfg: the :class:`~cpd_fast.teachers.ppo.PPOConfig` (``total_steps`` is the budget).
+        every: env steps between measurements (rounded up to whole updates of ``cfg.batch_size``).
+        stop_at: official success that ends training early (``> 1`` never stops early).
+        goals / eval_envs: the measurement (50 goals is the official protocol).
+        curve_path: where the curve lives (default ``run_dir/curve.json``).
+        trainer: ``train_ppo``-like callable (default :func:`~cpd_fast.teachers.ppo.train_ppo`).
+        algorithm: what ``trainer`` is, recorded in the curve (``"ppo"``, ``"ppo+demos"``).
+
+    Returns:
+        the curve (as written), with ``policy_path``.
+    """
+    from cpd_fast.errors import require_int
+    from cpd_fast.runio import check_same_config, read_json, write_json_atomic
+    from cpd_fast.teachers.gate import evaluate_teacher
+    from cpd_fast.teachers.ppo import export_policy, load_policy, train_ppo
+
+    require_int("every", every)
+    if not 0.0 <= stop_at or math.isnan(stop_at):
+        raise ValueError(f"stop_at must be a success rate >= 0, got {stop_at}")
+    trainer = trainer or train_ppo
+    run_dir = os.fspath(run_dir)
+    path = os.fspath(curve_path) if curve_path is not None else os.path.join(run_dir, CURVE_JSON)
+    fresh = {"task": task, "algorithm": algorithm, "config": cfg.to_dict(), "every": every,
+             "stop_at": stop_at, "goals": goals, "points": [], "steps_to_target": None}  # fmt: skip
+    curve = read_json(path, fresh)
+    mine = {k: fresh[k] for k in ("task", "algorithm", "every", "goals")}
+    check_same_config({k: curve.get(k) for k in mine}, mine, (), path, "use a new run directory")
+    check_same_config(curve["config"], fresh["config"], ("total_steps",), path, "use a new run directory")
+    curve["config"], curve["stop_at"] = fresh["config"], stop_at  # the budget and target may grow
+    updates_per_chunk = max(1, math.ceil(every / cfg.batch_size))
+    ckpt, policy_path = os.path.join(run_dir, "checkpoint.pt"), os.path.join(run_dir, "policy.pt")
+
+    def reached() -> bool:
+        return bool(curve["points"]) and curve["points"][-1]["success"] >= stop_at
+
+    trained = False
+    while not reached():
+        done = curve["points"][-1]["env_steps"] if curve["points"] else 0
+        if done >= cfg.total_steps:
+            break
+        t0 = time.perf_counter()
+        result = trainer(task, cfg, run_dir, stop_after_updates=updates_per_chunk, tensorboard=False,
+                         progress=progress)  # fmt: skip
+        train_s, trained = time.perf_counter() - t0, True
+        measured = evaluate_teacher(load_policy(ckpt), task, num_goals=goals, num_envs=eval_envs)
+        success, curve["protocol"] = measured["success_rate"], measured["protocol"]
+        curve["points"].append({
+            "env_steps": result.global_step, "success": success, "wall_s": round(time.perf_counter() - t0, 1),
+            "train_s": round(train_s, 1), "steps_per_s": round(result.steps_per_s, 1),
+        })  # fmt: skip
+        log.info("%s: %d env steps, official success %.2f (%s)", task, result.global_step, success, path)
+        if success >= stop_at and curve["steps_to_target"] is None:
+            curve["steps_to_target"] = result.global_step
+        write_json_atomic(path, curve)
+    if curve["points"] and (trained or not os.path.isfile(policy_path)):
+        export_policy(ckpt, policy_path)  # the policy measured last (the checkpoint after the last chunk)
+    curve["policy_path"] = policy_path
+    return curve

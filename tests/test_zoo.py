@@ -1,0 +1,174 @@
+"""The shipped teacher zoo: every teacher loads and acts bit for bit as recorded; a bad zoo is one line."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from cpd_fast.cli import main
+from cpd_fast.errors import UserError
+from cpd_fast.teachers.base import make_teacher
+from cpd_fast.teachers.gate import teacher_specs
+from cpd_fast.teachers.zoo import shipped_zoos, zoo_dir, zoo_records, zoo_teacher
+
+REFERENCE = os.path.join(os.path.dirname(__file__), "data", "zoo_mt25_reference.npz")
+
+
+def cpd(argv: list[str]) -> int:
+    try:
+        return main(argv)
+    except SystemExit as exit_:
+        return exit_.code
+
+
+def test_mt25_zoo_is_shipped_and_complete_in_its_record():
+    assert "mt25" in shipped_zoos()
+    path, records = zoo_records("mt25")
+    assert records, path
+    from cpd_fast.tasks import MT25
+
+    for task, rec in records.items():
+        assert task in MT25 and rec.source == "zoo" and rec.used and rec.protocol == "official"
+        assert rec.algorithm in ("ppo", "ppo+demos") and rec.env_steps > 0
+        assert rec.success_rate >= 0.9 or rec.history[-1].get("scripted_success") is not None
+        assert rec.history[-1]["command"].startswith("cpd teachers train --tasks " + task)
+        assert os.path.isfile(os.path.join(os.path.dirname(path), rec.path + ".sha256"))
+
+
+def test_every_shipped_teacher_matches_its_reference_actions_bit_for_bit():
+    ref = np.load(REFERENCE)
+    _, records = zoo_records("mt25")
+    tasks = sorted(t for t, r in records.items() if r.used)
+    have = sorted({k.split("/")[0] for k in ref.files})
+    assert tasks == have, "regenerate with: python tests/data/make_zoo_reference.py"
+    for task in tasks:
+        teacher = make_teacher("zoo", task)  # the default zoo is mt25
+        out = teacher.action_mean(ref[f"{task}/obs"])
+        assert out.dtype == np.float32 and out.shape == (32, 4)
+        np.testing.assert_array_equal(out, ref[f"{task}/action"], err_msg=task)
+        assert np.abs(out).max() <= 1.0
+
+
+def test_zoo_file_holds_the_actor_only():
+    path, records = zoo_records("mt25")
+    task, rec = next(iter(records.items()))
+    payload = torch.load(os.path.join(os.path.dirname(path), rec.path), weights_only=True)
+    assert payload["format"] == "cpd_fast.ppo_actor/1" and payload["task"] == task
+    assert not any(k.startswith("critic.") for k in payload["state_dict"]) and "optimizer" not in payload
+    assert "obs_norm.mean" in payload["state_dict"]
+
+
+def test_teacher_specs_from_the_zoo_name_the_zoo():
+    _, records = zoo_records("mt25")
+    task = next(iter(records))
+    spec = teacher_specs("zoo", [task])[task]
+    assert spec.source == "zoo" and spec.path == "mt25" and spec.goals == 50
+    assert spec.name(task) == f"zoo:mt25/{task}" and spec.success == records[task].success_rate
+    assert teacher_specs("zoo:mt25", [task])[task] == spec
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+@pytest.fixture
+def small_zoo(tmp_path):
+    """A copy of one shipped teacher as its own zoo directory."""
+    path, records = zoo_records("mt25")
+    task, rec = next(iter(records.items()))
+    zoo = tmp_path / "zoo"
+    zoo.mkdir()
+    for name in (rec.path, rec.path + ".sha256"):
+        shutil.copy(os.path.join(os.path.dirname(path), name), zoo / name)
+    doc = json.load(open(path))
+    doc["teachers"] = {task: doc["teachers"][task]}
+    json.dump(doc, open(zoo / "teachers.json", "w"))
+    return zoo, task, zoo / rec.path
+
+
+def test_unknown_zoo_and_missing_task(small_zoo, capsys):
+    zoo, task, _ = small_zoo
+    with pytest.raises(UserError, match=r"no teacher zoo 'nosuch'.*shipped: .*mt25"):
+        zoo_dir("nosuch")
+    other = "push-wall-v3"
+    with pytest.raises(
+        UserError, match=rf"has no teacher for {other} \(it has: {task}\).*cpd teachers train"
+    ):
+        zoo_teacher(other, str(zoo))
+    with pytest.raises(UserError, match=rf"has no teacher for {other}"):
+        teacher_specs(f"zoo:{zoo}", [task, other])
+    assert zoo_teacher(task, str(zoo)).task == task  # the directory form works
+    assert cpd(["teachers", "eval", "--zoo", "nosuch"]) == 2
+    err = capsys.readouterr().err
+    assert "no teacher zoo 'nosuch'" in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("damage", ["truncated", "flipped"])
+def test_damaged_zoo_file_is_one_line_naming_it(small_zoo, damage, capsys):
+    zoo, task, file = small_zoo
+    data = file.read_bytes()
+    if damage == "truncated":
+        file.write_bytes(data[: len(data) // 2])
+    else:
+        file.write_bytes(data[:1000] + bytes([data[1000] ^ 0xFF]) + data[1001:])
+    with pytest.raises(ValueError, match=rf"{file}.*(damaged|truncated, corrupt).*reinstall cpd_fast"):
+        zoo_teacher(task, str(zoo))
+    assert cpd(["teachers", "eval", "--zoo", str(zoo), "--goals", "1"]) == 2
+    err = capsys.readouterr().err
+    assert str(file) in err and len(err.strip().splitlines()) == 1
+
+
+def test_zoo_file_missing(small_zoo):
+    zoo, task, file = small_zoo
+    os.remove(file)
+    with pytest.raises(UserError, match=rf"zoo teacher file {file} is missing"):
+        zoo_teacher(task, str(zoo))
+
+
+def test_zoo_policy_of_other_dimensions(small_zoo):
+    from cpd_fast.runio import save_torch_atomic
+
+    zoo, task, file = small_zoo
+    payload = torch.load(file, weights_only=True)
+    state = dict(payload["state_dict"])
+    for k in ("obs_norm.mean", "obs_norm.var"):
+        state[k] = state[k][:12]
+    state["actor.0.weight"] = state["actor.0.weight"][:, :12]
+    save_torch_atomic({**payload, "state_dict": state}, file)  # a valid file, of a 12-dim environment
+    with pytest.raises(ValueError, match=rf"{file}.*takes 12-dim observations but Meta-World v3 tasks"):
+        zoo_teacher(task, str(zoo))
+
+
+def test_run_with_a_zoo_gap_is_refused_before_anything_is_written(small_zoo, tmp_path, capsys):
+    zoo, _, _ = small_zoo
+    out = tmp_path / "run"
+    argv = ["run", "--preset", "quick", "--teachers", "zoo", "--set", f"zoo={zoo}", "--out", str(out),
+            "--no-progress"]  # fmt: skip
+    assert cpd([*argv, "--set", "gate.on_fail=retrain"]) == 2  # retrain cannot fill a zoo's gap
+    err = capsys.readouterr().err.strip().splitlines()
+    assert "has no teacher for" in err[-1] and "gate.on_fail=retrain cannot train a zoo" in err[-1]
+    assert not out.exists()
+
+
+def test_mt25_run_from_the_zoo_reaches_distillation_without_training(tmp_path):
+    """`cpd run --preset mt25 --teachers zoo`, shrunk to two zoo tasks in two stages and a few steps."""
+    _, records = zoo_records("mt25")
+    tasks = [t for t, r in records.items() if r.used][:2]
+    out = tmp_path / "run"
+    tiny = ["distill.steps_per_stage=2", "distill.episodes_per_task=1", "distill.eval_goals=1",
+            "distill.eval_envs=1", "distill.batch_size=8", "fidelity.episodes=0", "methods=[cpd]",
+            f"tasks=[{', '.join(tasks)}]", "tasks_per_stage=1"]  # fmt: skip
+    argv = ["run", "--preset", "mt25", "--teachers", "zoo", "--out", str(out), "--no-progress"]
+    for item in tiny:
+        argv += ["--set", item]
+    assert cpd(argv) == 0
+    gate = json.load(open(out / "teachers.json"))
+    assert {t: r["source"] for t, r in gate["teachers"].items()} == dict.fromkeys(tasks, "zoo")
+    assert not (out / "teachers").exists()  # nothing was trained
+    manifest = json.load(open(out / "datasets" / f"{tasks[0]}.collected.json"))
+    assert manifest["spec"]["teacher"] == f"zoo:mt25/{tasks[0]}"
+    assert (out / "methods" / "cpd" / "results.json").is_file()
