@@ -135,9 +135,24 @@ def run_teacher_job(job: dict[str, Any]) -> dict[str, Any]:
 # ----------------------------------------------------------------------------------------------------------
 # Running many jobs
 # ----------------------------------------------------------------------------------------------------------
+def _die_with_parent() -> None:
+    """Linux: ask the kernel to SIGTERM this worker when the process that spawned it dies, so a killed
+    ``cpd teachers train`` leaves no orphan still writing into a run directory it no longer locks."""
+    import ctypes
+    import signal
+    import sys
+
+    if sys.platform.startswith("linux"):
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG = 1
+        if os.getppid() == 1:  # the parent died before prctl took effect
+            os._exit(1)
+
+
 def _init_worker(threads: int) -> None:
     import torch
 
+    _die_with_parent()
     for var in _THREAD_VARS:
         os.environ[var] = str(threads)
     torch.set_num_threads(threads)

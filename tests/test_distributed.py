@@ -89,3 +89,37 @@ def test_ray_trains_two_and_survives_a_killed_worker(tmp_path, monkeypatch):
     check_trained(records, tmp_path)
     assert marker.exists()  # reach-v3's worker was killed once; Ray retried the task
     assert all(rec.history[0].get("error") is None for rec in records.values())
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+def test_a_pool_worker_dies_with_its_parent(tmp_path):
+    """Killing `cpd teachers train` (SIGKILL, no cleanup) must not leave its workers training on into a
+    run directory whose lock died with the parent."""
+    import signal
+    import subprocess
+    import time
+
+    script = (
+        "import multiprocessing as mp, os, time\n"
+        "from concurrent.futures import ProcessPoolExecutor\n"
+        "from cpd_fast.distributed import _init_worker\n"
+        "if __name__ == '__main__':\n"
+        "    ex = ProcessPoolExecutor(1, mp_context=mp.get_context('spawn'), initializer=_init_worker,"
+        " initargs=(1,))\n"
+        "    print(ex.submit(os.getpid).result(), flush=True)\n"
+        "    ex.submit(time.sleep, 600)\n"
+        "    time.sleep(600)\n"
+    )
+    parent = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    worker = int(parent.stdout.readline())
+    os.kill(parent.pid, signal.SIGKILL)
+    parent.wait()
+    for _ in range(100):  # the kernel signals the orphan at once; allow it time to exit
+        try:
+            os.kill(worker, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.1)
+    else:
+        os.kill(worker, signal.SIGKILL)
+        pytest.fail(f"worker {worker} outlived its parent")

@@ -18,7 +18,8 @@ _HELP = {
     "suite": "mt10 | mt25 | mt50 | cw10",
     "tasks": "explicit task list (overrides --suite's tasks)",
     "tasks_per_stage": "tasks per stage (default 5, or 2 with --tasks)",
-    "teachers": "'scripted' or a teachers RUN_DIR with teachers.json",
+    "teachers": "'scripted', 'zoo' (the shipped RL teachers; 'zoo:NAME_OR_DIR' for another zoo) or a "
+    "teachers RUN_DIR with teachers.json",
     "fidelity": "`cpd envs check` JSON choosing each task's data backend",
     "budget": "scales the optimizer steps per stage",
     "steps_per_stage": "optimizer steps per stage, before --budget scaling",

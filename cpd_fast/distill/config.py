@@ -49,7 +49,8 @@ class DistillConfig:
     name: Str | None = None  # the task list's name in results and reports (default: task_list_name())
     tasks_per_stage: PositiveInt = 5
     method: Str = "cpd"  # a key of cpd_fast.distill.methods.METHODS
-    teachers: Str = "scripted"  # "scripted" or a teachers RUN_DIR holding teachers.json
+    # "scripted", "zoo" / "zoo:NAME_OR_DIR" (shipped RL teachers) or a RUN_DIR with teachers.json
+    teachers: Str = "scripted"
     fidelity: Str | None = None  # `cpd envs check` JSON: per-task collection backend
     seed: Seed = 0
     device: Str = "cpu"
