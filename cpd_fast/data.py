@@ -75,6 +75,8 @@ def collect_dataset(
     namespace: str = DEFAULT_NAMESPACE,
     teacher_name: str | None = None,
     overwrite: bool = False,
+    actor: Any = None,
+    description: str | None = None,
 ) -> str:
     """Roll out ``teacher`` on ``task`` and store ``episodes`` whole episodes as a Minari dataset.
 
@@ -92,6 +94,11 @@ def collect_dataset(
         max_episode_steps: episode length.
         overwrite: replace an existing dataset with the same id; otherwise an existing one is kept (a
             re-run is a no-op, so a killed collection resumes at the next task).
+        actor: who acts, if not the teacher: ``actor(obs [n, 39], fresh [n] bool, mean [n, 4]) -> [n, 4]``
+            executed actions (``fresh``: the row's observation starts an episode; ``mean``: the teacher's
+            action there). The stored target is still the teacher's mean at every visited state — a
+            student-driven dataset relabelled by the teacher (DAgger). ``noise_std`` is then not used.
+        description: the dataset's Minari description (default: teacher rollouts with ``noise_std``).
 
     Returns:
         the dataset id (load it with :func:`load_teacher_data`, or ``minari.load_dataset`` with
@@ -120,7 +127,7 @@ def collect_dataset(
 
         rollout_settings = dict(backend=backend, seed=seed, max_episode_steps=max_episode_steps)
         buffers = _rollout_episodes(teacher, task, min(num_envs, episodes), episodes, noise_std, rng,
-                                    **rollout_settings)  # fmt: skip
+                                    actor=actor, **rollout_settings)  # fmt: skip
         box_obs = gym.spaces.Box(-np.inf, np.inf, (OBS_DIM,), np.float64)
         box_act = gym.spaces.Box(-1.0, 1.0, (ACT_DIM,), np.float32)
         with warnings.catch_warnings():  # Minari nags about author/permalink/env spec metadata
@@ -131,7 +138,8 @@ def collect_dataset(
                 observation_space=box_obs,
                 action_space=box_act,
                 algorithm_name=teacher_name or type(teacher).__name__,
-                description=f"Meta-World {task} teacher rollouts (cpd_fast), noise_std={noise_std}",
+                description=description
+                or f"Meta-World {task} teacher rollouts (cpd_fast), noise_std={noise_std}",
                 data_format="hdf5",
             )
     return ds_id
@@ -139,7 +147,7 @@ def collect_dataset(
 
 def _rollout_episodes(
     teacher: Any, task: str, n: int, episodes: int, noise_std: float, rng: np.random.Generator, *,
-    backend: str, seed: int, max_episode_steps: int,
+    backend: str, seed: int, max_episode_steps: int, actor: Any = None,
 ) -> list[Any]:  # fmt: skip
     """``episodes`` whole episodes of ``teacher`` (noisy actions, mean targets) on ``n`` envs side by side,
     as Minari ``EpisodeBuffer``s in completion order."""
@@ -163,8 +171,12 @@ def _rollout_episodes(
         obs = env.reset()
         mean = _checked_mean(teacher, obs)
         obs_b[:, 0], mean_b[:, 0] = obs, mean
+        fresh = np.ones(n, dtype=bool)  # the row's observation is its episode's first
         while len(buffers) < episodes:
-            action = mean + noise_std * rng.standard_normal(mean.shape).astype(np.float32)
+            if actor is not None:
+                action = np.asarray(actor(obs, fresh, mean), dtype=np.float32)
+            else:
+                action = mean + noise_std * rng.standard_normal(mean.shape).astype(np.float32)
             action = np.clip(action, -1.0, 1.0)
             obs, reward, terminated, truncated, info = env.step(action)
             mean = _checked_mean(teacher, obs)
@@ -198,7 +210,7 @@ def _rollout_episodes(
                     )
                 length[i] = 0
             # rows that were just auto-reset start their next episode with this observation
-            fresh = info["autoreset"]
+            fresh = np.asarray(info["autoreset"], dtype=bool)
             obs_b[fresh, 0], mean_b[fresh, 0], succ_b[fresh, 0] = obs[fresh], mean[fresh], 0.0
     return buffers
 

@@ -88,7 +88,7 @@ def select_replay(
     action_mean: torch.Tensor,
     steps: torch.Tensor,
     episode: torch.Tensor,
-    offset: int,
+    offset: int | torch.Tensor,
     *,
     fraction: float,
     segment_len: int,
@@ -99,7 +99,8 @@ def select_replay(
 
     Args:
         obs ``[N, obs_dim]``, action_mean ``[N, act_dim]``, steps ``[N]``, episode ``[N]``: the task's
-            contiguous slice of the run's data; ``offset``: the slice's first global index.
+            transitions; ``offset``: their global rows, as the first row of a contiguous slice (int) or
+            one row per transition (``[N]`` LongTensor, ascending; each episode's rows consecutive).
         fraction: at most this fraction of the N transitions is kept (``0 < fraction ≤ 1``).
         segment_len: steps per replayed segment.
         selection: ``"dpp"`` or ``"uniform"``.
@@ -125,7 +126,8 @@ def select_replay(
     else:
         g = torch.Generator().manual_seed(seed)
         picked = torch.sort(torch.randperm(starts.numel(), generator=g)[:k]).values
-    seg = starts[picked] + offset  # global start of each kept segment
+    # global start of each kept segment (a segment lies inside one episode, whose rows are consecutive)
+    seg = offset[starts[picked]] if isinstance(offset, torch.Tensor) else starts[picked] + offset
     index = (seg[:, None] + torch.arange(segment_len)[None, :]).reshape(-1)
     hist_start = seg.repeat_interleave(segment_len)
     return ReplaySet(index, hist_start, int(starts.numel()), int(picked.numel()))

@@ -236,18 +236,24 @@ def test_tiny_run_end_to_end(tiny_run, tmp_path):
     assert mse[0] < 0.5 * mse[1], mse
 
 
-def test_resume_after_kill_reproduces_the_run(tiny_run, tmp_path):
-    cfg, run_dir, result = tiny_run
-    killed = tmp_path / "killed"
-    # SIGKILL right after stage 1's Phase-1 checkpoint is written, before the ledger records the phase
-    env = {**os.environ, "CPD_TEST_KILL_AFTER": str(killed / "checkpoints" / "stage1-phase1.pt"),
-           "CPD_TEST_KILL_SCOPE": "process"}  # fmt: skip
+def run_killed_after(cfg: DistillConfig, run_dir, path) -> int:
+    """``run_distill(cfg, run_dir)`` in a subprocess that SIGKILLs itself right after writing ``path`` (the
+    package's fault-injection point, :mod:`cpd_fast.runio`); returns its exit status."""
+    env = {**os.environ, "CPD_TEST_KILL_AFTER": str(path), "CPD_TEST_KILL_SCOPE": "process"}
     code = (
         "import json, sys; from cpd_fast.distill import DistillConfig, run_distill; "
         "run_distill(DistillConfig.from_dict(json.loads(sys.argv[1])), sys.argv[2])"
     )
-    proc = subprocess.run([sys.executable, "-c", code, json.dumps(cfg.to_dict()), str(killed)], env=env)
-    assert proc.returncode == -signal.SIGKILL
+    return subprocess.run(
+        [sys.executable, "-c", code, json.dumps(cfg.to_dict()), str(run_dir)], env=env
+    ).returncode
+
+
+def test_resume_after_kill_reproduces_the_run(tiny_run, tmp_path):
+    cfg, run_dir, result = tiny_run
+    killed = tmp_path / "killed"
+    # SIGKILL right after stage 1's Phase-1 checkpoint is written, before the ledger records the phase
+    assert run_killed_after(cfg, killed, killed / "checkpoints" / "stage1-phase1.pt") == -signal.SIGKILL
     done = json.load(open(killed / "progress.json"))["steps"]
     assert "stage0/eval" in done and "stage1/phase1" not in done
     assert (killed / "checkpoints" / "stage1-phase1.pt").is_file()

@@ -30,6 +30,7 @@ EVAL_MODES = ("inferred", "prototype")
 # keys that change how a run executes, not what it computes: a resumed run may change them (eval_modes
 # may grow: a finished run evaluates just the added modes)
 RUNTIME_KEYS = ("progress", "tensorboard", "threads", "device", "eval_modes")
+_DAGGER_FIELDS = ("dagger_rounds", "dagger_episodes", "dagger_beta")  # read only with dagger on
 
 
 def _cpu_student() -> StudentConfig:
@@ -83,6 +84,13 @@ class DistillConfig:
     # Phase 1 routes every token to the newborn experts too (MoELayer.always_route), so they and
     # their gate logits learn although a −5 bias keeps them out of every top-k.
     route_new_experts: Bool = True
+    # teacher-in-the-loop data (cpd_fast.distill.dagger): the stage's first phase in dagger_rounds + 1
+    # chunks, each after the first preceded by dagger_episodes student-driven episodes per new task, every
+    # state labelled by the teacher; round r executes the teacher's action with probability dagger_beta**r
+    dagger: Bool = False
+    dagger_rounds: PositiveInt = 2
+    dagger_episodes: PositiveInt = 10
+    dagger_beta: Fraction = 0.5
     replay_selection: Literal["dpp", "uniform"] | None = None  # None: the method's own (see methods.py)
     # replay
     replay_fraction: PositiveFraction = 0.1
@@ -163,6 +171,8 @@ class DistillConfig:
                 notes.append(f"{self.selection} replay")
             elif key in uses and getattr(self, key) != getattr(d, key) and note(getattr(self, key)):
                 notes.append(note(getattr(self, key)))
+        if self.dagger:  # any method
+            notes.append(f"DAgger {self.dagger_rounds}x{self.dagger_episodes} beta {self.dagger_beta:g}")
         return self.method + (f" ({', '.join(notes)})" if notes else "")
 
     def unused(self, keys: list[str]) -> list[str]:
@@ -170,7 +180,9 @@ class DistillConfig:
         from cpd_fast.distill.methods import METHOD_FIELDS
 
         uses = get_method(self.method).uses()
-        return [k for k in keys if k in METHOD_FIELDS and k not in uses]
+        if self.dagger:
+            uses = uses | set(_DAGGER_FIELDS)
+        return [k for k in keys if (k in METHOD_FIELDS or k in _DAGGER_FIELDS) and k not in uses]
 
     def to_dict(self) -> dict:
         return asdict(self)

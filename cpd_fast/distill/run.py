@@ -105,6 +105,7 @@ class DistillRun:
         self.replay: dict[int, Any] = {}
         self.routing: dict[int, dict[str, list[float]]] = {}
         self.seen: list[int] = []
+        self.dagger: dict[int, list[dict]] = {}  # stage -> DAgger rounds' records
         self.global_step = 0
         self.R_modes = {m: np.full((len(self.stages), len(self.tasks)), np.nan) for m in cfg.eval_modes}
 
@@ -126,7 +127,8 @@ class DistillRun:
                 new_experts = self.grow(s, stage)
                 phases = phases_of(self.cfg, s)
                 for phase, steps in phases:
-                    self.train(s, phase, steps, new_ids, new_experts, last=phase == phases[-1][0])
+                    self.train(s, phase, steps, new_ids, new_experts, last=phase == phases[-1][0],
+                               first=phase == phases[0][0])  # fmt: skip
                 self.seen += new_ids
                 self.routing[s] = routing_shares(self.student, self.data, self.seen, self.cfg.device)
                 if self.cfg.selection is not None and not self.method.joint:
@@ -151,8 +153,11 @@ class DistillRun:
         from cpd_fast.teachers.gate import teacher_specs
 
         cfg = self.cfg
-        specs = teacher_specs(cfg.teachers, self.tasks)
-        backends = collection_backends(cfg.fidelity)
+        specs = self.specs = teacher_specs(cfg.teachers, self.tasks)
+        backends = self.backends = collection_backends(cfg.fidelity)
+        if cfg.dagger:  # DAgger queries the teachers during training: every one must load, now
+            for task, spec in specs.items():
+                spec.make(task)
         root = cfg.data_dir or self.path("datasets")
         ts_path = self.path("teacher_success.json")
         success: dict[str, float] = read_json(ts_path, {})
@@ -199,22 +204,38 @@ class DistillRun:
         self.student.to(self.cfg.device)
         return new
 
-    def train(self, s: int, phase: str, steps: int, new_ids: list[int], new_experts: list[int], last: bool):
+    def train(
+        self,
+        s: int,
+        phase: str,
+        steps: int,
+        new_ids: list[int],
+        new_experts: list[int],
+        last: bool,
+        first: bool,
+    ) -> None:
         """One phase: restored from its checkpoint when the ledger has it, else trained and checkpointed."""
+        from cpd_fast.distill.dagger import Rounds
+
         cfg, name = self.cfg, f"stage{s}/{phase}"
         ckpt = self.path("checkpoints", f"stage{s}-{phase}.pt")
         base, self.global_step = self.global_step, self.global_step + steps
+        pools = {t: full_pool(self.data, t) for t in new_ids}
+        pools.update({t: (r.index, r.hist_start) for t, r in self.replay.items()})
+        # DAgger rounds in the phase that first trains the stage's new tasks
+        rounds = Rounds(self, s, phase, steps, new_ids, pools) if cfg.dagger and first else None
         if name in self.ledger:
             redo = f"delete {self.run_dir} and re-run: a finished phase is never redone, the run restarts"
             state = load_torch_checked(ckpt, redo, map_location=cfg.device)
             self.student.load_state_dict(state["student"])
             if self.hook is not None:
                 self.hook.load_state_dict(state["ewc"])
+            if rounds is not None:  # its data, appended again in the order the first run appended it
+                rounds.replay_finished()
+                self.dagger[s] = rounds.report()
             return
         t0 = time.perf_counter()
         configure_phase(self.student, cfg, s, phase, new_experts)
-        pools = {t: full_pool(self.data, t) for t in new_ids}
-        pools.update({t: (r.index, r.hist_start) for t, r in self.replay.items()})
         gen = torch.Generator().manual_seed(phase_seed(cfg.seed, s, phase))
 
         def log(it: int, rec: dict) -> None:
@@ -222,8 +243,10 @@ class DistillRun:
 
         summary = train_phase(
             self.student, self.data, TaskSampler(pools), steps, cfg, gen, self.hook,
-            log if self.main else None, name, self.dist,
+            log if self.main else None, name, self.dist, rounds,
         )  # fmt: skip
+        if rounds is not None:
+            self.dagger[s] = rounds.report()
         self.student.moe.always_route([])  # a training aid only: evaluation and routing stats use top-k
         if self.hook is not None and last:
             fgen = torch.Generator().manual_seed(phase_seed(cfg.seed, s, "fisher"))
@@ -236,6 +259,8 @@ class DistillRun:
             save_torch_atomic(payload, ckpt)
             self.logger.event({"step": self.global_step, "phase": name, "summary": summary})
             self.ledger.mark(name)
+            if rounds is not None and os.path.isfile(rounds.state_path()):
+                os.remove(rounds.state_path())  # the phase is done: its mid-phase resume state is not needed
         self.clock["train"] += time.perf_counter() - t0
 
     def select_replay(self, s: int, new_ids: list[int]) -> None:
@@ -247,9 +272,9 @@ class DistillRun:
             t0 = time.perf_counter()
             sets = {}
             for t in new_ids:
-                sl = data.task_slice(t)
+                rows = data.task_rows(t)
                 sets[t] = select_replay(
-                    data.obs[sl], data.target[sl], data.step[sl], data.episode[sl], sl.start,
+                    data.obs[rows], data.target[rows], data.step[rows], data.episode[rows], rows,
                     fraction=cfg.replay_fraction, segment_len=cfg.segment_len, selection=cfg.selection,
                     seed=phase_seed(cfg.seed, s, f"replay{t}"),
                 )  # fmt: skip
@@ -320,5 +345,6 @@ class DistillRun:
                    "time_s": {k: round(v, 1) for k, v in self.clock.items()},
                    "config": cfg.to_dict(), "replay": replay_report(self.replay, self.data),
                    "num_experts": self.student.num_experts, "budget_steps_per_stage": cfg.stage_steps,
+                   "dagger": {str(k): v for k, v in self.dagger.items()},
                    "routing": {str(k): v for k, v in self.routing.items()}},
         )  # fmt: skip

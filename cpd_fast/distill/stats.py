@@ -36,8 +36,7 @@ def replay_report(replay: dict[int, Any], data: WindowData) -> dict:
     """Replay budget actually stored: transitions per task and as a fraction of the task's data."""
     per_task = {}
     for t, r in sorted(replay.items()):
-        sl = data.task_slice(t)
-        n = sl.stop - sl.start
+        n = data.task_rows(t).numel()
         per_task[data.tasks[t]] = {"transitions": int(r.index.numel()), "fraction": r.index.numel() / n,
                                    "segments": r.selected, "candidates": r.candidates}  # fmt: skip
     total = sum(v["transitions"] for v in per_task.values())

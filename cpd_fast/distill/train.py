@@ -108,12 +108,16 @@ def train_phase(
     log: Callable[[int, dict[str, float]], None] | None = None,
     desc: str = "train",
     dist: Any = None,
+    rounds: Any = None,
 ) -> dict[str, float]:
     """``steps`` AdamW steps on task-balanced windows; returns the mean of the last 10% of losses.
 
     ``hook``: the method's hook (:class:`~cpd_fast.distill.methods.EWCHook`): its ``loss(student)`` is added.
     ``log(it, record)`` is called every 50 steps and at the last. ``dist``: data-parallel
     (:mod:`cpd_fast.ddp`): every rank draws the same global batch from ``gen`` and trains on its slice.
+    ``rounds``: DAgger rounds (:class:`cpd_fast.distill.dagger.Rounds`): at each of its ``boundaries`` the
+    training state is saved, ``rounds.begin(r)`` adds round ``r``'s data and gives the new sampler; an
+    interrupted phase resumes from the last boundary it reached (one optimizer and LR schedule throughout).
     """
     from tqdm import tqdm
 
@@ -132,10 +136,30 @@ def train_phase(
         loss_fn = ddp.wrap(loss_fn, dist)
     rows = ddp.rank_rows(cfg.batch_size, dist)
     tail: list[dict[str, float]] = []
+    first_it, pending = 0, []
+    if rounds is not None:
+        pending = list(enumerate(rounds.boundaries, 1))
+        resumed = rounds.resume()
+        if resumed is not None:
+            r0, st = resumed
+            student.load_state_dict(st["student"])
+            opt.load_state_dict(st["optimizer"])
+            sched.load_state_dict(st["scheduler"])
+            gen.set_state(st["generator"])
+            first_it, tail = rounds.boundaries[r0 - 1], st["tail"]
+            sampler = rounds.begin(r0)
+            pending = pending[r0:]
     quiet = not cfg.progress or (dist is not None and not dist.is_main)
-    bar = tqdm(range(steps), desc=desc, disable=quiet, leave=False, mininterval=2.0)
+    bar = tqdm(range(first_it, steps), desc=desc, disable=quiet, leave=False, mininterval=2.0)
     try:
         for it in bar:
+            while pending and it == pending[0][1]:  # a DAgger round: save, collect with this student, go on
+                r = pending.pop(0)[0]
+                state = {"student": student.state_dict(), "optimizer": opt.state_dict(), "tail": tail,
+                         "scheduler": sched.state_dict(), "generator": gen.get_state()}  # fmt: skip
+                rounds.save(r, state)
+                sampler = rounds.begin(r)
+                student.train()
             idx, start = sampler.sample(cfg.batch_size, gen)
             use_proto = torch.rand(len(idx), generator=gen) < p_proto
             idx, start, use_proto = idx[rows], start[rows], use_proto[rows]  # this rank's slice

@@ -16,10 +16,13 @@ __all__ = ["TaskSampler", "WindowData", "full_pool"]
 
 
 class WindowData:
-    """All teacher transitions of the run as tensors, served as observation-history windows.
+    """All transitions of the run as tensors, served as observation-history windows.
 
     ``obs [M, obs_dim]``, ``target [M, act_dim]`` (teacher mean), ``task [M]`` (index into the run's
     task list), ``ep_start [M]`` (global index of the step's episode start), ``step``, ``episode [M]``.
+    The teachers' datasets come first, each task contiguous; :meth:`append` adds more episodes of a task
+    at the end (student-driven data relabelled by the teacher, :mod:`cpd_fast.distill.dagger`), so a task's
+    rows are :meth:`task_rows`, not one slice.
     """
 
     def __init__(self, data: Any, history: int) -> None:
@@ -31,12 +34,31 @@ class WindowData:
         self.ep_start = torch.arange(self.obs.shape[0]) - self.step
         self.history = history
         self.tasks = list(data.tasks)
+        self._rows: dict[int, torch.Tensor] = {}
 
-    def task_slice(self, t: int) -> slice:
-        idx = (self.task == t).nonzero().squeeze(1)
-        if idx.numel() == 0:
-            raise ValueError(f"no data for task {self.tasks[t]!r}")
-        return slice(int(idx[0]), int(idx[-1]) + 1)  # load_teacher_data keeps each task contiguous
+    def append(self, data: Any, task: int) -> torch.Tensor:
+        """Add every transition of ``data`` (a :class:`~cpd_fast.data.TeacherData` of one task) as task
+        ``task``'s; returns their global rows. Episodes keep their order and get fresh episode ids."""
+        n0, n = self.obs.shape[0], data.obs.shape[0]
+        rows = torch.arange(n0, n0 + n)
+        first = int(self.episode.max()) + 1 if n0 else 0
+        self.obs = torch.cat([self.obs, data.obs.float()])
+        self.target = torch.cat([self.target, data.action_mean.float()])
+        self.task = torch.cat([self.task, torch.full((n,), task, dtype=torch.int64)])
+        self.step = torch.cat([self.step, data.step.long()])
+        self.episode = torch.cat([self.episode, data.episode.long() - int(data.episode.min()) + first])
+        self.ep_start = torch.cat([self.ep_start, rows - data.step.long()])
+        self._rows.pop(task, None)
+        return rows
+
+    def task_rows(self, t: int) -> torch.Tensor:
+        """Global rows of task ``t``, ascending (its teacher data, then anything appended)."""
+        if t not in self._rows:
+            idx = (self.task == t).nonzero().squeeze(1)
+            if idx.numel() == 0:
+                raise ValueError(f"no data for task {self.tasks[t]!r}")
+            self._rows[t] = idx
+        return self._rows[t]
 
     def windows(self, index: torch.Tensor, hist_start: torch.Tensor):
         """Windows ending at ``index [B]``: ``(obs [B, H, obs_dim], target [B, H, act_dim], mask [B, H])``.
@@ -73,6 +95,5 @@ class TaskSampler:
 
 def full_pool(data: WindowData, t: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Every window of task ``t``: ``(index [n], hist_start [n])``."""
-    sl = data.task_slice(t)
-    idx = torch.arange(sl.start, sl.stop)
+    idx = data.task_rows(t)
     return idx, data.ep_start[idx]
