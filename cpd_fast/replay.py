@@ -15,6 +15,10 @@ Selection:
   (Meta-World's scripted and PPO teachers hold still for hundreds of steps after success).
 * ``"uniform"`` — the same number of segments drawn uniformly at random (the ``replay`` baseline and
   the uniform-vs-DPP ablation).
+
+``quality`` (DPP only): per-segment weights q of a quality-diversity DPP (L_ij = q_i q_j K_ij,
+:func:`~cpd_fast.dpp.greedy_map`); the run passes the student's error on each segment
+(:func:`segment_quality`), so the kept set stays diverse but leans to what the student gets wrong.
 """
 
 from __future__ import annotations
@@ -23,7 +27,14 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["REPLAY_SELECTIONS", "ReplaySet", "segment_features", "segment_starts", "select_replay"]
+__all__ = [
+    "REPLAY_SELECTIONS",
+    "ReplaySet",
+    "segment_features",
+    "segment_quality",
+    "segment_starts",
+    "select_replay",
+]
 
 REPLAY_SELECTIONS = ("dpp", "uniform")
 
@@ -69,6 +80,16 @@ def segment_starts(steps: torch.Tensor, episode: torch.Tensor, segment_len: int)
     return pos[aligned & fits]
 
 
+def segment_quality(per_step: torch.Tensor, starts: torch.Tensor, segment_len: int) -> torch.Tensor:
+    """DPP weights ``[S]`` from per-step scores (e.g. the student's squared error): each segment's mean
+    score over the task's mean, square-rooted (so L_ii grows linearly with the score), in [0.1, 10]."""
+    if per_step.shape[0] == 0 or not torch.isfinite(per_step).all() or (per_step < 0).any():
+        raise ValueError("replay quality scores must be finite and >= 0, one per transition")
+    idx = starts[:, None] + torch.arange(segment_len)[None, :]
+    seg = per_step.double()[idx].mean(1)
+    return (seg / seg.mean().clamp(min=1e-12)).sqrt().clamp(0.1, 10.0)
+
+
 def segment_features(obs: torch.Tensor, action_mean: torch.Tensor, starts: torch.Tensor, segment_len: int):
     """Feature ``[S, 2·obs_dim + act_dim]`` per segment, z-scored per dimension over the task's segments.
 
@@ -94,6 +115,7 @@ def select_replay(
     segment_len: int,
     selection: str = "dpp",
     seed: int = 0,
+    quality: torch.Tensor | None = None,
 ) -> ReplaySet:
     """Choose one task's replayed segments.
 
@@ -105,6 +127,8 @@ def select_replay(
         segment_len: steps per replayed segment.
         selection: ``"dpp"`` or ``"uniform"``.
         seed: RNG seed of uniform selection.
+        quality: ``[N]`` positive per-transition weights (DPP only); a segment's quality is the mean over
+            its steps (:func:`segment_quality` turns them into DPP weights).
     """
     from cpd_fast.dpp import greedy_map
 
@@ -121,7 +145,8 @@ def select_replay(
         return ReplaySet(empty, empty.clone(), int(starts.numel()), 0)
     if selection == "dpp":
         feats = segment_features(obs, action_mean, starts, segment_len)
-        picked = greedy_map(feats, k, kernel="rbf")
+        q = None if quality is None else segment_quality(quality, starts, segment_len)
+        picked = greedy_map(feats, k, kernel="rbf", quality=q)
         picked = torch.sort(picked.cpu()).values
     else:
         g = torch.Generator().manual_seed(seed)

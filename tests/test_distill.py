@@ -296,6 +296,20 @@ def test_baselines_run(tiny_run, tmp_path, method):
     assert (r.extra["replay"]["stored_transitions"] > 0) == (method == "replay")
 
 
+def test_error_weighted_replay_in_a_run(tiny_run, tmp_path):
+    """cpd with replay_quality="error": labelled, the stored fraction within budget, and a different kept
+    set from the unweighted run on the same data and student."""
+    cfg0, run_dir, result = tiny_run
+    cfg = tiny_config(replay_quality="error", data_dir=str(run_dir / "datasets"))
+    r = run_distill(cfg, tmp_path / "q")
+    assert r.method == "cpd (error-weighted replay)"
+    per_task = r.extra["replay"]["per_task"]
+    assert all(v["fraction"] <= cfg.replay_fraction for v in per_task.values())
+    a = torch.load(run_dir / "replay" / "stage0.pt", weights_only=True)
+    b = torch.load(tmp_path / "q" / "replay" / "stage0.pt", weights_only=True)
+    assert a.keys() == b.keys() and any(not torch.equal(a[t]["index"], b[t]["index"]) for t in a)
+
+
 def test_cli_errors_are_one_line(tmp_path, capsys):
     from cpd_fast.cli import main  # reports user errors as one line on stderr (tests/test_cli_errors.py)
 

@@ -64,3 +64,27 @@ def test_bad_arguments():
         select_replay(obs, mean, steps, episode, 0, fraction=0.0, segment_len=5)
     with pytest.raises(ValueError, match="selection"):
         select_replay(obs, mean, steps, episode, 0, fraction=0.1, segment_len=5, selection="random")
+
+
+def test_quality_weighted_dpp_leans_to_high_error_segments():
+    """With the student's error as DPP quality, the kept segments have a higher mean error than the
+    unweighted DPP's, and the set stays the same size; bad scores are refused."""
+    from cpd_fast.replay import segment_quality
+
+    g = torch.Generator().manual_seed(0)
+    T, E = 50, 8
+    obs = torch.randn(T * E, 39, generator=g)
+    act = torch.rand(T * E, 4, generator=g) * 2 - 1
+    steps = torch.arange(T).repeat(E)
+    episode = torch.arange(E).repeat_interleave(T)
+    err = torch.rand(T * E, generator=g) ** 4  # a few segments carry most of the error
+    kw = dict(fraction=0.2, segment_len=5, selection="dpp")
+    plain = select_replay(obs, act, steps, episode, 0, **kw)
+    weighted = select_replay(obs, act, steps, episode, 0, quality=err, **kw)
+    assert weighted.selected == plain.selected > 0
+    assert err[weighted.index].mean() > err[plain.index].mean()
+    starts = torch.arange(0, T * E, 5)
+    q = segment_quality(err, starts, 5)
+    assert q.shape == (starts.numel(),) and (q >= 0.1).all() and (q <= 10).all()
+    with pytest.raises(ValueError, match="finite and >= 0"):
+        segment_quality(-err, starts, 5)

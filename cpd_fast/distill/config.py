@@ -94,6 +94,8 @@ class DistillConfig:
     replay_selection: Literal["dpp", "uniform"] | None = None  # None: the method's own (see methods.py)
     # replay
     replay_fraction: PositiveFraction = 0.1
+    # DPP weighting: "error" leans the diverse set to segments the student predicts worst (replay.py)
+    replay_quality: Literal["none", "error"] = "none"
     segment_len: PositiveInt = 10
     # EWC
     ewc_lambda: NonNegativeFloat = 100.0
@@ -165,6 +167,7 @@ class DistillConfig:
             ("route_new_experts", lambda v: None if v else "top-k routing only"),
             ("replay_selection", lambda v: None),  # see below: compared with the method's own default
             ("replay_fraction", lambda v: f"replay {100 * v:g}%"),
+            ("replay_quality", lambda v: f"{v}-weighted replay"),
             ("ewc_lambda", lambda v: f"lambda {v:g}"),
         ):
             if key == "replay_selection" and key in uses and self.selection != get_method(self.method).replay:

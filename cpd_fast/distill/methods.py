@@ -63,7 +63,7 @@ class Method:
         if self.expert_phases:
             used |= {"phase2", "gate_bias", "route_new_experts", "phase1_fraction"}
         if self.replay is not None:
-            used |= {"replay_selection", "replay_fraction", "segment_len"}
+            used |= {"replay_selection", "replay_fraction", "segment_len", "replay_quality"}
         if self.penalty is not None:
             used |= {"ewc_lambda", "fisher_batches", "fisher_batch_size"}
         if self.penalty == "online-ewc":

@@ -34,7 +34,7 @@ import torch
 from cpd_fast import ddp
 from cpd_fast.distill.config import RUNTIME_KEYS, DistillConfig
 from cpd_fast.distill.methods import configure_phase, get_method, make_hook, phases_of
-from cpd_fast.distill.stats import replay_report, routing_shares
+from cpd_fast.distill.stats import replay_report, routing_shares, student_error
 from cpd_fast.distill.train import train_phase
 from cpd_fast.distill.windows import TaskSampler, WindowData, full_pool
 from cpd_fast.runio import (
@@ -273,10 +273,13 @@ class DistillRun:
             sets = {}
             for t in new_ids:
                 rows = data.task_rows(t)
+                quality = None
+                if cfg.replay_quality == "error" and cfg.selection == "dpp":
+                    quality = student_error(self.student, data, rows, cfg.device)
                 sets[t] = select_replay(
                     data.obs[rows], data.target[rows], data.step[rows], data.episode[rows], rows,
                     fraction=cfg.replay_fraction, segment_len=cfg.segment_len, selection=cfg.selection,
-                    seed=phase_seed(cfg.seed, s, f"replay{t}"),
+                    seed=phase_seed(cfg.seed, s, f"replay{t}"), quality=quality,
                 )  # fmt: skip
             save_torch_atomic({str(t): r.to_dict() for t, r in sets.items()}, path)
             self.ledger.mark(f"stage{s}/replay")

@@ -8,7 +8,7 @@ import torch
 
 from cpd_fast.distill.windows import TaskSampler, WindowData, full_pool
 
-__all__ = ["replay_report", "routing_shares"]
+__all__ = ["replay_report", "routing_shares", "student_error"]
 
 
 @torch.no_grad()
@@ -41,3 +41,18 @@ def replay_report(replay: dict[int, Any], data: WindowData) -> dict:
                                    "segments": r.selected, "candidates": r.candidates}  # fmt: skip
     total = sum(v["transitions"] for v in per_task.values())
     return {"per_task": per_task, "stored_transitions": total}
+
+
+@torch.no_grad()
+def student_error(student: Any, data: WindowData, rows: torch.Tensor, device: str, batch: int = 1024):
+    """The student's squared error (mean over action dims, last position) at each of ``rows``: ``[n]``."""
+    was = student.training
+    student.eval()
+    out = []
+    for i in range(0, rows.numel(), batch):
+        idx = rows[i : i + batch]
+        obs, target, mask = data.windows(idx, data.ep_start[idx])
+        pred = student(obs.to(device), mask=mask.to(device))
+        out.append(((pred - target[:, -1].to(device).clamp(-1, 1)) ** 2).mean(1).cpu())
+    student.train(was)
+    return torch.cat(out)
