@@ -299,7 +299,7 @@ def test_baselines_run(tiny_run, tmp_path, method):
 def test_error_weighted_replay_in_a_run(tiny_run, tmp_path):
     """cpd with replay_quality="error": labelled, the stored fraction within budget, and a different kept
     set from the unweighted run on the same data and student."""
-    cfg0, run_dir, result = tiny_run
+    _, run_dir, _ = tiny_run
     cfg = tiny_config(replay_quality="error", data_dir=str(run_dir / "datasets"))
     r = run_distill(cfg, tmp_path / "q")
     assert r.method == "cpd (error-weighted replay)"
