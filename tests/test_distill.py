@@ -343,3 +343,31 @@ def test_phase1_trains_newborn_experts_at_gate_bias_minus_5():
         # a -5 expert outside every top-k gets no gradient unless it is routed for every token
         assert torch.equal(before["moe.w1"][new], after["moe.w1"][new]) is not should_train
         assert s.moe.always_routed == []
+
+
+def test_last_position_loss_is_the_last_term_of_the_all_position_loss():
+    """loss_positions="last" supervises only the prediction that acts: the same model and batch give the
+    all-positions loss's last-position term (its mean squared error over the last position alone)."""
+    data = synthetic_data()
+    torch.manual_seed(0)
+    student = Student(StudentConfig(**TINY), num_tasks=2).eval()
+    idx = torch.arange(10, 40)
+    obs, target, mask = data.windows(idx, data.ep_start[idx])
+    tid = data.task[idx]
+    with torch.no_grad():
+        last = student.losses(obs, target[:, -1], tid, mask, update_prototypes=False)["mse"]
+        pred = student(obs, mask=mask)
+    torch.testing.assert_close(last, ((pred - target[:, -1].clamp(-1, 1)) ** 2).mean())
+    assert tiny_config(loss_positions="last").label == "cpd (last-position loss)"
+    with pytest.raises(ValueError, match="loss_positions"):
+        tiny_config(loss_positions="first")
+
+
+def test_last_position_run_trains(tiny_run, tmp_path):
+    _, run_dir, _ = tiny_run
+    cfg = tiny_config(loss_positions="last", steps_per_stage=10, data_dir=str(run_dir / "datasets"),
+                      eval_modes=("inferred",))  # fmt: skip
+    r = run_distill(cfg, tmp_path / "last")
+    assert r.method == "cpd (last-position loss)" and r.extra["complete"]
+    summary = [json.loads(x) for x in open(tmp_path / "last" / "metrics.jsonl") if '"summary"' in x]
+    assert summary and all(np.isfinite(e["summary"]["mse"]) for e in summary)

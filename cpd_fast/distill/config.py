@@ -76,6 +76,9 @@ class DistillConfig:
     lr_min_ratio: Fraction = 0.1
     weight_decay: NonNegativeFloat = 0.0
     grad_clip: NonNegativeFloat = 1.0
+    # which predictions of a window are supervised: every real position (each has its teacher target) or
+    # only the last (the one that acts) — the ablation of issue 14's "use every prediction"
+    loss_positions: Literal["all", "last"] = "all"
     phase1_fraction: OpenFraction = 0.5  # cpd: share of a stage's steps in Phase 1
     # ablations (cpd)
     freeze_shared: Bool = True
@@ -174,6 +177,8 @@ class DistillConfig:
                 notes.append(f"{self.selection} replay")
             elif key in uses and getattr(self, key) != getattr(d, key) and note(getattr(self, key)):
                 notes.append(note(getattr(self, key)))
+        if self.loss_positions != "all":
+            notes.append(f"{self.loss_positions}-position loss")
         if self.dagger:  # any method
             notes.append(f"DAgger {self.dagger_rounds}x{self.dagger_episodes} beta {self.dagger_beta:g}")
         return self.method + (f" ({', '.join(notes)})" if notes else "")

@@ -164,6 +164,8 @@ def train_phase(
             use_proto = torch.rand(len(idx), generator=gen) < p_proto
             idx, start, use_proto = idx[rows], start[rows], use_proto[rows]  # this rank's slice
             obs, target, mask = data.windows(idx, start)
+            if cfg.loss_positions == "last":
+                target = target[:, -1]  # one target per window: Student.losses supervises the last position
             tid = data.task[idx]
             obs, target, mask, tid, use_proto = (x.to(device) for x in (obs, target, mask, tid, use_proto))
             out = loss_fn(obs, target, tid, mask, use_proto if p_proto > 0 else None)
