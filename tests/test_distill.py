@@ -139,12 +139,14 @@ def test_phases_per_method():
 
 
 def test_label_names_every_ablation_so_reports_never_pool_them():
-    assert tiny_config().label == "cpd"
-    assert tiny_config(freeze_shared=False, phase2=False).label == "cpd (no shared freeze, no phase 2)"
-    uniform5 = tiny_config(replay_selection="uniform", replay_fraction=0.05)
+    assert DistillConfig().label == "cpd"
+    assert tiny_config().label == "cpd (2 episodes/task)"  # other data: never pooled with the default's
+    assert DistillConfig(noise_std=0.2, episodes_per_task=40).label == "cpd (40 episodes/task, 0.2 noise std)"
+    assert DistillConfig(freeze_shared=False, phase2=False).label == "cpd (no shared freeze, no phase 2)"
+    uniform5 = DistillConfig(replay_selection="uniform", replay_fraction=0.05)
     assert uniform5.label == "cpd (uniform replay, replay 5%)"
-    assert tiny_config(method="replay").label == "replay"  # uniform is replay's own default
-    assert tiny_config(method="finetune", freeze_shared=False).label == "finetune"  # flag unused there
+    assert DistillConfig(method="replay").label == "replay"  # uniform is replay's own default
+    assert DistillConfig(method="finetune", freeze_shared=False).label == "finetune"  # flag unused there
 
 
 def test_lr_schedule_warms_up_then_decays_per_phase():
@@ -216,7 +218,7 @@ def test_tiny_run_end_to_end(tiny_run, tmp_path):
     assert on_disk.extra["time_s"]["train"] > 0 and on_disk.extra["time_s"]["eval"] > 0
     written = write_report([run_dir], tmp_path / "report")
     assert (tmp_path / "report" / "results.md").is_file() and len(written) >= 4
-    assert "| cpd [task id] |" in (tmp_path / "report" / "results.md").read_text()
+    assert "| cpd (2 episodes/task) [task id] |" in (tmp_path / "report" / "results.md").read_text()
 
     # the trained student imitates the teacher on held-out episodes far better than an untrained one
     collect_dataset(ScriptedExpert("reach-v3"), "reach-v3", tmp_path / "ho", episodes=1, num_envs=1,
@@ -302,7 +304,7 @@ def test_error_weighted_replay_in_a_run(tiny_run, tmp_path):
     _, run_dir, _ = tiny_run
     cfg = tiny_config(replay_quality="error", data_dir=str(run_dir / "datasets"))
     r = run_distill(cfg, tmp_path / "q")
-    assert r.method == "cpd (error-weighted replay)"
+    assert r.method == "cpd (error-weighted replay, 2 episodes/task)"
     per_task = r.extra["replay"]["per_task"]
     assert all(v["fraction"] <= cfg.replay_fraction for v in per_task.values())
     a = torch.load(run_dir / "replay" / "stage0.pt", weights_only=True)
@@ -358,7 +360,7 @@ def test_last_position_loss_is_the_last_term_of_the_all_position_loss():
         last = student.losses(obs, target[:, -1], tid, mask, update_prototypes=False)["mse"]
         pred = student(obs, mask=mask)
     torch.testing.assert_close(last, ((pred - target[:, -1].clamp(-1, 1)) ** 2).mean())
-    assert tiny_config(loss_positions="last").label == "cpd (last-position loss)"
+    assert DistillConfig(loss_positions="last").label == "cpd (last-position loss)"
     with pytest.raises(ValueError, match="loss_positions"):
         tiny_config(loss_positions="first")
 
@@ -368,6 +370,6 @@ def test_last_position_run_trains(tiny_run, tmp_path):
     cfg = tiny_config(loss_positions="last", steps_per_stage=10, data_dir=str(run_dir / "datasets"),
                       eval_modes=("inferred",))  # fmt: skip
     r = run_distill(cfg, tmp_path / "last")
-    assert r.method == "cpd (last-position loss)" and r.extra["complete"]
+    assert r.method == "cpd (2 episodes/task, last-position loss)" and r.extra["complete"]
     summary = [json.loads(x) for x in open(tmp_path / "last" / "metrics.jsonl") if '"summary"' in x]
     assert summary and all(np.isfinite(e["summary"]["mse"]) for e in summary)

@@ -177,6 +177,9 @@ class DistillConfig:
                 notes.append(f"{self.selection} replay")
             elif key in uses and getattr(self, key) != getattr(d, key) and note(getattr(self, key)):
                 notes.append(note(getattr(self, key)))
+        for key, unit in (("episodes_per_task", "episodes/task"), ("noise_std", "noise std")):
+            if getattr(self, key) != getattr(d, key):  # what the data is: runs with other data never pool
+                notes.append(f"{getattr(self, key):g} {unit}")
         if self.loss_positions != "all":
             notes.append(f"{self.loss_positions}-position loss")
         if self.dagger:  # any method
