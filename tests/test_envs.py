@@ -239,3 +239,35 @@ def test_official_eval_agrees_with_metaworlds_own_evaluation():
     p = (ours + theirs) / 2
     assert 0.2 < ours < 0.95, ours  # an informative rate, not 0 or 1
     assert abs(ours - theirs) <= 3 * np.sqrt(p * (1 - p) * 2 / 50) + 1e-9, (ours, theirs)
+
+
+def test_env_cache_gives_the_same_flags_bit_for_bit():
+    """Reused (dirty) envs give the same per-goal success flags and episode lengths as fresh ones; a
+    cache smaller than the request builds the rest per call."""
+    from cpd_fast.evaluation import EnvCache
+
+    expert = ScriptedExpert("push-v3")
+    rng = np.random.default_rng(0)
+    noise = rng.normal(0, 0.6, (500 * 8, 4)).astype(np.float32)
+    calls = [0]
+
+    def noisy(obs):  # a deterministic function of the call count: the same actions in every evaluation
+        i = calls[0]
+        calls[0] += 1
+        return expert.action_mean(obs) + noise[i % len(noise)]
+
+    def run(**kw):
+        calls[0] = 0
+        r = evaluate_official(noisy, "push-v3", num_envs=1, num_goals=6, **kw)
+        return r.successes.tolist(), r.episode_lengths.tolist()
+
+    fresh = run()
+    assert 0 < sum(fresh[0]) < 6, fresh  # some goals fail: the flags say something
+    with EnvCache(max_envs=1) as cache:
+        assert run(env_cache=cache) == fresh
+        assert run(env_cache=cache) == fresh  # the same env again, after six episodes of the last call
+        assert cache.built == 1 and cache.reused == 2
+    with EnvCache(max_envs=0) as cache:  # no room: built per call, as without a cache
+        assert run(env_cache=cache) == fresh and cache.reused == 0
+    with pytest.raises(ValueError, match="max_envs"):
+        EnvCache(max_envs=-1)

@@ -37,6 +37,7 @@ from cpd_fast.distill.methods import configure_phase, get_method, make_hook, pha
 from cpd_fast.distill.stats import replay_report, routing_shares, student_error
 from cpd_fast.distill.train import train_phase
 from cpd_fast.distill.windows import TaskSampler, WindowData, full_pool
+from cpd_fast.evaluation import EnvCache
 from cpd_fast.runio import (
     Ledger,
     RunLock,
@@ -121,7 +122,11 @@ class DistillRun:
         self.teacher_success = self.prepare_data()
         self.student = self.build_student()
         self.hook = make_hook(self.cfg)  # EWC / online EWC; None for the other methods
-        with RunLogger(self.run_dir, self.cfg.tensorboard, enabled=self.main) as self.logger:
+        # the evaluation envs live as long as the run (both modes, every stage): see EnvCache
+        with (
+            RunLogger(self.run_dir, self.cfg.tensorboard, enabled=self.main) as self.logger,
+            EnvCache() as self.env_cache,
+        ):
             for s, stage in enumerate(self.stages):
                 new_ids = [self.task_index[t] for t in stage]
                 new_experts = self.grow(s, stage)
@@ -306,6 +311,7 @@ class DistillRun:
                     v = evaluate_student(
                         self.student, self.tasks[t], num_goals=cfg.eval_goals, num_envs=cfg.eval_envs,
                         max_episode_steps=cfg.eval_max_steps, task_id=None if m == "inferred" else t,
+                        env_cache=self.env_cache,
                     )  # fmt: skip
                     rows[m][self.tasks[t]] = v
                     self.logger.scalars(s, {f"success_{m}/{self.tasks[t]}": v})
