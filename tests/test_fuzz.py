@@ -63,6 +63,7 @@ HEAVY = [
     ("cpd_fast.distributed", "_run_ray"),  # ... after check_ray_address
     ("cpd_fast.data", "collect_dataset"),  # cpd teachers collect (after every teacher loaded)
     ("cpd_fast.teachers.gate", "evaluate_teacher"),  # cpd teachers eval
+    ("cpd_fast.teachers.zoo", "add_teacher"),  # cpd teachers export
     ("cpd_fast.fidelity", "check_fidelity"),  # cpd envs check
     ("cpd_fast.demo", "dpp_demo"),  # cpd dpp-demo
     ("cpd_fast.pipeline", "run_pipeline"),  # cpd run
@@ -204,6 +205,8 @@ def test_valid_argv_of_every_command_reaches_its_stub(stubbed_cli, path, tmp_pat
                 "collect": ["--run-dir", str(tmp_path), "--source", "scripted", "--tasks", "reach-v3"],
                 "eval": ["--task", "reach-v3", "--source", "scripted"], "check": ["--tasks", "reach-v3"],
                 "report": [str(tmp_path / "missing")], "dpp-demo": [], "run": ["--out", str(tmp_path / "r")],
+                "export": ["--zoo", str(tmp_path / "z"), "--task", "reach-v3",
+                           "--checkpoint", str(tmp_path / "p.pt")],
                 }  # fmt: skip
     extra = {"train": ["--tasks", "reach-v3"]}
     argv = [*path, *required.get(path[-1], []), *extra.get(path[-1], [])]
