@@ -153,7 +153,7 @@ def _add_task_args(p: argparse.ArgumentParser, default_suite: str | None = "mt25
 
 def _cli_train(args: argparse.Namespace) -> int:
     from cpd_fast.distributed import train_teachers
-    from cpd_fast.fidelity import load_backend_choices
+    from cpd_fast.fidelity import collection_backends
     from cpd_fast.tasks import resolve_tasks
     from cpd_fast.teachers.ppo import recipe_config
 
@@ -177,7 +177,8 @@ def _cli_train(args: argparse.Namespace) -> int:
             "--demo settings are only read by --algorithm ppo+demos or --on-fail demos; drop them"
         )
     demos = from_mapping(DemoConfig, parse_set(args.demo), "--demo")
-    env_backends = load_backend_choices(args.fidelity) if args.fidelity else None
+    # without a fidelity report, the known envpool mismatches (dial-turn-v3 -> gymnasium) still apply
+    env_backends = collection_backends(args.fidelity)
     t0 = time.perf_counter()
     records = train_teachers(
         tasks,
@@ -211,7 +212,7 @@ def _cli_train(args: argparse.Namespace) -> int:
 
 def _cli_collect(args: argparse.Namespace) -> int:
     from cpd_fast.errors import UserError
-    from cpd_fast.fidelity import load_backend_choices
+    from cpd_fast.fidelity import collection_backends
     from cpd_fast.runio import RunLock
     from cpd_fast.tasks import resolve_tasks
     from cpd_fast.teachers.gate import usable_teachers
@@ -228,7 +229,7 @@ def _cli_collect(args: argparse.Namespace) -> int:
         tasks = resolve_tasks(args.tasks or args.suite or "mt25")
     if not tasks:
         raise UserError(f"no usable teacher for the requested tasks in {args.run_dir}/teachers.json")
-    env_backends = load_backend_choices(args.fidelity) if args.fidelity else {}
+    env_backends = collection_backends(args.fidelity)
     root = os.path.join(args.run_dir, "datasets")
     with RunLock(args.run_dir):  # one process writes a run directory at a time
         _collect_all(args, tasks, usable, root, env_backends)
