@@ -33,7 +33,8 @@ def main() -> None:
             continue
         have += 1
         h = r.history[-1]
-        curve = ", ".join(f"{s / 1e6:.2f}: {v:.2f}" for s, v in h.get("curve", [])) or "(curve not in the record; see bench/zoo_runs)"
+        curve = ", ".join(f"{s / 1e6:.2f}: {v:.2f}" for s, v in h.get("curve", []))
+        curve = curve or "(not in the record; see bench/zoo_runs)"
         wall = f"{r.wall_time_s / 60:.1f} min" if r.wall_time_s else "-"
         algo = f"{r.algorithm} (seed {h.get('seed', 0)})"
         row = [str(i // 5), task, algo, f"{r.env_steps / 1e6:.2f}M", wall, f"**{r.success_rate:.2f}**", curve]
