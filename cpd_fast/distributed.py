@@ -45,6 +45,20 @@ RAY_CONNECT_TIMEOUT_S = 5.0
 # ----------------------------------------------------------------------------------------------------------
 # One job (runs inside a worker process)
 # ----------------------------------------------------------------------------------------------------------
+def _trainer(algorithm: str, demos: dict[str, Any] | None) -> Any:
+    """The ``train_ppo``-like callable of a teacher ``algorithm`` (``"ppo"`` or ``"ppo+demos"``)."""
+    import functools
+
+    from cpd_fast.teachers.demos import ALGORITHM, DemoConfig, train_ppo_demos
+    from cpd_fast.teachers.ppo import train_ppo
+
+    if algorithm == "ppo":
+        return train_ppo
+    if algorithm == ALGORITHM:
+        return functools.partial(train_ppo_demos, demos=DemoConfig.from_dict(demos or {}))
+    raise ValueError(f"unknown teacher algorithm {algorithm!r}; choose ppo or {ALGORITHM}")
+
+
 def run_teacher_job(job: dict[str, Any]) -> dict[str, Any]:
     """Train (or resume) one PPO teacher and evaluate it officially. Runs in a worker; plain-dict I/O.
 
@@ -61,15 +75,13 @@ def run_teacher_job(job: dict[str, Any]) -> dict[str, Any]:
         "algorithm"}``; a ``ppo+demos`` job adds ``scripted_success`` (the expert's official success on the
         same goals: its bar) and ``extra_env_steps`` (demonstrations + critic warm-up).
     """
-    import functools
-
     import torch
 
     from cpd_fast.runio import read_json
     from cpd_fast.teachers.curve import train_measured
-    from cpd_fast.teachers.demos import ALGORITHM, DemoConfig, train_ppo_demos
+    from cpd_fast.teachers.demos import ALGORITHM
     from cpd_fast.teachers.gate import evaluate_teacher
-    from cpd_fast.teachers.ppo import PPOConfig, load_policy, train_ppo
+    from cpd_fast.teachers.ppo import PPOConfig, load_policy
 
     threads = int(job.get("threads") or 0)
     if threads > 0:
@@ -84,11 +96,7 @@ def run_teacher_job(job: dict[str, Any]) -> dict[str, Any]:
             return json.load(f)
 
     algorithm = job.get("algorithm", "ppo")
-    trainer = train_ppo
-    if algorithm == ALGORITHM:
-        trainer = functools.partial(train_ppo_demos, demos=DemoConfig.from_dict(job.get("demos") or {}))
-    elif algorithm != "ppo":
-        raise ValueError(f"unknown teacher algorithm {algorithm!r}; choose ppo or {ALGORITHM}")
+    trainer = _trainer(algorithm, job.get("demos"))
     goals, envs, progress = job["eval_goals"], job["eval_envs"], bool(job.get("progress"))
     t0 = time.perf_counter()
     if job.get("eval_every"):
@@ -355,7 +363,8 @@ def train_teachers(
         tasks: suite name or task list.
         run_dir: the run directory (locked while this runs: :class:`cpd_fast.runio.RunLock`).
         config: a :class:`~cpd_fast.teachers.ppo.PPOConfig` for every task (``backend`` field overridden
-            per task by ``env_backends``, e.g. from ``cpd envs check``: dial-turn-v3 -> gymnasium).
+            per task by ``env_backends``, e.g. from ``cpd envs check``: dial-turn-v3 -> gymnasium; None: the
+            known mismatches, :data:`cpd_fast.fidelity.KNOWN_BAD_ENVPOOL`).
         backend / workers / ray_address / num_gpus_per_job / max_retries: see :func:`run_jobs`.
         threshold, on_fail, retrain_factor, eval_goals, eval_envs: the quality gate
             (:mod:`cpd_fast.teachers.gate`, which holds the whole policy).
@@ -385,15 +394,17 @@ def train_teachers(
     require_int("eval_envs", eval_envs)
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
-    if algorithm not in ("ppo", ALGORITHM):
-        raise ValueError(f"unknown teacher algorithm {algorithm!r}; choose ppo or {ALGORITHM}")
+    demos = demos if demos is not None else DemoConfig()
+    _trainer(algorithm, demos.to_dict())  # an unknown algorithm: refused before anything runs
     if eval_every is not None:
         require_int("eval_every", eval_every)
     if stop_at is not None and not 0.0 <= stop_at <= 1.0:
         raise ValueError(f"stop_at must be a success rate in [0, 1], got {stop_at}")
-    demos = demos if demos is not None else DemoConfig()
     run_dir = os.fspath(run_dir)
-    env_backends = env_backends or {}
+    if env_backends is None:  # no fidelity report: the known envpool mismatches (dial-turn-v3) still apply
+        from cpd_fast.fidelity import collection_backends
+
+        env_backends = collection_backends(None)
 
     def job(task: str, out: str, total_steps: int, algo: str = algorithm) -> dict[str, Any]:
         task_cfg = dataclasses.replace(

@@ -440,9 +440,8 @@ class Pipeline:
         the zoo lacks is a failed teacher, and ``gate.on_fail`` says what happens (scripted, exclude)."""
         import dataclasses
 
-        from cpd_fast.errors import UserError
         from cpd_fast.teachers.gate import TeacherRecord, apply_remedy, passes, write_teachers_json
-        from cpd_fast.teachers.zoo import missing_message, zoo_name, zoo_records
+        from cpd_fast.teachers.zoo import zoo_name, zoo_records
 
         g = self.cfg.gate
         path, zoo = zoo_records(self.cfg.zoo)
@@ -460,11 +459,7 @@ class Pipeline:
                     threshold=g.threshold, passed=False, status="failed", used=False, flagged=True,
                     history=[{"source": "zoo", "missing_from": path}],
                 )  # fmt: skip
-        failed = [t for t, r in records.items() if not r.passed]
-        if failed and g.on_fail in ("retrain", "demos"):  # below this run's threshold (gaps: refused earlier)
-            raise UserError(
-                f"{missing_message(path, zoo, failed)}; gate.on_fail={g.on_fail} cannot train a zoo"
-            )
+        # a failure with on_fail retrain/demos was refused before the run started (_check_zoo)
         apply_remedy(records, g.on_fail, eval_goals=g.eval_goals, eval_envs=g.eval_envs)
         write_teachers_json(
             self.run_dir, records, tasks=self.tasks, threshold=g.threshold, eval_goals=g.eval_goals, zoo=path
@@ -546,6 +541,23 @@ def prepare_run_dir(cfg: PipelineConfig, run_dir: str) -> None:
         yaml.safe_dump(mine, f, sort_keys=False)
 
 
+def _check_zoo(cfg: PipelineConfig) -> None:
+    """Refuse, before anything is written, a zoo that does not exist, or one whose gaps (tasks it lacks or
+    holds below ``gate.threshold``) ``gate.on_fail`` would have to fill by training (retrain, demos)."""
+    from cpd_fast.errors import UserError
+    from cpd_fast.teachers.gate import passes
+    from cpd_fast.teachers.zoo import missing_message, zoo_records
+
+    path, zoo = zoo_records(cfg.zoo)
+    g = cfg.gate
+    lacking = [t for t in cfg.task_list() if t not in zoo or not zoo[t].used]
+    weak = [t for t in cfg.task_list() if t not in lacking and not passes(zoo[t].success_rate, g.threshold)]
+    if (lacking or weak) and g.on_fail in ("retrain", "demos"):
+        why = [missing_message(path, zoo, lacking)] if lacking else []
+        why += [f"{path} holds {', '.join(weak)} below gate.threshold {g.threshold:g}"] if weak else []
+        raise UserError(f"{'; '.join(why)}; gate.on_fail={g.on_fail} cannot train a zoo")
+
+
 def run_pipeline(cfg: PipelineConfig, run_dir: str, console: Any = None) -> dict[str, Any]:
     """Run (or resume) the whole pipeline of ``cfg`` in ``run_dir``; returns ``pipeline.json``'s steps."""
     from rich.console import Console
@@ -562,18 +574,8 @@ def run_pipeline(cfg: PipelineConfig, run_dir: str, console: Any = None) -> dict
         from cpd_fast.distributed import check_ray_address
 
         check_ray_address(cfg.ray_address)
-    if (
-        cfg.teachers == "zoo"
-    ):  # an unknown zoo, or gaps no remedy can fill: refused before anything is written
-        from cpd_fast.errors import UserError
-        from cpd_fast.teachers.zoo import missing_message, zoo_records
-
-        path, zoo = zoo_records(cfg.zoo)
-        lacking = [t for t in cfg.task_list() if t not in zoo or not zoo[t].used]
-        if lacking and cfg.gate.on_fail in ("retrain", "demos"):
-            raise UserError(
-                f"{missing_message(path, zoo, lacking)}; gate.on_fail={cfg.gate.on_fail} cannot train a zoo"
-            )
+    if cfg.teachers == "zoo":
+        _check_zoo(cfg)
     t0 = time.perf_counter()
     with RunLock(run_dir):  # a second process on this directory is refused at once
         resumed = os.path.isfile(os.path.join(run_dir, "config.yaml"))

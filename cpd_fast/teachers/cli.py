@@ -152,9 +152,12 @@ def _add_task_args(p: argparse.ArgumentParser, default_suite: str | None = "mt25
 
 
 def _cli_train(args: argparse.Namespace) -> int:
+    from cpd_fast.config import from_mapping, parse_set
     from cpd_fast.distributed import train_teachers
+    from cpd_fast.errors import UserError
     from cpd_fast.fidelity import collection_backends
     from cpd_fast.tasks import resolve_tasks
+    from cpd_fast.teachers.demos import DemoConfig
     from cpd_fast.teachers.ppo import recipe_config
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
@@ -166,10 +169,6 @@ def _cli_train(args: argparse.Namespace) -> int:
         seed=args.seed,
         **{k: v for k, v in overrides.items() if v is not None},
     )
-    from cpd_fast.config import from_mapping, parse_set
-    from cpd_fast.errors import UserError
-    from cpd_fast.teachers.demos import DemoConfig
-
     if args.stop_at is not None and args.eval_every is None:
         raise UserError("--stop-at needs --eval-every STEPS (how often to measure)")
     if args.demo and args.algorithm != "ppo+demos" and args.on_fail != "demos":

@@ -62,7 +62,7 @@ def train_measured(
     from cpd_fast.teachers.ppo import export_policy, load_policy, train_ppo
 
     require_int("every", every)
-    if not 0.0 <= stop_at or math.isnan(stop_at):
+    if not stop_at >= 0.0:  # NaN too
         raise ValueError(f"stop_at must be a success rate >= 0, got {stop_at}")
     trainer = trainer or train_ppo
     run_dir = os.fspath(run_dir)
