@@ -6,8 +6,9 @@ A job is idempotent — re-running a finished job only re-reads its ``eval.json`
 simply run again:
 
 * ``backend="local"`` (default): ``workers`` spawned processes on this machine. Each gets
-  ``cpu_count // workers`` threads (``torch.set_num_threads`` and ``OMP/MKL_NUM_THREADS``) so that N
-  workers do not oversubscribe the cores. A job whose process dies is resubmitted (``max_retries``).
+  ``cores // workers`` threads (``torch.set_num_threads`` and ``OMP/MKL_NUM_THREADS``; see
+  :mod:`cpd_fast.workers`) so that N workers do not oversubscribe the cores. A job whose process dies
+  is resubmitted (``max_retries``).
 * ``backend="ray"``: one Ray task per teacher with ``num_cpus``/``num_gpus`` resources and Ray's own
   ``max_retries`` for dead workers. ``ray_address=None`` starts a local Ray (``ray.init()``); ``"auto"``
   or ``"ray://host:port"`` joins an existing cluster (every node needs cpd_fast installed and a shared
@@ -19,7 +20,6 @@ writes ``teachers.json``.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import logging
@@ -27,18 +27,18 @@ import math
 import os
 import socket
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 from cpd_fast.errors import require_int
 from cpd_fast.tasks import resolve_tasks
+from cpd_fast.workers import available_cores, process_pool, set_threads
 
 __all__ = ["BACKENDS", "check_ray_address", "run_jobs", "run_teacher_job", "train_teachers"]
 
 log = logging.getLogger(__name__)
 
 BACKENDS = ("local", "ray")
-_THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
 RAY_CONNECT_TIMEOUT_S = 5.0
 
 
@@ -75,7 +75,6 @@ def run_teacher_job(job: dict[str, Any]) -> dict[str, Any]:
         "algorithm"}``; a ``ppo+demos`` job adds ``scripted_success`` (the expert's official success on the
         same goals: its bar) and ``extra_env_steps`` (demonstrations + critic warm-up).
     """
-    import torch
 
     from cpd_fast.runio import read_json
     from cpd_fast.teachers.curve import train_measured
@@ -85,9 +84,7 @@ def run_teacher_job(job: dict[str, Any]) -> dict[str, Any]:
 
     threads = int(job.get("threads") or 0)
     if threads > 0:
-        for var in _THREAD_VARS:
-            os.environ[var] = str(threads)
-        torch.set_num_threads(threads)
+        set_threads(threads)
     task, out_dir = job["task"], job["out_dir"]
     cfg = PPOConfig.from_dict(job["config"])
     eval_path = os.path.join(out_dir, "eval.json")
@@ -143,69 +140,20 @@ def run_teacher_job(job: dict[str, Any]) -> dict[str, Any]:
 # ----------------------------------------------------------------------------------------------------------
 # Running many jobs
 # ----------------------------------------------------------------------------------------------------------
-def _die_with_parent() -> None:
-    """Linux: ask the kernel to SIGTERM this worker when the process that spawned it dies, so a killed
-    ``cpd teachers train`` leaves no orphan still writing into a run directory it no longer locks."""
-    import ctypes
-    import signal
-    import sys
-
-    if sys.platform.startswith("linux"):
-        with contextlib.suppress(OSError, AttributeError):
-            ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG = 1
-        if os.getppid() == 1:  # the parent died before prctl took effect
-            os._exit(1)
-
-
-def _init_worker(threads: int) -> None:
-    import torch
-
-    _die_with_parent()
-    for var in _THREAD_VARS:
-        os.environ[var] = str(threads)
-    torch.set_num_threads(threads)
-
-
-@contextlib.contextmanager
-def _thread_env(threads: int) -> Iterator[None]:
-    """Set the thread variables while worker processes are spawned (they inherit os.environ)."""
-    saved = {v: os.environ.get(v) for v in _THREAD_VARS}
-    for var in _THREAD_VARS:
-        os.environ[var] = str(threads)
-    try:
-        yield
-    finally:
-        for var, value in saved.items():
-            if value is None:
-                os.environ.pop(var, None)
-            else:
-                os.environ[var] = value
-
-
 def _error(job: dict[str, Any], err: BaseException) -> dict[str, Any]:
     return {"task": job["task"], "path": None, "success_rate": None, "error": f"{type(err).__name__}: {err}"}
 
 
 def _run_local(jobs: list[dict[str, Any]], workers: int, max_retries: int) -> list[dict[str, Any]]:
-    import multiprocessing as mp
-    from concurrent.futures import ProcessPoolExecutor
     from concurrent.futures.process import BrokenProcessPool
 
-    threads = max(1, (os.cpu_count() or 1) // workers)
+    threads = max(1, available_cores() // workers)
     results: dict[int, dict[str, Any]] = {}
     attempts = dict.fromkeys(range(len(jobs)), 0)
     pending = list(range(len(jobs)))
     while pending:
         # A fresh pool per round: a worker killed mid-job breaks the whole pool (BrokenProcessPool).
-        with (
-            _thread_env(threads),
-            ProcessPoolExecutor(
-                max_workers=min(workers, len(pending)),
-                mp_context=mp.get_context("spawn"),  # no fork: torch/envpool threads do not survive fork
-                initializer=_init_worker,
-                initargs=(threads,),
-            ) as pool,
-        ):
+        with process_pool(min(workers, len(pending)), threads) as pool:
             futures = {i: pool.submit(run_teacher_job, {**jobs[i], "threads": threads}) for i in pending}
             retry = []
             for i, fut in futures.items():
@@ -322,7 +270,7 @@ def run_jobs(
     if not jobs:
         return []
     if backend == "local":
-        workers = workers or min(len(jobs), os.cpu_count() or 1)
+        workers = workers or min(len(jobs), available_cores())
         if workers <= 0:
             raise ValueError(f"workers must be positive, got {workers}")
         return _run_local(jobs, workers, max_retries)

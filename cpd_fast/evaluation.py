@@ -38,6 +38,7 @@ __all__ = [
     "evaluate_official",
     "evaluate_student",
     "official_goals",
+    "student_result",
 ]
 
 NUM_OFFICIAL_GOALS = 50  # Meta-World's _N_GOALS
@@ -296,15 +297,31 @@ def evaluate_student(
 ) -> float:
     """Official-protocol success of the student on ``task``: with ``task_id=None`` the task embedding is
     inferred from the history (no task id); otherwise the task's prototype conditions the policy."""
+    return student_result(
+        student, task, num_goals=num_goals, num_envs=num_envs, max_episode_steps=max_episode_steps,
+        task_id=task_id, env_cache=env_cache,
+    ).success_rate  # fmt: skip
+
+
+def student_result(
+    student: Any,
+    task: str,
+    *,
+    num_goals: int,
+    num_envs: int,
+    max_episode_steps: int,
+    task_id: int | None,
+    env_cache: EnvCache | None = None,
+) -> EvalResult:
+    """:func:`evaluate_student` with the whole :class:`EvalResult` (per-goal flags and lengths)."""
     import torch
 
     n_envs = min(num_envs, num_goals)
     with torch.no_grad():
-        result = evaluate_official(
+        return evaluate_official(
             StudentPolicy(student, n_envs, task_id), task, num_envs=n_envs, num_goals=num_goals,
             max_episode_steps=max_episode_steps, episode_info=True, env_cache=env_cache,
         )  # fmt: skip
-    return result.success_rate
 
 
 def evaluate_monitoring(

@@ -35,8 +35,13 @@ teacher at its last checkpoint, an interrupted collection at the next task. Once
 later one runs too (cheaply: each skips its own finished work), so a redone step is never ignored
 downstream. ``cpd run --out RUN`` alone resumes with ``RUN/config.yaml``. A different config is
 refused, naming the keys that differ; the runtime-only keys (device, Ray backend/address, workers,
-progress) may change. A run directory records its own path (teachers, datasets): resume it where it was
-made.
+jobs, progress, distill threads and eval_workers) may change.
+
+**Cores.** The methods are distilled side by side, one worker process each (``jobs``; default: as many
+as there are methods and cores), each with ``distill.threads`` torch threads and its evaluations in its
+own process; a lone method evaluates in ``distill.eval_workers`` worker processes (default: one per
+core, :mod:`cpd_fast.evalpool`). Neither changes a bit of what a method computes (tested). A run
+directory records its own path (teachers, datasets): resume it where it was made.
 
 **Integrity.** Every write is atomic (:mod:`cpd_fast.runio`). Torch checkpoints carry a ``.sha256``
 sidecar and datasets a checksum per file in their ``<task>.collected.json``; a resumed run verifies them
@@ -96,7 +101,16 @@ _OWNED = ("suite", "tasks", "tasks_per_stage", "method", "teachers", "fidelity",
           "progress")  # fmt: skip
 _PPO_OWNED = ("seed", "device")  # PPOConfig fields set from the top level
 # keys that change how a run executes, not what it computes: they may differ on resume
-_RUNTIME = ("device", "backend", "ray_address", "workers", "progress", "distill.threads")
+_RUNTIME = (
+    "device",
+    "backend",
+    "ray_address",
+    "workers",
+    "jobs",
+    "progress",
+    "distill.threads",
+    "distill.eval_workers",
+)
 STATE_FILE = "pipeline.json"
 _TEACHERS = {
     "ppo": "PPO training ({backend}) +",
@@ -141,6 +155,9 @@ class PipelineConfig:
     backend: Str = "local"  # PPO teacher training: local process pool | ray
     ray_address: Str | None = None
     workers: PositiveInt | None = None
+    # methods distilled side by side, each in its own process (None: as many as there are methods and
+    # cores); every method computes the same bits either way (each runs distill.threads threads)
+    jobs: PositiveInt | None = None
     progress: Bool = True
     fidelity: FidelitySettings = field(default_factory=FidelitySettings)
     gate: GateSettings = field(default_factory=GateSettings)
@@ -325,6 +342,7 @@ class Pipeline:
         self.state = Ledger(os.path.join(run_dir, STATE_FILE))
         self.fidelity_path = os.path.join(run_dir, "fidelity.json") if cfg.fidelity.episodes else None
         self.data_root = os.path.join(run_dir, "datasets")
+        self._grouped: set[str] = set()  # distill steps run side by side with an earlier one
 
     def steps(self) -> list[tuple[str, Any, list[str]]]:
         """``[(name, function, outputs)]`` in order; a finished step is skipped if its outputs exist."""
@@ -353,14 +371,71 @@ class Pipeline:
             if not cascade and self.state.done(name, outputs):
                 self.console.print(f"{head}: done earlier, skipped")
                 continue
-            self.console.print(f"{head}: {self.describe(name)}")
             cascade = True
+            if name in self._grouped:
+                continue  # ran side by side with the first method of its group
+            group = self._side_by_side(steps[i - 1 :]) if name.startswith("distill:") else []
+            if group:
+                self._distill_side_by_side(group, head)
+                continue
+            self.console.print(f"{head}: {self.describe(name)}")
             t0 = time.perf_counter()
             record = fn() or {}
             record["time_s"] = round(time.perf_counter() - t0, 1)
             self.state.mark(name, record)
             self.console.print(f"    [green]done[/green] in {record['time_s']:.1f} s")
         return self.state.steps
+
+    def _side_by_side(self, rest: list[tuple[str, Any, list[str]]]) -> list[str]:
+        """The methods of the distill steps starting ``rest`` if they run side by side, else ``[]``."""
+        from cpd_fast.workers import available_cores
+
+        methods = [n.split(":", 1)[1] for n, _, _ in rest if n.startswith("distill:")]
+        return methods if min(self.cfg.jobs or available_cores(), len(methods)) > 1 else []
+
+    def _distill_side_by_side(self, methods: list[str], head: str) -> None:
+        """Distil ``methods`` in ``jobs`` worker processes (:func:`cpd_fast.workers.process_pool`), each
+        with ``distill.threads`` threads (0: its share of the cores); each is marked done as it ends."""
+        from concurrent.futures import FIRST_COMPLETED, wait
+
+        from cpd_fast.workers import available_cores, process_pool
+
+        jobs = min(self.cfg.jobs or available_cores(), len(methods))
+        threads = int(self.cfg.distill.get("threads") or max(1, available_cores() // jobs))
+        self._grouped.update(f"distill:{m}" for m in methods)
+        self.console.print(f"{head}: {', '.join(methods)} side by side ({jobs} processes, {threads} "
+                           f"thread(s) each), {self.describe('distill:' + methods[0])}")  # fmt: skip
+        self._verify_datasets()
+        t0, failed = time.perf_counter(), None
+        shown = {m: set(Ledger(os.path.join(self.method_dir(m), "progress.json")).steps) for m in methods}
+        with process_pool(jobs, threads) as pool:
+            futures = {pool.submit(distill_method, self._method_config(m, solo=False), self.method_dir(m)): m
+                       for m in methods}  # fmt: skip
+            pending = set(futures)
+            while pending:
+                finished, pending = wait(pending, timeout=10, return_when=FIRST_COMPLETED)
+                self._show_progress(shown, t0)  # each method's finished phases and evaluations, as lines
+                for fut in finished:
+                    m = futures[fut]
+                    try:
+                        record = fut.result()
+                    except Exception as err:  # the others still finish and are kept; then this is raised
+                        failed = failed or err
+                        self.console.print(f"    [red]{m} failed[/red]: {err}")
+                        continue
+                    record["time_s"] = round(time.perf_counter() - t0, 1)
+                    self.state.mark(f"distill:{m}", record)
+                    self.console.print(f"    [green]{m} done[/green] after {record['time_s']:.1f} s")
+        if failed is not None:
+            raise failed
+
+    def _show_progress(self, shown: dict[str, set[str]], t0: float) -> None:
+        for m, seen in shown.items():
+            path = os.path.join(self.method_dir(m), "progress.json")
+            steps = Ledger(path).steps if os.path.isfile(path) else {}  # written atomically: never half
+            for step in [s for s in steps if s not in seen]:
+                seen.add(step)
+                self.console.print(f"    {m}: {step} ({time.perf_counter() - t0:.0f} s)")
 
     def describe(self, name: str) -> str:
         c, n = self.cfg, len(self.tasks)
@@ -496,20 +571,22 @@ class Pipeline:
 
     # ---- distillation (+ evaluation after every stage)
     def distill(self, method: str) -> dict[str, Any]:
-        from cpd_fast.distill.run import run_distill
+        self._verify_datasets()
+        return distill_method(self._method_config(method, solo=True), self.method_dir(method))
 
+    def _verify_datasets(self) -> None:
         for task in self.tasks:  # a method must not train on data that changed since it was collected
             verify_dataset_files(os.path.join(self.data_root, f"{task}.collected.json"))
-        result = run_distill(
-            self.cfg.distill_config(method, self.run_dir, self.fidelity_path), self.method_dir(method)
-        )
-        m = result.metrics()
-        return {
-            "acc": m.acc,
-            "bwt": m.bwt,
-            "forgetting": m.mean_forgetting,
-            "relative": m.relative_performance,
-        }
+
+    def _method_config(self, method: str, solo: bool) -> dict[str, Any]:
+        """A method's DistillConfig as a dict; beside other methods it runs without progress bars and
+        evaluates in its own process unless ``distill.eval_workers`` says otherwise."""
+        d = self.cfg.distill_config(method, self.run_dir, self.fidelity_path).to_dict()
+        if not solo:
+            d["progress"] = False
+            if d.get("eval_workers") is None:
+                d["eval_workers"] = 0
+        return d
 
     # ---- report
     def report(self) -> dict[str, Any]:
@@ -519,6 +596,16 @@ class Pipeline:
             [self.method_dir(m) for m in self.cfg.methods], os.path.join(self.run_dir, "report")
         )
         return {"files": [os.path.relpath(p, self.run_dir) for p in map(str, paths)]}
+
+
+def distill_method(config: dict[str, Any], method_dir: str) -> dict[str, Any]:
+    """One method's distillation (:func:`~cpd_fast.distill.run.run_distill`) and its headline metrics; a
+    module-level function so that a worker process can run it."""
+    from cpd_fast.distill.config import DistillConfig
+    from cpd_fast.distill.run import run_distill
+
+    m = run_distill(DistillConfig.from_dict(config), method_dir).metrics()
+    return {"acc": m.acc, "bwt": m.bwt, "forgetting": m.mean_forgetting, "relative": m.relative_performance}
 
 
 # ----------------------------------------------------------------------------- entry points

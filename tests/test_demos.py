@@ -89,7 +89,24 @@ def test_demos_settings_must_match_on_resume(tmp_path):
         train_ppo_demos(TASK, CFG, tmp_path, demos=other, tensorboard=False)
 
 
-@pytest.mark.parametrize("bad", [{"episodes": 0}, {"bc_decay": 1.5}, {"bc_coef": -1.0}, {"bc_batch_size": 0}])
+def test_cloning_weight_decays_to_its_floor():
+    from cpd_fast.teachers.demos import _bc_term
+
+    obs, target = torch.zeros(8, 39), torch.zeros(8, 4)
+    model = ActorCritic(CFG)
+
+    def weights(dcfg):
+        terms = _bc_term(obs, target, dcfg, seed=0)
+        return [None if (t := terms(k)) is None else round(float(t(model, 4)[1]["bc_weight"]), 6)
+                for k in (0, 1, 3, 40)]  # fmt: skip
+
+    assert weights(DemoConfig(bc_decay=0.5)) == [1.0, 0.5, 0.125, None]  # DAPG's: fades out
+    assert weights(DemoConfig(bc_decay=0.5, bc_floor=0.2, bc_coef=2.0)) == [2.0, 1.0, 0.4, 0.4]
+
+
+@pytest.mark.parametrize(
+    "bad", [{"episodes": 0}, {"bc_decay": 1.5}, {"bc_coef": -1.0}, {"bc_batch_size": 0}, {"bc_floor": 2.0}]
+)
 def test_demo_config_bad_values(bad):
     with pytest.raises(ValueError, match=next(iter(bad))):
         DemoConfig(**bad)

@@ -45,7 +45,7 @@ def tiny_config(**kw) -> DistillConfig:
         tasks=TASKS, tasks_per_stage=2, method="cpd", episodes_per_task=2, collect_envs=2,
         max_episode_steps=100, steps_per_stage=40, batch_size=32, lr=3e-3, eval_goals=2, eval_envs=2,
         eval_max_steps=100, fisher_batches=4, fisher_batch_size=8, progress=False, tensorboard=False,
-        student=StudentConfig(**TINY),
+        eval_workers=0, student=StudentConfig(**TINY),
     )  # fmt: skip
     base.update(kw)
     return DistillConfig(**base)
@@ -373,3 +373,18 @@ def test_last_position_run_trains(tiny_run, tmp_path):
     assert r.method == "cpd (2 episodes/task, last-position loss)" and r.extra["complete"]
     summary = [json.loads(x) for x in open(tmp_path / "last" / "metrics.jsonl") if '"summary"' in x]
     assert summary and all(np.isfinite(e["summary"]["mse"]) for e in summary)
+
+
+def test_evaluation_in_worker_processes_gives_the_same_run(tiny_run, tmp_path):
+    """eval_workers=2 (cpd_fast.evalpool) reproduces the in-process run's success matrices exactly."""
+    from cpd_fast.metrics import RunResult
+
+    _, run_dir, _ = tiny_run
+    r = run_distill(tiny_config(eval_workers=2, data_dir=str(run_dir / "datasets")), tmp_path / "pool")
+    ref = RunResult.load(run_dir)
+    assert r.method == ref.method  # a runtime setting: same label, same config otherwise
+    np.testing.assert_array_equal(np.array(r.R), np.array(ref.R))
+    for mode, M in ref.extra["success_matrix_modes"].items():
+        np.testing.assert_array_equal(
+            np.array(r.extra["success_matrix_modes"][mode], float), np.array(M, float)
+        )

@@ -102,9 +102,9 @@ def test_a_pool_worker_dies_with_its_parent(tmp_path):
     script = (
         "import multiprocessing as mp, os, time\n"
         "from concurrent.futures import ProcessPoolExecutor\n"
-        "from cpd_fast.distributed import _init_worker\n"
+        "from cpd_fast.workers import init_worker\n"
         "if __name__ == '__main__':\n"
-        "    ex = ProcessPoolExecutor(1, mp_context=mp.get_context('spawn'), initializer=_init_worker,"
+        "    ex = ProcessPoolExecutor(1, mp_context=mp.get_context('spawn'), initializer=init_worker,"
         " initargs=(1,))\n"
         "    print(ex.submit(os.getpid).result(), flush=True)\n"
         "    ex.submit(time.sleep, 600)\n"

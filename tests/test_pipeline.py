@@ -74,7 +74,14 @@ def _cpd_run(cfg: str, out: str, kill_after: str | None = None, delay: float = 0
     )  # fmt: skip
     if kill_after is None and proc.returncode != 0:
         raise AssertionError(proc.stdout[-3000:] + proc.stderr[-3000:])
+    with open(out + ".stdout", "a") as f:  # beside the run directory: what `cpd run` printed
+        f.write(proc.stdout)
     return proc.returncode
+
+
+def _log(run: str) -> str:
+    with open(run + ".stdout") as f:
+        return f.read()
 
 
 @pytest.fixture(scope="module")
@@ -158,6 +165,25 @@ def test_kill_and_resume_matches_uninterrupted(tiny_config, uninterrupted, tmp_p
         )
         _assert_identical(a, b, f"{method}/{last}")
     assert os.path.isfile(os.path.join(out, "report", "results.md"))
+
+
+def test_methods_side_by_side_compute_what_one_after_another_does(tiny_config, uninterrupted, tmp_path):
+    """jobs=2 (the methods in two worker processes, as `uninterrupted` ran on 2 cores) and jobs=1 (one
+    after the other in the main process) give the same results and final checkpoints, bit for bit."""
+    assert "side by side (2 processes" in _log(uninterrupted) or os.cpu_count() == 1
+    cfg = yaml.safe_load(open(tiny_config))
+    cfg["jobs"] = 1
+    one = tmp_path / "one.yaml"
+    one.write_text(yaml.safe_dump(cfg))
+    out = str(tmp_path / "one")
+    assert _cpd_run(str(one), out) == 0
+    assert "side by side" not in _log(out)
+    for method in TINY["methods"]:
+        assert _results(out, method) == _results(uninterrupted, method)
+        for ckpt in ("stage1-phase2.pt", "stage1-train.pt"):
+            paths = [os.path.join(r, "methods", method, "checkpoints", ckpt) for r in (uninterrupted, out)]
+            if os.path.isfile(paths[0]):
+                _assert_identical(*map(load_torch_checked, paths), f"{method}/{ckpt}")
 
 
 def _file_states(run: str) -> dict[str, tuple[int, int, bytes]]:

@@ -37,6 +37,8 @@ _HELP = {
     "route_new_experts": "ablation: Phase 1 routes by top-k only (newborn experts may never be routed)",
     "ewc_gamma": "online-EWC decay",
     "threads": "torch threads (0: torch's default; 1 is fastest on a busy CPU)",
+    "eval_workers": "evaluation worker processes (0: in this process; default one per core); the success "
+    "flags are the same bit for bit whatever the number",
     "progress": "no progress bars",
     "tensorboard": "no TensorBoard events (metrics.jsonl only)",
 }

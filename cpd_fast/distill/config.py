@@ -29,7 +29,7 @@ __all__ = ["EVAL_MODES", "RUNTIME_KEYS", "DistillConfig"]
 EVAL_MODES = ("inferred", "prototype")
 # keys that change how a run executes, not what it computes: a resumed run may change them (eval_modes
 # may grow: a finished run evaluates just the added modes)
-RUNTIME_KEYS = ("progress", "tensorboard", "threads", "device", "eval_modes")
+RUNTIME_KEYS = ("progress", "tensorboard", "threads", "device", "eval_modes", "eval_workers")
 _DAGGER_FIELDS = ("dagger_rounds", "dagger_episodes", "dagger_beta")  # read only with dagger on
 
 
@@ -112,6 +112,10 @@ class DistillConfig:
     # "inferred": no task id, the embedding comes from the history (the main number); "prototype": the
     # task id selects its prototype embedding (extra["success_matrix_modes"], its own report row)
     eval_modes: tuple[Literal["inferred", "prototype"], ...] = ("inferred", "prototype")
+    # evaluation worker processes (cpd_fast.evalpool; 0: in this process; None: one per core when there
+    # are two or more). The success flags are the same bit for bit whatever the number (a runtime key);
+    # workers evaluate on the CPU with one thread each
+    eval_workers: NonNegativeInt | None = None
     # logging
     progress: Bool = True
     tensorboard: Bool = True
@@ -131,6 +135,15 @@ class DistillConfig:
     @property
     def stage_steps(self) -> int:
         return max(1, round(self.budget * self.steps_per_stage))
+
+    def eval_worker_count(self) -> int:
+        """``eval_workers`` resolved: None gives one worker per core on a CPU run with two or more cores."""
+        from cpd_fast.workers import available_cores
+
+        if self.eval_workers is not None:
+            return self.eval_workers
+        cores = available_cores()
+        return cores if cores > 1 and self.device == "cpu" else 0
 
     def stage_tasks(self) -> list[list[str]]:
         """The run's tasks, stage by stage."""

@@ -37,7 +37,7 @@ from cpd_fast.distill.methods import configure_phase, get_method, make_hook, pha
 from cpd_fast.distill.stats import replay_report, routing_shares, student_error
 from cpd_fast.distill.train import train_phase
 from cpd_fast.distill.windows import TaskSampler, WindowData, full_pool
-from cpd_fast.evaluation import EnvCache
+from cpd_fast.evalpool import EvalPool
 from cpd_fast.runio import (
     Ledger,
     RunLock,
@@ -122,10 +122,10 @@ class DistillRun:
         self.teacher_success = self.prepare_data()
         self.student = self.build_student()
         self.hook = make_hook(self.cfg)  # EWC / online EWC; None for the other methods
-        # the evaluation envs live as long as the run (both modes, every stage): see EnvCache
+        # the evaluation envs (and worker processes) live as long as the run: every stage, both modes
         with (
             RunLogger(self.run_dir, self.cfg.tensorboard, enabled=self.main) as self.logger,
-            EnvCache() as self.env_cache,
+            EvalPool(self.cfg.eval_worker_count() if self.main else 0) as self.evaluator,
         ):
             for s, stage in enumerate(self.stages):
                 new_ids = [self.task_index[t] for t in stage]
@@ -297,7 +297,7 @@ class DistillRun:
         """Official-protocol success of every task seen so far, in every evaluation mode. A finished stage
         re-run with more ``eval_modes`` evaluates only the missing ones (the student holds this stage's
         final weights here: skipped phases load their checkpoints)."""
-        from cpd_fast.evaluation import evaluate_student
+        from cpd_fast.evalpool import EvalJob
 
         cfg, path, name = self.cfg, self.path("eval", f"stage{s}.json"), f"stage{s}/eval"
         rows = read_json(path, {}) if name in self.ledger else {}
@@ -306,15 +306,14 @@ class DistillRun:
             t0 = time.perf_counter()
             self.student.eval()
             rows.update({m: {} for m in missing})
-            for t in self.seen:
-                for m in missing:
-                    v = evaluate_student(
-                        self.student, self.tasks[t], num_goals=cfg.eval_goals, num_envs=cfg.eval_envs,
-                        max_episode_steps=cfg.eval_max_steps, task_id=None if m == "inferred" else t,
-                        env_cache=self.env_cache,
-                    )  # fmt: skip
-                    rows[m][self.tasks[t]] = v
-                    self.logger.scalars(s, {f"success_{m}/{self.tasks[t]}": v})
+            keys = [(t, m) for t in self.seen for m in missing]
+            results = self.evaluator.evaluate(
+                self.student, [EvalJob(self.tasks[t], None if m == "inferred" else t) for t, m in keys],
+                num_goals=cfg.eval_goals, num_envs=cfg.eval_envs, max_episode_steps=cfg.eval_max_steps,
+            )  # fmt: skip
+            for (t, m), r in zip(keys, results, strict=True):
+                rows[m][self.tasks[t]] = r.success_rate
+                self.logger.scalars(s, {f"success_{m}/{self.tasks[t]}": r.success_rate})
             write_json_atomic(path, rows)
             if name not in self.ledger:
                 self.ledger.mark(name)

@@ -13,12 +13,14 @@ Complex Dexterous Manipulation with Deep Reinforcement Learning and Demonstratio
 3. :func:`warm_up_critic` — the critic (and the reward scaler) fit the cloned policy's returns over
    ``critic_rollouts`` rollouts before the actor moves; the actor and normaliser are untouched (bit for bit);
 4. :func:`train_ppo_demos` — :func:`~cpd_fast.teachers.ppo.train_ppo` from there, with a behaviour-cloning
-   term on expert states added to every minibatch, weighted ``bc_coef * bc_decay ** update``.
+   term on expert states added to every minibatch, weighted ``bc_coef * max(bc_decay**update, bc_floor)``.
 
 Where this differs from DAPG: the demonstration term is a mean-squared error on the actor's mean, not
 DAPG's advantage-weighted log-likelihood, so it does not shrink the exploration std; its weight decays
-geometrically per update as DAPG's does (λ0·λ1^k). The demonstrations, the clone's report and the
-settings live in the run directory, so a killed run resumes from its PPO checkpoint without re-cloning.
+geometrically per update as DAPG's does (λ0·λ1^k), optionally down to a floor (``bc_floor``) that keeps
+the policy near the expert where PPO alone drifts away from it. The demonstrations, the clone's report
+and the settings live in the run directory, so a killed run resumes from its PPO checkpoint without
+re-cloning.
 """
 
 from __future__ import annotations
@@ -59,7 +61,8 @@ class DemoConfig:
     critic_rollouts: PositiveInt = 8  # rollouts of the clone fitted by the critic before the actor moves
     critic_epochs: PositiveInt = 8  # passes over each warm-up rollout
     bc_coef: NonNegativeFloat = 1.0  # weight of the behaviour-cloning term at update 0
-    bc_decay: Fraction = 0.98  # its weight at update k: bc_coef * bc_decay**k (0.98**100 = 0.13)
+    bc_decay: Fraction = 0.98  # its weight at update k: bc_coef * max(bc_decay**k, bc_floor); 0.98**100=0.13
+    bc_floor: Fraction = 0.0  # the share of bc_coef the term keeps for good (0: it fades out, as in DAPG)
 
     def to_dict(self) -> dict[str, Any]:
         import dataclasses
@@ -186,7 +189,7 @@ def _bc_term(obs: torch.Tensor, target: torch.Tensor, dcfg: DemoConfig, seed: in
     """``aux_loss(update)`` for :func:`~cpd_fast.teachers.ppo.train_ppo`: the decaying cloning term."""
 
     def for_update(update: int):
-        weight = dcfg.bc_coef * dcfg.bc_decay**update
+        weight = dcfg.bc_coef * max(dcfg.bc_decay**update, dcfg.bc_floor)
         if weight < 1e-6:
             return None
         g = torch.Generator().manual_seed(seed * 1_000_003 + update)  # resumes exactly: depends on update

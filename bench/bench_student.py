@@ -1,0 +1,116 @@
+"""Student training speed against a plain Transformer of the same size, by threads (ratios, one run).
+
+    python bench/bench_student.py [--experts 5 25] [--threads 1 2] [--batch 256] [--iters 20] [--rounds 3]
+
+One training step as :func:`cpd_fast.distill.train.train_phase` takes it: ``Student.losses`` (MSE on the
+teacher's action means, contrastive task-embedding loss, MoE load-balancing loss) on ``--batch`` windows
+of the default CPU student (``DistillConfig().student``), backward, AdamW step. Arms:
+
+* ``student E=N``: the student grown to N experts (one per task, cpd's growth), every parameter trainable;
+* ``plain``: ``nn.TransformerEncoder`` with the student's width, depth, heads and FFN size (causal mask),
+  then one dense FFN of ``top_k x expert_hidden`` hidden units (the MoE's active width), the same head
+  and MSE loss: the baseline the student's extra machinery (routing, task encoder, losses) is measured by.
+
+Each arm at each thread count, interleaved over ``--rounds`` (the best round kept); prints windows/s and
+the ratios. Nothing else heavy should run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+from torch import nn
+
+from cpd_fast.distill import DistillConfig
+from cpd_fast.student import Student
+
+
+class Plain(nn.Module):
+    """The baseline: the student's trunk sizes as a stock ``nn.TransformerEncoder`` and a dense FFN."""
+
+    def __init__(self, cfg) -> None:
+        super().__init__()
+        d = cfg.d_model
+        self.inp = nn.Linear(cfg.obs_dim, d)
+        layer = nn.TransformerEncoderLayer(d, cfg.n_heads, cfg.d_ff, dropout=0.0, batch_first=True,
+                                           activation="gelu", norm_first=True)  # fmt: skip
+        self.trunk = nn.TransformerEncoder(layer, cfg.n_layers, enable_nested_tensor=False)
+        self.ffn = nn.Sequential(nn.LayerNorm(d), nn.Linear(d, cfg.top_k * cfg.expert_hidden), nn.GELU(),
+                                 nn.Linear(cfg.top_k * cfg.expert_hidden, d))  # fmt: skip
+        self.head = nn.Sequential(nn.LayerNorm(d), nn.Linear(d, cfg.act_dim))
+        self.register_buffer("causal", nn.Transformer.generate_square_subsequent_mask(cfg.history))
+
+    def loss(self, obs, target):
+        h = self.trunk(self.inp(obs), mask=self.causal, is_causal=True)
+        h = h + self.ffn(h)
+        return ((torch.tanh(self.head(h)) - target) ** 2).mean()
+
+
+def make_arms(experts: list[int], batch: int):
+    cfg = DistillConfig().student
+    g = torch.Generator().manual_seed(0)
+    obs = torch.randn(batch, cfg.history, cfg.obs_dim, generator=g)
+    target = torch.rand(batch, cfg.history, cfg.act_dim, generator=g) * 2 - 1
+    mask = torch.ones(batch, cfg.history, dtype=torch.bool)
+    arms = {}
+    for e in experts:
+        torch.manual_seed(0)
+        s = Student(cfg, num_tasks=min(e, 5))
+        while s.num_experts < e:
+            s.add_task()
+        ids = torch.randint(s.num_tasks, (batch,), generator=g)
+        opt = torch.optim.AdamW(s.parameters(), lr=1e-4)
+
+        def step(s=s, ids=ids, opt=opt):
+            opt.zero_grad(set_to_none=True)
+            s.losses(obs, target, ids, mask)["total"].backward()
+            opt.step()
+
+        arms[f"student E={e}"] = step
+    torch.manual_seed(0)
+    p = Plain(cfg)
+    popt = torch.optim.AdamW(p.parameters(), lr=1e-4)
+
+    def plain_step():
+        popt.zero_grad(set_to_none=True)
+        p.loss(obs, target).backward()
+        popt.step()
+
+    arms["plain"] = plain_step
+    return arms
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--experts", type=int, nargs="+", default=[5, 25])
+    ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    ap.add_argument("--batch", type=int, default=256)
+    ap.add_argument("--iters", type=int, default=20)
+    ap.add_argument("--rounds", type=int, default=3)
+    args = ap.parse_args()
+    arms = make_arms(args.experts, args.batch)
+    best: dict[tuple[str, int], float] = {}
+    for _ in range(args.rounds):
+        for threads in args.threads:
+            torch.set_num_threads(threads)
+            for name, step in arms.items():
+                step()  # warm
+                t0 = time.perf_counter()
+                for _ in range(args.iters):
+                    step()
+                ms = (time.perf_counter() - t0) / args.iters * 1e3
+                best[(name, threads)] = min(best.get((name, threads), float("inf")), ms)
+    print(f"batch {args.batch} windows, best of {args.rounds} rounds x {args.iters} steps")
+    print("| arm | threads | ms/step | windows/s | vs plain (same threads) | vs 1 thread |")
+    print("|---|---|---|---|---|---|")
+    for name in arms:
+        for threads in args.threads:
+            ms, plain, one = best[(name, threads)], best[("plain", threads)], best[(name, args.threads[0])]
+            print(f"| {name} | {threads} | {ms:.1f} | {args.batch / ms * 1e3:,.0f} | {ms / plain:.2f}x | "
+                  f"{one / ms:.2f}x |")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,98 @@
+"""Worker processes on this machine: how many cores there are, and pools whose workers share them well.
+
+Every local pool in the package (teacher training, :mod:`cpd_fast.distributed`; evaluation,
+:mod:`cpd_fast.evalpool`; methods side by side, :mod:`cpd_fast.pipeline`) is made here, so all of them:
+
+* start workers by ``spawn`` (torch's and envpool's threads do not survive ``fork``);
+* cap each worker's intra-op threads (``torch.set_num_threads`` and ``OMP/MKL/OPENBLAS_NUM_THREADS``)
+  so that N workers do not oversubscribe the cores;
+* let the kernel end a worker when the process that spawned it dies (Linux ``PR_SET_PDEATHSIG``): a
+  killed parent leaves no orphan still writing into a run directory.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+from typing import Any
+
+__all__ = ["THREAD_VARS", "available_cores", "die_with_parent", "init_worker", "process_pool", "set_threads"]
+
+THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
+
+
+def available_cores() -> int:
+    """Cores this process may run on (its CPU affinity, which containers and ``taskset`` narrow)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def set_threads(threads: int) -> None:
+    """This process's intra-op threads: torch's, and the variables libraries read when they start."""
+    import torch
+
+    for var in THREAD_VARS:
+        os.environ[var] = str(threads)
+    torch.set_num_threads(threads)
+
+
+def die_with_parent() -> None:
+    """Linux: ask the kernel to SIGTERM this worker when the process that spawned it dies."""
+    import ctypes
+    import signal
+    import sys
+
+    if sys.platform.startswith("linux"):
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG = 1
+        if os.getppid() == 1:  # the parent died before prctl took effect
+            os._exit(1)
+
+
+def init_worker(threads: int, then: Any = None, *args: Any) -> None:
+    """A pool worker's initializer: die with the parent, cap threads, then ``then(*args)`` if given."""
+    die_with_parent()
+    set_threads(threads)
+    if then is not None:
+        then(*args)
+
+
+@contextlib.contextmanager
+def _thread_env(threads: int) -> Iterator[None]:
+    """Set the thread variables while worker processes are spawned (they inherit ``os.environ``)."""
+    saved = {v: os.environ.get(v) for v in THREAD_VARS}
+    for var in THREAD_VARS:
+        os.environ[var] = str(threads)
+    try:
+        yield
+    finally:
+        for var, value in saved.items():
+            if value is None:
+                os.environ.pop(var, None)
+            else:
+                os.environ[var] = value
+
+
+def process_pool(workers: int, threads: int, then: Any = None, *args: Any) -> Any:
+    """A ``ProcessPoolExecutor`` of ``workers`` spawned processes with ``threads`` threads each, whose
+    initializer runs ``then(*args)`` after :func:`init_worker`'s set-up. Use it as a context manager or
+    call ``shutdown()``; a worker that dies breaks the pool (``BrokenProcessPool``), as in the library."""
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor
+
+    from cpd_fast.errors import require_int
+
+    require_int("workers", workers, minimum=1)
+    require_int("threads", threads, minimum=1)
+    with _thread_env(threads):
+        pool = ProcessPoolExecutor(
+            max_workers=workers, mp_context=mp.get_context("spawn"), initializer=init_worker,
+            initargs=(threads, then, *args),
+        )  # fmt: skip
+        # spawn the workers now, while the thread variables are set (the executor starts them lazily)
+        for f in [pool.submit(os.getpid) for _ in range(workers)]:
+            f.result()
+    return pool
