@@ -6,10 +6,12 @@ What a run does after a stage: the official protocol (50 fixed goals, one episod
 for every seen task in both modes (task id / inferred), here with the final student of a committed run.
 Arms, measured one after the other in this process:
 
-* ``raw 1 core``: Meta-World's envs of the same tasks stepped with zero actions for the same number of
-  steps in one process (no policy): the physical limit of one core for this protocol;
-* ``raw N cores``: the same split over ``--workers`` processes (the limit of the machine);
-* ``in-process``: :class:`cpd_fast.evalpool.EvalPool` with 0 workers (the student batched over 25 envs);
+* ``raw 1 core``: the evaluation's own episodes (same tasks, goals, resets and episode lengths) replayed
+  with zero actions on Meta-World's envs in one process, construction excluded, no policy: the physical
+  limit of one core for this protocol;
+* ``raw N cores``: the same, the tasks split over ``--workers`` processes (the limit of the machine);
+* ``in-process``: :class:`cpd_fast.evalpool.EvalPool` with 0 workers (the student batched over the
+  run's ``eval_envs`` envs); ``cold`` is the first call (it builds the envs), ``warm`` the second (cached);
 * ``pool``: ``EvalPool(--workers)``, the same jobs in worker processes; its success flags are checked
   equal to the in-process ones bit for bit.
 
@@ -33,29 +35,30 @@ from cpd_fast.student import Student
 from cpd_fast.workers import process_pool
 
 
-def raw_steps(task: str, steps: int, envs: int = 25) -> float:
-    """Seconds to step ``envs`` Meta-World envs of ``task`` ``steps`` times in total (zero actions,
-    resets every 500 steps; env construction excluded)."""
+def raw_episodes(lengths: dict[str, list[int]], start_at: float | None = None) -> float:
+    """Seconds to replay the evaluation's episodes with zero actions: per task, its goals in order
+    (``set_task`` + ``reset``, then as many steps as the episode ran) on one env per task, built first
+    (construction excluded). ``start_at`` (a ``time.time()``): wait until then, so that workers start
+    together."""
     import metaworld
 
     from cpd_fast.evaluation import official_goals
 
-    cls = metaworld.env_dict.ALL_V3_ENVIRONMENTS[task]
-    pool = [cls() for _ in range(envs)]
-    goals = official_goals(task)
-    for i, env in enumerate(pool):
-        env.set_task(goals[i % len(goals)])
-        env.reset()
+    envs = {t: metaworld.env_dict.ALL_V3_ENVIRONMENTS[t]() for t in lengths}
+    goals = {t: official_goals(t) for t in lengths}
     act = np.zeros(4, np.float32)
-    t0, n = time.perf_counter(), 0
-    while n < steps:
-        for env in pool:
-            env.step(act)
-            n += 1
-            if env.curr_path_length >= 500:
-                env.reset()
+    if start_at is not None:
+        time.sleep(max(0.0, start_at - time.time()))
+    t0 = time.perf_counter()
+    for t, ls in lengths.items():
+        env = envs[t]
+        for i, n in enumerate(ls):
+            env.set_task(goals[t][i % len(goals[t])])
+            env.reset()
+            for _ in range(n):
+                env.step(act)
     dt = time.perf_counter() - t0
-    for env in pool:
+    for env in envs.values():
         env.close()
     return dt
 
@@ -80,32 +83,31 @@ def main() -> None:
     settings = dict(num_goals=args.goals, num_envs=cfg.eval_envs, max_episode_steps=cfg.eval_max_steps)
     out: dict[str, dict[str, float]] = {}
 
-    with EvalPool(0) as pool:
-        pool.evaluate(student, jobs[:1], **{**settings, "num_goals": 1})  # warm: imports, first envs
-        t0 = time.perf_counter()
-        ref = pool.evaluate(student, jobs, **settings)
-        out["in-process"] = {"s": time.perf_counter() - t0}
-    steps = {t: 0 for t in tasks}
+    def timed(pool: EvalPool, arm: str) -> list:
+        got = []
+        for call in ("cold", "warm"):  # the first call builds the envs (as a run's first stage does)
+            t0 = time.perf_counter()
+            got = pool.evaluate(student, jobs, **settings)
+            out[f"{arm}, {call}"] = {"s": time.perf_counter() - t0}
+        return got
+
+    with EvalPool(0, max_envs=len(tasks) * cfg.eval_envs) as pool:
+        pool.evaluate(student, jobs[:1], **{**settings, "num_goals": 1})  # imports, first env
+        ref = timed(pool, "in-process")
+    lengths: dict[str, list[int]] = {t: [] for t in tasks}
     for j, r in zip(jobs, ref, strict=True):
-        steps[j.task] += int(r.episode_lengths.sum())
-    total = sum(steps.values())
+        lengths[j.task] += r.episode_lengths.tolist()
+    total = sum(map(sum, lengths.values()))
 
-    t0 = time.perf_counter()
-    raw = sum(raw_steps(t, n) for t, n in steps.items())
-    out["raw 1 core"] = {"s": raw, "wall_s": time.perf_counter() - t0}
+    out["raw 1 core"] = {"s": raw_episodes(lengths)}
+    share = [dict(list(lengths.items())[w :: args.workers]) for w in range(args.workers)]
     with process_pool(args.workers, 1) as ex:
-        t0 = time.perf_counter()
-        futs = [
-            ex.submit(raw_steps, t, n // args.workers) for t, n in steps.items() for _ in range(args.workers)
-        ]
-        [f.result() for f in futs]
-        out[f"raw {args.workers} cores"] = {"s": time.perf_counter() - t0}  # includes env construction
+        start = time.time() + 20  # after every worker has built its envs
+        secs = [f.result() for f in [ex.submit(raw_episodes, part, start) for part in share]]
+        out[f"raw {args.workers} cores"] = {"s": max(secs)}
 
-    with EvalPool(args.workers) as pool:
-        pool.evaluate(student, jobs[:1], **{**settings, "num_goals": 1})  # warm: workers import, first envs
-        t0 = time.perf_counter()
-        got = pool.evaluate(student, jobs, **settings)
-        out[f"pool ({args.workers} workers)"] = {"s": time.perf_counter() - t0}
+    with EvalPool(args.workers, max_envs=len(tasks) * cfg.eval_envs) as pool:
+        got = timed(pool, f"pool ({args.workers} workers)")
     same = all(
         np.array_equal(a.successes, b.successes) and np.array_equal(a.episode_lengths, b.episode_lengths)
         for a, b in zip(ref, got, strict=True)

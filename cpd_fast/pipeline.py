@@ -18,16 +18,16 @@ parsed as YAML). ``distill`` holds :class:`~cpd_fast.distill.config.DistillConfi
 :class:`~cpd_fast.teachers.ppo.PPOConfig` fields; what a preset leaves out is their defaults, and the
 resolved config records every number, so a run states exactly what it did.
 
-**What ``quick`` shows** (the default; 8 min 13 s on one core of this project's 2-core CPU machine;
-no GPU, nothing to download): Meta-World's scripted
-experts, gated with the official protocol on 10 of the 50 goals, teach four MT25 tasks in two stages
-(reach + drawer-close, then button-press-topdown + window-close). cpd and plain fine-tuning are distilled
-from the same datasets with the same budget (1500 steps of 128 windows per stage) and evaluated on every
-seen task after each stage. Measured (seed 0): cpd keeps the first stage (ACC 0.97, forgetting 0.00:
-reach 0.9 -> 0.9, drawer-close 1.0 -> 1.0), fine-tuning forgets it (ACC 0.75, forgetting 0.45: reach
-0.9 -> 0.3, drawer-close 1.0 -> 0.7); both learn the second stage fully. It is smoke-sized (one seed, 10
-evaluation goals: a task's success moves in steps of 0.1); mt10 and mt25 are the study. The report
-labels a run on an explicit task list "custom".
+**What ``quick`` shows** (the default; 5 min 47 s on this project's 2-core CPU machine, its two methods
+side by side; no GPU, nothing to download): Meta-World's scripted experts, gated with the official
+protocol on 10 of the 50 goals, teach four MT25 tasks in two stages (reach + drawer-close, then
+button-press-topdown + window-close). cpd and plain fine-tuning are distilled from the same datasets with
+the same budget (1500 steps of 128 windows per stage) and evaluated on every seen task after each stage.
+Measured (seed 0): cpd keeps the first stage (ACC 0.97, forgetting 0.00: reach 0.9 -> 0.9, drawer-close
+1.0 -> 1.0), fine-tuning forgets it (ACC 0.75, forgetting 0.45: reach 0.9 -> 0.3, drawer-close 1.0 ->
+0.7); both learn the second stage fully. It is smoke-sized (one seed, 10 evaluation goals: a task's
+success moves in steps of 0.1); mt10 and mt25 are the study. The report labels a run on an explicit task
+list "custom".
 
 **Resume.** Re-running with the same ``--out`` continues: finished steps are skipped (their outputs are
 checked first), an interrupted distillation restarts at its last finished phase, an interrupted PPO
@@ -38,9 +38,11 @@ refused, naming the keys that differ; the runtime-only keys (device, Ray backend
 jobs, progress, distill threads and eval_workers) may change.
 
 **Cores.** The methods are distilled side by side, one worker process each (``jobs``; default: as many
-as there are methods and cores), each with ``distill.threads`` torch threads and its evaluations in its
-own process; a lone method evaluates in ``distill.eval_workers`` worker processes (default: one per
-core, :mod:`cpd_fast.evalpool`). Neither changes a bit of what a method computes (tested). A run
+as there are methods and cores), each with its share of the cores as torch threads (``distill.threads``
+overrides it) and its evaluations in its own process; a lone method trains on every core and evaluates
+in ``distill.eval_workers`` worker processes (default: one per core, :mod:`cpd_fast.evalpool`). At the
+same ``distill.threads``, side by side or one after another computes the same bits (tested), and so do
+any number of evaluation workers. A run
 directory records its own path (teachers, datasets): resume it where it was made.
 
 **Integrity.** Every write is atomic (:mod:`cpd_fast.runio`). Torch checkpoints carry a ``.sha256``
@@ -401,7 +403,7 @@ class Pipeline:
         from cpd_fast.workers import available_cores, process_pool
 
         jobs = min(self.cfg.jobs or available_cores(), len(methods))
-        threads = int(self.cfg.distill.get("threads") or max(1, available_cores() // jobs))
+        threads = self.cfg.distill_config(methods[0]).thread_count(jobs) or max(1, available_cores() // jobs)
         self._grouped.update(f"distill:{m}" for m in methods)
         self.console.print(f"{head}: {', '.join(methods)} side by side ({jobs} processes, {threads} "
                            f"thread(s) each), {self.describe('distill:' + methods[0])}")  # fmt: skip
@@ -409,7 +411,7 @@ class Pipeline:
         t0, failed = time.perf_counter(), None
         shown = {m: set(Ledger(os.path.join(self.method_dir(m), "progress.json")).steps) for m in methods}
         with process_pool(jobs, threads) as pool:
-            futures = {pool.submit(distill_method, self._method_config(m, solo=False), self.method_dir(m)): m
+            futures = {pool.submit(distill_method, self._method_config(m, threads), self.method_dir(m)): m
                        for m in methods}  # fmt: skip
             pending = set(futures)
             while pending:
@@ -572,18 +574,20 @@ class Pipeline:
     # ---- distillation (+ evaluation after every stage)
     def distill(self, method: str) -> dict[str, Any]:
         self._verify_datasets()
-        return distill_method(self._method_config(method, solo=True), self.method_dir(method))
+        return distill_method(self._method_config(method), self.method_dir(method))
 
     def _verify_datasets(self) -> None:
         for task in self.tasks:  # a method must not train on data that changed since it was collected
             verify_dataset_files(os.path.join(self.data_root, f"{task}.collected.json"))
 
-    def _method_config(self, method: str, solo: bool) -> dict[str, Any]:
-        """A method's DistillConfig as a dict; beside other methods it runs without progress bars and
-        evaluates in its own process unless ``distill.eval_workers`` says otherwise."""
+    def _method_config(self, method: str, threads: int | None = None) -> dict[str, Any]:
+        """A method's DistillConfig as a dict. Beside other methods (``threads`` given: its share of the
+        cores) it runs without progress bars and evaluates in its own process, unless the config sets
+        ``distill.threads`` / ``distill.eval_workers`` itself."""
         d = self.cfg.distill_config(method, self.run_dir, self.fidelity_path).to_dict()
-        if not solo:
+        if threads is not None:
             d["progress"] = False
+            d["threads"] = threads
             if d.get("eval_workers") is None:
                 d["eval_workers"] = 0
         return d

@@ -45,7 +45,7 @@ def tiny_config(**kw) -> DistillConfig:
         tasks=TASKS, tasks_per_stage=2, method="cpd", episodes_per_task=2, collect_envs=2,
         max_episode_steps=100, steps_per_stage=40, batch_size=32, lr=3e-3, eval_goals=2, eval_envs=2,
         eval_max_steps=100, fisher_batches=4, fisher_batch_size=8, progress=False, tensorboard=False,
-        eval_workers=0, student=StudentConfig(**TINY),
+        threads=1, eval_workers=0, student=StudentConfig(**TINY),
     )  # fmt: skip
     base.update(kw)
     return DistillConfig(**base)

@@ -50,7 +50,7 @@ TINY = {
             "hidden_sizes": [16, 16], "checkpoint_every": 1, "max_episode_steps": 50},
     "distill": {"episodes_per_task": 2, "collect_envs": 2, "max_episode_steps": 60, "steps_per_stage": 16,
                 "batch_size": 16, "warmup_steps": 2, "eval_goals": 1, "eval_envs": 1, "eval_max_steps": 100,
-                "eval_modes": ["inferred"], "fisher_batches": 4, "tensorboard": False,
+                "eval_modes": ["inferred"], "fisher_batches": 4, "tensorboard": False, "threads": 1,
                 "student": {"d_model": 32, "n_heads": 2, "n_layers": 1, "d_ff": 64, "expert_hidden": 32}},
 }  # fmt: skip
 

@@ -119,7 +119,10 @@ class DistillConfig:
     # logging
     progress: Bool = True
     tensorboard: Bool = True
-    threads: NonNegativeInt | None = 1  # torch threads (0: torch's default); 1 is fastest on 2 shared cores
+    # torch threads: None, this process's share of the cores (all of them for a lone run, cores / ranks
+    # under DDP, cores / jobs for methods side by side in `cpd run`); 0: torch's default. A run resumed
+    # with another count computes in another float order (a runtime key all the same)
+    threads: NonNegativeInt | None = None
     student: StudentConfig = field(default_factory=_cpu_student)
 
     def __post_init__(self) -> None:
@@ -135,6 +138,14 @@ class DistillConfig:
     @property
     def stage_steps(self) -> int:
         return max(1, round(self.budget * self.steps_per_stage))
+
+    def thread_count(self, processes: int = 1) -> int:
+        """``threads`` resolved for one of ``processes`` processes sharing the cores (0: torch's default)."""
+        from cpd_fast.workers import available_cores
+
+        if self.threads is not None:
+            return self.threads
+        return max(1, available_cores() // processes)
 
     def eval_worker_count(self) -> int:
         """``eval_workers`` resolved: None gives one worker per core on a CPU run with two or more cores."""

@@ -116,8 +116,9 @@ class DistillRun:
     # ---- the stage loop
     def run(self) -> Any:
         os.makedirs(self.run_dir, exist_ok=True)
-        if self.cfg.threads:
-            torch.set_num_threads(self.cfg.threads)
+        threads = self.cfg.thread_count(1 if self.dist is None else self.dist.world_size)
+        if threads:
+            torch.set_num_threads(threads)
         self.check_config()
         self.teacher_success = self.prepare_data()
         self.student = self.build_student()
