@@ -276,11 +276,15 @@ def _cli_export(args: argparse.Namespace) -> int:
                         wall_time_s=round(sum(p["wall_s"] for p in rec["points"]), 1),
                         curve=[[p["env_steps"], p["success"]] for p in rec["points"]],
                         seed=rec.get("config", {}).get("seed"), recipe=rec.get("recipe"))  # fmt: skip
-        else:  # eval.json of `cpd teachers train`
+        else:  # eval.json of `cpd teachers train`, with its curve.json when trained in measured chunks
             prov.update(algorithm=rec.get("algorithm", "ppo"),
                         env_steps=int(rec["total_steps"]) + int(rec.get("extra_env_steps") or 0),
                         wall_time_s=rec.get("wall_time_s"),
                         scripted_success=rec.get("scripted_success"))  # fmt: skip
+            curve = read_json(os.path.join(os.path.dirname(args.record), "curve.json"), None)
+            if curve is not None:
+                prov.update(curve=[[p["env_steps"], p["success"]] for p in curve["points"]],
+                            seed=curve.get("config", {}).get("seed"))  # fmt: skip
     if args.command:
         prov["command"] = args.command
     t0 = time.perf_counter()
