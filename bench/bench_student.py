@@ -103,7 +103,8 @@ def main() -> None:
                 ms = (time.perf_counter() - t0) / args.iters * 1e3
                 best[(name, threads)] = min(best.get((name, threads), float("inf")), ms)
     print(f"batch {args.batch} windows, best of {args.rounds} rounds x {args.iters} steps")
-    print("| arm | threads | ms/step | windows/s | vs plain (same threads) | vs 1 thread |")
+    first = f"vs {args.threads[0]} thread(s)"
+    print(f"| arm | threads | ms/step | windows/s | vs plain (same threads) | {first} |")
     print("|---|---|---|---|---|---|")
     for name in arms:
         for threads in args.threads:

@@ -8,12 +8,15 @@ and every core steps.
 
 One job is one evaluation (a task in one mode: all its goals in the same env slots and the same batch
 shapes as in this process), and a worker's student is a copy of this process's (its ``state_dict``,
-saved once per call and loaded once per worker by ``Student.from_state_dict``). So a job's success flags
-are bit for bit those of the in-process evaluation with the same torch threads, whatever the number of
-workers and whichever worker ran it (tested). Workers run one torch thread each, as distillation does by
-default (``DistillConfig.threads=1``), and evaluate on the CPU.
+saved once per call and loaded once per worker by ``Student.from_state_dict``). Every evaluation runs
+the student on one torch thread, in a worker or in this process (whose thread count is restored after),
+so a job's success flags are bit for bit the same whatever the number of workers and whichever worker
+ran it (tested), and whatever threads training uses. Workers evaluate on the CPU.
 
 ``workers=0`` runs the jobs in this process, in order, with one cache: the same interface, no processes.
+The pool's env budget ``max_envs`` (about 23 MB each) is split between the workers. Spawned workers
+import the calling script again, so a script that creates a pool (or calls ``run_distill``, which does
+by default) needs an ``if __name__ == "__main__":`` guard.
 """
 
 from __future__ import annotations
@@ -26,7 +29,9 @@ from typing import Any
 
 from cpd_fast.evaluation import EnvCache, EvalResult, student_result
 
-__all__ = ["EvalJob", "EvalPool"]
+__all__ = ["TMP_PREFIX", "EvalJob", "EvalPool"]
+
+TMP_PREFIX = ".evalpool-"  # the pool's temporary directory (a killed run leaves it: see DistillRun)
 
 
 @dataclass(frozen=True)
@@ -65,7 +70,7 @@ class EvalPool:
     temporary directory holding the student each call evaluates.
     """
 
-    def __init__(self, workers: int = 0, max_envs: int = 100) -> None:
+    def __init__(self, workers: int = 0, max_envs: int = 200, tmp_dir: str | None = None) -> None:
         from cpd_fast.errors import require_int
         from cpd_fast.workers import process_pool
 
@@ -74,22 +79,28 @@ class EvalPool:
         self.workers = workers
         self._calls = 0
         self._cache = EnvCache(max_envs) if workers == 0 else None
-        self._pool = process_pool(workers, 1, _worker_start, max_envs) if workers else None
-        self._dir = tempfile.mkdtemp(prefix="cpd-evalpool-") if workers else None
+        self._pool = process_pool(workers, 1, _worker_start, max_envs // workers) if workers else None
+        # the student file of each call (tmp_dir: e.g. inside the run directory, swept at its start)
+        self._dir = tempfile.mkdtemp(prefix=TMP_PREFIX, dir=tmp_dir) if workers else None
 
     def evaluate(
         self, student: Any, jobs: list[EvalJob], *, num_goals: int, num_envs: int, max_episode_steps: int
     ) -> list[EvalResult]:
         """One :class:`EvalResult` per job, in job order."""
+        import torch
+
         settings = {"num_goals": num_goals, "num_envs": num_envs, "max_episode_steps": max_episode_steps}
         if self._pool is None:
             if self._cache is None:
                 raise RuntimeError("this EvalPool is closed")
-            return [student_result(student, j.task, task_id=j.task_id, env_cache=self._cache, **settings)
-                    for j in jobs]  # fmt: skip
+            threads = torch.get_num_threads()
+            torch.set_num_threads(1)  # as in the workers: the same arithmetic whatever training uses
+            try:
+                return [student_result(student, j.task, task_id=j.task_id, env_cache=self._cache,
+                                       **settings) for j in jobs]  # fmt: skip
+            finally:
+                torch.set_num_threads(threads)
         from concurrent.futures.process import BrokenProcessPool
-
-        import torch
 
         self._calls += 1
         path = os.path.join(self._dir, f"student{self._calls}.pt")
@@ -101,7 +112,8 @@ class EvalPool:
             self.close()
             raise RuntimeError(
                 f"an evaluation worker died ({err}); nothing was recorded for this evaluation. Re-run: "
-                "a run resumes here (with --set eval_workers=0 to evaluate in the main process)"
+                "a run resumes here (to evaluate in the main process: --eval-workers 0 for cpd distill, "
+                "--set distill.eval_workers=0 for cpd run)"
             ) from err
         finally:
             for f in futures:  # after a failed job, the rest of this call is not run
@@ -109,9 +121,15 @@ class EvalPool:
             if os.path.exists(path):
                 os.remove(path)
 
-    def close(self) -> None:
+    def close(self, kill: bool = False) -> None:
+        """Shut the workers down (``kill``: at once, without waiting for running jobs) and free the envs."""
+        from cpd_fast.workers import terminate
+
         if self._pool is not None:
-            self._pool.shutdown(wait=True, cancel_futures=True)
+            if kill:
+                terminate(self._pool)
+            else:
+                self._pool.shutdown(wait=True, cancel_futures=True)
             self._pool = None
         if self._cache is not None:
             self._cache.close()
@@ -123,5 +141,5 @@ class EvalPool:
     def __enter__(self) -> EvalPool:
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+    def __exit__(self, exc_type: object, *exc: object) -> None:
+        self.close(kill=exc_type is not None)  # an error or Ctrl-C here: do not wait for the workers

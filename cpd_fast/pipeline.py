@@ -40,9 +40,10 @@ jobs, progress, distill threads and eval_workers) may change.
 **Cores.** The methods are distilled side by side, one worker process each (``jobs``; default: as many
 as there are methods and cores), each with its share of the cores as torch threads (``distill.threads``
 overrides it) and its evaluations in its own process; a lone method trains on every core and evaluates
-in ``distill.eval_workers`` worker processes (default: one per core, :mod:`cpd_fast.evalpool`). At the
-same ``distill.threads``, side by side or one after another computes the same bits (tested), and so do
-any number of evaluation workers. A run
+in ``distill.eval_workers`` worker processes (default: one per core, :mod:`cpd_fast.evalpool`). The
+share is fixed by the config, not by what is left to do, so a resumed run computes what an uninterrupted
+one does; at the same ``distill.threads``, side by side or one after another gives the same bits
+(tested), and evaluation gives the same flags whatever the number of workers. A run
 directory records its own path (teachers, datasets): resume it where it was made.
 
 **Integrity.** Every write is atomic (:mod:`cpd_fast.runio`). Torch checkpoints carry a ``.sha256``
@@ -368,6 +369,7 @@ class Pipeline:
         is already done inside it is skipped): a redone upstream step is never silently ignored."""
         steps = self.steps()
         cascade = False
+        self._grouped = set()
         for i, (name, fn, outputs) in enumerate(steps, 1):
             head = f"[bold]\\[{i}/{len(steps)}] {name}[/bold]"
             if not cascade and self.state.done(name, outputs):
@@ -388,37 +390,57 @@ class Pipeline:
             self.console.print(f"    [green]done[/green] in {record['time_s']:.1f} s")
         return self.state.steps
 
-    def _side_by_side(self, rest: list[tuple[str, Any, list[str]]]) -> list[str]:
-        """The methods of the distill steps starting ``rest`` if they run side by side, else ``[]``."""
+    def _jobs(self) -> int:
+        """Methods side by side: ``jobs``, or as many as there are methods and cores. Fixed by the config,
+        not by what is left to do, so that a resumed method keeps its thread share (its float order)."""
         from cpd_fast.workers import available_cores
 
+        return max(1, min(self.cfg.jobs or available_cores(), len(self.cfg.methods)))
+
+    def _threads(self) -> int:
+        """Each method's torch threads: ``distill.threads``, or its share of the cores (0: torch's)."""
+        return self.cfg.distill_config(self.cfg.methods[0]).thread_count(self._jobs())
+
+    def _side_by_side(self, rest: list[tuple[str, Any, list[str]]]) -> list[str]:
+        """The methods of the distill steps starting ``rest`` if they run side by side, else ``[]``."""
         methods = [n.split(":", 1)[1] for n, _, _ in rest if n.startswith("distill:")]
-        return methods if min(self.cfg.jobs or available_cores(), len(methods)) > 1 else []
+        return methods if self._jobs() > 1 and len(methods) > 1 else []
 
     def _distill_side_by_side(self, methods: list[str], head: str) -> None:
-        """Distil ``methods`` in ``jobs`` worker processes (:func:`cpd_fast.workers.process_pool`), each
-        with ``distill.threads`` threads (0: its share of the cores); each is marked done as it ends."""
+        """Distil ``methods`` in worker processes, one pool of one process each
+        (:func:`cpd_fast.workers.process_pool`), ``jobs`` at a time; each is marked done as it ends. A
+        method that raises or whose process dies does not stop the others; the first error is raised
+        after them. An error in this process (or Ctrl-C) kills the workers at once."""
+        import contextlib
         from concurrent.futures import FIRST_COMPLETED, wait
 
-        from cpd_fast.workers import available_cores, process_pool
+        from cpd_fast.workers import available_cores, process_pool, terminate
 
-        jobs = min(self.cfg.jobs or available_cores(), len(methods))
-        threads = self.cfg.distill_config(methods[0]).thread_count(jobs) or max(1, available_cores() // jobs)
+        jobs, threads = self._jobs(), self._threads()
         self._grouped.update(f"distill:{m}" for m in methods)
-        self.console.print(f"{head}: {', '.join(methods)} side by side ({jobs} processes, {threads} "
-                           f"thread(s) each), {self.describe('distill:' + methods[0])}")  # fmt: skip
+        each = f"{threads} thread(s)" if threads else "torch's default threads"
+        self.console.print(f"{head}: {', '.join(methods)} side by side ({jobs} processes, {each} each), "
+                           f"{self.describe('distill:' + methods[0])}")  # fmt: skip
         self._verify_datasets()
         t0, failed = time.perf_counter(), None
         shown = {m: set(Ledger(os.path.join(self.method_dir(m), "progress.json")).steps) for m in methods}
-        with process_pool(jobs, threads) as pool:
-            futures = {pool.submit(distill_method, self._method_config(m, threads), self.method_dir(m)): m
-                       for m in methods}  # fmt: skip
-            pending = set(futures)
-            while pending:
-                finished, pending = wait(pending, timeout=10, return_when=FIRST_COMPLETED)
+        queue, futures, pools = list(methods), {}, []
+        with contextlib.ExitStack() as stack:
+            stack.callback(lambda: [terminate(p) for p in pools])  # normally all idle by then
+            while queue or futures:
+                while queue and len(futures) < jobs:
+                    m = queue.pop(0)
+                    pool = process_pool(1, threads or max(1, available_cores() // jobs))
+                    pools.append(pool)
+                    fut = pool.submit(distill_method, self._method_config(m, threads, beside=True),
+                                      self.method_dir(m))  # fmt: skip
+                    futures[fut] = m, pool
+                finished, _ = wait(futures, timeout=10, return_when=FIRST_COMPLETED)
                 self._show_progress(shown, t0)  # each method's finished phases and evaluations, as lines
                 for fut in finished:
-                    m = futures[fut]
+                    m, pool = futures.pop(fut)
+                    pool.shutdown(wait=True)  # idle now: its process exits
+                    pools.remove(pool)
                     try:
                         record = fut.result()
                     except Exception as err:  # the others still finish and are kept; then this is raised
@@ -574,20 +596,19 @@ class Pipeline:
     # ---- distillation (+ evaluation after every stage)
     def distill(self, method: str) -> dict[str, Any]:
         self._verify_datasets()
-        return distill_method(self._method_config(method), self.method_dir(method))
+        return distill_method(self._method_config(method, self._threads()), self.method_dir(method))
 
     def _verify_datasets(self) -> None:
         for task in self.tasks:  # a method must not train on data that changed since it was collected
             verify_dataset_files(os.path.join(self.data_root, f"{task}.collected.json"))
 
-    def _method_config(self, method: str, threads: int | None = None) -> dict[str, Any]:
-        """A method's DistillConfig as a dict. Beside other methods (``threads`` given: its share of the
-        cores) it runs without progress bars and evaluates in its own process, unless the config sets
-        ``distill.threads`` / ``distill.eval_workers`` itself."""
+    def _method_config(self, method: str, threads: int, beside: bool = False) -> dict[str, Any]:
+        """A method's DistillConfig as a dict with its ``threads``. Beside other methods it runs without
+        progress bars and evaluates in its own process, unless ``distill.eval_workers`` is set."""
         d = self.cfg.distill_config(method, self.run_dir, self.fidelity_path).to_dict()
-        if threads is not None:
+        d["threads"] = threads
+        if beside:
             d["progress"] = False
-            d["threads"] = threads
             if d.get("eval_workers") is None:
                 d["eval_workers"] = 0
         return d

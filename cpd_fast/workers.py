@@ -17,17 +17,34 @@ import os
 from collections.abc import Iterator
 from typing import Any
 
-__all__ = ["THREAD_VARS", "available_cores", "die_with_parent", "init_worker", "process_pool", "set_threads"]
+__all__ = [
+    "THREAD_VARS",
+    "available_cores",
+    "die_with_parent",
+    "init_worker",
+    "process_pool",
+    "set_threads",
+    "terminate",
+]
 
 THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
 
 
 def available_cores() -> int:
-    """Cores this process may run on (its CPU affinity, which containers and ``taskset`` narrow)."""
+    """Cores this process may run on: its CPU affinity (which ``taskset`` narrows), capped by a cgroup v2
+    CPU quota (``cpu.max``, which ``docker --cpus`` sets)."""
     try:
-        return max(1, len(os.sched_getaffinity(0)))
+        cores = max(1, len(os.sched_getaffinity(0)))
     except AttributeError:  # not Linux
         return max(1, os.cpu_count() or 1)
+    try:
+        with open("/sys/fs/cgroup/cpu.max") as f:
+            quota, period = f.read().split()[:2]
+        if quota != "max":
+            cores = min(cores, max(1, int(quota) // int(period)))
+    except (OSError, ValueError):
+        pass
+    return cores
 
 
 def set_threads(threads: int) -> None:
@@ -82,6 +99,7 @@ def process_pool(workers: int, threads: int, then: Any = None, *args: Any) -> An
     call ``shutdown()``; a worker that dies breaks the pool (``BrokenProcessPool``), as in the library."""
     import multiprocessing as mp
     from concurrent.futures import ProcessPoolExecutor
+    from concurrent.futures.process import BrokenProcessPool
 
     from cpd_fast.errors import require_int
 
@@ -93,6 +111,25 @@ def process_pool(workers: int, threads: int, then: Any = None, *args: Any) -> An
             initargs=(threads, then, *args),
         )  # fmt: skip
         # spawn the workers now, while the thread variables are set (the executor starts them lazily)
-        for f in [pool.submit(os.getpid) for _ in range(workers)]:
-            f.result()
+        try:
+            for f in [pool.submit(os.getpid) for _ in range(workers)]:
+                f.result()
+        except BrokenProcessPool as err:
+            pool.shutdown(wait=False, cancel_futures=True)
+            raise RuntimeError(
+                "worker processes could not start: a script that runs cpd_fast's pools must guard its "
+                "entry point with `if __name__ == '__main__':` (spawned workers import it again)"
+            ) from err
     return pool
+
+
+def terminate(pool: Any) -> None:
+    """Stop ``pool`` now: cancel what has not started and kill its workers (``ProcessPoolExecutor`` has
+    no public way to kill running jobs before Python 3.14), without waiting for them."""
+    processes = list(getattr(pool, "_processes", {}).values())
+    pool.shutdown(wait=False, cancel_futures=True)
+    for p in processes:
+        if p.is_alive():
+            p.kill()
+    for p in processes:
+        p.join(timeout=10)

@@ -84,6 +84,10 @@ def test_short_ppo_from_the_clone_is_no_worse_than_the_clone(tmp_path):
 
 def test_demos_settings_must_match_on_resume(tmp_path):
     train_ppo_demos(TASK, CFG, tmp_path, demos=DEMOS, tensorboard=False, stop_after_updates=1)
+    saved = json.loads((tmp_path / "demos.json").read_text())
+    del saved["bc_floor"]  # written before the field existed: it resumes with the field's default
+    (tmp_path / "demos.json").write_text(json.dumps(saved))
+    train_ppo_demos(TASK, CFG, tmp_path, demos=DEMOS, tensorboard=False, stop_after_updates=1)
     other = DemoConfig(**{**DEMOS.to_dict(), "bc_coef": 0.5})
     with pytest.raises(ValueError, match="bc_coef"):
         train_ppo_demos(TASK, CFG, tmp_path, demos=other, tensorboard=False)

@@ -54,6 +54,18 @@ def test_workers_give_the_in_process_flags_bit_for_bit(student, in_process, work
     assert again == in_process
 
 
+def test_in_process_evaluation_ignores_the_training_threads(student, in_process):
+    """Evaluation runs on one thread whatever training uses (the thread count is restored after)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with EvalPool(0) as pool:
+            assert _flags(pool.evaluate(student, JOBS, **SETTINGS)) == in_process
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(n)
+
+
 def test_a_changed_student_is_reloaded(student):
     """The workers evaluate the student of each call, not the one they loaded first."""
     zeroed = Student.from_state_dict(student.state_dict()).eval()

@@ -24,7 +24,9 @@ replay, evaluates and writes; the other ranks wait at barriers and read its file
 from __future__ import annotations
 
 import contextlib
+import glob
 import os
+import shutil
 import time
 from typing import Any
 
@@ -37,7 +39,7 @@ from cpd_fast.distill.methods import configure_phase, get_method, make_hook, pha
 from cpd_fast.distill.stats import replay_report, routing_shares, student_error
 from cpd_fast.distill.train import train_phase
 from cpd_fast.distill.windows import TaskSampler, WindowData, full_pool
-from cpd_fast.evalpool import EvalPool
+from cpd_fast.evalpool import TMP_PREFIX, EvalPool
 from cpd_fast.runio import (
     Ledger,
     RunLock,
@@ -110,15 +112,25 @@ class DistillRun:
         self.global_step = 0
         self.R_modes = {m: np.full((len(self.stages), len(self.tasks)), np.nan) for m in cfg.eval_modes}
 
+    def eval_workers(self) -> int:
+        """Evaluation worker processes: none on the ranks that do not evaluate, never more than jobs."""
+        return (
+            min(self.cfg.eval_worker_count(), len(self.tasks) * len(self.cfg.eval_modes)) if self.main else 0
+        )
+
     def path(self, *parts: str) -> str:
         return os.path.join(self.run_dir, *parts)
 
     # ---- the stage loop
     def run(self) -> Any:
         os.makedirs(self.run_dir, exist_ok=True)
-        threads = self.cfg.thread_count(1 if self.dist is None else self.dist.world_size)
+        # this node's processes share its cores (torchrun sets LOCAL_WORLD_SIZE)
+        local = 1 if self.dist is None else int(os.environ.get("LOCAL_WORLD_SIZE", self.dist.world_size))
+        threads = self.cfg.thread_count(local)
         if threads:
             torch.set_num_threads(threads)
+        for stale in glob.glob(self.path(TMP_PREFIX + "*")) if self.main else []:  # a killed run's
+            shutil.rmtree(stale, ignore_errors=True)
         self.check_config()
         self.teacher_success = self.prepare_data()
         self.student = self.build_student()
@@ -126,7 +138,7 @@ class DistillRun:
         # the evaluation envs (and worker processes) live as long as the run: every stage, both modes
         with (
             RunLogger(self.run_dir, self.cfg.tensorboard, enabled=self.main) as self.logger,
-            EvalPool(self.cfg.eval_worker_count() if self.main else 0) as self.evaluator,
+            EvalPool(self.eval_workers(), tmp_dir=self.run_dir) as self.evaluator,
         ):
             for s, stage in enumerate(self.stages):
                 new_ids = [self.task_index[t] for t in stage]

@@ -233,7 +233,8 @@ def train_ppo_demos(
     os.makedirs(run_dir, exist_ok=True)
     settings = os.path.join(run_dir, "demos.json")
     if os.path.isfile(settings):
-        check_same_config(read_json(settings), dcfg.to_dict(), (), settings, "use a new run directory")
+        saved = DemoConfig.from_dict(read_json(settings)).to_dict()  # fields added since: their defaults
+        check_same_config(saved, dcfg.to_dict(), (), settings, "use a new run directory")
     write_json_atomic(settings, dcfg.to_dict())
     obs, target = record_demos(
         task,
