@@ -82,6 +82,22 @@ def test_short_ppo_from_the_clone_is_no_worse_than_the_clone(tmp_path):
     ]
 
 
+def test_dagger_clone_rounds_add_the_clones_states_and_resume(tmp_path):
+    """clone_rounds=1: the clone's own episodes, labelled by the scripted expert, join the demonstrations
+    (a second Minari dataset); the report keeps each round; a resumed run reads both datasets again."""
+    from cpd_fast.data import load_teacher_data
+
+    dcfg = DemoConfig(**{**DEMOS.to_dict(), "episodes": 4, "clone_rounds": 1})
+    train_ppo_demos(TASK, CFG, tmp_path, demos=dcfg, tensorboard=False, stop_after_updates=1)
+    clone = json.load(open(tmp_path / "clone.json"))
+    assert [r["states"] for r in clone["rounds"]] == [400, 800] and clone["demo_env_steps"] == 800
+    relabelled = load_teacher_data([TASK], tmp_path / "demos-round1")
+    expert = ScriptedExpert(TASK).action_mean(relabelled.obs.numpy())
+    np.testing.assert_allclose(relabelled.action_mean.numpy(), expert, atol=1e-6)  # the expert's labels
+    r = train_ppo_demos(TASK, CFG, tmp_path, demos=dcfg, tensorboard=False)  # resumes: no re-cloning
+    assert r.global_step == CFG.total_steps and json.load(open(tmp_path / "clone.json")) == clone
+
+
 def test_demos_settings_must_match_on_resume(tmp_path):
     train_ppo_demos(TASK, CFG, tmp_path, demos=DEMOS, tensorboard=False, stop_after_updates=1)
     saved = json.loads((tmp_path / "demos.json").read_text())

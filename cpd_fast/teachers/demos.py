@@ -35,13 +35,22 @@ from cpd_fast.config import (
     Float,
     Fraction,
     NonNegativeFloat,
+    NonNegativeInt,
     PositiveFloat,
     PositiveInt,
     config_class,
     from_mapping,
 )
 
-__all__ = ["ALGORITHM", "DemoConfig", "clone_expert", "record_demos", "train_ppo_demos", "warm_up_critic"]
+__all__ = [
+    "ALGORITHM",
+    "DemoConfig",
+    "clone_expert",
+    "record_clone_states",
+    "record_demos",
+    "train_ppo_demos",
+    "warm_up_critic",
+]
 
 ALGORITHM = "ppo+demos"  # the name teachers.json records
 _WARMUP_STREAM = 10_007  # env-seed stream of the critic warm-up (RolloutCollector's ``update`` shift)
@@ -63,6 +72,9 @@ class DemoConfig:
     bc_coef: NonNegativeFloat = 1.0  # weight of the behaviour-cloning term at update 0
     bc_decay: Fraction = 0.98  # its weight at update k: bc_coef * max(bc_decay**k, bc_floor); 0.98**100=0.13
     bc_floor: Fraction = 0.0  # the share of bc_coef the term keeps for good (0: it fades out, as in DAPG)
+    # DAgger rounds before RL: roll the clone out for `episodes` episodes (with noise_std), label the states
+    # it visits with the expert's action, and clone again on everything so far (0: the expert's states only)
+    clone_rounds: NonNegativeInt = 0
 
     def to_dict(self) -> dict[str, Any]:
         import dataclasses
@@ -93,6 +105,39 @@ def record_demos(
     collect_dataset(ScriptedExpert(task), task, root, episodes=dcfg.episodes, noise_std=dcfg.noise_std,
                     backend=backend, seed=seed, max_episode_steps=max_episode_steps,
                     teacher_name=f"scripted:{task}")  # fmt: skip
+    data = load_teacher_data([task], root)
+    return data.obs.float(), data.action_mean.float()
+
+
+def record_clone_states(
+    task: str,
+    root: str | os.PathLike,
+    model: Any,
+    config: Any,
+    dcfg: DemoConfig,
+    *,
+    seed: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One DAgger round: the clone's own episodes (its action mean plus ``noise_std`` noise), every visited
+    state labelled with the scripted expert's action; a Minari dataset in ``root`` (recorded once)."""
+    import copy
+
+    import numpy as np
+
+    from cpd_fast.data import collect_dataset, load_teacher_data
+    from cpd_fast.teachers.ppo import PPOPolicy
+    from cpd_fast.teachers.scripted import ScriptedExpert
+
+    clone = PPOPolicy(copy.deepcopy(model), config, task)  # a float64 copy: the model stays as it is
+    rng = np.random.default_rng(seed)
+
+    def actor(obs: np.ndarray, fresh: np.ndarray, mean: np.ndarray) -> np.ndarray:
+        act = clone.action_mean(obs)
+        return np.clip(act + rng.normal(0.0, dcfg.noise_std, act.shape).astype(np.float32), -1.0, 1.0)
+
+    collect_dataset(ScriptedExpert(task), task, root, episodes=dcfg.episodes, backend=config.backend,
+                    seed=seed, max_episode_steps=config.max_episode_steps, teacher_name=f"scripted:{task}",
+                    actor=actor, description=f"{task}: the clone's states, expert-labelled")  # fmt: skip
     data = load_teacher_data([task], root)
     return data.obs.float(), data.action_mean.float()
 
@@ -247,16 +292,35 @@ def train_ppo_demos(
 
     init = None
     if not (resume and os.path.isfile(os.path.join(run_dir, "checkpoint.pt"))):
-        torch.manual_seed(cfg.seed)
-        model = ActorCritic(cfg).to(_device(cfg.device))
-        report = clone_expert(model, obs.to(next(model.parameters()).device),
-                              target.to(next(model.parameters()).device), dcfg, seed=cfg.seed)  # fmt: skip
+        device = _device(cfg.device)
+
+        def clone() -> tuple[Any, dict[str, Any]]:  # a fresh actor cloned on every state so far
+            torch.manual_seed(cfg.seed)
+            m = ActorCritic(cfg).to(device)
+            return m, clone_expert(m, obs.to(device), target.to(device), dcfg, seed=cfg.seed)
+
+        model, report = clone()
+        rounds = [report]
+        for r in range(1, dcfg.clone_rounds + 1):  # DAgger: the states the last clone visits, relabelled
+            more = record_clone_states(task, os.path.join(run_dir, f"demos-round{r}"), model, cfg, dcfg,
+                                       seed=cfg.seed + r)  # fmt: skip
+            obs, target = torch.cat([obs, more[0]]), torch.cat([target, more[1]])
+            model, report = clone()
+            rounds.append(report)
+        if dcfg.clone_rounds:
+            report = {**report, "rounds": rounds}
         warm = warm_up_critic(model, task, cfg, dcfg)
         report.update(critic_value_loss=warm["value_loss"], warmup_env_steps=warm["env_steps"],
                       demo_env_steps=int(obs.shape[0]))  # fmt: skip
         write_json_atomic(os.path.join(run_dir, "clone.json"), report)
         init = {"model": {k: v.detach().clone() for k, v in model.state_dict().items()},
                 "reward_scaler": warm["reward_scaler"]}  # fmt: skip
+    else:  # resumed: the cloning term reads every round's states, as in the run that cloned
+        from cpd_fast.data import load_teacher_data
+
+        for r in range(1, dcfg.clone_rounds + 1):
+            data = load_teacher_data([task], os.path.join(run_dir, f"demos-round{r}"))
+            obs, target = torch.cat([obs, data.obs.float()]), torch.cat([target, data.action_mean.float()])
     return train_ppo(task, cfg, run_dir, resume=resume, progress=progress, tensorboard=tensorboard,
                      stop_after_updates=stop_after_updates, init=init,
                      aux_loss=_bc_term(obs, target, dcfg, cfg.seed))  # fmt: skip
