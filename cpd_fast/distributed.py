@@ -32,7 +32,7 @@ from typing import Any
 
 from cpd_fast.errors import require_int
 from cpd_fast.tasks import resolve_tasks
-from cpd_fast.workers import available_cores, process_pool, set_threads
+from cpd_fast.workers import available_cores, core_share, process_pool, set_threads
 
 __all__ = ["BACKENDS", "check_ray_address", "run_jobs", "run_teacher_job", "train_teachers"]
 
@@ -147,7 +147,7 @@ def _error(job: dict[str, Any], err: BaseException) -> dict[str, Any]:
 def _run_local(jobs: list[dict[str, Any]], workers: int, max_retries: int) -> list[dict[str, Any]]:
     from concurrent.futures.process import BrokenProcessPool
 
-    threads = max(1, available_cores() // workers)
+    threads = core_share(workers)
     results: dict[int, dict[str, Any]] = {}
     attempts = dict.fromkeys(range(len(jobs)), 0)
     pending = list(range(len(jobs)))

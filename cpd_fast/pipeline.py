@@ -414,7 +414,7 @@ class Pipeline:
         import contextlib
         from concurrent.futures import FIRST_COMPLETED, wait
 
-        from cpd_fast.workers import available_cores, process_pool, terminate
+        from cpd_fast.workers import core_share, process_pool, terminate
 
         jobs, threads = self._jobs(), self._threads()
         self._grouped.update(f"distill:{m}" for m in methods)
@@ -430,7 +430,7 @@ class Pipeline:
             while queue or futures:
                 while queue and len(futures) < jobs:
                     m = queue.pop(0)
-                    pool = process_pool(1, threads or max(1, available_cores() // jobs))
+                    pool = process_pool(1, threads or core_share(jobs))
                     pools.append(pool)
                     fut = pool.submit(distill_method, self._method_config(m, threads, beside=True),
                                       self.method_dir(m))  # fmt: skip

@@ -20,6 +20,7 @@ from typing import Any
 __all__ = [
     "THREAD_VARS",
     "available_cores",
+    "core_share",
     "die_with_parent",
     "init_worker",
     "process_pool",
@@ -45,6 +46,11 @@ def available_cores() -> int:
     except (OSError, ValueError):
         pass
     return cores
+
+
+def core_share(processes: int) -> int:
+    """Threads for one of ``processes`` processes sharing this machine's cores (at least 1)."""
+    return max(1, available_cores() // processes)
 
 
 def set_threads(threads: int) -> None:

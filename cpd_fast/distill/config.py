@@ -141,11 +141,9 @@ class DistillConfig:
 
     def thread_count(self, processes: int = 1) -> int:
         """``threads`` resolved for one of ``processes`` processes sharing the cores (0: torch's default)."""
-        from cpd_fast.workers import available_cores
+        from cpd_fast.workers import core_share
 
-        if self.threads is not None:
-            return self.threads
-        return max(1, available_cores() // processes)
+        return self.threads if self.threads is not None else core_share(processes)
 
     def eval_worker_count(self) -> int:
         """``eval_workers`` resolved: None gives one worker per core on a CPU run with two or more cores."""

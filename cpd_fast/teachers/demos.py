@@ -99,12 +99,19 @@ def record_demos(
 
     Recorded once into ``root`` (a Minari dataset, :func:`cpd_fast.data.collect_dataset`), read back after.
     """
-    from cpd_fast.data import collect_dataset, load_teacher_data
+    from cpd_fast.data import collect_dataset
     from cpd_fast.teachers.scripted import ScriptedExpert
 
     collect_dataset(ScriptedExpert(task), task, root, episodes=dcfg.episodes, noise_std=dcfg.noise_std,
                     backend=backend, seed=seed, max_episode_steps=max_episode_steps,
                     teacher_name=f"scripted:{task}")  # fmt: skip
+    return _arrays(task, root)
+
+
+def _arrays(task: str, root: str | os.PathLike) -> tuple[torch.Tensor, torch.Tensor]:
+    """A recorded demonstration dataset as ``(obs [M, 39], expert action [M, 4])`` float32 tensors."""
+    from cpd_fast.data import load_teacher_data
+
     data = load_teacher_data([task], root)
     return data.obs.float(), data.action_mean.float()
 
@@ -124,7 +131,7 @@ def record_clone_states(
 
     import numpy as np
 
-    from cpd_fast.data import collect_dataset, load_teacher_data
+    from cpd_fast.data import collect_dataset
     from cpd_fast.teachers.ppo import PPOPolicy
     from cpd_fast.teachers.scripted import ScriptedExpert
 
@@ -138,8 +145,7 @@ def record_clone_states(
     collect_dataset(ScriptedExpert(task), task, root, episodes=dcfg.episodes, backend=config.backend,
                     seed=seed, max_episode_steps=config.max_episode_steps, teacher_name=f"scripted:{task}",
                     actor=actor, description=f"{task}: the clone's states, expert-labelled")  # fmt: skip
-    data = load_teacher_data([task], root)
-    return data.obs.float(), data.action_mean.float()
+    return _arrays(task, root)
 
 
 def _actor_parameters(model: Any) -> list[nn.Parameter]:
@@ -316,11 +322,9 @@ def train_ppo_demos(
         init = {"model": {k: v.detach().clone() for k, v in model.state_dict().items()},
                 "reward_scaler": warm["reward_scaler"]}  # fmt: skip
     else:  # resumed: the cloning term reads every round's states, as in the run that cloned
-        from cpd_fast.data import load_teacher_data
-
         for r in range(1, dcfg.clone_rounds + 1):
-            data = load_teacher_data([task], os.path.join(run_dir, f"demos-round{r}"))
-            obs, target = torch.cat([obs, data.obs.float()]), torch.cat([target, data.action_mean.float()])
+            more = _arrays(task, os.path.join(run_dir, f"demos-round{r}"))
+            obs, target = torch.cat([obs, more[0]]), torch.cat([target, more[1]])
     return train_ppo(task, cfg, run_dir, resume=resume, progress=progress, tensorboard=tensorboard,
                      stop_after_updates=stop_after_updates, init=init,
                      aux_loss=_bc_term(obs, target, dcfg, cfg.seed))  # fmt: skip
