@@ -22,6 +22,7 @@ import argparse
 import dataclasses
 import functools
 import os
+import re
 import types
 import typing
 from collections.abc import Iterable
@@ -288,7 +289,12 @@ def parse_set(items: list[str]) -> dict[str, Any]:
         if not all([*parents, leaf]):
             raise ValueError(f"--set key {key!r} has an empty part; write e.g. distill.steps_per_stage=500")
         try:
-            node[leaf] = yaml.safe_load(value)
+            parsed = yaml.safe_load(value)
         except yaml.YAMLError as err:
             raise ValueError(f"--set {key}: {value!r} is not a YAML value ({type(err).__name__})") from None
+        # YAML 1.1 reads 1e-4 (no dot) as a string; on a command line it is a number
+        node[leaf] = float(parsed) if isinstance(parsed, str) and _EXPONENT.fullmatch(parsed) else parsed
     return out
+
+
+_EXPONENT = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+")

@@ -403,3 +403,20 @@ def test_error_classification():
     assert format_error("cpd x", ValueError("two\r\nlines \x1b[31m")) == ("cpd x: two lines \\x1b[31m", 2)
     line, code = format_error("cpd x", AttributeError("oops"))
     assert code == 1 and line.startswith("cpd x: internal error: AttributeError: oops (a bug in cpd_fast;")
+
+
+@pytest.mark.parametrize(
+    "ppo, fragments",
+    [
+        (["lr=3"], ("unknown key(s) in --ppo: lr", "known: total_steps")),
+        (["backend=mujoco"], ("--ppo: backend", "'envpool' or 'gymnasium'", "got 'mujoco'")),
+        (["seed=3"], ("set seed with its own flag (--seed), not --ppo",)),
+        (["learning_rate"], ("expects KEY=VALUE",)),
+    ],
+)
+def test_teachers_train_refuses_bad_ppo_settings_before_training(tmp_path, capsys, ppo, fragments):
+    argv = ["teachers", "train", "--tasks", "reach-v3", "--run-dir", str(tmp_path / "r")]
+    for item in ppo:
+        argv += ["--ppo", item]
+    assert_one_line(argv, capsys, "cpd teachers train:", *fragments)
+    assert not (tmp_path / "r").exists()

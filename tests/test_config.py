@@ -113,3 +113,30 @@ def test_pipeline_sections_are_typed():
         PipelineConfig.from_dict({"suite": "mt10", "gate": {"threshold": 2.0}})
     with pytest.raises(ValueError, match=r"unknown gate.on_fail 'x'"):
         PipelineConfig.from_dict({"suite": "mt10", "gate": {"on_fail": "x"}})
+
+
+def test_set_values_in_exponent_notation_are_numbers():
+    from cpd_fast.config import parse_set
+
+    # YAML 1.1 alone reads 1e-4 as a string, which a float field then refuses
+    got = parse_set(["lr=1e-4", "a.b=2.5E3", "name=x1e5", "n=3"])
+    assert got == {"lr": 1e-4, "a": {"b": 2500.0}, "name": "x1e5", "n": 3}
+
+
+def test_teachers_train_ppo_settings_reach_the_config(monkeypatch, tmp_path):
+    import cpd_fast.distributed as distributed
+    from cpd_fast import cli
+
+    seen = {}
+    monkeypatch.setattr(
+        distributed, "train_teachers", lambda tasks, run_dir, cfg, **kw: seen.setdefault("cfg", cfg) and {}
+    )
+    argv = ["teachers", "train", "--tasks", "reach-v3", "--run-dir", str(tmp_path / "r"),
+            "--recipe", "metaworld", "--ppo", "learning_rate=1e-4", "--ppo", "target_kl=0.02",
+            "--ppo", "backend=gymnasium"]  # fmt: skip
+    assert cli.main(argv) == 0
+    cfg = seen["cfg"]
+    assert (cfg.learning_rate, cfg.target_kl, cfg.backend) == (1e-4, 0.02, "gymnasium")
+    from cpd_fast.teachers.ppo import RECIPES
+
+    assert cfg.num_envs == RECIPES["metaworld"]["num_envs"]  # the recipe's other settings stay

@@ -74,6 +74,10 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
     train.add_argument("--algorithm", choices=("ppo", "ppo+demos"), default="ppo",
                        help="plain PPO, or PPO started from the scripted expert (behaviour cloning, critic "
                        "warm-up, a decaying cloning term: cpd_fast.teachers.demos)")  # fmt: skip
+    train.add_argument("--ppo", action="append", default=[], metavar="KEY=VALUE",
+                       help="a PPOConfig field on top of the recipe, e.g. --ppo learning_rate=1e-4 "
+                       "--ppo target_kl=0.02 --ppo backend=gymnasium (the simulator of every task "
+                       "trained)")  # fmt: skip
     train.add_argument("--demo", action="append", default=[], metavar="KEY=VALUE",
                        help="a DemoConfig field for ppo+demos (and --on-fail demos), e.g. "
                        "--demo bc_coef=0.5")  # fmt: skip
@@ -158,17 +162,25 @@ def _cli_train(args: argparse.Namespace) -> int:
     from cpd_fast.fidelity import collection_backends
     from cpd_fast.tasks import resolve_tasks
     from cpd_fast.teachers.demos import DemoConfig
-    from cpd_fast.teachers.ppo import recipe_config
+    from cpd_fast.teachers.ppo import PPOConfig, recipe_config
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     tasks = resolve_tasks(args.tasks or args.suite)
     overrides = {"num_envs": args.num_envs, "num_steps": args.num_steps}
+    ppo = parse_set(args.ppo)
+    clash = sorted({"total_steps", "seed", *(k for k, v in overrides.items() if v is not None)} & set(ppo))
+    if clash:
+        raise UserError(
+            f"set {', '.join(clash)} with its own flag (--{clash[0].replace('_', '-')}), not --ppo"
+        )
     cfg = recipe_config(
         args.recipe,
         total_steps=args.total_steps,
         seed=args.seed,
         **{k: v for k, v in overrides.items() if v is not None},
     )
+    if ppo:  # unknown keys and bad values: one line naming them
+        cfg = from_mapping(PPOConfig, {**cfg.to_dict(), **ppo}, "--ppo")
     if args.stop_at is not None and args.eval_every is None:
         raise UserError("--stop-at needs --eval-every STEPS (how often to measure)")
     if args.demo and args.algorithm != "ppo+demos" and args.on_fail != "demos":
