@@ -75,6 +75,9 @@ class DemoConfig:
     # DAgger rounds before RL: roll the clone out for `episodes` episodes (with noise_std), label the states
     # it visits with the expert's action, and clone again on everything so far (0: the expert's states only)
     clone_rounds: NonNegativeInt = 0
+    # official goals the final clone is measured on before RL (clone.json "clone_success"): what PPO
+    # started from, beside what it ends at (0: not measured)
+    clone_goals: NonNegativeInt = 50
 
     def to_dict(self) -> dict[str, Any]:
         import dataclasses
@@ -198,6 +201,20 @@ def clone_expert(
             "states": int(obs.shape[0])}  # fmt: skip
 
 
+def clone_success(model: Any, task: str, cfg: Any, goals: int) -> dict[str, Any]:
+    """The official success of ``model``'s actor (a copy of it, as the zoo measures a teacher: float64) on
+    the first ``goals`` of the 50 goals: ``{"success_rate", "goals", "successes"}``."""
+    import copy
+
+    from cpd_fast.evaluation import evaluate_official
+    from cpd_fast.teachers.ppo import PPOPolicy
+
+    policy = PPOPolicy(copy.deepcopy(model), cfg, task)
+    result = evaluate_official(policy.action_mean, task, num_goals=goals,
+                               max_episode_steps=cfg.max_episode_steps)  # fmt: skip
+    return {"success_rate": result.success_rate, "goals": goals, "successes": result.successes.tolist()}
+
+
 def warm_up_critic(model: Any, task: str, cfg: Any, dcfg: DemoConfig) -> dict[str, Any]:
     """Fit ``model``'s critic to the returns of its (cloned) actor; the actor and normaliser do not change.
 
@@ -270,7 +287,8 @@ def train_ppo_demos(
     """Demonstration-augmented PPO on ``task``: record, clone, warm up the critic, then PPO with the
     decaying cloning term. Same arguments and result as :func:`~cpd_fast.teachers.ppo.train_ppo`, plus
     ``demos``; ``run_dir`` also gets ``demos/`` (the Minari dataset), ``demos.json`` (the settings, checked
-    on resume) and ``clone.json`` (the cloning and warm-up report, with their env steps)."""
+    on resume) and ``clone.json`` (the cloning and warm-up report, with their env steps and the clone's
+    own official success)."""
     import tempfile
 
     from cpd_fast.runio import check_same_config, read_json, write_json_atomic
@@ -315,6 +333,8 @@ def train_ppo_demos(
             rounds.append(report)
         if dcfg.clone_rounds:
             report = {**report, "rounds": rounds}
+        if dcfg.clone_goals:
+            report["clone_success"] = clone_success(model, task, cfg, dcfg.clone_goals)
         warm = warm_up_critic(model, task, cfg, dcfg)
         report.update(critic_value_loss=warm["value_loss"], warmup_env_steps=warm["env_steps"],
                       demo_env_steps=int(obs.shape[0]))  # fmt: skip
