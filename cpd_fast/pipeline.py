@@ -485,10 +485,10 @@ class Pipeline:
         self.console.print(format_table(rows), markup=False, highlight=False)
         return {"backend": backend_choices(rows)}
 
-    def _backends(self) -> dict[str, str]:
+    def _backends(self, teachers: dict[str, Any] | None = None) -> dict[str, str]:
         from cpd_fast.fidelity import collection_backends
 
-        return collection_backends(self.fidelity_path)
+        return collection_backends(self.fidelity_path, teachers)
 
     # ---- teachers + quality gate
     def teachers(self) -> dict[str, Any]:
@@ -581,11 +581,11 @@ class Pipeline:
         from tqdm import tqdm
 
         from cpd_fast.distill.run import collect_task_data
-        from cpd_fast.teachers.gate import teacher_specs
+        from cpd_fast.teachers.gate import teacher_specs, trained_teachers
 
         dcfg = self.cfg.distill_config(self.cfg.methods[0], self.run_dir, self.fidelity_path)
         specs = teacher_specs(dcfg.teachers, self.tasks)
-        backends = self._backends()
+        backends = self._backends(trained_teachers(specs))
         out = {}
         for task in tqdm(self.tasks, desc="collect", disable=not self.cfg.progress, leave=False):
             collect_task_data(dcfg, task, self.data_root, specs[task], backends.get(task, "envpool"))

@@ -166,3 +166,21 @@ def test_gate_on_fail_demos_records_the_algorithm_and_the_expert_bar(tmp_path):
     assert (
         saved["settings"]["on_fail"] == "demos" and saved["settings"]["demos"]["episodes"] == DEMOS.episodes
     )
+
+
+@pytest.mark.parametrize("frozen", [True, False])
+def test_frozen_normaliser_keeps_the_demonstrations_statistics(tmp_path, frozen):
+    """freeze_obs_norm: after PPO updates the observation normaliser is still the clone's (fitted on the
+    demonstrations); without it, every rollout moves it."""
+    dcfg = DemoConfig(**{**DEMOS.to_dict(), "episodes": 4, "clone_goals": 0, "freeze_obs_norm": frozen})
+    train_ppo_demos(TASK, CFG, tmp_path, demos=dcfg, tensorboard=False, stop_after_updates=2)
+    obs, target = record_demos(TASK, tmp_path / "demos", dcfg, seed=CFG.seed, max_episode_steps=100)
+    torch.manual_seed(CFG.seed)
+    clone = ActorCritic(CFG)
+    clone_expert(clone, obs, target, dcfg, seed=CFG.seed)
+    state = torch.load(tmp_path / "checkpoint.pt", weights_only=False)["model"]
+    same = all(
+        torch.equal(state[f"obs_norm.{k}"], getattr(clone.obs_norm, k)) for k in ("mean", "var", "count")
+    )
+    assert same == frozen
+    assert "clone_success" not in json.load(open(tmp_path / "clone.json"))  # clone_goals=0: not measured

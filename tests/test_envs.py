@@ -271,3 +271,27 @@ def test_env_cache_gives_the_same_flags_bit_for_bit():
         assert run(env_cache=cache) == fresh and cache.reused == 0
     with pytest.raises(ValueError, match="max_envs"):
         EnvCache(max_envs=-1)
+
+
+def test_a_trained_teacher_collects_in_the_simulator_it_was_trained_in(tmp_path):
+    """Whatever the fidelity report says, a PPO teacher's data comes from the backend it was trained on;
+    scripted experts (no ``trained_in``) follow the report."""
+    import json
+
+    import torch
+
+    from cpd_fast.fidelity import collection_backends
+    from cpd_fast.teachers.checkpoint import CheckpointTeacher
+    from cpd_fast.teachers.ppo import ActorCritic, PPOConfig, policy_payload
+    from cpd_fast.teachers.scripted import ScriptedExpert
+
+    cfg = PPOConfig(backend="gymnasium", hidden_sizes=(16, 16))
+    torch.save(policy_payload(ActorCritic(cfg), cfg, "reach-v3"), tmp_path / "policy.pt")
+    teacher = CheckpointTeacher(tmp_path / "policy.pt", task="reach-v3")
+    assert teacher.trained_in == "gymnasium"
+    report = tmp_path / "fidelity.json"
+    report.write_text(json.dumps({"backend": {"reach-v3": "envpool", "push-v3": "envpool"}}))
+    got = collection_backends(str(report), {"reach-v3": teacher, "push-v3": ScriptedExpert("push-v3")})
+    assert got == {"reach-v3": "gymnasium", "push-v3": "envpool"}
+    assert collection_backends(None, {"reach-v3": teacher})["reach-v3"] == "gymnasium"
+    assert collection_backends(str(report))["reach-v3"] == "envpool"  # no teachers: the report alone

@@ -168,14 +168,12 @@ class DistillRun:
         """Collect each task's dataset and record its teacher's success; load every transition as windows."""
         from cpd_fast.data import load_teacher_data
         from cpd_fast.fidelity import collection_backends
-        from cpd_fast.teachers.gate import teacher_specs
+        from cpd_fast.teachers.gate import teacher_specs, trained_teachers
 
         cfg = self.cfg
         specs = self.specs = teacher_specs(cfg.teachers, self.tasks)
-        backends = self.backends = collection_backends(cfg.fidelity)
-        if cfg.dagger:  # DAgger queries the teachers during training: every one must load, now
-            for task, spec in specs.items():
-                spec.make(task)
+        # every trained teacher loads now (DAgger queries them in training), each to collect in its simulator
+        backends = self.backends = collection_backends(cfg.fidelity, trained_teachers(specs))
         root = cfg.data_dir or self.path("datasets")
         ts_path = self.path("teacher_success.json")
         success: dict[str, float] = read_json(ts_path, {})

@@ -47,6 +47,7 @@ class CheckpointTeacher:
             if saved is not None and saved != task:
                 raise ValueError(f"checkpoint {self.path!r} is a {saved!r} teacher, not {task!r}")
         self.task = task or saved
+        self.trained_in = self._policy.config.backend  # the simulator its data is collected in
 
     def action_mean(self, obs: np.ndarray) -> np.ndarray:
         return self._policy.action_mean(obs)

@@ -240,15 +240,16 @@ def _cli_collect(args: argparse.Namespace) -> int:
         tasks = resolve_tasks(args.tasks or args.suite or "mt25")
     if not tasks:
         raise UserError(f"no usable teacher for the requested tasks in {args.run_dir}/teachers.json")
-    env_backends = collection_backends(args.fidelity)
+    collection_backends(args.fidelity)  # a missing or malformed report fails before the run is locked
     root = os.path.join(args.run_dir, "datasets")
     with RunLock(args.run_dir):  # one process writes a run directory at a time
-        _collect_all(args, tasks, usable, root, env_backends)
+        _collect_all(args, tasks, usable, root)
     return 0
 
 
-def _collect_all(args: argparse.Namespace, tasks: list[str], usable: dict, root: str, backends: dict) -> None:
+def _collect_all(args: argparse.Namespace, tasks: list[str], usable: dict, root: str) -> None:
     from cpd_fast.data import collect_dataset
+    from cpd_fast.fidelity import collection_backends
     from cpd_fast.teachers.base import make_teacher
 
     # every teacher loads before any collection: a missing or mismatched checkpoint fails in seconds
@@ -258,6 +259,7 @@ def _collect_all(args: argparse.Namespace, tasks: list[str], usable: dict, root:
         else make_teacher("scripted", t)
         for t in tasks
     }
+    backends = collection_backends(args.fidelity, teachers)  # a trained teacher: the simulator it trained in
     for task, teacher in teachers.items():
         t0 = time.perf_counter()
         ds = collect_dataset(

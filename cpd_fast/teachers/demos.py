@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from cpd_fast.config import (
+    Bool,
     Float,
     Fraction,
     NonNegativeFloat,
@@ -78,6 +79,10 @@ class DemoConfig:
     # official goals the final clone is measured on before RL (clone.json "clone_success"): what PPO
     # started from, beside what it ends at (0: not measured)
     clone_goals: NonNegativeInt = 50
+    # keep the observation normaliser at the demonstrations' statistics during RL. Refreshed with every
+    # rollout (False, the behaviour before the field existed), it shifts the clone's inputs: on lever-pull-v3
+    # by up to 1 std on demonstration states within 8 updates, and the clone's success falls with it
+    freeze_obs_norm: Bool = False
 
     def to_dict(self) -> dict[str, Any]:
         import dataclasses
@@ -347,4 +352,5 @@ def train_ppo_demos(
             obs, target = torch.cat([obs, more[0]]), torch.cat([target, more[1]])
     return train_ppo(task, cfg, run_dir, resume=resume, progress=progress, tensorboard=tensorboard,
                      stop_after_updates=stop_after_updates, init=init,
-                     aux_loss=_bc_term(obs, target, dcfg, cfg.seed))  # fmt: skip
+                     aux_loss=_bc_term(obs, target, dcfg, cfg.seed),
+                     obs_norm_frozen=dcfg.freeze_obs_norm)  # fmt: skip

@@ -282,6 +282,12 @@ class TeacherSpec:
         return make_teacher(self.source, task, self.path, device=device)
 
 
+def trained_teachers(specs: dict[str, TeacherSpec]) -> dict[str, Any]:
+    """``{task: teacher}`` of every spec that is not a scripted expert, loaded now: a missing or damaged
+    policy fails before any collection, and each says which simulator it was trained in."""
+    return {t: s.make(t) for t, s in specs.items() if s.source != "scripted"}
+
+
 def teacher_specs(teachers: str, tasks: Sequence[str]) -> dict[str, TeacherSpec]:
     """``{task: TeacherSpec}`` from ``"scripted"``, ``"zoo"`` / ``"zoo:NAME"`` (a teacher zoo,
     :mod:`cpd_fast.teachers.zoo`) or a run directory's ``teachers.json``; one-line errors for a task without

@@ -840,6 +840,7 @@ def train_ppo(
     stop_after_updates: int | None = None,
     init: dict[str, Any] | None = None,
     aux_loss: Callable[[int], AuxLoss | None] | None = None,
+    obs_norm_frozen: bool = False,
 ) -> TrainResult:
     """Train a PPO teacher for ``task``; write checkpoints and logs into ``run_dir``.
 
@@ -855,6 +856,8 @@ def train_ppo(
             "reward_scaler": state}`` (either optional), e.g. a cloned actor and a warmed-up critic.
         aux_loss: ``aux_loss(update)`` gives the extra loss term of that update (or None), passed to
             :func:`ppo_update`; resume restores ``update``, so a schedule over updates resumes exactly.
+        obs_norm_frozen: keep the observation normaliser's statistics as they start (``init``'s: e.g. those
+            of the demonstrations a clone was fitted on) instead of refreshing them with every rollout.
 
     Returns:
         :class:`TrainResult`; ``policy_path`` is ``run_dir/policy.pt`` once ``total_steps`` are done.
@@ -916,7 +919,7 @@ def train_ppo(
             t_update = time.perf_counter()
             aux = aux_loss(update) if aux_loss is not None else None
             stats = ppo_update(model, optimizer, rollout.ppo_batch(advantages, returns), cfg, aux_loss=aux)
-            if cfg.norm_obs:  # refresh the normaliser with this rollout's observations (frozen until now)
+            if cfg.norm_obs and not obs_norm_frozen:  # refresh it with this rollout's observations
                 model.obs_norm.update(rollout.obs.reshape(-1, OBS_DIM))
             update += 1
             updates_this_call += 1
