@@ -148,6 +148,17 @@ def test_train_measured_stops_at_the_target_and_resumes_as_a_no_op(tmp_path):
         train_measured(TASK, cfg, tmp_path, every=512, stop_at=0.0, goals=1, eval_envs=1)
 
 
+def test_a_run_killed_mid_chunk_is_still_measured_every_every_steps(tmp_path):
+    """A kill between measurements (here: one update of training before the curve starts) must not shift
+    the measurement points: they stay at multiples of `every` (then the budget's end)."""
+    from cpd_fast.teachers.ppo import train_ppo
+
+    cfg = tiny_ppo_config(total_steps=1024)  # 128 env steps per update
+    train_ppo(TASK, cfg, tmp_path, stop_after_updates=1, tensorboard=False)  # killed after 1 update
+    curve = train_measured(TASK, cfg, tmp_path, every=384, stop_at=2.0, goals=1, eval_envs=1)
+    assert [p["env_steps"] for p in curve["points"]] == [384, 768, 1024]
+
+
 def test_gate_on_fail_demos_records_the_algorithm_and_the_expert_bar(tmp_path):
     """An under-trained PPO teacher fails a 1.0 threshold; --on-fail demos trains it from the scripted
     expert and records ppo+demos, its extra env steps and the expert's own success (its bar)."""

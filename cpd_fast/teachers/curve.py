@@ -85,8 +85,12 @@ def train_measured(
         done = curve["points"][-1]["env_steps"] if curve["points"] else 0
         if done >= cfg.total_steps:
             break
+        # up to the next measurement point: a run killed mid-chunk resumes from its last checkpoint and is
+        # still measured every `every` steps, not `every` steps after wherever it was killed
+        at = _checkpoint_step(ckpt)
+        updates = max(1, math.ceil((done + updates_per_chunk * cfg.batch_size - at) / cfg.batch_size))
         t0 = time.perf_counter()
-        result = trainer(task, cfg, run_dir, stop_after_updates=updates_per_chunk, tensorboard=False,
+        result = trainer(task, cfg, run_dir, stop_after_updates=updates, tensorboard=False,
                          progress=progress)  # fmt: skip
         train_s, trained = time.perf_counter() - t0, True
         measured = evaluate_teacher(load_policy(ckpt), task, num_goals=goals, num_envs=eval_envs)
@@ -103,3 +107,15 @@ def train_measured(
         export_policy(ckpt, policy_path)  # the policy measured last (the checkpoint after the last chunk)
     curve["policy_path"] = policy_path
     return curve
+
+
+def _checkpoint_step(path: str) -> int:
+    """The env steps a resume checkpoint holds (0 when there is none yet)."""
+    if not os.path.isfile(path):
+        return 0
+    from cpd_fast.runio import load_torch_checked
+
+    state = load_torch_checked(
+        path, "delete it and re-run: this teacher's training restarts", map_location="cpu"
+    )
+    return int(state["global_step"])
