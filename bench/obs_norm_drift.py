@@ -17,23 +17,24 @@ import os
 
 import torch
 
-from cpd_fast.teachers.demos import _arrays
+from cpd_fast.teachers.demos import _arrays, holdout_split
 
 
 def drift(run: str, task: str) -> dict:
-    if json.load(open(os.path.join(run, "demos.json"))).get("clone_rounds", 0):
+    demos = json.load(open(os.path.join(run, "demos.json")))
+    if demos.get("clone_rounds", 0):
         raise SystemExit(f"{run}: DAgger clone rounds clone on more than demos/; not measured here")
     obs, _ = _arrays(task, os.path.join(run, "demos"))
     state = torch.load(os.path.join(run, "checkpoint.pt"), weights_only=False, map_location="cpu")
     model = state["model"]
     mean, var, count = (model[f"obs_norm.{k}"] for k in ("mean", "var", "count"))
     x = obs.double()
-    clip = json.load(open(os.path.join(run, "config.json")))["clip_obs"]
+    cfg = json.load(open(os.path.join(run, "config.json")))
+    clip = cfg["clip_obs"]
     # the clone's normaliser: the statistics of the cloning states (the demonstrations minus the holdout)
-    hold = json.load(open(os.path.join(run, "demos.json")))["holdout"]
-    n_train = obs.shape[0] - round(hold * obs.shape[0])
-    g = torch.Generator().manual_seed(json.load(open(os.path.join(run, "config.json")))["seed"])
-    train = x[torch.randperm(obs.shape[0], generator=g)[-n_train:]]
+    g = torch.Generator().manual_seed(cfg["seed"])
+    _, train_idx = holdout_split(obs.shape[0], demos["holdout"], g)
+    train, n_train = x[train_idx], int(train_idx.numel())
     m0, v0 = train.mean(0), train.var(0, unbiased=False)
     z0 = ((x - m0) / (v0 + 1e-8).sqrt()).clamp(-clip, clip)
     z1 = ((x - mean) / (var + 1e-8).sqrt()).clamp(-clip, clip)

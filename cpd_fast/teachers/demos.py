@@ -160,6 +160,13 @@ def _actor_parameters(model: Any) -> list[nn.Parameter]:
     return [p for name, p in model.named_parameters() if not name.startswith("critic.")]
 
 
+def holdout_split(n: int, holdout: float, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(held-out indices, cloning indices)`` of ``n`` demonstration states, drawn from ``g``."""
+    perm = torch.randperm(n, generator=g)
+    n_hold = round(holdout * n)
+    return perm[:n_hold], perm[n_hold:]
+
+
 def clone_expert(
     model: Any, obs: torch.Tensor, target: torch.Tensor, dcfg: DemoConfig, seed: int = 0
 ) -> dict[str, float]:
@@ -169,9 +176,7 @@ def clone_expert(
     mean against the expert's action, on the cloning states and on the held-out ones.
     """
     g = torch.Generator().manual_seed(seed)
-    perm = torch.randperm(obs.shape[0], generator=g)
-    n_hold = round(dcfg.holdout * obs.shape[0])
-    hold, train = perm[:n_hold], perm[n_hold:]
+    hold, train = holdout_split(obs.shape[0], dcfg.holdout, g)
     if model.obs_norm.enabled:
         model.obs_norm.update(obs[train])
     params = _actor_parameters(model)
@@ -207,17 +212,18 @@ def clone_expert(
 
 
 def clone_success(model: Any, task: str, cfg: Any, goals: int) -> dict[str, Any]:
-    """The official success of ``model``'s actor (a copy of it, as the zoo measures a teacher: float64) on
-    the first ``goals`` of the 50 goals: ``{"success_rate", "goals", "successes"}``."""
+    """The official success of ``model``'s actor on the first ``goals`` of the 50 goals, measured as a
+    learning-curve point is (a float64 copy, :func:`~cpd_fast.teachers.gate.evaluate_teacher`):
+    ``{"success_rate", "protocol", "successes", "goals"}``."""
     import copy
 
-    from cpd_fast.evaluation import evaluate_official
+    from cpd_fast.teachers.gate import evaluate_teacher
     from cpd_fast.teachers.ppo import PPOPolicy
 
-    policy = PPOPolicy(copy.deepcopy(model), cfg, task)
-    result = evaluate_official(policy.action_mean, task, num_goals=goals,
-                               max_episode_steps=cfg.max_episode_steps)  # fmt: skip
-    return {"success_rate": result.success_rate, "goals": goals, "successes": result.successes.tolist()}
+    return {
+        **evaluate_teacher(PPOPolicy(copy.deepcopy(model), cfg, task), task, num_goals=goals),
+        "goals": goals,
+    }
 
 
 def warm_up_critic(model: Any, task: str, cfg: Any, dcfg: DemoConfig) -> dict[str, Any]:
