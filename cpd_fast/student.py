@@ -34,6 +34,11 @@ Design decisions (the protocol relies on them):
   and the gate would then route it to the old experts); replayed windows in the contrastive loss hold
   old clusters in place, and ``freeze_task_encoder`` is there if measurement says otherwise. ``moe``
   (experts and gate, frozen with its own machinery) and ``head`` are separate groups.
+* **Per-task adapters** (``adapter_rank``, :mod:`cpd_fast.adapters`; off by default). Every task gets a
+  low-rank update of each shared block's linear maps. A token uses its task's adapter: the given task id,
+  in training the window's true task, and without a task id the task of the nearest prototype to the
+  token's inferred embedding. A frozen trunk then stays plastic for new tasks while an old task's
+  features stay bit for bit what they were (its adapter is frozen with it; ``adapter_parameters``).
 * **Padding at episode start.** Fewer than H observations: the window is left-padded and ``mask``
   (``[B, H]`` bool, True = real observation, the last position always real) marks the real ones; padded
   positions are ignored by attention and by the task encoder, so their values do not matter.
@@ -56,6 +61,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cpd_fast.adapters import BlockAdapters
 from cpd_fast.errors import require_int
 from cpd_fast.moe import MoELayer
 
@@ -89,12 +95,17 @@ class StudentConfig:
     # share of training windows conditioned on their task's prototype instead of the inferred embedding,
     # so that both evaluation modes (no task id / task id → prototype) are in the training distribution
     prototype_conditioning: float = 0.5
+    # per-task low-rank adapters on the shared blocks (cpd_fast.adapters): None = none; r > 0 gives every
+    # task its own rank-r update of each block's qkv, proj and FFN maps (a frozen trunk stays plastic)
+    adapter_rank: int | None = None
 
     def __post_init__(self) -> None:
         for name in ("obs_dim", "act_dim", "history", "d_model", "n_heads", "d_ff", "expert_hidden",
                      "top_k", "experts_per_task", "task_embed_dim", "task_encoder_hidden"):  # fmt: skip
             require_int(f"StudentConfig.{name}", getattr(self, name))
         require_int("StudentConfig.n_layers", self.n_layers, 0)
+        if self.adapter_rank is not None:
+            require_int("StudentConfig.adapter_rank", self.adapter_rank)
         if self.d_model % self.n_heads:
             raise ValueError(f"d_model={self.d_model} must be divisible by n_heads={self.n_heads}")
         if not 0.0 <= self.dropout < 1.0:
@@ -169,15 +180,30 @@ class CausalBlock(nn.Module):
         self.ff = nn.Sequential(nn.Linear(d_model, d_ff), nn.GELU(), nn.Linear(d_ff, d_model))
         self.dropout = dropout
 
-    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        attn_mask: torch.Tensor,
+        adapters: BlockAdapters | None = None,
+        ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """``adapters`` (with ``ids``: each window's task ``[B]`` or each token's ``[B, H]``) add the
+        task's low-rank update to the four linear maps."""
+
+        def linear(layer: nn.Linear, name: str, h: torch.Tensor) -> torch.Tensor:
+            y = layer(h)
+            return y if adapters is None else y + getattr(adapters, name)(h, ids)
+
         B, H, d = x.shape
-        q, k, v = self.qkv(self.ln1(x)).view(B, H, 3, self.n_heads, d // self.n_heads).unbind(2)
+        qkv = linear(self.qkv, "qkv", self.ln1(x))
+        q, k, v = qkv.view(B, H, 3, self.n_heads, d // self.n_heads).unbind(2)
         p = self.dropout if self.training else 0.0
         a = F.scaled_dot_product_attention(
             q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=attn_mask, dropout_p=p
         )
-        x = x + F.dropout(self.proj(a.transpose(1, 2).reshape(B, H, d)), p, self.training)
-        return x + F.dropout(self.ff(self.ln2(x)), p, self.training)
+        x = x + F.dropout(linear(self.proj, "proj", a.transpose(1, 2).reshape(B, H, d)), p, self.training)
+        u = self.ff[1](linear(self.ff[0], "ff1", self.ln2(x)))
+        return x + F.dropout(linear(self.ff[2], "ff2", u), p, self.training)
 
 
 class Student(nn.Module):
@@ -219,6 +245,10 @@ class Student(nn.Module):
             backend=cfg.moe_backend,
         )  # fmt: skip
         self.head = nn.Sequential(nn.LayerNorm(d), nn.Linear(d, cfg.act_dim))
+        # -- per-task adapters on the shared blocks (own group; none without adapter_rank)
+        self.adapters = nn.ModuleList(
+            BlockAdapters(d, cfg.d_ff, cfg.adapter_rank, num_tasks) for _ in range(cfg.n_layers)
+        ) if cfg.adapter_rank else nn.ModuleList()  # fmt: skip
         # prototypes: EMA of normalised embeddings per task; count 0 = no window of the task seen yet
         self.register_buffer("prototypes", torch.zeros(num_tasks, cfg.task_embed_dim))
         self.register_buffer("prototype_count", torch.zeros(num_tasks, dtype=torch.int64))
@@ -285,10 +315,30 @@ class Student(nn.Module):
         z = self.task_embedding(obs_window, mask)
         return seen[(z @ F.normalize(self.prototypes[seen], dim=-1).T).argmax(1)]
 
-    def _trunk(self, obs, mask, task_ids, positions: str, use_prototype: torch.Tensor | None = None):
+    def adapter_route(self, z: torch.Tensor, tasks: torch.Tensor | None) -> torch.Tensor:
+        """Adapter task ids: ``tasks [B]`` (one per window) when given, else each token's, LongTensor
+        ``[B, H]``: the task whose prototype is nearest (cosine) to the token's inferred embedding
+        ``z [B, H, D]`` (−1, no adapter, before any prototype exists)."""
+        if tasks is not None:
+            return tasks
+        seen = (self.prototype_count > 0).nonzero().squeeze(1)
+        if seen.numel() == 0:
+            return torch.full(z.shape[:2], -1, dtype=torch.long, device=z.device)
+        return seen[(z @ F.normalize(self.prototypes[seen], dim=-1).T).argmax(-1)]
+
+    def _trunk(
+        self,
+        obs,
+        mask,
+        task_ids,
+        positions: str,
+        use_prototype: torch.Tensor | None = None,
+        adapter_tasks: torch.Tensor | None = None,
+    ):
         """Shared trunk; returns (features before the head, per-position embeddings [B, H, D]).
 
         ``task_ids`` given: condition on the prototypes, or only the rows where ``use_prototype [B]`` is set.
+        Adapters (if any) follow ``adapter_tasks [B]``, else ``task_ids``, else the inferred task.
         """
         z = self.task_encoder(obs, mask)  # [B, H, D]
         cond = z
@@ -303,8 +353,13 @@ class Student(nn.Module):
         # a position attends to earlier real positions and always to itself (so padded rows are not NaN)
         attn = (causal & mask[:, None, :]) | torch.eye(H, dtype=torch.bool, device=obs.device)
         attn = attn[:, None]  # [B, 1, H, H], broadcast over heads
-        for block in self.blocks:
-            x = block(x, attn)
+        if len(self.adapters):
+            ids = self.adapter_route(z.detach(), adapter_tasks if adapter_tasks is not None else task_ids)
+            for block, adapters in zip(self.blocks, self.adapters, strict=True):
+                x = block(x, attn, adapters, ids)
+        else:
+            for block in self.blocks:
+                x = block(x, attn)
         if positions == "last":
             x = x[:, -1]
         return x + self.moe(self.moe_norm(x)), z
@@ -375,7 +430,7 @@ class Student(nn.Module):
         on their task's prototype, the others on the inferred embedding."""
         h, z = self._trunk(
             obs_window, mask, task_ids if use_prototype is not None else None,
-            "all" if per_position else "last", use_prototype,
+            "all" if per_position else "last", use_prototype, adapter_tasks=task_ids,
         )  # fmt: skip
         return torch.tanh(self.head(h)), z[:, -1]
 
@@ -479,6 +534,8 @@ class Student(nn.Module):
         n = self.config.experts_per_task if n_new_experts is None else n_new_experts
         require_int("n_new_experts", n, 0)
         new = self.moe.add_experts(n) if n > 0 else []
+        for adapters in self.adapters:
+            adapters.add_task()
         self.prototypes = torch.cat([self.prototypes, self.prototypes.new_zeros(1, self.prototypes.shape[1])])
         self.prototype_count = torch.cat([self.prototype_count, self.prototype_count.new_zeros(1)])
         return new
@@ -496,6 +553,12 @@ class Student(nn.Module):
 
     def task_encoder_parameters(self) -> Iterator[nn.Parameter]:
         return self.task_encoder.parameters()
+
+    def adapter_parameters(self, tasks: list[int] | None = None) -> Iterator[nn.Parameter]:
+        """The adapters of ``tasks`` (default: every task); none without ``adapter_rank``."""
+        for adapters in self.adapters:
+            for t in range(self.num_tasks) if tasks is None else tasks:
+                yield from adapters.task_parameters(t)
 
     def head_parameters(self) -> Iterator[nn.Parameter]:
         return self.head.parameters()
@@ -521,6 +584,12 @@ class Student(nn.Module):
     def unfreeze_task_encoder(self) -> None:
         self._set_trainable(self.task_encoder_parameters(), True)
 
+    def freeze_adapters(self, tasks: list[int] | None = None) -> None:
+        self._set_trainable(self.adapter_parameters(tasks), False)
+
+    def unfreeze_adapters(self, tasks: list[int] | None = None) -> None:
+        self._set_trainable(self.adapter_parameters(tasks), True)
+
     def freeze_head(self) -> None:
         self._set_trainable(self.head_parameters(), False)
 
@@ -541,6 +610,9 @@ class Student(nn.Module):
             # a checkpoint taken after growth: match its task count (the MoE resizes itself)
             self.prototypes = self.prototypes.new_zeros(protos.shape)
             self.prototype_count = self.prototype_count.new_zeros(protos.shape[0])
+            for adapters in self.adapters:  # one adapter per task
+                while adapters.qkv.num_tasks < protos.shape[0]:
+                    adapters.add_task()
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     @classmethod

@@ -202,6 +202,9 @@ class DistillConfig:
         for key, unit in (("episodes_per_task", "episodes/task"), ("noise_std", "noise std")):
             if getattr(self, key) != getattr(d, key):  # what the data is: runs with other data never pool
                 notes.append(f"{getattr(self, key):g} {unit}")
+        for key, unit in (("adapter_rank", "adapter rank"), ("experts_per_task", "experts/task")):
+            if getattr(self.student, key) != getattr(d.student, key):  # capacity: never pooled as seeds
+                notes.append(f"{unit} {getattr(self.student, key)}")
         if self.loss_positions != "all":
             notes.append(f"{self.loss_positions}-position loss")
         if self.dagger:  # any method

@@ -105,10 +105,14 @@ def phases_of(cfg: Any, stage: int) -> list[tuple[str, int]]:
     return [("train", n)]
 
 
-def configure_phase(student: Any, cfg: Any, stage: int, phase: str, new_experts: list[int]) -> None:
+def configure_phase(
+    student: Any, cfg: Any, stage: int, phase: str, new_experts: list[int], new_tasks: list[int] = ()
+) -> None:
     """Set what trains in ``phase`` of ``stage`` (idempotent: a resumed run calls it again).
 
-    ``new_experts``: the experts added for this stage's tasks (growing methods only).
+    ``new_experts``: the experts added for this stage's tasks (growing methods only). ``new_tasks``: this
+    stage's task ids; with per-task adapters (``student.adapter_rank``) only theirs train after stage 0,
+    in every method (an adapter learns while its task is new, then keeps that task's features).
     """
     method = get_method(cfg.method)
     moe = student.moe
@@ -118,8 +122,10 @@ def configure_phase(student: Any, cfg: Any, stage: int, phase: str, new_experts:
     student.unfreeze_task_encoder()
     moe.unfreeze_experts(list(range(moe.num_experts)))
     moe.unfreeze_gate()
+    student.unfreeze_adapters()
     if stage == 0 or method.joint:
         return
+    student.freeze_adapters([t for t in range(student.num_tasks) if t not in set(new_tasks)])
     if method.freezes_shared and cfg.freeze_shared:
         student.freeze_shared()
         student.freeze_head()  # the head maps every expert's output: training it moves old tasks too

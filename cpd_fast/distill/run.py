@@ -251,7 +251,7 @@ class DistillRun:
                 self.dagger[s] = rounds.report()
             return
         t0 = time.perf_counter()
-        configure_phase(self.student, cfg, s, phase, new_experts)
+        configure_phase(self.student, cfg, s, phase, new_experts, new_ids)
         gen = torch.Generator().manual_seed(phase_seed(cfg.seed, s, phase))
 
         def log(it: int, rec: dict) -> None:
