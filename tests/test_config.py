@@ -107,6 +107,19 @@ def test_run_warns_about_distill_settings_no_method_reads():
     assert cfg.unused_settings({"distill": {"ewc_lambda": 3.0}}) == []
 
 
+def test_a_partial_student_sets_fields_of_the_default_student():
+    """``--set distill.student.adapter_rank=8`` once gave StudentConfig()'s d_model-256, 3-block model
+    instead of the default student with adapters: a partial student mapping goes over the default one."""
+    default = dataclasses.asdict(DistillConfig().student)
+    for student in (
+        DistillConfig.from_dict({"student": {"adapter_rank": 8}}).student,
+        DistillConfig(student={"adapter_rank": 8}).student,
+        resolve_config("mt25", overrides={"distill": {"student": {"adapter_rank": 8}}}).distill["student"],
+    ):
+        got = student if isinstance(student, dict) else dataclasses.asdict(student)
+        assert got == {**default, "adapter_rank": 8}
+
+
 def test_pipeline_sections_are_typed():
     expected = r"the config: gate\.threshold: input should be less than or equal to 1, got 2\.0"
     with pytest.raises(ValueError, match=expected):

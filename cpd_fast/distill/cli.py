@@ -75,7 +75,6 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
 
 def _cli_distill(args: argparse.Namespace) -> int:
     # bad values raise ValueError/FileNotFoundError: cpd_fast.cli.main prints them as one line (exit 2)
-    import dataclasses
 
     from cpd_fast.config import flag_values, from_mapping, merge, parse_set
     from cpd_fast.distill.config import DistillConfig
@@ -86,8 +85,6 @@ def _cli_distill(args: argparse.Namespace) -> int:
     values.setdefault("tasks_per_stage", 2 if values.get("tasks") else 5)
     if "eval_modes" in values:
         values["eval_modes"] = tuple(values["eval_modes"])
-    if isinstance(values.get("student"), dict):
-        values["student"] = {**dataclasses.asdict(DistillConfig().student), **values["student"]}
     flags = args.config_fields  # {field: its flag}; the student's fields are set with --set student.KEY=V
     cfg = from_mapping(DistillConfig, values, "", names=flags)  # errors name the flag: "--lr: ..."
     unused = cfg.unused(sorted(values))

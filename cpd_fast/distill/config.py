@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import asdict, field
-from typing import Literal
+from typing import Annotated, Literal
+
+from pydantic import BeforeValidator
 
 from cpd_fast.config import (
     Bool,
@@ -38,6 +40,15 @@ def _cpu_student() -> StudentConfig:
     return StudentConfig(
         d_model=128, n_heads=4, n_layers=2, d_ff=256, expert_hidden=256, task_encoder_hidden=128
     )
+
+
+def _over_cpu_student(value: object) -> object:
+    return {**asdict(_cpu_student()), **value} if isinstance(value, dict) else value
+
+
+# a mapping (YAML, --set student.KEY=V, a partial config) sets fields of the default student, the one
+# _cpu_student() gives, not of StudentConfig() (a d_model-256, 3-block model no run here was sized for)
+DefaultStudent = Annotated[StudentConfig, BeforeValidator(_over_cpu_student)]
 
 
 @config_class
@@ -123,7 +134,7 @@ class DistillConfig:
     # under DDP, cores / jobs for methods side by side in `cpd run`); 0: torch's default. A run resumed
     # with another count computes in another float order (a runtime key all the same)
     threads: NonNegativeInt | None = None
-    student: StudentConfig = field(default_factory=_cpu_student)
+    student: DefaultStudent = field(default_factory=_cpu_student)
 
     def __post_init__(self) -> None:
         if isinstance(self.student, dict):
