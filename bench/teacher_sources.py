@@ -1,8 +1,11 @@
-"""Per-task effect of the teachers on a distilled student: two committed ``cpd report`` summaries of the
-same suite and method (e.g. scripted-expert teachers vs the RL teacher zoo), side by side.
+"""Per-task effect of the teachers (or of a method's settings) on a distilled student: two committed
+``cpd report`` summaries of the same suite (e.g. scripted-expert teachers vs the RL teacher zoo, or the
+paper's cpd vs a lever of it), side by side.
 
     python bench/teacher_sources.py bench/mt25_default/summary.json bench/mt25_zoo/summary.json \
         --method "cpd [task id]" --labels scripted zoo
+    python bench/teacher_sources.py bench/mt25_zoo/summary.json bench/mt25_levers/summary.json \
+        --method-b "cpd (adapter rank 8) [task id]" --labels cpd adapters
 
 For each task: the teachers' official success, the student's final success and its forgetting under
 each summary (n/a where undefined: the last stage's forgetting), and the change.
@@ -61,11 +64,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("summary_b")
     p.add_argument("--suite", default="mt25")
     p.add_argument("--method", default="cpd [task id]")
+    p.add_argument("--method-b", default=None, help="summary_b's method (default: --method)")
     p.add_argument("--labels", nargs=2, default=("A", "B"))
     args = p.parse_args(argv)
-    a, b = _row(args.summary_a, args.suite, args.method), _row(args.summary_b, args.suite, args.method)
+    method_b = args.method_b or args.method
+    a, b = _row(args.summary_a, args.suite, args.method), _row(args.summary_b, args.suite, method_b)
     la, lb = args.labels
-    print(f"{args.suite}, {args.method}: {args.summary_a} ({la}) vs {args.summary_b} ({lb})\n")
+    shown = args.method if method_b == args.method else f"{args.method} vs {method_b}"
+    print(f"{args.suite}, {shown}: {args.summary_a} ({la}) vs {args.summary_b} ({lb})\n")
     print(table(a, b, tuple(args.labels)))
     return 0
 

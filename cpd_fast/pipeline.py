@@ -11,12 +11,12 @@ Steps, in order (each is skipped when a previous invocation finished it and its 
                                         (``cpd_fast.distill.run.run_distill``: checkpoints per phase)
     report      RUN/report/             results.md, summary.json, heatmaps and bar charts
 
-**Presets** are YAML files shipped in ``cpd_fast/presets`` (``quick``, ``mt10``, ``mt25``). A config is
-layered: preset, then ``--config FILE`` (a partial or a full config; a run's own ``config.yaml`` works),
-then the flags (``--seed``, ``--methods``, ... and ``--set dotted.key=value`` for anything else, values
-parsed as YAML). ``distill`` holds :class:`~cpd_fast.distill.config.DistillConfig` fields, ``ppo``
-:class:`~cpd_fast.teachers.ppo.PPOConfig` fields; what a preset leaves out is their defaults, and the
-resolved config records every number, so a run states exactly what it did.
+**Presets** are YAML files shipped in ``cpd_fast/presets`` (``quick``, ``mt10``, ``mt25``, ``mt25-plus``).
+A config is layered: preset, then ``--config FILE`` (a partial or a full config; a run's own
+``config.yaml`` works), then the flags (``--seed``, ``--methods``, ... and ``--set dotted.key=value`` for
+anything else, values parsed as YAML). ``distill`` holds :class:`~cpd_fast.distill.config.DistillConfig`
+fields, ``ppo`` :class:`~cpd_fast.teachers.ppo.PPOConfig` fields; what a preset leaves out is their
+defaults, and the resolved config records every number, so a run states exactly what it did.
 
 **What ``quick`` shows** (the default; 5 min 47 s on this project's 2-core CPU machine, its two methods
 side by side; no GPU, nothing to download): Meta-World's scripted experts, gated with the official
@@ -98,7 +98,7 @@ __all__ = [
     "run_pipeline",
 ]
 
-PRESETS = ("quick", "mt10", "mt25")
+PRESETS = ("quick", "mt10", "mt25", "mt25-plus")
 # DistillConfig fields the pipeline sets itself (from the top level, or per step)
 _OWNED = ("suite", "tasks", "tasks_per_stage", "method", "teachers", "fidelity", "seed", "device", "data_dir",
           "progress")  # fmt: skip

@@ -339,7 +339,7 @@ def test_bad_config_values_give_one_line_errors(override, message, capsys):
 
 
 def test_presets_resolve():
-    for name in ("quick", "mt10", "mt25"):
+    for name in ("quick", "mt10", "mt25", "mt25-plus"):
         cfg = resolve_config(name)
         assert cfg.preset == name and len(cfg.task_list()) % cfg.tasks_per_stage == 0
     assert (
