@@ -307,13 +307,19 @@ class Student(nn.Module):
             raise ValueError(f"no prototype yet for task ids {missing}: train on their windows first")
         return F.normalize(self.prototypes[task_ids], dim=-1)
 
-    def infer_task(self, obs_window: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Nearest prototype (cosine) to each window's inferred embedding: LongTensor ``[B]``."""
+    def _nearest_prototype(self, z: torch.Tensor) -> torch.Tensor | None:
+        """The task whose prototype is nearest (cosine) to each unit embedding ``z [..., D]``: LongTensor
+        ``[...]``; None before any prototype exists."""
         seen = (self.prototype_count > 0).nonzero().squeeze(1)
         if seen.numel() == 0:
+            return None
+        return seen[(z @ F.normalize(self.prototypes[seen], dim=-1).T).argmax(-1)]
+
+    def infer_task(self, obs_window: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Nearest prototype (cosine) to each window's inferred embedding: LongTensor ``[B]``."""
+        if not bool((self.prototype_count > 0).any()):
             raise ValueError("no prototypes yet: train on some windows first")
-        z = self.task_embedding(obs_window, mask)
-        return seen[(z @ F.normalize(self.prototypes[seen], dim=-1).T).argmax(1)]
+        return self._nearest_prototype(self.task_embedding(obs_window, mask))
 
     def adapter_route(self, z: torch.Tensor, tasks: torch.Tensor | None) -> torch.Tensor:
         """Adapter task ids: ``tasks [B]`` (one per window) when given, else each token's, LongTensor
@@ -321,10 +327,8 @@ class Student(nn.Module):
         ``z [B, H, D]`` (−1, no adapter, before any prototype exists)."""
         if tasks is not None:
             return tasks
-        seen = (self.prototype_count > 0).nonzero().squeeze(1)
-        if seen.numel() == 0:
-            return torch.full(z.shape[:2], -1, dtype=torch.long, device=z.device)
-        return seen[(z @ F.normalize(self.prototypes[seen], dim=-1).T).argmax(-1)]
+        ids = self._nearest_prototype(z)
+        return torch.full(z.shape[:2], -1, dtype=torch.long, device=z.device) if ids is None else ids
 
     def _trunk(
         self,

@@ -137,8 +137,6 @@ class DistillConfig:
     student: DefaultStudent = field(default_factory=_cpu_student)
 
     def __post_init__(self) -> None:
-        if isinstance(self.student, dict):
-            self.student = from_mapping(StudentConfig, self.student, "student")
         get_method(self.method)
         self.stage_tasks()  # unknown task/suite, or tasks that do not split into equal stages: now
         self.eval_modes = tuple(self.eval_modes)

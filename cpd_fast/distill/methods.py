@@ -125,7 +125,8 @@ def configure_phase(
     student.unfreeze_adapters()
     if stage == 0 or method.joint:
         return
-    student.freeze_adapters([t for t in range(student.num_tasks) if t not in set(new_tasks)])
+    new = set(new_tasks)
+    student.freeze_adapters([t for t in range(student.num_tasks) if t not in new])
     if method.freezes_shared and cfg.freeze_shared:
         student.freeze_shared()
         student.freeze_head()  # the head maps every expert's output: training it moves old tasks too
