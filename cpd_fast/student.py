@@ -39,6 +39,12 @@ Design decisions (the protocol relies on them):
   in training the window's true task, and without a task id the task of the nearest prototype to the
   token's inferred embedding. A frozen trunk then stays plastic for new tasks while an old task's
   features stay bit for bit what they were (its adapter is frozen with it; ``adapter_parameters``).
+* **Task-routed experts** (``expert_routing="task"``; default ``"gate"``, the paper's learned top-k router).
+  A token goes to its own task's experts (the task its adapters use), each weighted 1/``experts_per_task``,
+  and the gate is not consulted. The paper's gate routes an old task's tokens through every expert whose
+  logit wins, so any expert that trains later (Phase 1's gate, Phase 2's fine-tuning) moves old tasks too;
+  routed by task, an old task's experts serve it alone and can stay frozen (:mod:`cpd_fast.distill.methods`).
+  Without a task id the routing is as good as the nearest-prototype inference.
 * **Padding at episode start.** Fewer than H observations: the window is left-padded and ``mask``
   (``[B, H]`` bool, True = real observation, the last position always real) marks the real ones; padded
   positions are ignored by attention and by the task encoder, so their values do not matter.
@@ -65,7 +71,9 @@ from cpd_fast.adapters import BlockAdapters
 from cpd_fast.errors import require_int
 from cpd_fast.moe import MoELayer
 
-__all__ = ["HistoryBuffer", "Student", "StudentConfig", "supcon_loss"]
+__all__ = ["EXPERT_ROUTINGS", "HistoryBuffer", "Student", "StudentConfig", "supcon_loss"]
+
+EXPERT_ROUTINGS = ("gate", "task")
 
 
 @dataclass
@@ -98,6 +106,9 @@ class StudentConfig:
     # per-task low-rank adapters on the shared blocks (cpd_fast.adapters): None = none; r > 0 gives every
     # task its own rank-r update of each block's qkv, proj and FFN maps (a frozen trunk stays plastic)
     adapter_rank: int | None = None
+    # which experts a token uses: "gate", the paper's learned top-k router; "task", the experts of the
+    # token's task (the one its adapters use), each weighted 1/experts_per_task: no gate moves old tasks
+    expert_routing: str = "gate"
 
     def __post_init__(self) -> None:
         for name in ("obs_dim", "act_dim", "history", "d_model", "n_heads", "d_ff", "expert_hidden",
@@ -106,6 +117,8 @@ class StudentConfig:
         require_int("StudentConfig.n_layers", self.n_layers, 0)
         if self.adapter_rank is not None:
             require_int("StudentConfig.adapter_rank", self.adapter_rank)
+        if self.expert_routing not in EXPERT_ROUTINGS:
+            raise ValueError(f"expert_routing must be one of {EXPERT_ROUTINGS}, got {self.expert_routing!r}")
         if self.d_model % self.n_heads:
             raise ValueError(f"d_model={self.d_model} must be divisible by n_heads={self.n_heads}")
         if not 0.0 <= self.dropout < 1.0:
@@ -226,6 +239,11 @@ class Student(nn.Module):
         require_int("num_tasks", num_tasks, 0)
         if num_experts is None:
             num_experts = max(num_tasks * cfg.experts_per_task, cfg.top_k)
+        if cfg.expert_routing == "task" and num_experts < num_tasks * cfg.experts_per_task:
+            raise ValueError(
+                f"expert_routing='task' needs experts_per_task={cfg.experts_per_task} experts for each of "
+                f"{num_tasks} tasks, got num_experts={num_experts}"
+            )
         self.config = cfg
         d = cfg.d_model
         # -- shared (frozen after stage 1)
@@ -322,9 +340,10 @@ class Student(nn.Module):
         return self._nearest_prototype(self.task_embedding(obs_window, mask))
 
     def adapter_route(self, z: torch.Tensor, tasks: torch.Tensor | None) -> torch.Tensor:
-        """Adapter task ids: ``tasks [B]`` (one per window) when given, else each token's, LongTensor
-        ``[B, H]``: the task whose prototype is nearest (cosine) to the token's inferred embedding
-        ``z [B, H, D]`` (−1, no adapter, before any prototype exists)."""
+        """The task whose adapters (and, with ``expert_routing="task"``, experts) a token uses: ``tasks [B]``
+        (one per window) when given, else each token's, LongTensor ``[B, H]``: the task whose prototype is
+        nearest (cosine) to the token's inferred embedding ``z [B, H, D]`` (−1, none, before any prototype
+        exists)."""
         if tasks is not None:
             return tasks
         ids = self._nearest_prototype(z)
@@ -357,8 +376,11 @@ class Student(nn.Module):
         # a position attends to earlier real positions and always to itself (so padded rows are not NaN)
         attn = (causal & mask[:, None, :]) | torch.eye(H, dtype=torch.bool, device=obs.device)
         attn = attn[:, None]  # [B, 1, H, H], broadcast over heads
-        if len(self.adapters):
+        by_task = self.config.expert_routing == "task"
+        ids = None
+        if len(self.adapters) or by_task:
             ids = self.adapter_route(z.detach(), adapter_tasks if adapter_tasks is not None else task_ids)
+        if len(self.adapters):
             for block, adapters in zip(self.blocks, self.adapters, strict=True):
                 x = block(x, attn, adapters, ids)
         else:
@@ -366,7 +388,24 @@ class Student(nn.Module):
                 x = block(x, attn)
         if positions == "last":
             x = x[:, -1]
-        return x + self.moe(self.moe_norm(x)), z
+        experts = self.task_experts(ids, positions) if by_task else None
+        return x + self.moe(self.moe_norm(x), experts), z
+
+    def task_experts(self, ids: torch.Tensor, positions: str) -> torch.Tensor:
+        """Expert ids of each token under task routing. The tasks own the last ``num_tasks · k`` experts in
+        task order, k each (k = ``experts_per_task``; :meth:`add_task` appends a task's k experts with it;
+        experts before them, such as the ``top_k`` minimum of a one-task student, are nobody's): task t
+        owns ``o + t·k … o + t·k + k − 1`` with ``o = num_experts − num_tasks · k``. ``ids`` ``[B]`` or
+        ``[B, H]`` → ``[B, k]`` (``positions="last"``) or ``[B, H, k]``; a task id < 0 gives empty slots
+        (−1)."""
+        k = self.config.experts_per_task
+        first = self.num_experts - self.num_tasks * k
+        if ids.dim() == 2 and positions == "last":
+            ids = ids[:, -1]
+        elif ids.dim() == 1 and positions == "all":
+            ids = ids[:, None].expand(-1, self.config.history)
+        slots = first + ids[..., None] * k + torch.arange(k, device=ids.device)
+        return torch.where(ids[..., None] >= 0, slots, -1)
 
     def forward(
         self,

@@ -214,6 +214,8 @@ class DistillConfig:
         for key, unit in (("adapter_rank", "adapter rank"), ("experts_per_task", "experts/task")):
             if getattr(self.student, key) != getattr(d.student, key):  # capacity: never pooled as seeds
                 notes.append(f"{unit} {getattr(self.student, key)}")
+        if self.student.expert_routing != d.student.expert_routing:
+            notes.append(f"{self.student.expert_routing}-routed experts")
         if self.loss_positions != "all":
             notes.append(f"{self.loss_positions}-position loss")
         if self.dagger:  # any method

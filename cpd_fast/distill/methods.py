@@ -7,6 +7,7 @@ method       growth shared layers + head         experts / gate                 
 ============ ====== ============================ ============================================ ==========
 cpd          +1/task frozen (``freeze_shared``)  P1: old experts frozen, new + gate train;     DPP
                                                  P2: gate frozen, all experts train
+                                                 (task-routed experts: one phase, new ones train)
 static-moe   fixed  frozen (``freeze_shared``)   all train                                     DPP
 replay       fixed  train                        all train                                     uniform
 finetune     fixed  train                        all train                                     none
@@ -28,7 +29,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["METHODS", "EWCHook", "Method", "configure_phase", "get_method", "phases_of"]
+__all__ = ["METHODS", "EWCHook", "Method", "configure_phase", "get_method", "phases_of", "task_routed"]
 
 
 @dataclass(frozen=True)
@@ -99,10 +100,16 @@ def phases_of(cfg: Any, stage: int) -> list[tuple[str, int]]:
     n = cfg.stage_steps
     if method.joint:
         return [("train", n * len(cfg.stage_tasks()))]
-    if method.expert_phases and stage > 0 and cfg.phase2:
+    if method.expert_phases and stage > 0 and cfg.phase2 and not task_routed(cfg):
         n1 = max(1, round(n * cfg.phase1_fraction))
         return [("phase1", n1), ("phase2", max(1, n - n1))]
     return [("train", n)]
+
+
+def task_routed(cfg: Any) -> bool:
+    """Whether run ``cfg`` routes tokens to their task's experts (``student.expert_routing="task"``): no gate
+    to train, so a growing method's stage is one phase in which only the new tasks' experts train."""
+    return cfg.student.expert_routing == "task"
 
 
 def configure_phase(
@@ -131,14 +138,15 @@ def configure_phase(
         student.freeze_shared()
         student.freeze_head()  # the head maps every expert's output: training it moves old tasks too
     if method.expert_phases:
-        if phase == "phase2":
+        # with task-routed experts an old task's experts serve it alone, so they stay as they are all stage
+        routed, first = task_routed(cfg), phase != "phase2"
+        if routed or not first:
             moe.freeze_gate()
-        else:  # phase1 (or the only phase with --no-phase2)
-            old = [e for e in range(moe.num_experts) if e not in set(new_experts)]
-            if old:
-                moe.freeze_experts(old)
-            if cfg.route_new_experts and new_experts:
-                moe.always_route(new_experts)
+        old = [e for e in range(moe.num_experts) if e not in set(new_experts)]
+        if (routed or first) and old:
+            moe.freeze_experts(old)
+        if first and not routed and cfg.route_new_experts and new_experts:
+            moe.always_route(new_experts)
 
 
 class EWCHook:

@@ -37,7 +37,7 @@ from cpd_fast.errors import require_int
 
 from .experts import ACTIVATIONS, experts_torch
 from .optim import OptimizerLink, swap_parameters
-from .router import Router, RouterStats, Routing, load_balancing_loss, router_stats
+from .router import Router, RouterStats, Routing, fixed_route, load_balancing_loss, router_stats
 
 Activation = Literal["gelu", "relu", "silu"]
 Backend = Literal["auto", "triton", "torch"]
@@ -203,8 +203,13 @@ class MoELayer(nn.Module):
             return "triton" if x.is_cuda else "torch"
         return self.backend
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x ``[..., d_model]`` → ``[..., d_model]``; sets router_stats, aux_loss and tokens_per_expert."""
+    def forward(self, x: torch.Tensor, experts: torch.Tensor | None = None) -> torch.Tensor:
+        """x ``[..., d_model]`` → ``[..., d_model]``; sets router_stats, aux_loss and tokens_per_expert.
+
+        ``experts`` (optional, int64 ``[..., k]``, the leading dims of ``x``): route each token to these
+        experts instead of the gate's top-k, each weighted 1/k (an id < 0 is an empty slot: it adds
+        nothing). The gate is not consulted, so ``aux_loss`` is zero and the gate gets no gradient.
+        """
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
         if x.dim() < 1 or x.shape[-1] != self.d_model:
@@ -217,8 +222,19 @@ class MoELayer(nn.Module):
             _check_finite("x", x)
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.d_model)
-        r = self.gate.route(x2, self.top_k, self.normalize_topk, self._always)
-        stats = self.router_stats = router_stats(r, self._always)  # balance the free top-k choice only
+        if experts is not None:
+            ok = isinstance(experts, torch.Tensor) and experts.dim() == x.dim()
+            if not ok or experts.shape[:-1] != lead:
+                got = tuple(experts.shape) if isinstance(experts, torch.Tensor) else type(experts).__name__
+                raise ValueError(
+                    f"experts must be an int64 tensor [{', '.join(map(str, lead))}, k] (the leading dims of "
+                    f"x), got {got}"
+                )
+            r = fixed_route(experts.reshape(x2.shape[0], -1).to(x.device), self.num_experts, x.dtype)
+            stats = self.router_stats = router_stats(r)
+        else:
+            r = self.gate.route(x2, self.top_k, self.normalize_topk, self._always)
+            stats = self.router_stats = router_stats(r, self._always)  # balance the free top-k choice only
         n = x2.shape[0]
         if n > 0:
             prob_mean = stats.probs.mean(0)

@@ -72,6 +72,30 @@ def route(
     return Routing(probs, topk_p.to(logits.dtype), topk_e, order, counts, offs)
 
 
+def fixed_route(experts: torch.Tensor, num_experts: int, dtype: torch.dtype) -> Routing:
+    """Routing of N tokens to experts chosen by the caller, not by a gate: ``experts [N, k]`` int64 ids, each
+    row's k experts weighted 1/k; an id < 0 is an empty slot (weight 0; its row runs on expert 0).
+
+    ``probs`` is all zero (no gate took part), so the load-balancing loss of such a routing is zero.
+    """
+    if experts.dtype != torch.int64 or experts.dim() != 2:
+        raise ValueError(f"experts must be an int64 tensor [N, k], got {experts.dtype} {list(experts.shape)}")
+    if experts.numel() and int(experts.max()) >= num_experts:
+        raise ValueError(f"expert id {int(experts.max())} out of range for {num_experts} experts")
+    n, k = experts.shape
+    live = experts >= 0
+    topk_p = live.to(dtype) / k
+    topk_e = experts.clamp(min=0)
+    flat_e = topk_e.reshape(-1)
+    order = torch.argsort(flat_e, stable=True)
+    zeros = torch.zeros(num_experts, dtype=torch.int64, device=experts.device)
+    rows = zeros.scatter_add(0, flat_e, torch.ones_like(flat_e))  # segment sizes, empty slots included
+    counts = zeros.scatter_add(0, flat_e, live.reshape(-1).to(torch.int64))  # real routed rows
+    offs = F.pad(torch.cumsum(rows, 0), (1, 0)).to(torch.int32)
+    probs = torch.zeros(n, num_experts, dtype=probs_dtype(dtype), device=experts.device)
+    return Routing(probs, topk_p, topk_e, order, counts, offs)
+
+
 def router_stats(r: Routing, always: torch.Tensor | None = None) -> RouterStats:
     """:class:`RouterStats` of a routing; ``always``: the always-routed experts (their counts zeroed)."""
     counts = r.counts if always is None else r.counts.index_fill(0, always, 0)
