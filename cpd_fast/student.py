@@ -43,8 +43,10 @@ Design decisions (the protocol relies on them):
   A token goes to its own task's experts (the task its adapters use), each weighted 1/``experts_per_task``,
   and the gate is not consulted. The paper's gate routes an old task's tokens through every expert whose
   logit wins, so any expert that trains later (Phase 1's gate, Phase 2's fine-tuning) moves old tasks too;
-  routed by task, an old task's experts serve it alone and can stay frozen (:mod:`cpd_fast.distill.methods`).
-  Without a task id the routing is as good as the nearest-prototype inference.
+  routed by task, an old task's experts serve it alone and can stay frozen (:mod:`cpd_fast.distill.methods`
+  then freezes everything an old task's output depends on: its experts, adapters and prototype, and the task
+  encoder with the shared layers). Without a task id the routing is as good as the nearest-prototype
+  inference.
 * **Padding at episode start.** Fewer than H observations: the window is left-padded and ``mask``
   (``[B, H]`` bool, True = real observation, the last position always real) marks the real ones; padded
   positions are ignored by attention and by the task encoder, so their values do not matter.
@@ -270,6 +272,7 @@ class Student(nn.Module):
         # prototypes: EMA of normalised embeddings per task; count 0 = no window of the task seen yet
         self.register_buffer("prototypes", torch.zeros(num_tasks, cfg.task_embed_dim))
         self.register_buffer("prototype_count", torch.zeros(num_tasks, dtype=torch.int64))
+        self.frozen_prototypes: set[int] = set()  # tasks whose prototype training leaves as it is
 
     # -- sizes -----------------------------------------------------------------------------------
 
@@ -530,10 +533,13 @@ class Student(nn.Module):
     def update_prototypes(self, z: torch.Tensor, task_ids: torch.Tensor) -> None:
         """EMA update: for each task in the batch, proto ← m·proto + (1−m)·mean(z of its windows).
 
-        A task's first update sets its prototype to the batch mean (no bias towards zero).
+        A task's first update sets its prototype to the batch mean (no bias towards zero). Tasks in
+        ``frozen_prototypes`` (:meth:`freeze_prototypes`) keep theirs.
         """
         m = self.config.prototype_momentum
         for t in task_ids.unique().tolist():
+            if t in self.frozen_prototypes:
+                continue
             mean = z[task_ids == t].mean(0)
             if int(self.prototype_count[t]) == 0:
                 self.prototypes[t] = mean
@@ -632,6 +638,13 @@ class Student(nn.Module):
 
     def unfreeze_adapters(self, tasks: list[int] | None = None) -> None:
         self._set_trainable(self.adapter_parameters(tasks), True)
+
+    def freeze_prototypes(self, tasks: list[int]) -> None:
+        """Training stops updating these tasks' prototypes (their task-id conditioning stays as it is)."""
+        self.frozen_prototypes |= {int(t) for t in tasks}
+
+    def unfreeze_prototypes(self) -> None:
+        self.frozen_prototypes = set()
 
     def freeze_head(self) -> None:
         self._set_trainable(self.head_parameters(), False)

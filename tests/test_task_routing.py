@@ -90,20 +90,22 @@ def test_a_stage_trains_only_the_new_tasks_expert_and_keeps_old_tasks_bit_for_bi
     s = Student(cfg.student, num_tasks=1)
     new = s.add_task()  # one task, yet top_k = 2 experts: expert 0 is nobody's, task 0 owns 1, task 1 owns 2
     assert new == [2] and torch.equal(s.task_experts(torch.tensor([0, 1]), "last"), torch.tensor([[1], [2]]))
+    for t in (0, 1):
+        s.update_prototypes(F.normalize(torch.randn(3, 16), dim=-1), torch.full((3,), t))
     configure_phase(s, cfg, 1, "train", new, new_tasks=[1])
     assert s.moe.frozen_mask.tolist() == [True, True, False] and s.moe.gate_frozen
     obs = torch.randn(6, TINY["history"], 39)
-    for t in (0, 1):
-        s.update_prototypes(F.normalize(torch.randn(3, 16), dim=-1), torch.full((3,), t))
     t0, t1 = torch.zeros(6, dtype=torch.long), torch.ones(6, dtype=torch.long)
     before0, before1 = s(obs, task_ids=t0), s(obs, task_ids=t1)
-    w1 = s.moe.w1.detach().clone()
-    protos = s.prototypes.clone()
+    w1, protos = s.moe.w1.detach().clone(), s.prototypes.clone()
+    assert not any(p.requires_grad for p in s.task_encoder_parameters()) and s.frozen_prototypes == {0}
     train_phase(s, data, TaskSampler({t: full_pool(data, t) for t in (0, 1)}), 5, cfg, torch.Generator())
-    s.prototypes.copy_(protos)  # the EMA prototypes move with training; the parameters are what is tested
     assert torch.equal(s.moe.w1[:2], w1[:2]) and not torch.equal(s.moe.w1[2], w1[2])
+    assert torch.equal(s.prototypes[0], protos[0]) and not torch.equal(s.prototypes[1], protos[1])
     assert torch.equal(s(obs, task_ids=t0), before0)  # replayed windows of task 0 moved nothing of it
     assert not torch.equal(s(obs, task_ids=t1), before1)
+    configure_phase(s, cfg, 0, "train", [0, 1])  # stage 0 trains everything
+    assert all(p.requires_grad for p in s.task_encoder_parameters()) and not s.frozen_prototypes
 
 
 def test_checkpoint_label_and_bad_input():

@@ -7,7 +7,8 @@ method       growth shared layers + head         experts / gate                 
 ============ ====== ============================ ============================================ ==========
 cpd          +1/task frozen (``freeze_shared``)  P1: old experts frozen, new + gate train;     DPP
                                                  P2: gate frozen, all experts train
-                                                 (task-routed experts: one phase, new ones train)
+                                                 (task-routed experts: one phase, new ones
+                                                 train; task encoder and old prototypes frozen)
 static-moe   fixed  frozen (``freeze_shared``)   all train                                     DPP
 replay       fixed  train                        all train                                     uniform
 finetune     fixed  train                        all train                                     none
@@ -130,6 +131,7 @@ def configure_phase(
     moe.unfreeze_experts(list(range(moe.num_experts)))
     moe.unfreeze_gate()
     student.unfreeze_adapters()
+    student.unfreeze_prototypes()
     if stage == 0 or method.joint:
         return
     new = set(new_tasks)
@@ -137,6 +139,13 @@ def configure_phase(
     if method.freezes_shared and cfg.freeze_shared:
         student.freeze_shared()
         student.freeze_head()  # the head maps every expert's output: training it moves old tasks too
+    if method.expert_phases and task_routed(cfg) and method.freezes_shared and cfg.freeze_shared:
+        # Parameter isolation: everything an old task's output depends on stays as it is, so with its task id
+        # it computes what it did, bit for bit. The encoder freezes too: training it moved the embeddings
+        # an old task is conditioned on, and its frozen parts could not follow (MT25: drawer-open 1.00 -> 0.00
+        # after one stage with the encoder training, bench/mt25_levers/README.md).
+        student.freeze_task_encoder()
+        student.freeze_prototypes([t for t in range(student.num_tasks) if t not in new])
     if method.expert_phases:
         # with task-routed experts an old task's experts serve it alone, so they stay as they are all stage
         routed, first = task_routed(cfg), phase != "phase2"
