@@ -135,23 +135,26 @@ def configure_phase(
     if stage == 0 or method.joint:
         return
     new = set(new_tasks)
-    student.freeze_adapters([t for t in range(student.num_tasks) if t not in new])
+    old_tasks = [t for t in range(student.num_tasks) if t not in new]
+    student.freeze_adapters(old_tasks)
+    routed = task_routed(cfg)
     if method.freezes_shared and cfg.freeze_shared:
         student.freeze_shared()
         student.freeze_head()  # the head maps every expert's output: training it moves old tasks too
-    if method.expert_phases and task_routed(cfg) and method.freezes_shared and cfg.freeze_shared:
-        # Parameter isolation: everything an old task's output depends on stays as it is, so with its task id
-        # it computes what it did, bit for bit. The encoder freezes too: training it moved the embeddings
-        # an old task is conditioned on, and its frozen parts could not follow (MT25: drawer-open 1.00 -> 0.00
-        # after one stage with the encoder training, bench/mt25_levers/README.md).
-        student.freeze_task_encoder()
-        student.freeze_prototypes([t for t in range(student.num_tasks) if t not in new])
+        if method.expert_phases and routed:
+            # Parameter isolation: everything an old task's output depends on stays as it is, so with its task
+            # id it computes what it did, bit for bit. The encoder freezes too: training it moved the
+            # embeddings an old task is conditioned on, and its frozen parts could not follow (MT25: drawer-open
+            # 1.00 -> 0.00 after one stage with the encoder training; bench/mt25_levers/README.md).
+            student.freeze_task_encoder()
+            student.freeze_prototypes(old_tasks)
     if method.expert_phases:
         # with task-routed experts an old task's experts serve it alone, so they stay as they are all stage
-        routed, first = task_routed(cfg), phase != "phase2"
+        first = phase != "phase2"
         if routed or not first:
             moe.freeze_gate()
-        old = [e for e in range(moe.num_experts) if e not in set(new_experts)]
+        born = set(new_experts)
+        old = [e for e in range(moe.num_experts) if e not in born]
         if (routed or first) and old:
             moe.freeze_experts(old)
         if first and not routed and cfg.route_new_experts and new_experts:
