@@ -142,10 +142,10 @@ def configure_phase(
         student.freeze_shared()
         student.freeze_head()  # the head maps every expert's output: training it moves old tasks too
         if method.expert_phases and routed:
-            # Parameter isolation: everything an old task's output depends on stays as it is, so with its task
-            # id it computes what it did, bit for bit. The encoder freezes too: training it moved the
-            # embeddings an old task is conditioned on, and its frozen parts could not follow (MT25: drawer-open
-            # 1.00 -> 0.00 after one stage with the encoder training; bench/mt25_levers/README.md).
+            # Parameter isolation: everything an old task's output depends on stays as it is, so with its
+            # task id it computes what it did, bit for bit. The encoder freezes too: training it moved the
+            # embeddings an old task is conditioned on, and its frozen parts could not follow (MT25:
+            # drawer-open 1.00 -> 0.00 after one stage with the encoder training; bench/mt25_levers).
             student.freeze_task_encoder()
             student.freeze_prototypes(old_tasks)
     if method.expert_phases:
