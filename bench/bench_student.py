@@ -1,10 +1,13 @@
 """Student training speed against a plain Transformer of the same size, by threads (ratios, one run).
 
-    python bench/bench_student.py [--experts 5 25] [--threads 1 2] [--batch 256] [--iters 20] [--rounds 3]
+    python bench/bench_student.py [--experts 5 25] [--threads 1 2] [--precision fp32 bf16] [--plus]
+                                  [--batch 256] [--iters 20] [--rounds 3]
 
 One training step as :func:`cpd_fast.distill.train.train_phase` takes it: ``Student.losses`` (MSE on the
 teacher's action means, contrastive task-embedding loss, MoE load-balancing loss) on ``--batch`` windows
-of the default CPU student (``DistillConfig().student``), backward, AdamW step. Arms:
+of the default CPU student (``DistillConfig().student``), backward, fused AdamW step, in each
+``--precision`` (``bf16``: under ``torch.autocast`` as ``DistillConfig.precision="bf16"`` trains).
+``--plus``: the student of ``cpd run --preset mt25-plus`` (rank-8 adapters, task-routed experts). Arms:
 
 * ``student E=N``: the student grown to N experts (one per task, cpd's growth), every parameter trainable;
 * ``plain``: ``nn.TransformerEncoder`` with the student's width, depth, heads and FFN size (causal mask),
@@ -19,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from dataclasses import replace
 
 import torch
 from torch import nn
@@ -48,8 +52,10 @@ class Plain(nn.Module):
         return ((torch.tanh(self.head(h)) - target) ** 2).mean()
 
 
-def make_arms(experts: list[int], batch: int):
+def make_arms(experts: list[int], batch: int, plus: bool = False):
     cfg = DistillConfig().student
+    if plus:
+        cfg = replace(cfg, adapter_rank=8, expert_routing="task")
     g = torch.Generator().manual_seed(0)
     obs = torch.randn(batch, cfg.history, cfg.obs_dim, generator=g)
     target = torch.rand(batch, cfg.history, cfg.act_dim, generator=g) * 2 - 1
@@ -61,21 +67,25 @@ def make_arms(experts: list[int], batch: int):
         while s.num_experts < e:
             s.add_task()
         ids = torch.randint(s.num_tasks, (batch,), generator=g)
-        opt = torch.optim.AdamW(s.parameters(), lr=1e-4)
+        opt = torch.optim.AdamW(s.parameters(), lr=1e-4, fused=True)
 
-        def step(s=s, ids=ids, opt=opt):
+        def step(bf16: bool, s=s, ids=ids, opt=opt):
             opt.zero_grad(set_to_none=True)
-            s.losses(obs, target, ids, mask)["total"].backward()
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                loss = s.losses(obs, target, ids, mask)["total"]
+            loss.backward()
             opt.step()
 
         arms[f"student E={e}"] = step
     torch.manual_seed(0)
     p = Plain(cfg)
-    popt = torch.optim.AdamW(p.parameters(), lr=1e-4)
+    popt = torch.optim.AdamW(p.parameters(), lr=1e-4, fused=True)
 
-    def plain_step():
+    def plain_step(bf16: bool):
         popt.zero_grad(set_to_none=True)
-        p.loss(obs, target).backward()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            loss = p.loss(obs, target)
+        loss.backward()
         popt.step()
 
     arms["plain"] = plain_step
@@ -86,31 +96,40 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--experts", type=int, nargs="+", default=[5, 25])
     ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    ap.add_argument("--precision", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"])
+    ap.add_argument("--plus", action="store_true", help="the mt25-plus student (adapters, task routing)")
     ap.add_argument("--batch", type=int, default=256)
     ap.add_argument("--iters", type=int, default=20)
     ap.add_argument("--rounds", type=int, default=3)
     args = ap.parse_args()
-    arms = make_arms(args.experts, args.batch)
-    best: dict[tuple[str, int], float] = {}
+    arms = make_arms(args.experts, args.batch, args.plus)
+    best: dict[tuple[str, str, int], float] = {}
     for _ in range(args.rounds):
         for threads in args.threads:
             torch.set_num_threads(threads)
-            for name, step in arms.items():
-                step()  # warm
-                t0 = time.perf_counter()
-                for _ in range(args.iters):
-                    step()
-                ms = (time.perf_counter() - t0) / args.iters * 1e3
-                best[(name, threads)] = min(best.get((name, threads), float("inf")), ms)
-    print(f"batch {args.batch} windows, best of {args.rounds} rounds x {args.iters} steps")
-    first = f"vs {args.threads[0]} thread(s)"
-    print(f"| arm | threads | ms/step | windows/s | vs plain (same threads) | {first} |")
-    print("|---|---|---|---|---|---|")
+            for prec in args.precision:
+                for name, step in arms.items():
+                    step(prec == "bf16")  # warm
+                    t0 = time.perf_counter()
+                    for _ in range(args.iters):
+                        step(prec == "bf16")
+                    ms = (time.perf_counter() - t0) / args.iters * 1e3
+                    key = (name, prec, threads)
+                    best[key] = min(best.get(key, float("inf")), ms)
+    p0, t0 = args.precision[0], args.threads[0]
+    print(f"batch {args.batch} windows, best of {args.rounds} rounds x {args.iters} steps"
+          f"{' (mt25-plus student)' if args.plus else ''}")  # fmt: skip
+    print(f"| arm | precision | threads | ms/step | windows/s | vs plain (same precision, threads) | "
+          f"vs {t0} thread(s) | vs {p0} (same threads) |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|")
     for name in arms:
-        for threads in args.threads:
-            ms, plain, one = best[(name, threads)], best[("plain", threads)], best[(name, args.threads[0])]
-            print(f"| {name} | {threads} | {ms:.1f} | {args.batch / ms * 1e3:,.0f} | {ms / plain:.2f}x | "
-                  f"{one / ms:.2f}x |")  # fmt: skip
+        for prec in args.precision:
+            for threads in args.threads:
+                ms = best[(name, prec, threads)]
+                plain, one = best[("plain", prec, threads)], best[(name, prec, t0)]
+                base = best[(name, p0, threads)]
+                print(f"| {name} | {prec} | {threads} | {ms:.1f} | {args.batch / ms * 1e3:,.0f} | "
+                      f"{ms / plain:.2f}x | {one / ms:.2f}x | {base / ms:.2f}x |")  # fmt: skip
 
 
 if __name__ == "__main__":

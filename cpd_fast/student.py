@@ -47,6 +47,13 @@ Design decisions (the protocol relies on them):
   then freezes everything an old task's output depends on: its experts, adapters and prototype, and the task
   encoder with the shared layers). Without a task id the routing is as good as the nearest-prototype
   inference.
+* **Task conditioning** (``task_conditioning="task"``, with task-routed experts; default ``"embedding"``).
+  The trunk is conditioned on a task's own vector, never on the inferred embedding itself: the given
+  task's, in training the window's true task's, and without a task id the task of each token's nearest
+  prototype. The policy is then a function of (window, task), and the task encoder only *classifies*: it
+  can keep learning on every task's (replayed) windows while each old task's vector, a copy of its
+  prototype taken when the task freezes (``conditioning``, :meth:`freeze_conditioning`), keeps its
+  actions bit for bit. The prototypes go on following the encoder for classification.
 * **Padding at episode start.** Fewer than H observations: the window is left-padded and ``mask``
   (``[B, H]`` bool, True = real observation, the last position always real) marks the real ones; padded
   positions are ignored by attention and by the task encoder, so their values do not matter.
@@ -73,9 +80,17 @@ from cpd_fast.adapters import BlockAdapters
 from cpd_fast.errors import require_int
 from cpd_fast.moe import MoELayer
 
-__all__ = ["EXPERT_ROUTINGS", "HistoryBuffer", "Student", "StudentConfig", "supcon_loss"]
+__all__ = [
+    "EXPERT_ROUTINGS",
+    "TASK_CONDITIONINGS",
+    "HistoryBuffer",
+    "Student",
+    "StudentConfig",
+    "supcon_loss",
+]
 
 EXPERT_ROUTINGS = ("gate", "task")
+TASK_CONDITIONINGS = ("embedding", "task")
 
 
 @dataclass
@@ -111,6 +126,11 @@ class StudentConfig:
     # which experts a token uses: "gate", the paper's learned top-k router; "task", the experts of the
     # token's task (the one its adapters use), each weighted 1/experts_per_task: no gate moves old tasks
     expert_routing: str = "gate"
+    # what conditions the trunk: "embedding", the task's prototype (task id given) or the inferred embedding
+    # (none); "task" (needs expert_routing="task"), always a task's own conditioning vector, of the given
+    # task or of each token's nearest prototype, so that the encoder can keep learning without moving
+    # an old task's actions (module docstring)
+    task_conditioning: str = "embedding"
 
     def __post_init__(self) -> None:
         for name in ("obs_dim", "act_dim", "history", "d_model", "n_heads", "d_ff", "expert_hidden",
@@ -121,6 +141,13 @@ class StudentConfig:
             require_int("StudentConfig.adapter_rank", self.adapter_rank)
         if self.expert_routing not in EXPERT_ROUTINGS:
             raise ValueError(f"expert_routing must be one of {EXPERT_ROUTINGS}, got {self.expert_routing!r}")
+        if self.task_conditioning not in TASK_CONDITIONINGS:
+            raise ValueError(
+                f"task_conditioning must be one of {TASK_CONDITIONINGS}, got {self.task_conditioning!r}"
+            )
+        if self.task_conditioning == "task" and self.expert_routing != "task":
+            raise ValueError("task_conditioning='task' needs expert_routing='task' (a token's task picks its "
+                             "experts, adapters and conditioning together)")  # fmt: skip
         if self.d_model % self.n_heads:
             raise ValueError(f"d_model={self.d_model} must be divisible by n_heads={self.n_heads}")
         if not 0.0 <= self.dropout < 1.0:
@@ -134,6 +161,12 @@ class StudentConfig:
 
 
 # ----------------------------------------------------------------------------- losses
+
+
+def _full_precision(y: torch.Tensor) -> torch.Tensor:
+    """``y`` in float32 if mixed-precision training (``torch.autocast``) made it bf16/fp16, else itself:
+    the loss compares the actions with the teachers' in full precision."""
+    return y.float() if y.dtype in (torch.bfloat16, torch.float16) else y
 
 
 def supcon_loss(z: torch.Tensor, labels: torch.Tensor, temperature: float = 0.1) -> torch.Tensor:
@@ -273,6 +306,9 @@ class Student(nn.Module):
         self.register_buffer("prototypes", torch.zeros(num_tasks, cfg.task_embed_dim))
         self.register_buffer("prototype_count", torch.zeros(num_tasks, dtype=torch.int64))
         self.frozen_prototypes: set[int] = set()  # tasks whose prototype training leaves as it is
+        # task_conditioning="task": each task's conditioning vector, its prototype until the task freezes
+        self.register_buffer("conditioning", torch.zeros(num_tasks, cfg.task_embed_dim))
+        self.frozen_conditioning: set[int] = set()
 
     # -- sizes -----------------------------------------------------------------------------------
 
@@ -367,22 +403,26 @@ class Student(nn.Module):
         Adapters (if any) follow ``adapter_tasks [B]``, else ``task_ids``, else the inferred task.
         """
         z = self.task_encoder(obs, mask)  # [B, H, D]
-        cond = z
-        if task_ids is not None:
-            proto = self.prototype(task_ids)[:, None, :].expand_as(z)
-            cond = proto if use_prototype is None else torch.where(use_prototype[:, None, None], proto, z)
-        if self.config.detach_task_embedding:
-            cond = cond.detach()
+        by_task = self.config.expert_routing == "task"
+        ids = None
+        if len(self.adapters) or by_task:
+            ids = self.adapter_route(z.detach(), adapter_tasks if adapter_tasks is not None else task_ids)
+        if self.config.task_conditioning == "task":  # the routed task's own vector, per window or token
+            cond = self.task_vectors(ids)
+            cond = cond[:, None, :].expand_as(z) if cond.dim() == 2 else cond
+        else:
+            cond = z
+            if task_ids is not None:
+                proto = self.prototype(task_ids)[:, None, :].expand_as(z)
+                cond = proto if use_prototype is None else torch.where(use_prototype[:, None, None], proto, z)
+            if self.config.detach_task_embedding:
+                cond = cond.detach()
         x = self.obs_proj(obs) + self.pos_emb + self.task_proj(cond)
         H = obs.shape[1]
         causal = torch.ones(H, H, dtype=torch.bool, device=obs.device).tril()
         # a position attends to earlier real positions and always to itself (so padded rows are not NaN)
         attn = (causal & mask[:, None, :]) | torch.eye(H, dtype=torch.bool, device=obs.device)
         attn = attn[:, None]  # [B, 1, H, H], broadcast over heads
-        by_task = self.config.expert_routing == "task"
-        ids = None
-        if len(self.adapters) or by_task:
-            ids = self.adapter_route(z.detach(), adapter_tasks if adapter_tasks is not None else task_ids)
         if len(self.adapters):
             for block, adapters in zip(self.blocks, self.adapters, strict=True):
                 x = block(x, attn, adapters, ids)
@@ -393,6 +433,11 @@ class Student(nn.Module):
             x = x[:, -1]
         experts = self.task_experts(ids, positions) if by_task else None
         return x + self.moe(self.moe_norm(x), experts), z
+
+    def task_vectors(self, ids: torch.Tensor) -> torch.Tensor:
+        """Unit conditioning vectors of tasks ``ids`` (any shape; < 0, no task yet: zero) → ``[*ids, D]``."""
+        v = F.normalize(self.conditioning, dim=-1)[ids.clamp(min=0)]
+        return torch.where(ids[..., None] >= 0, v, 0.0)
 
     def task_experts(self, ids: torch.Tensor, positions: str) -> torch.Tensor:
         """Expert ids of each token under task routing. The tasks own the last ``num_tasks · k`` experts in
@@ -478,7 +523,7 @@ class Student(nn.Module):
             obs_window, mask, task_ids if use_prototype is not None else None,
             "all" if per_position else "last", use_prototype, adapter_tasks=task_ids,
         )  # fmt: skip
-        return torch.tanh(self.head(h)), z[:, -1]
+        return torch.tanh(_full_precision(self.head(h))), z[:, -1]
 
     def losses(
         self,
@@ -546,6 +591,8 @@ class Student(nn.Module):
             else:
                 self.prototypes[t].mul_(m).add_(mean, alpha=1.0 - m)
             self.prototype_count[t] += int((task_ids == t).sum())
+            if t not in self.frozen_conditioning:
+                self.conditioning[t] = self.prototypes[t]
 
     # -- rollouts --------------------------------------------------------------------------------
 
@@ -587,6 +634,9 @@ class Student(nn.Module):
             adapters.add_task()
         self.prototypes = torch.cat([self.prototypes, self.prototypes.new_zeros(1, self.prototypes.shape[1])])
         self.prototype_count = torch.cat([self.prototype_count, self.prototype_count.new_zeros(1)])
+        self.conditioning = torch.cat(
+            [self.conditioning, self.conditioning.new_zeros(1, self.config.task_embed_dim)]
+        )
         return new
 
     # -- parameter groups and freezing -------------------------------------------------------------
@@ -646,6 +696,13 @@ class Student(nn.Module):
     def unfreeze_prototypes(self) -> None:
         self.frozen_prototypes = set()
 
+    def freeze_conditioning(self, tasks: list[int]) -> None:
+        """These tasks' conditioning vectors stay as they are (their prototypes may go on moving)."""
+        self.frozen_conditioning |= {int(t) for t in tasks}
+
+    def unfreeze_conditioning(self) -> None:
+        self.frozen_conditioning = set()
+
     def freeze_head(self) -> None:
         self._set_trainable(self.head_parameters(), False)
 
@@ -666,9 +723,13 @@ class Student(nn.Module):
             # a checkpoint taken after growth: match its task count (the MoE resizes itself)
             self.prototypes = self.prototypes.new_zeros(protos.shape)
             self.prototype_count = self.prototype_count.new_zeros(protos.shape[0])
+            self.conditioning = self.conditioning.new_zeros(protos.shape)
             for adapters in self.adapters:  # one adapter per task
                 while adapters.qkv.num_tasks < protos.shape[0]:
                     adapters.add_task()
+        if isinstance(protos, torch.Tensor) and prefix + "conditioning" not in state_dict:
+            # a checkpoint from before task conditioning: every vector was its prototype
+            state_dict[prefix + "conditioning"] = protos.clone()
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     @classmethod

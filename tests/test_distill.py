@@ -347,15 +347,21 @@ def test_phase1_trains_newborn_experts_at_gate_bias_minus_5():
         assert s.moe.always_routed == []
 
 
-def test_last_position_loss_is_the_last_term_of_the_all_position_loss():
-    """loss_positions="last" supervises only the prediction that acts: the same model and batch give the
-    all-positions loss's last-position term (its mean squared error over the last position alone)."""
+def _student_and_batch():
+    """A fresh two-task TINY student (eval mode) and 30 windows of the synthetic data."""
     data = synthetic_data()
     torch.manual_seed(0)
     student = Student(StudentConfig(**TINY), num_tasks=2).eval()
     idx = torch.arange(10, 40)
     obs, target, mask = data.windows(idx, data.ep_start[idx])
     tid = data.task[idx]
+    return student, obs, target, mask, tid
+
+
+def test_last_position_loss_is_the_last_term_of_the_all_position_loss():
+    """loss_positions="last" supervises only the prediction that acts: the same model and batch give the
+    all-positions loss's last-position term (its mean squared error over the last position alone)."""
+    student, obs, target, mask, tid = _student_and_batch()
     with torch.no_grad():
         last = student.losses(obs, target[:, -1], tid, mask, update_prototypes=False)["mse"]
         pred = student(obs, mask=mask)
@@ -373,6 +379,42 @@ def test_last_position_run_trains(tiny_run, tmp_path):
     assert r.method == "cpd (2 episodes/task, last-position loss)" and r.extra["complete"]
     summary = [json.loads(x) for x in open(tmp_path / "last" / "metrics.jsonl") if '"summary"' in x]
     assert summary and all(np.isfinite(e["summary"]["mse"]) for e in summary)
+
+
+def test_bf16_losses_compare_actions_in_float32():
+    """Under bf16 autocast the matmuls run in bfloat16 but the action means reach the loss as float32
+    (the targets are never rounded to bf16), and the losses stay close to float32's."""
+    student, obs, target, mask, tid = _student_and_batch()
+    with torch.no_grad():
+        ref = student.losses(obs, target, tid, mask, update_prototypes=False)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            h, _ = student._trunk(obs, mask, None, "all")
+            head = student.head(h)
+            pred, _ = student.predict(obs, mask, tid, None, True)
+            low = student.losses(obs, target, tid, mask, update_prototypes=False)
+    assert head.dtype == torch.bfloat16  # the linear maps do compute in bf16
+    assert pred.dtype == torch.float32
+    assert low["mse"].dtype == torch.float32 and low["mse"] != ref["mse"]
+    torch.testing.assert_close(low["mse"], ref["mse"], rtol=0.05, atol=1e-4)
+    assert DistillConfig(precision="bf16").label == "cpd (bf16 training)"
+    with pytest.raises(ValueError, match="precision"):
+        tiny_config(precision="fp16")
+
+
+def test_bf16_run_trains(tiny_run, tmp_path):
+    """A bf16 run trains (finite, falling MSE), keeps float32 parameters and evaluates."""
+    _, run_dir, _ = tiny_run
+    cfg = tiny_config(precision="bf16", steps_per_stage=30, data_dir=str(run_dir / "datasets"),
+                      eval_modes=("inferred",))  # fmt: skip
+    r = run_distill(cfg, tmp_path / "bf16")
+    assert r.method == "cpd (2 episodes/task, bf16 training)" and r.extra["complete"]
+    lines = [json.loads(x) for x in open(tmp_path / "bf16" / "metrics.jsonl")]
+    mse = [e["mse"] for e in lines if "mse" in e]
+    assert mse and all(np.isfinite(mse)) and mse[-1] < mse[0]
+    ckpt = sorted((tmp_path / "bf16" / "checkpoints").glob("*.pt"))[-1]
+    state = torch.load(ckpt, weights_only=True)["student"]
+    floats = {v.dtype for v in state.values() if isinstance(v, torch.Tensor) and v.is_floating_point()}
+    assert floats == {torch.float32}
 
 
 def test_evaluation_in_worker_processes_gives_the_same_run(tiny_run, tmp_path):

@@ -1,6 +1,7 @@
 """Task-routed experts (``StudentConfig.expert_routing="task"``): the MoE layer's caller-chosen routing
 against a per-token reference, the student's token-to-expert map, a stage that trains only the new task's
-expert while every old task's output stays bit for bit, the one-phase schedule, the label and bad input."""
+expert while every old task's output stays bit for bit, the one-phase schedule, the label and bad input;
+and task conditioning (``task_conditioning="task"``): the encoder goes on learning while old tasks stay."""
 
 import pytest
 import torch
@@ -125,3 +126,79 @@ def test_checkpoint_label_and_bad_input():
         Student(StudentConfig(**TINY, expert_routing="task"), num_tasks=3, num_experts=2)
     with pytest.raises(ValueError, match="expert_routing"):
         tiny_config(student={"expert_routing": "topk"})
+
+
+def _conditioned(seed=0):
+    torch.manual_seed(seed)
+    cfg = StudentConfig(**TINY, expert_routing="task", adapter_rank=4, task_conditioning="task")
+    return Student(cfg, num_tasks=1)
+
+
+def test_task_conditioning_acts_as_the_inferred_task_would_with_its_id():
+    """Without a task id each token is conditioned on (and routed to) its nearest prototype's task, so a
+    window whose tokens all classify as task t gets exactly task t's actions."""
+    s = _conditioned()
+    s.add_task()
+    obs = torch.randn(64, TINY["history"], 39)
+    mask = torch.ones(64, TINY["history"], dtype=torch.bool)
+    z = s.task_encoder(obs, mask)
+    for t in (0, 1):  # two prototypes, each the mean of half the tokens
+        s.update_prototypes(F.normalize(z[t::2, -1].mean(0, keepdim=True), dim=-1), torch.tensor([t]))
+    ids = s.adapter_route(z, None)
+    whole = (ids == ids[:, :1]).all(1)
+    assert whole.any()
+    inferred = s(obs[whole])
+    given = s(obs[whole], task_ids=ids[whole, -1])
+    torch.testing.assert_close(inferred, given)  # per-token vs per-window matmuls: rounding only
+    # the conditioning vector is the task's, not the window's embedding: other windows of the same task
+    # with another embedding get the same conditioning
+    assert torch.equal(s.task_vectors(torch.tensor([1, 1])), F.normalize(s.conditioning[[1, 1]], dim=-1))
+    assert torch.equal(s.task_vectors(torch.tensor([-1])), torch.zeros(1, 16))
+
+
+def test_task_conditioning_stage_trains_the_encoder_and_keeps_old_tasks_bit_for_bit():
+    data = synthetic_data()
+    cfg = tiny_config(student=StudentConfig(**TINY, expert_routing="task", adapter_rank=4,
+                                            task_conditioning="task"))  # fmt: skip
+    s = _conditioned()
+    new = s.add_task()
+    for t in (0, 1):
+        s.update_prototypes(F.normalize(torch.randn(3, 16), dim=-1), torch.full((3,), t))
+    configure_phase(s, cfg, 1, "train", new, new_tasks=[1])
+    assert all(p.requires_grad for p in s.task_encoder_parameters())  # the classifier keeps learning
+    assert s.frozen_conditioning == {0} and not s.frozen_prototypes
+    obs = torch.randn(6, TINY["history"], 39)
+    t0 = torch.zeros(6, dtype=torch.long)
+    before0 = s(obs, task_ids=t0)
+    enc = [p.detach().clone() for p in s.task_encoder_parameters()]
+    protos, cond = s.prototypes.clone(), s.conditioning.clone()
+    train_phase(s, data, TaskSampler({t: full_pool(data, t) for t in (0, 1)}), 5, cfg, torch.Generator())
+    assert any(not torch.equal(a, b) for a, b in zip(enc, s.task_encoder_parameters(), strict=True))
+    assert not torch.equal(s.prototypes[0], protos[0])  # task 0's prototype follows the encoder ...
+    assert torch.equal(s.conditioning[0], cond[0])  # ... its conditioning does not
+    assert torch.equal(s.conditioning[1], s.prototypes[1])  # the new task's is its live prototype
+    assert torch.equal(s(obs, task_ids=t0), before0)
+    configure_phase(s, cfg, 0, "train", [0, 1])
+    assert not s.frozen_conditioning
+
+
+def test_task_conditioning_checkpoint_label_and_bad_input():
+    s = _conditioned()
+    s.add_task()
+    ids = torch.tensor([0, 1])
+    s.update_prototypes(F.normalize(torch.randn(2, 16), dim=-1), ids)
+    s.freeze_conditioning([0])
+    s.update_prototypes(F.normalize(torch.randn(2, 16), dim=-1), ids)
+    obs = torch.randn(2, TINY["history"], 39)
+    back = Student.from_state_dict(s.state_dict())
+    assert torch.equal(back.conditioning, s.conditioning)
+    assert not torch.equal(back.conditioning, back.prototypes)
+    assert torch.equal(back(obs), s(obs)) and torch.equal(back(obs, task_ids=ids), s(obs, task_ids=ids))
+    old = {k: v for k, v in s.state_dict().items() if k != "conditioning"}  # a checkpoint from before
+    assert torch.equal(Student.from_state_dict(old).conditioning, s.prototypes)
+    label = DistillConfig(student=StudentConfig(expert_routing="task", task_conditioning="task")).label
+    assert label == "cpd (task-routed experts, task conditioning)"
+    with pytest.raises(ValueError, match="task_conditioning must be one of"):
+        StudentConfig(task_conditioning="onehot")
+    with pytest.raises(ValueError, match="needs expert_routing='task'"):
+        StudentConfig(task_conditioning="task")

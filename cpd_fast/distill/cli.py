@@ -39,6 +39,8 @@ _HELP = {
     "threads": "torch threads (0: torch's default; 1 is fastest on a busy CPU)",
     "eval_workers": "evaluation worker processes (0: in this process; default one per core); the success "
     "flags are the same bit for bit whatever the number",
+    "precision": "training arithmetic: fp32, or bf16 mixed precision (fast where the hardware has native "
+    "bf16: AVX512-BF16/AMX CPUs, recent GPUs); evaluation is float32 either way",
     "progress": "no progress bars",
     "tensorboard": "no TensorBoard events (metrics.jsonl only)",
 }
@@ -60,7 +62,8 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
     fields = add_config_flags(
         p, DistillConfig, skip=("student",), aliases=_ALIASES, helps=_HELP,
         choices={"method": METHODS, "device": ("cpu", "cuda"), "eval_modes": EVAL_MODES,
-                 "replay_selection": ("dpp", "uniform"), "lr_schedule": ("cosine", "constant")},
+                 "replay_selection": ("dpp", "uniform"), "lr_schedule": ("cosine", "constant"),
+                 "precision": ("fp32", "bf16")},
     )  # fmt: skip
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
                    help="any config key, dotted for the student: --set student.d_model=192")  # fmt: skip

@@ -90,6 +90,11 @@ class DistillConfig:
     # which predictions of a window are supervised: every real position (each has its teacher target) or
     # only the last (the one that acts) — the ablation of issue 14's "use every prediction"
     loss_positions: Literal["all", "last"] = "all"
+    # the training step's arithmetic: "fp32", or "bf16" mixed precision (torch.autocast: matmuls in
+    # bfloat16, parameters, optimizer state, normalisations and the losses in float32). bf16 is fast only
+    # where the hardware multiplies bf16 natively (CPUs with AVX512-BF16 or AMX, recent GPUs; elsewhere a
+    # run warns that it is emulated). Evaluation always runs in float32
+    precision: Literal["fp32", "bf16"] = "fp32"
     phase1_fraction: OpenFraction = 0.5  # cpd: share of a stage's steps in Phase 1
     # ablations (cpd)
     freeze_shared: Bool = True
@@ -216,8 +221,12 @@ class DistillConfig:
                 notes.append(f"{unit} {getattr(self.student, key)}")
         if self.student.expert_routing != d.student.expert_routing:
             notes.append(f"{self.student.expert_routing}-routed experts")
+        if self.student.task_conditioning != d.student.task_conditioning:
+            notes.append(f"{self.student.task_conditioning} conditioning")
         if self.loss_positions != "all":
             notes.append(f"{self.loss_positions}-position loss")
+        if self.precision != "fp32":
+            notes.append(f"{self.precision} training")
         if self.dagger:  # any method
             notes.append(f"DAgger {self.dagger_rounds}x{self.dagger_episodes} beta {self.dagger_beta:g}")
         return self.method + (f" ({', '.join(notes)})" if notes else "")

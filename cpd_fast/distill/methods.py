@@ -132,6 +132,7 @@ def configure_phase(
     moe.unfreeze_gate()
     student.unfreeze_adapters()
     student.unfreeze_prototypes()
+    student.unfreeze_conditioning()
     if stage == 0 or method.joint:
         return
     new = set(new_tasks)
@@ -143,11 +144,17 @@ def configure_phase(
         student.freeze_head()  # the head maps every expert's output: training it moves old tasks too
         if method.expert_phases and routed:
             # Parameter isolation: everything an old task's output depends on stays as it is, so with its
-            # task id it computes what it did, bit for bit. The encoder freezes too: training it moved the
-            # embeddings an old task is conditioned on, and its frozen parts could not follow (MT25:
-            # drawer-open 1.00 -> 0.00 after one stage with the encoder training; bench/mt25_levers).
-            student.freeze_task_encoder()
-            student.freeze_prototypes(old_tasks)
+            # task id it computes what it did, bit for bit.
+            if student.config.task_conditioning == "task":
+                # an old task is conditioned on its own frozen vector, so the encoder and the prototypes
+                # go on learning to tell the tasks apart (on the replayed windows too)
+                student.freeze_conditioning(old_tasks)
+            else:
+                # conditioned on its prototype, an old task moves with the encoder, and its frozen parts
+                # cannot follow (MT25: drawer-open 1.00 -> 0.00 after one stage with the encoder training;
+                # bench/mt25_levers): the encoder freezes too
+                student.freeze_task_encoder()
+                student.freeze_prototypes(old_tasks)
     if method.expert_phases:
         # with task-routed experts an old task's experts serve it alone, so they stay as they are all stage
         first = phase != "phase2"

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import glob
+import logging
 import os
 import shutil
 import time
@@ -52,6 +53,9 @@ from cpd_fast.runio import (
 )
 
 __all__ = ["DistillRun", "collect_task_data", "run_distill"]
+
+
+log = logging.getLogger(__name__)
 
 
 def phase_seed(seed: int, stage: int, tag: str) -> int:
@@ -132,6 +136,9 @@ class DistillRun:
         for stale in glob.glob(self.path(TMP_PREFIX + "*")) if self.main else []:  # a killed run's
             shutil.rmtree(stale, ignore_errors=True)
         self.check_config()
+        if self.cfg.precision == "bf16" and self.cfg.device == "cpu" and not native_bf16_cpu():
+            log.warning("precision bf16: this CPU has no native bf16 arithmetic (AVX512-BF16/AMX); it is "
+                        "emulated and slower than fp32")  # fmt: skip
         self.teacher_success = self.prepare_data()
         self.student = self.build_student()
         self.hook = make_hook(self.cfg)  # EWC / online EWC; None for the other methods
@@ -367,3 +374,11 @@ class DistillRun:
                    "dagger": {str(k): v for k, v in self.dagger.items()},
                    "routing": {str(k): v for k, v in self.routing.items()}},
         )  # fmt: skip
+
+
+def native_bf16_cpu() -> bool:
+    """Whether this CPU multiplies bfloat16 natively (oneDNN's AVX512-BF16 / AMX kernels)."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):  # a build without oneDNN
+        return False

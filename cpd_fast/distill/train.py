@@ -30,6 +30,8 @@ from torch import nn
 
 __all__ = ["DistillLoss", "lr_factor", "train_phase"]
 
+FUSED_ADAM = ("cpu", "cuda")  # devices with a fused AdamW kernel
+
 
 class DistillLoss(nn.Module):
     """``Student.losses`` as a module: single-process it *is* ``student.losses``; with ``collectives`` the
@@ -125,7 +127,8 @@ def train_phase(
 
     device = torch.device(cfg.device)
     params = [p for p in student.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    # fused: one kernel for every parameter's update (CPU and CUDA), not a Python loop over tensors
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=device.type in FUSED_ADAM)
     guard = student.moe.attach(opt)  # frozen expert rows stay bit-identical through AdamW's steps
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda it: lr_factor(cfg, it, steps))
     p_proto = student.config.prototype_conditioning
@@ -168,7 +171,8 @@ def train_phase(
                 target = target[:, -1]  # one target per window: Student.losses supervises the last position
             tid = data.task[idx]
             obs, target, mask, tid, use_proto = (x.to(device) for x in (obs, target, mask, tid, use_proto))
-            out = loss_fn(obs, target, tid, mask, use_proto if p_proto > 0 else None)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
+                out = loss_fn(obs, target, tid, mask, use_proto if p_proto > 0 else None)
             loss = out.pop("backward")
             extra = hook.loss(student) if hook is not None else None
             if extra is not None:
