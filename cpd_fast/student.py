@@ -75,6 +75,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from cpd_fast.adapters import BlockAdapters
 from cpd_fast.errors import require_int
@@ -246,9 +247,13 @@ class CausalBlock(nn.Module):
         qkv = linear(self.qkv, "qkv", self.ln1(x))
         q, k, v = qkv.view(B, H, 3, self.n_heads, d // self.n_heads).unbind(2)
         p = self.dropout if self.training else 0.0
-        a = F.scaled_dot_product_attention(
-            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=attn_mask, dropout_p=p
-        )
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        if q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float16):
+            # mixed precision on CPU: at H = 8 positions the flash kernel is ~2x slower than the math one
+            with sdpa_kernel(SDPBackend.MATH):
+                a = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=p)
+        else:
+            a = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=p)
         x = x + F.dropout(linear(self.proj, "proj", a.transpose(1, 2).reshape(B, H, d)), p, self.training)
         u = self.ff[1](linear(self.ff[0], "ff1", self.ln2(x)))
         return x + F.dropout(linear(self.ff[2], "ff2", u), p, self.training)

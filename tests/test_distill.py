@@ -415,6 +415,11 @@ def test_bf16_run_trains(tiny_run, tmp_path):
     state = torch.load(ckpt, weights_only=True)["student"]
     floats = {v.dtype for v in state.values() if isinstance(v, torch.Tensor) and v.is_floating_point()}
     assert floats == {torch.float32}
+    # the evaluations' env steps are counted: one episode per goal, each 1..eval_max_steps long
+    timing = json.loads((tmp_path / "bf16" / "timing.json").read_text())
+    episodes = (2 + 4) * cfg.eval_goals  # stage 0 evaluates its 2 tasks, stage 1 all 4
+    assert episodes <= timing["eval_env_steps"] <= episodes * cfg.eval_max_steps
+    assert r.extra["eval_env_steps"] == timing["eval_env_steps"]
 
 
 def test_evaluation_in_worker_processes_gives_the_same_run(tiny_run, tmp_path):

@@ -714,3 +714,27 @@ def test_backward_writes_each_weight_gradient_once(impl, linear):
         assert mode.count == 0, mode.count
     else:  # the former formulation: one full-size zero gradient per expert slice (quadratic in E)
         assert mode.count >= E, mode.count
+
+
+def test_autocast_bf16_experts_compute_in_bf16_and_train_float32_parameters():
+    """Under ``torch.autocast`` the experts run in bf16 (as ``nn.Linear`` does): the output keeps x's
+    dtype and is close to float32's, the parameters' gradients are float32 and close, and a frozen
+    expert still gets exactly zero gradient."""
+    torch.manual_seed(0)
+    layer = MoELayer(32, 64, 4, top_k=2, backend="torch")
+    layer.freeze_experts([1])
+    x = torch.randn(64, 32)
+    ref = layer(x)
+    ref.square().sum().backward()
+    grads = {n: p.grad.clone() for n, p in layer.named_parameters() if p.grad is not None}
+    layer.zero_grad(set_to_none=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(x)
+    assert y.dtype == torch.float32 and not torch.equal(y, ref)  # computed at lower precision
+    torch.testing.assert_close(y, ref, rtol=0.05, atol=0.05)
+    y.square().sum().backward()
+    for n, p in layer.named_parameters():
+        if n in grads:
+            assert p.grad.dtype == torch.float32
+            torch.testing.assert_close(p.grad, grads[n], rtol=0.1, atol=0.05 * float(grads[n].abs().max()))
+    assert float(layer.w1.grad[1].abs().sum()) == 0.0 and float(layer.w2.grad[1].abs().sum()) == 0.0

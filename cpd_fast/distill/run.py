@@ -108,6 +108,8 @@ class DistillRun:
         timing = read_json(self.path("timing.json"), {})
         self.prior_time = float(timing.get("wall_time_s", 0.0))
         self.clock = {"data": 0.0, "train": 0.0, "replay": 0.0, "eval": 0.0, **timing.get("clock", {})}
+        # env steps the official evaluations took (episodes end at success): the work behind clock["eval"]
+        self.eval_env_steps = int(timing.get("eval_env_steps", 0))
         self.t_start = time.perf_counter()
         self.replay: dict[int, Any] = {}
         self.routing: dict[int, dict[str, list[float]]] = {}
@@ -331,6 +333,7 @@ class DistillRun:
             )  # fmt: skip
             for (t, m), r in zip(keys, results, strict=True):
                 rows[m][self.tasks[t]] = r.success_rate
+                self.eval_env_steps += int(r.episode_lengths.sum())
                 self.logger.scalars(s, {f"success_{m}/{self.tasks[t]}": r.success_rate})
             write_json_atomic(path, rows)
             if name not in self.ledger:
@@ -347,7 +350,10 @@ class DistillRun:
         if not self.main:
             return
         wall = self.wall()
-        write_json_atomic(self.path("timing.json"), {"wall_time_s": wall, "clock": self.clock})
+        write_json_atomic(
+            self.path("timing.json"),
+            {"wall_time_s": wall, "clock": self.clock, "eval_env_steps": self.eval_env_steps},
+        )
         self.result(wall, s == len(self.stages) - 1).save(self.path("results.json"))
         self.logger.event({"stage": s, "success": self.rows, "wall_time_s": wall})
 
@@ -369,6 +375,7 @@ class DistillRun:
                        m: matrix_to_json(M) for m, M in self.R_modes.items() if m != main_mode
                    },
                    "time_s": {k: round(v, 1) for k, v in self.clock.items()},
+                   "eval_env_steps": self.eval_env_steps,
                    "config": cfg.to_dict(), "replay": replay_report(self.replay, self.data),
                    "num_experts": self.student.num_experts, "budget_steps_per_stage": cfg.stage_steps,
                    "dagger": {str(k): v for k, v in self.dagger.items()},

@@ -242,14 +242,20 @@ class MoELayer(nn.Module):
         else:
             self.aux_loss = stats.probs.sum() * 0.0
         self.tokens_per_expert = r.counts.detach()
+        # under torch.autocast the experts compute in its dtype, as nn.Linear does (the casts' backward
+        # brings the gradients back to the parameters' dtype)
+        dt = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+        w = tuple(None if p is None else p.to(dt) for p in (self.w1, self.b1, self.w2, self.b2))
         if self._resolve_backend(x) == "triton":
-            out = self._triton_experts(x2, r)
+            out = self._triton_experts(x2.to(dt), w, r)
         else:
             frozen = self.frozen_mask if self._frozen_idx is not None else None
-            out = experts_torch(x2, self.w1, self.b1, self.w2, self.b2, r, self.activation, frozen=frozen)
-        return out.reshape(*lead, self.d_model)
+            out = experts_torch(
+                x2.to(dt), *w, r._replace(topk_p=r.topk_p.to(dt)), self.activation, frozen=frozen
+            )
+        return out.to(x.dtype).reshape(*lead, self.d_model)
 
-    def _triton_experts(self, x2: torch.Tensor, r: Routing) -> torch.Tensor:
+    def _triton_experts(self, x2: torch.Tensor, w: tuple[torch.Tensor, ...], r: Routing) -> torch.Tensor:
         if not x2.is_cuda and os.environ.get("TRITON_INTERPRET", "0") != "1":
             raise RuntimeError(
                 "backend='triton' needs a CUDA tensor (or TRITON_INTERPRET=1 set before importing the "
@@ -258,8 +264,7 @@ class MoELayer(nn.Module):
         from cpd_fast.kernels.moe_experts import TritonExperts
 
         return TritonExperts.apply(
-            x2.contiguous(), self.w1, self.b1, self.w2, self.b2, r.topk_p, r.order, r.offs,
-            self.frozen_mask, self.activation,
+            x2.contiguous(), *w, r.topk_p.to(x2.dtype), r.order, r.offs, self.frozen_mask, self.activation,
         )  # fmt: skip
 
     # -- optimizers ----------------------------------------------------------------------------
