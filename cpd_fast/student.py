@@ -401,13 +401,15 @@ class Student(nn.Module):
         positions: str,
         use_prototype: torch.Tensor | None = None,
         adapter_tasks: torch.Tensor | None = None,
+        z: torch.Tensor | None = None,
     ):
         """Shared trunk; returns (features before the head, per-position embeddings [B, H, D]).
 
         ``task_ids`` given: condition on the prototypes, or only the rows where ``use_prototype [B]`` is set.
-        Adapters (if any) follow ``adapter_tasks [B]``, else ``task_ids``, else the inferred task.
+        Adapters (if any) follow ``adapter_tasks [B]``, else ``task_ids``, else the inferred task. ``z``:
+        the task encoder's output on these windows, when the caller has computed it already.
         """
-        z = self.task_encoder(obs, mask)  # [B, H, D]
+        z = self.task_encoder(obs, mask) if z is None else z  # [B, H, D]
         by_task = self.config.expert_routing == "task"
         ids = None
         if len(self.adapters) or by_task:
@@ -520,13 +522,15 @@ class Student(nn.Module):
         task_ids: torch.Tensor,
         use_prototype: torch.Tensor | None,
         per_position: bool,
+        z: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Training-time prediction on checked inputs: ``(action means [B, act_dim] or [B, H, act_dim],
         last-position inferred embeddings [B, task_embed_dim])``. Rows with ``use_prototype`` are conditioned
-        on their task's prototype, the others on the inferred embedding."""
+        on their task's prototype, the others on the inferred embedding. ``z``: the task encoder's output
+        ``[B, H, D]`` if already computed."""
         h, z = self._trunk(
             obs_window, mask, task_ids if use_prototype is not None else None,
-            "all" if per_position else "last", use_prototype, adapter_tasks=task_ids,
+            "all" if per_position else "last", use_prototype, adapter_tasks=task_ids, z=z,
         )  # fmt: skip
         return torch.tanh(_full_precision(self.head(h))), z[:, -1]
 
@@ -561,11 +565,11 @@ class Student(nn.Module):
             obs_window, teacher_action_mean, task_ids, mask, use_prototype
         )
         update = update_prototypes if update_prototypes is not None else self.training
+        z = self.task_encoder(obs_window, mask)
         if use_prototype is not None and update:  # every task of the batch has a prototype before it is used
-            with torch.no_grad():
-                self.update_prototypes(self.task_encoder(obs_window, mask)[:, -1], task_ids)
+            self.update_prototypes(z[:, -1].detach(), task_ids)
             update = False
-        pred, z_last = self.predict(obs_window, mask, task_ids, use_prototype, per_position)
+        pred, z_last = self.predict(obs_window, mask, task_ids, use_prototype, per_position, z)
         target = teacher_action_mean.to(pred.dtype).clamp(-1.0, 1.0)
         if per_position:
             w = mask.to(pred.dtype).unsqueeze(-1)

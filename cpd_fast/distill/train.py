@@ -63,12 +63,11 @@ class DistillLoss(nn.Module):
         cfg = s.config
         mask, per_position = s.check_loss_inputs(obs, target, task_ids, mask, use_prototype)
         update = s.training
+        z = s.task_encoder(obs, mask)
         if use_prototype is not None and update:
-            with torch.no_grad():
-                z0 = s.task_encoder(obs, mask)[:, -1]
-                s.update_prototypes(c.gather(z0), c.gather(task_ids))
+            s.update_prototypes(c.gather(z[:, -1].detach()), c.gather(task_ids))
             update = False
-        pred, z_last = s.predict(obs, mask, task_ids, use_prototype, per_position)
+        pred, z_last = s.predict(obs, mask, task_ids, use_prototype, per_position, z)
         target = target.to(pred.dtype).clamp(-1.0, 1.0)
         w = mask.to(pred.dtype).unsqueeze(-1) if per_position else pred.new_ones(obs.shape[0], 1)
         mse_share = ((pred - target) ** 2 * w).sum() / (c.sum(w.sum()) * cfg.act_dim)
