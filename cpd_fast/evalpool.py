@@ -7,8 +7,10 @@ episodes), and each evaluation is a single-threaded MuJoCo loop. :class:`EvalPoo
 and every core steps.
 
 One job is one evaluation (a task in one mode: all its goals in the same env slots and the same batch
-shapes as in this process), and a worker's student is a copy of this process's (its ``state_dict``,
-saved once per call and loaded once per worker by ``Student.from_state_dict``). Every evaluation runs
+shapes as in this process). A call's jobs on the same task run together, one after the other on the same
+envs (a task's two modes build its envs once, where the cache has no room to keep them), and a worker's
+student is a copy of this process's (its ``state_dict``, saved once per call and loaded once per worker
+by ``Student.from_state_dict``). Every evaluation runs
 the student on one torch thread, in a worker or in this process (whose thread count is restored after),
 so a job's success flags are bit for bit the same whatever the number of workers and whichever worker
 ran it (tested), and whatever threads training uses. Workers evaluate on the CPU.
@@ -50,7 +52,19 @@ def _worker_start(max_envs: int) -> None:
     _WORKER.update(cache=EnvCache(max_envs), path=None, student=None)
 
 
-def _worker_job(path: str, job: EvalJob, settings: dict[str, int]) -> EvalResult:
+def _evaluate_task(student: Any, jobs: list[EvalJob], cache: EnvCache, settings: dict[str, int]) -> list:
+    """``jobs`` (all on one task) in order, on the same envs: ``cache``'s, or, when it has no room for
+    them, envs built for these jobs alone (then closed)."""
+    n = min(settings["num_envs"], settings["num_goals"])
+    own = cache if cache.holds(jobs[0].task, n) else EnvCache(n)
+    try:
+        return [student_result(student, j.task, task_id=j.task_id, env_cache=own, **settings) for j in jobs]
+    finally:
+        if own is not cache:
+            own.close()
+
+
+def _worker_jobs(path: str, jobs: list[EvalJob], settings: dict[str, int]) -> list[EvalResult]:
     import torch
 
     from cpd_fast.student import Student
@@ -59,8 +73,15 @@ def _worker_job(path: str, job: EvalJob, settings: dict[str, int]) -> EvalResult
         state = torch.load(path, map_location="cpu", weights_only=True)
         _WORKER["student"] = Student.from_state_dict(state).eval()
         _WORKER["path"] = path
-    return student_result(_WORKER["student"], job.task, task_id=job.task_id, env_cache=_WORKER["cache"],
-                          **settings)  # fmt: skip
+    return _evaluate_task(_WORKER["student"], jobs, _WORKER["cache"], settings)
+
+
+def by_task(jobs: list[EvalJob]) -> list[list[int]]:
+    """The indices of ``jobs`` grouped by task, in order of each task's first job."""
+    groups: dict[str, list[int]] = {}
+    for i, j in enumerate(jobs):
+        groups.setdefault(j.task, []).append(i)
+    return list(groups.values())
 
 
 class EvalPool:
@@ -90,14 +111,19 @@ class EvalPool:
         import torch
 
         settings = {"num_goals": num_goals, "num_envs": num_envs, "max_episode_steps": max_episode_steps}
+        groups = by_task(jobs)
+        results: list[Any] = [None] * len(jobs)
         if self._pool is None:
             if self._cache is None:
                 raise RuntimeError("this EvalPool is closed")
             threads = torch.get_num_threads()
             torch.set_num_threads(1)  # as in the workers: the same arithmetic whatever training uses
             try:
-                return [student_result(student, j.task, task_id=j.task_id, env_cache=self._cache,
-                                       **settings) for j in jobs]  # fmt: skip
+                for g in groups:
+                    for i, r in zip(g, _evaluate_task(student, [jobs[i] for i in g], self._cache, settings),
+                                    strict=True):  # fmt: skip
+                        results[i] = r
+                return results
             finally:
                 torch.set_num_threads(threads)
         from concurrent.futures.process import BrokenProcessPool
@@ -105,9 +131,12 @@ class EvalPool:
         self._calls += 1
         path = os.path.join(self._dir, f"student{self._calls}.pt")
         torch.save(student.state_dict(), path)
-        futures = [self._pool.submit(_worker_job, path, job, settings) for job in jobs]
+        futures = [self._pool.submit(_worker_jobs, path, [jobs[i] for i in g], settings) for g in groups]
         try:
-            return [f.result() for f in futures]
+            for g, f in zip(groups, futures, strict=True):
+                for i, r in zip(g, f.result(), strict=True):
+                    results[i] = r
+            return results
         except BrokenProcessPool as err:
             self.close()
             raise RuntimeError(

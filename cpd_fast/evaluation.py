@@ -104,6 +104,11 @@ class EnvCache:
         self._envs: dict[str, list[Any]] = {}
         self.built = self.reused = 0
 
+    def holds(self, task: str, n: int) -> bool:
+        """Whether :meth:`take` ``(task, n)`` keeps all ``n`` envs (cached already, or room for them)."""
+        have = len(self._envs.get(task, []))
+        return have >= n or self.max_envs - sum(len(v) for v in self._envs.values()) >= n - have
+
     def take(self, task: str, n: int) -> tuple[list[Any], list[Any]]:
         """``n`` envs of ``task``: ``(envs, temporary)``, the second being those the caller must close."""
         import metaworld

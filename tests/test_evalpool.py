@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from cpd_fast.evalpool import EvalJob, EvalPool
+from cpd_fast.evalpool import EvalJob, EvalPool, by_task
 from cpd_fast.runio import load_torch_checked
 from cpd_fast.student import Student
 
@@ -64,6 +64,30 @@ def test_in_process_evaluation_ignores_the_training_threads(student, in_process)
         assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(n)
+
+
+def test_a_tasks_jobs_share_envs_the_cache_cannot_keep(student, in_process, monkeypatch):
+    """With no room in the cache, a task's jobs of one call (its two modes) still build its envs once,
+    and give the same flags."""
+    from cpd_fast.evaluation import EnvCache
+
+    built, take = [], EnvCache.take
+
+    def counting_take(self, task, n):
+        before = self.built
+        out = take(self, task, n)
+        built.extend([task] * (self.built - before))
+        return out
+
+    monkeypatch.setattr(EnvCache, "take", counting_take)
+    n = torch.get_num_threads()
+    try:
+        with EvalPool(0, max_envs=0) as pool:
+            assert _flags(pool.evaluate(student, JOBS, **SETTINGS)) == in_process
+    finally:
+        torch.set_num_threads(n)
+    assert built == ["reach-v3"] * 3 + ["drawer-open-v3"] * 3  # num_envs each, reach once for both modes
+    assert by_task([EvalJob("b"), EvalJob("a", 1), EvalJob("b", 0), EvalJob("a")]) == [[0, 2], [1, 3]]
 
 
 def test_a_changed_student_is_reloaded(student):
