@@ -84,6 +84,15 @@ def by_task(jobs: list[EvalJob]) -> list[list[int]]:
     return list(groups.values())
 
 
+def _in_job_order(groups: list[list[int]], done: list[list[EvalResult]]) -> list[EvalResult]:
+    """The results of each group of :func:`by_task` put back at their jobs' places."""
+    results: list[Any] = [None] * sum(map(len, groups))
+    for g, rs in zip(groups, done, strict=True):
+        for i, r in zip(g, rs, strict=True):
+            results[i] = r
+    return results
+
+
 class EvalPool:
     """Runs :func:`~cpd_fast.evaluation.student_result` jobs in ``workers`` processes (0: this process).
 
@@ -112,20 +121,16 @@ class EvalPool:
 
         settings = {"num_goals": num_goals, "num_envs": num_envs, "max_episode_steps": max_episode_steps}
         groups = by_task(jobs)
-        results: list[Any] = [None] * len(jobs)
         if self._pool is None:
             if self._cache is None:
                 raise RuntimeError("this EvalPool is closed")
             threads = torch.get_num_threads()
             torch.set_num_threads(1)  # as in the workers: the same arithmetic whatever training uses
             try:
-                for g in groups:
-                    for i, r in zip(g, _evaluate_task(student, [jobs[i] for i in g], self._cache, settings),
-                                    strict=True):  # fmt: skip
-                        results[i] = r
-                return results
+                done = [_evaluate_task(student, [jobs[i] for i in g], self._cache, settings) for g in groups]
             finally:
                 torch.set_num_threads(threads)
+            return _in_job_order(groups, done)
         from concurrent.futures.process import BrokenProcessPool
 
         self._calls += 1
@@ -133,10 +138,7 @@ class EvalPool:
         torch.save(student.state_dict(), path)
         futures = [self._pool.submit(_worker_jobs, path, [jobs[i] for i in g], settings) for g in groups]
         try:
-            for g, f in zip(groups, futures, strict=True):
-                for i, r in zip(g, f.result(), strict=True):
-                    results[i] = r
-            return results
+            return _in_job_order(groups, [f.result() for f in futures])
         except BrokenProcessPool as err:
             self.close()
             raise RuntimeError(

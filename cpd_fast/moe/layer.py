@@ -246,13 +246,12 @@ class MoELayer(nn.Module):
         # brings the gradients back to the parameters' dtype)
         dt = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
         w = tuple(None if p is None else p.to(dt) for p in (self.w1, self.b1, self.w2, self.b2))
+        x2, r = x2.to(dt), r._replace(topk_p=r.topk_p.to(dt))
         if self._resolve_backend(x) == "triton":
-            out = self._triton_experts(x2.to(dt), w, r)
+            out = self._triton_experts(x2, w, r)
         else:
             frozen = self.frozen_mask if self._frozen_idx is not None else None
-            out = experts_torch(
-                x2.to(dt), *w, r._replace(topk_p=r.topk_p.to(dt)), self.activation, frozen=frozen
-            )
+            out = experts_torch(x2, *w, r, self.activation, frozen=frozen)
         return out.to(x.dtype).reshape(*lead, self.d_model)
 
     def _triton_experts(self, x2: torch.Tensor, w: tuple[torch.Tensor, ...], r: Routing) -> torch.Tensor:
@@ -264,7 +263,7 @@ class MoELayer(nn.Module):
         from cpd_fast.kernels.moe_experts import TritonExperts
 
         return TritonExperts.apply(
-            x2.contiguous(), *w, r.topk_p.to(x2.dtype), r.order, r.offs, self.frozen_mask, self.activation,
+            x2.contiguous(), *w, r.topk_p, r.order, r.offs, self.frozen_mask, self.activation,
         )  # fmt: skip
 
     # -- optimizers ----------------------------------------------------------------------------
