@@ -534,6 +534,34 @@ class Student(nn.Module):
         )  # fmt: skip
         return torch.tanh(_full_precision(self.head(h))), z[:, -1]
 
+    def frozen_rows(self, task_ids: torch.Tensor) -> torch.Tensor | None:
+        """Training windows whose prediction reads no trainable parameter: bool ``[B]``, or None when every
+        window's may (the common case: a gate routes, or a shared layer or the head trains).
+
+        With task-routed experts, frozen shared layers and head, and conditioning that carries no gradient,
+        a window of task t reads only t's experts and adapters besides frozen tensors: it is idle when those
+        are frozen too (an old task's replayed window under parameter isolation). Its MSE gradient is then
+        exactly zero, and :meth:`losses` leaves it out of the forward pass.
+        """
+        cfg = self.config
+        if not torch.is_grad_enabled() or cfg.expert_routing != "task":
+            return None
+        if any(p.requires_grad for p in (*self.shared_parameters(), *self.head_parameters())):
+            return None
+        if cfg.task_conditioning == "embedding" and not cfg.detach_task_embedding:
+            if any(p.requires_grad for p in self.task_encoder_parameters()):
+                return None
+        moe = self.moe
+        experts_trainable = moe.w1.requires_grad and (moe.b1 is None or moe.b1.requires_grad)
+        tasks = torch.arange(self.num_tasks, device=moe.frozen_mask.device)
+        own = self.task_experts(tasks, "last")  # [T, k], -1: an empty slot
+        trained = ~(moe.frozen_mask[own.clamp(min=0)] | (own < 0)).all(-1) if experts_trainable else (
+            torch.zeros(self.num_tasks, dtype=torch.bool, device=tasks.device))  # fmt: skip
+        if len(self.adapters):
+            adapted = [any(p.requires_grad for p in self.adapter_parameters([t])) for t in tasks.tolist()]
+            trained = trained | torch.tensor(adapted, device=tasks.device)
+        return ~trained.to(task_ids.device)[task_ids]
+
     def losses(
         self,
         obs_window: torch.Tensor,
@@ -556,7 +584,9 @@ class Student(nn.Module):
                 inferred embedding); default none. The prototypes are updated from this batch first.
 
         Returns ``dict(mse, contrastive, aux, total)`` of scalars with
-        ``total = mse + aux + contrastive_weight · contrastive`` (aux already carries its weight). A
+        ``total = mse + aux + contrastive_weight · contrastive`` (aux already carries its weight; under
+        parameter isolation, :meth:`frozen_rows`, ``mse`` is that of the windows that train and ``total``
+        counts it by their share of the batch, so its gradient is the whole batch's MSE gradient). A
         data-parallel trainer computes the same losses over a global batch from :meth:`predict`
         (:class:`cpd_fast.distill.train.DistillLoss`).
         """
@@ -569,19 +599,48 @@ class Student(nn.Module):
         if use_prototype is not None and update:  # every task of the batch has a prototype before it is used
             self.update_prototypes(z[:, -1].detach(), task_ids)
             update = False
-        pred, z_last = self.predict(obs_window, mask, task_ids, use_prototype, per_position, z)
-        target = teacher_action_mean.to(pred.dtype).clamp(-1.0, 1.0)
-        if per_position:
-            w = mask.to(pred.dtype).unsqueeze(-1)
-            mse = ((pred - target) ** 2 * w).sum() / (w.sum() * cfg.act_dim)
-        else:
-            mse = F.mse_loss(pred, target)
+        sq, n_trained, n_all = self.squared_error(
+            obs_window, teacher_action_mean, task_ids, mask, use_prototype, per_position, z
+        )
+        z_last = z[:, -1]
         contrastive = supcon_loss(z_last, task_ids, cfg.contrastive_temperature)
         aux = self.moe.aux_loss
         if update:
             self.update_prototypes(z_last.detach(), task_ids)
-        total = mse + aux + cfg.contrastive_weight * contrastive
+        total = sq / n_all + aux + cfg.contrastive_weight * contrastive
+        mse = sq.detach() / n_trained.clamp(min=1)
         return {"mse": mse, "contrastive": contrastive, "aux": aux, "total": total}
+
+    def squared_error(
+        self,
+        obs_window: torch.Tensor,
+        teacher_action_mean: torch.Tensor,
+        task_ids: torch.Tensor,
+        mask: torch.Tensor,
+        use_prototype: torch.Tensor | None,
+        per_position: bool,
+        z: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The MSE's parts on checked inputs: ``(sum of squared errors over the windows that train, their
+        number of target entries, the batch's number)``. ``sum / batch's number`` is the batch's MSE as a
+        loss: windows of :meth:`frozen_rows` are not run, because their gradient is exactly zero (their
+        error is fixed, so ``sum / their number`` is the MSE of the windows that train, which is what
+        :meth:`losses` reports as ``mse``). ``z``: the task encoder's output on the batch."""
+        idle = self.frozen_rows(task_ids)
+        B, act_dim = obs_window.shape[0], self.config.act_dim
+        n_all = (mask.sum() if per_position else torch.tensor(B)) * act_dim
+        if idle is not None and bool(idle.any()):
+            live = (~idle).nonzero().squeeze(1)
+            obs_window, teacher_action_mean, task_ids, mask, z = (
+                t.index_select(0, live) for t in (obs_window, teacher_action_mean, task_ids, mask, z)
+            )
+            use_prototype = None if use_prototype is None else use_prototype.index_select(0, live)
+        pred, _ = self.predict(obs_window, mask, task_ids, use_prototype, per_position, z)
+        err = (pred - teacher_action_mean.to(pred.dtype).clamp(-1.0, 1.0)) ** 2
+        if per_position:
+            w = mask.to(pred.dtype).unsqueeze(-1)
+            return (err * w).sum(), w.sum() * act_dim, n_all.to(pred.dtype)
+        return err.sum(), torch.tensor(float(err.numel())), n_all.to(pred.dtype)
 
     @torch.no_grad()
     def update_prototypes(self, z: torch.Tensor, task_ids: torch.Tensor) -> None:

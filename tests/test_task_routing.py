@@ -182,6 +182,50 @@ def test_task_conditioning_stage_trains_the_encoder_and_keeps_old_tasks_bit_for_
     assert not s.frozen_conditioning
 
 
+@pytest.mark.parametrize("conditioning", ["embedding", "task"])
+def test_windows_that_train_nothing_are_left_out_with_the_same_gradient(conditioning, monkeypatch):
+    """Under parameter isolation an old task's replayed window reads only frozen tensors: ``losses`` leaves
+    it out of the forward pass. The gradient equals running every window (the reference, with
+    ``frozen_rows`` disabled); ``mse`` is that of the new task's windows."""
+    cfg = tiny_config(student=StudentConfig(**TINY, expert_routing="task", adapter_rank=4,
+                                            task_conditioning=conditioning))  # fmt: skip
+    torch.manual_seed(0)
+    s = Student(cfg.student, num_tasks=2)
+    new = s.add_task()
+    for t in (0, 1, 2):
+        s.update_prototypes(F.normalize(torch.randn(3, 16), dim=-1), torch.full((3,), t))
+    g = torch.Generator().manual_seed(1)
+    H = TINY["history"]
+    obs, target = torch.randn(12, H, 39, generator=g), torch.rand(12, H, 4, generator=g) * 2 - 1
+    ids, mask = torch.tensor([0, 1, 2] * 4), torch.ones(12, H, dtype=torch.bool)
+    mask[:3, :2] = False
+    use = torch.rand(12, generator=g) < 0.5
+    assert s.frozen_rows(ids) is None  # stage 0: everything trains
+    configure_phase(s, cfg, 1, "train", new, new_tasks=[2])
+    assert s.frozen_rows(ids).tolist() == [True, True, False] * 4
+    with torch.no_grad():
+        assert s.frozen_rows(ids) is None  # nothing trains without autograd
+
+    def grads(skip: bool):
+        if not skip:
+            monkeypatch.setattr(Student, "frozen_rows", lambda self, task_ids: None)
+        s.zero_grad(set_to_none=True)
+        out = s.losses(obs, target, ids, mask, update_prototypes=False, use_prototype=use)
+        out["total"].backward()
+        monkeypatch.undo()
+        return out, {n: p.grad.clone() for n, p in s.named_parameters() if p.grad is not None}
+
+    (out, got), (_, want) = grads(True), grads(False)
+    assert got.keys() == want.keys() and "moe.w1" in got
+    for n in want:
+        torch.testing.assert_close(got[n], want[n], rtol=1e-5, atol=1e-7, msg=n)
+    live = ids == 2  # the reported MSE: the new task's windows', written out
+    z = s.task_encoder(obs[live], mask[live])
+    pred, _ = s.predict(obs[live], mask[live], ids[live], use[live], True, z)
+    w = mask[live].unsqueeze(-1).float()
+    torch.testing.assert_close(out["mse"], ((pred - target[live]) ** 2 * w).sum() / (w.sum() * 4))
+
+
 def test_task_conditioning_checkpoint_label_and_bad_input():
     s = _conditioned()
     s.add_task()

@@ -67,10 +67,9 @@ class DistillLoss(nn.Module):
         if use_prototype is not None and update:
             s.update_prototypes(c.gather(z[:, -1].detach()), c.gather(task_ids))
             update = False
-        pred, z_last = s.predict(obs, mask, task_ids, use_prototype, per_position, z)
-        target = target.to(pred.dtype).clamp(-1.0, 1.0)
-        w = mask.to(pred.dtype).unsqueeze(-1) if per_position else pred.new_ones(obs.shape[0], 1)
-        mse_share = ((pred - target) ** 2 * w).sum() / (c.sum(w.sum()) * cfg.act_dim)
+        sq, n_trained, n_all = s.squared_error(obs, target, task_ids, mask, use_prototype, per_position, z)
+        z_last = z[:, -1]
+        mse_share = sq / c.sum(n_all)
         stats = s.moe.router_stats
         n = stats.probs.shape[0] * c.world_size  # tokens of the global batch
         counts = c.sum(stats.counts)
@@ -81,7 +80,9 @@ class DistillLoss(nn.Module):
         if update:
             s.update_prototypes(z_all.detach(), ids_all)
         backward = c.world_size * (mse_share + aux_share + cfg.contrastive_weight * contrastive)
-        mse, aux, contrastive = c.sum(mse_share), c.sum(aux_share), contrastive.detach()
+        # reported: the MSE of the windows that train (all of them unless Student.frozen_rows)
+        mse = c.sum(sq.detach()) / c.sum(n_trained).clamp(min=1)
+        aux, contrastive = c.sum(aux_share), contrastive.detach()
         total = mse + aux + cfg.contrastive_weight * contrastive
         return {"mse": mse, "contrastive": contrastive, "aux": aux, "total": total, "backward": backward}
 
