@@ -1,15 +1,20 @@
 """Student training speed against a plain Transformer of the same size, by threads (ratios, one run).
 
     python bench/bench_student.py [--experts 5 25] [--threads 1 2] [--precision fp32 bf16] [--plus]
-                                  [--batch 256] [--iters 20] [--rounds 3]
+                                  [--batch 256] [--iters 20] [--rounds 3] [--stages 0 1 4]
 
 One training step as :func:`cpd_fast.distill.train.train_phase` takes it: ``Student.losses`` (MSE on the
 teacher's action means, contrastive task-embedding loss, MoE load-balancing loss) on ``--batch`` windows
 of the default CPU student (``DistillConfig().student``), backward, fused AdamW step, in each
 ``--precision`` (``bf16``: under ``torch.autocast`` as ``DistillConfig.precision="bf16"`` trains).
-``--plus``: the student of ``cpd run --preset mt25-plus`` (rank-8 adapters, task-routed experts). Arms:
+``--plus``: the student of ``cpd run --preset mt25-plus`` (rank-8 adapters, task-routed experts; with
+``--stages`` also its task conditioning). Arms:
 
 * ``student E=N``: the student grown to N experts (one per task, cpd's growth), every parameter trainable;
+* ``--stages``: instead of the above, MT25's phases as a run trains them (``configure_phase``: what is
+  frozen, Phase 1's always-routed new experts, the parameter isolation of ``--plus``), the batch's
+  windows task-balanced over the seen tasks as ``TaskSampler`` draws them, gradient clipping as
+  ``train_phase``: ``stage S phase`` at the stages ``--stages`` lists;
 * ``plain``: ``nn.TransformerEncoder`` with the student's width, depth, heads and FFN size (causal mask),
   then one dense FFN of ``top_k x expert_hidden`` hidden units (the MoE's active width), the same head
   and MSE loss: the baseline the student's extra machinery (routing, task encoder, losses) is measured by.
@@ -92,17 +97,67 @@ def make_arms(experts: list[int], batch: int, plus: bool = False):
     return arms
 
 
+def stage_arms(stages: list[int], batch: int, plus: bool = False):
+    """One arm per phase of each MT25 stage in ``stages`` (5 tasks per stage), set up as a run does."""
+    from cpd_fast.distill.methods import configure_phase, phases_of
+
+    cfg = DistillConfig()
+    if plus:
+        cfg = replace(cfg, student=replace(cfg.student, adapter_rank=8, expert_routing="task",
+                                           task_conditioning="task"))  # fmt: skip
+    scfg = cfg.student
+    g = torch.Generator().manual_seed(0)
+    obs = torch.randn(batch, scfg.history, scfg.obs_dim, generator=g)
+    target = torch.rand(batch, scfg.history, scfg.act_dim, generator=g) * 2 - 1
+    mask = torch.ones(batch, scfg.history, dtype=torch.bool)
+    arms = {}
+    for stage in stages:
+        for phase, _ in phases_of(cfg, stage):
+            torch.manual_seed(0)
+            s = Student(scfg, num_tasks=5)
+            new = list(range(s.num_experts))
+            for _ in range(stage):
+                new = [e for _ in range(5) for e in s.add_task()]
+            with torch.no_grad():  # every seen task has a prototype, as after its first batches
+                s.prototypes.normal_(generator=g)
+                s.prototype_count.fill_(1)
+                s.conditioning.copy_(s.prototypes)
+            configure_phase(s, cfg, stage, phase, new, list(range(s.num_tasks - 5, s.num_tasks)))
+            ids = torch.randint(s.num_tasks, (batch,), generator=g)  # task-balanced over the seen tasks
+            use = torch.rand(batch, generator=g) < scfg.prototype_conditioning
+            params = [p for p in s.parameters() if p.requires_grad]
+            opt = torch.optim.AdamW(params, lr=1e-4, fused=True)
+            s.moe.attach(opt)
+            s.train()
+
+            def step(bf16: bool, s=s, ids=ids, use=use, opt=opt, params=params):
+                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                    out = s.losses(obs, target, ids, mask, update_prototypes=False, use_prototype=use)
+                opt.zero_grad(set_to_none=True)
+                out["total"].backward()
+                torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+                opt.step()
+
+            arms[f"stage {stage} {phase} (E={s.num_experts})"] = step
+    arms["plain"] = make_arms([], batch)["plain"]
+    return arms
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--experts", type=int, nargs="+", default=[5, 25])
     ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--precision", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"])
     ap.add_argument("--plus", action="store_true", help="the mt25-plus student (adapters, task routing)")
+    ap.add_argument("--stages", type=int, nargs="+", help="MT25 stages' phases as a run trains them")
     ap.add_argument("--batch", type=int, default=256)
     ap.add_argument("--iters", type=int, default=20)
     ap.add_argument("--rounds", type=int, default=3)
     args = ap.parse_args()
-    arms = make_arms(args.experts, args.batch, args.plus)
+    if args.stages:
+        arms = stage_arms(args.stages, args.batch, args.plus)
+    else:
+        arms = make_arms(args.experts, args.batch, args.plus)
     best: dict[tuple[str, str, int], float] = {}
     for _ in range(args.rounds):
         for threads in args.threads:

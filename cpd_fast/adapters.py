@@ -8,14 +8,20 @@ becomes ``y = W x + b + B_t A_t x`` for the window's task ``t``, with ``A_t [r, 
 adapter changes nothing until it trains, and a frozen task's ``A_t, B_t`` (and the frozen ``W``) keep its
 features bit for bit whatever the later tasks train.
 
-Each task's matrices are their own parameters (freezing is per task: ``requires_grad``). The forward
-pass gathers each row's task matrices and applies them with two batched matmuls, so the adapters cost
-about ``2·r·(in + out)`` flops per token and map whatever the number of tasks (a mask over every task's
-update would cost ``T`` times more). A row is a window whose tokens share one task (training, or the task
-id given) or a single token (each token's inferred task).
+Each task's matrices are their own parameters (freezing is per task: ``requires_grad``). Two ways to
+apply them, both costing about ``2·r·(in + out)`` flops per token whatever the number of tasks (a mask
+over every task's update would cost ``T`` times more):
 
-Which task a token belongs to is the caller's business (:class:`cpd_fast.student.Student`): the task id
-when one is given, else the task whose prototype embedding is nearest to the token's inferred embedding.
+* training (autograd on): each row's task matrices are gathered by a one-hot matmul over the tasks present
+  (whose backward is a matmul, not a scatter) and applied with two batched matmuls; a row is a window
+  (its task) or a token;
+* inference: the tokens are grouped by task (:class:`TaskRows`, found once per forward for every adapted
+  map) and each present task's matrices are applied to its tokens with two matmuls, so a batch of one task
+  (the task id given) is two plain matmuls (an evaluation forward: 2.4x faster with per-token tasks, 1.4x
+  with the task id, than the gather at 25 tasks; the gather is faster under autograd).
+
+A window's tokens share one task (training, or the task id given), or each token has its own (its
+inferred task).
 """
 
 from __future__ import annotations
@@ -28,7 +34,7 @@ from torch import nn
 
 from cpd_fast.errors import require_int
 
-__all__ = ["BlockAdapters", "TaskLoRA"]
+__all__ = ["BlockAdapters", "TaskLoRA", "TaskRows"]
 
 
 class TaskLoRA(nn.Module):
@@ -57,23 +63,83 @@ class TaskLoRA(nn.Module):
         self.A.append(nn.Parameter(a))
         self.B.append(nn.Parameter(torch.zeros(self.out_features, self.rank, **kw)))
 
-    def forward(self, x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, ids: torch.Tensor | TaskRows) -> torch.Tensor:
         """The update ``B_t A_t x`` of each token of ``x [B, L, in]`` → ``[B, L, out]``: ``ids`` (LongTensor)
-        is each row's task ``[B]`` or each token's ``[B, L]``; an id < 0 gives no update."""
-        if ids.dtype != torch.long or ids.shape not in (x.shape[:1], x.shape[:2]):
-            raise ValueError(f"ids must be a LongTensor {tuple(x.shape[:1])} or {tuple(x.shape[:2])}")
-        if ids.numel() and int(ids.max()) >= self.num_tasks:
-            raise ValueError(f"task {int(ids.max())} has no adapter (tasks 0..{self.num_tasks - 1})")
-        shape = x.shape
+        is each row's task ``[B]`` or each token's ``[B, L]``, or their :class:`TaskRows`; an id < 0 gives
+        no update."""
+        rows = ids if isinstance(ids, TaskRows) else TaskRows(ids, x.shape)
+        if rows.shape != tuple(x.shape[:2]):
+            raise ValueError(f"TaskRows of shape {rows.shape} for x of shape {tuple(x.shape)}")
+        if rows.max_task >= self.num_tasks:
+            raise ValueError(f"task {rows.max_task} has no adapter (tasks 0..{self.num_tasks - 1})")
+        if torch.is_grad_enabled():
+            return self._gathered(x, rows)
+        flat = x.reshape(-1, x.shape[-1])
+        parts = [
+            (flat if r is None else flat.index_select(0, r)) @ self.A[t].T @ self.B[t].T
+            for t, r in zip(rows.tasks, rows.rows, strict=True)
+        ]
+        if len(parts) == 1 and rows.rows[0] is None:  # one task owns every token
+            y = parts[0]
+        elif parts:
+            y = parts[0].new_zeros(flat.shape[0], self.out_features)
+            y = y.index_copy(0, torch.cat(rows.rows), torch.cat(parts))
+        else:
+            y = flat.new_zeros(flat.shape[0], self.out_features)
+        return y.view(*x.shape[:-1], self.out_features)
+
+    def _gathered(self, x: torch.Tensor, rows: TaskRows) -> torch.Tensor:
+        shape, ids, tasks = x.shape, rows.ids, rows.tasks
+        if not tasks:
+            return x.new_zeros(*shape[:-1], self.out_features)
         if ids.dim() == 2:  # one row per token
             x, ids = x.reshape(-1, 1, shape[-1]), ids.reshape(-1)
-        # each row's matrices by a one-hot matmul (its backward is a matmul too, not a scatter); an id < 0
-        # selects nothing, so its matrices are zero
-        select = F.one_hot(ids.clamp(min=0), self.num_tasks).to(x.dtype) * (ids >= 0).to(x.dtype)[:, None]
-        A = (select @ torch.stack(tuple(self.A)).flatten(1)).view(-1, self.rank, self.in_features)
-        B = (select @ torch.stack(tuple(self.B)).flatten(1)).view(-1, self.out_features, self.rank)
+        # each row's matrices by a one-hot matmul over the tasks present (its backward is a matmul too, not
+        # a scatter); an id < 0 selects nothing, so its matrices are zero
+        local = torch.full((self.num_tasks,), -1, dtype=torch.long, device=ids.device)
+        local[tasks] = torch.arange(len(tasks), device=ids.device)
+        local = torch.where(ids >= 0, local[ids.clamp(min=0)], -1)
+        select = F.one_hot(local.clamp(min=0), len(tasks)).to(x.dtype) * (local >= 0).to(x.dtype)[:, None]
+        r, n_in, n_out = self.rank, self.in_features, self.out_features
+        A = (select @ torch.stack([self.A[t] for t in tasks]).flatten(1)).view(-1, r, n_in)
+        B = (select @ torch.stack([self.B[t] for t in tasks]).flatten(1)).view(-1, n_out, r)
         y = torch.bmm(torch.bmm(x, A.transpose(1, 2)), B.transpose(1, 2))
         return y.reshape(*shape[:-1], self.out_features)
+
+
+class TaskRows:
+    """The tasks of a batch ``x [B, L, ·]``, shared by every adapted map of a forward pass: ``ids`` is each
+    window's task ``[B]`` or each token's ``[B, L]`` (LongTensor; < 0: no task). ``tasks``: the tasks
+    present, ascending; ``rows``: each one's token indices into the flattened ``[B·L]`` tokens (None: all
+    of them); both found on first use."""
+
+    def __init__(self, ids: torch.Tensor, x_shape: torch.Size | tuple[int, ...]):
+        B, L = x_shape[0], x_shape[1]
+        ok = isinstance(ids, torch.Tensor) and ids.dtype == torch.long and tuple(ids.shape) in ((B,), (B, L))
+        if not ok:
+            raise ValueError(f"ids must be a LongTensor {(B,)} or {(B, L)}")
+        self.ids, self.shape = ids, (B, L)
+        self.max_task = int(ids.max()) if ids.numel() else -1
+        self._groups: tuple[list[int], list[torch.Tensor | None]] | None = None
+
+    def _group(self) -> tuple[list[int], list[torch.Tensor | None]]:
+        if self._groups is None:
+            B, L = self.shape
+            tok = (self.ids[:, None].expand(B, L) if self.ids.dim() == 1 else self.ids).reshape(-1)
+            tasks = [t for t in tok.unique().tolist() if t >= 0]
+            if len(tasks) == 1 and bool((tok == tasks[0]).all()):
+                self._groups = tasks, [None]
+            else:
+                self._groups = tasks, [(tok == t).nonzero().squeeze(1) for t in tasks]
+        return self._groups
+
+    @property
+    def tasks(self) -> list[int]:
+        return self._group()[0]
+
+    @property
+    def rows(self) -> list[torch.Tensor | None]:
+        return self._group()[1]
 
 
 class BlockAdapters(nn.Module):

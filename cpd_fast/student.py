@@ -77,7 +77,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from cpd_fast.adapters import BlockAdapters
+from cpd_fast.adapters import BlockAdapters, TaskRows
 from cpd_fast.errors import require_int
 from cpd_fast.moe import MoELayer
 
@@ -234,9 +234,10 @@ class CausalBlock(nn.Module):
         x: torch.Tensor,
         attn_mask: torch.Tensor,
         adapters: BlockAdapters | None = None,
-        ids: torch.Tensor | None = None,
+        ids: torch.Tensor | TaskRows | None = None,
     ) -> torch.Tensor:
-        """``adapters`` (with ``ids``: each window's task ``[B]`` or each token's ``[B, H]``) add the
+        """``adapters`` (with ``ids``: each window's task ``[B]`` or each token's ``[B, H]``, or their
+        :class:`~cpd_fast.adapters.TaskRows`) add the
         task's low-rank update to the four linear maps."""
 
         def linear(layer: nn.Linear, name: str, h: torch.Tensor) -> torch.Tensor:
@@ -431,8 +432,9 @@ class Student(nn.Module):
         attn = (causal & mask[:, None, :]) | torch.eye(H, dtype=torch.bool, device=obs.device)
         attn = attn[:, None]  # [B, 1, H, H], broadcast over heads
         if len(self.adapters):
+            rows = TaskRows(ids, x.shape)  # each task's tokens, found once for every adapted map
             for block, adapters in zip(self.blocks, self.adapters, strict=True):
-                x = block(x, attn, adapters, ids)
+                x = block(x, attn, adapters, rows)
         else:
             for block in self.blocks:
                 x = block(x, attn)

@@ -80,9 +80,11 @@ def test_route_follows_task_id_else_nearest_prototype():
     assert s.adapter_route(z, given) is given  # one id per window
 
 
+@pytest.mark.parametrize("grad", [True, False])
 @pytest.mark.parametrize("per_token", [False, True])
-def test_update_matches_the_per_token_reference(per_token):
-    """Reference: each token's ``B_t A_t x``, one token at a time (zero for id -1)."""
+def test_update_matches_the_per_token_reference(per_token, grad):
+    """Reference: each token's ``B_t A_t x``, one token at a time (zero for id -1); gathered under autograd,
+    grouped by task without it."""
     lora = TaskLoRA(8, 5, 3, num_tasks=4)
     with torch.no_grad():
         for b in lora.B:
@@ -93,7 +95,11 @@ def test_update_matches_the_per_token_reference(per_token):
     rows = zip(x.reshape(-1, 8), tok.reshape(-1), strict=True)
     want = torch.stack([torch.zeros(5) if t < 0 else lora.B[t] @ (lora.A[t] @ v) for v, t in rows])
     want = want.reshape(3, 7, 5)
-    torch.testing.assert_close(lora(x, ids), want)
+    with torch.set_grad_enabled(grad):
+        torch.testing.assert_close(lora(x, ids), want)
+        one = torch.full_like(ids, 2)  # one task owns every token: two plain matmuls
+        torch.testing.assert_close(lora(x, one), x @ lora.A[2].T @ lora.B[2].T)
+        torch.testing.assert_close(lora(x, torch.full_like(ids, -1)), torch.zeros(3, 7, 5))
 
 
 def test_checkpoint_after_growth_round_trips():
