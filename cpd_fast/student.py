@@ -633,6 +633,10 @@ class Student(nn.Module):
         n_all = (mask.sum() if per_position else torch.tensor(B)) * act_dim
         if idle is not None and bool(idle.any()):
             live = (~idle).nonzero().squeeze(1)
+            if live.numel() == 0:  # no window here trains: a zero loss on the trainable parameters
+                trained = (p.view(-1)[0] for p in self.parameters() if p.requires_grad)
+                zero = obs_window.new_zeros(())
+                return sum(trained, zero) * 0.0, zero, n_all.to(zero.dtype)
             obs_window, teacher_action_mean, task_ids, mask, z = (
                 t.index_select(0, live) for t in (obs_window, teacher_action_mean, task_ids, mask, z)
             )

@@ -12,6 +12,7 @@ import socket
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -89,11 +90,37 @@ def train_three_phases(dist: ddp.DistContext | None) -> dict:
     return {"state": state, "summaries": summaries, "initial": initial}
 
 
+def train_isolated_stages(dist: ddp.DistContext | None) -> dict:
+    """The mt25-plus student (task-routed experts, per-task adapters, task conditioning) through two stages
+    on 4-window batches: in stage 1 a rank's 2 windows are often all old-task replay, which trains nothing
+    (``Student.frozen_rows``), and the new task's adapters then get no gradient on that rank."""
+    cfg, data = _config(), synthetic_data()
+    cfg = replace(cfg, batch_size=4, student=replace(cfg.student, expert_routing="task", adapter_rank=2,
+                                                     task_conditioning="task"))  # fmt: skip
+    torch.manual_seed(0)
+    s = Student(cfg.student, num_tasks=1)
+    idle_slices = 0
+    for stage, tasks, steps in ((0, [0], 3), (1, [0, 1], 6)):
+        new = s.add_task() if stage else list(range(s.num_experts))
+        configure_phase(s, cfg, stage, "train", new, new_tasks=[stage])
+        sampler = TaskSampler({t: full_pool(data, t) for t in tasks})
+        gen = torch.Generator().manual_seed(7 + stage)
+        probe = torch.Generator().manual_seed(7 + stage)
+        for _ in range(steps):  # the draws train_phase makes: which rank slices hold no new-task window
+            idx, _ = sampler.sample(cfg.batch_size, probe)
+            torch.rand(cfg.batch_size, generator=probe)
+            idle_slices += sum(stage > 0 and not bool((data.task[idx[2 * r:2 * r + 2]] == 1).any())
+                               for r in range(2))  # fmt: skip
+        train_phase(s, data, sampler, steps, cfg, gen, dist=dist)
+    state = {k: v.clone() for k, v in s.state_dict().items() if isinstance(v, torch.Tensor)}
+    return {"isolated_state": state, "idle_slices": idle_slices}
+
+
 def run_cases(out: str | None = None) -> dict:
-    """Both cases, as one rank of a DDP group when launched with torchrun's environment, else alone."""
+    """All cases, as one rank of a DDP group when launched with torchrun's environment, else alone."""
     torch.set_num_threads(1)
     dist = ddp.setup("cpu") if ddp.requested(None) else None
-    result = {"grads": first_step_grads(dist), **train_three_phases(dist)}
+    result = {"grads": first_step_grads(dist), **train_three_phases(dist), **train_isolated_stages(dist)}
     result["world_size"] = 1 if dist is None else dist.world_size
     if out is not None and (dist is None or dist.is_main):
         torch.save(result, out)
@@ -160,6 +187,11 @@ def test_two_gloo_ranks_equal_one_process(tmp_path):
     print(f"2 gloo ranks ({t_ddp:.1f} s) vs 1 process: grad max rel Δ {max(grad_err.values()):.1e}, "
           f"param max |Δ| {delta.max():.1e}, {outliers:.2%} of elements > {PARAM_ATOL:g}")  # fmt: skip
     assert outliers <= PARAM_OUTLIERS and delta.max() <= PARAM_MAX
+    # 3. parameter isolation: ranks whose slice trains nothing (checked to happen) still all-reduce
+    assert want["idle_slices"] > 0
+    a, b = want["isolated_state"], got["isolated_state"]
+    for k in a:
+        assert torch.allclose(a[k].double(), b[k].double(), atol=PARAM_MAX), k
 
 
 def test_batch_must_split_evenly():

@@ -219,6 +219,8 @@ def test_windows_that_train_nothing_are_left_out_with_the_same_gradient(conditio
     assert got.keys() == want.keys() and "moe.w1" in got
     for n in want:
         torch.testing.assert_close(got[n], want[n], rtol=1e-5, atol=1e-7, msg=n)
+    old = s.losses(obs[~(ids == 2)], target[~(ids == 2)], ids[~(ids == 2)], mask[~(ids == 2)])
+    assert float(old["mse"]) == 0.0 and old["total"].requires_grad  # replay only: zero, still a loss
     live = ids == 2  # the reported MSE: the new task's windows', written out
     z = s.task_encoder(obs[live], mask[live])
     pred, _ = s.predict(obs[live], mask[live], ids[live], use[live], True, z)
