@@ -164,6 +164,9 @@ class StudentConfig:
 # ----------------------------------------------------------------------------- losses
 
 
+ROW_BUCKET = 16  # Student.squared_error runs the windows that train in multiples of this
+
+
 def _full_precision(y: torch.Tensor) -> torch.Tensor:
     """``y`` in float32 if mixed-precision training (``torch.autocast``) made it bf16/fp16, else itself:
     the loss compares the actions with the teachers' in full precision."""
@@ -637,15 +640,27 @@ class Student(nn.Module):
                 trained = (p.view(-1)[0] for p in self.parameters() if p.requires_grad)
                 zero = obs_window.new_zeros(())
                 return sum(trained, zero) * 0.0, zero, n_all.to(zero.dtype)
+            # rows in whole buckets (copies of live rows, weight 0, make up the last): a batch's shapes then
+            # take a few values, not one per live count (a new shape costs CPU kernels ~25% of a step)
+            n = live.numel()
+            m = -(-n // ROW_BUCKET) * ROW_BUCKET
+            rows = live.repeat(-(-m // n))[:m]
             obs_window, teacher_action_mean, task_ids, mask, z = (
-                t.index_select(0, live) for t in (obs_window, teacher_action_mean, task_ids, mask, z)
+                t.index_select(0, rows) for t in (obs_window, teacher_action_mean, task_ids, mask, z)
             )
-            use_prototype = None if use_prototype is None else use_prototype.index_select(0, live)
+            use_prototype = None if use_prototype is None else use_prototype.index_select(0, rows)
+            weight = (torch.arange(rows.numel(), device=rows.device) < n).to(z.dtype)
+        else:
+            weight = None
         pred, _ = self.predict(obs_window, mask, task_ids, use_prototype, per_position, z)
         err = (pred - teacher_action_mean.to(pred.dtype).clamp(-1.0, 1.0)) ** 2
         if per_position:
             w = mask.to(pred.dtype).unsqueeze(-1)
+            w = w if weight is None else w * weight.to(pred.dtype)[:, None, None]
             return (err * w).sum(), w.sum() * act_dim, n_all.to(pred.dtype)
+        if weight is not None:
+            err = err * weight.to(pred.dtype)[:, None]
+            return err.sum(), weight.sum() * act_dim, n_all.to(pred.dtype)
         return err.sum(), torch.tensor(float(err.numel())), n_all.to(pred.dtype)
 
     @torch.no_grad()
