@@ -637,9 +637,8 @@ class Student(nn.Module):
         if idle is not None and bool(idle.any()):
             live = (~idle).nonzero().squeeze(1)
             if live.numel() == 0:  # no window here trains: a zero loss on the trainable parameters
-                trained = (p.view(-1)[0] for p in self.parameters() if p.requires_grad)
                 zero = obs_window.new_zeros(())
-                return sum(trained, zero) * 0.0, zero, n_all.to(zero.dtype)
+                return self.zero_on_trainable(), zero, n_all.to(zero.dtype)
             # rows in whole buckets (copies of live rows, weight 0, make up the last): a batch's shapes then
             # take a few values, not one per live count (a new shape costs CPU kernels ~25% of a step)
             n = live.numel()
@@ -662,6 +661,10 @@ class Student(nn.Module):
             err = err * weight.to(pred.dtype)[:, None]
             return err.sum(), weight.sum() * act_dim, n_all.to(pred.dtype)
         return err.sum(), torch.tensor(float(err.numel())), n_all.to(pred.dtype)
+
+    def zero_on_trainable(self) -> torch.Tensor:
+        """A zero scalar on every trainable parameter: each gets a (zero) gradient from its backward."""
+        return sum((p.view(-1)[0] for p in self.parameters() if p.requires_grad), torch.zeros(())) * 0.0
 
     @torch.no_grad()
     def update_prototypes(self, z: torch.Tensor, task_ids: torch.Tensor) -> None:

@@ -83,7 +83,7 @@ class DistillLoss(nn.Module):
         # DDP all-reduces every trainable parameter's gradient (find_unused_parameters is off), but this
         # rank's windows may not reach all of them: an absent task's adapters, or nothing at all when every
         # window is idle (Student.frozen_rows). A zero term puts each in the graph with a zero gradient.
-        backward = backward + 0.0 * sum(p.view(-1)[0] for p in s.parameters() if p.requires_grad)
+        backward = backward + s.zero_on_trainable()
         # reported: the MSE of the windows that train (all of them unless Student.frozen_rows)
         mse = c.sum(sq.detach()) / c.sum(n_trained).clamp(min=1)
         aux, contrastive = c.sum(aux_share), contrastive.detach()
