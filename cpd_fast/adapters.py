@@ -8,17 +8,19 @@ becomes ``y = W x + b + B_t A_t x`` for the window's task ``t``, with ``A_t [r, 
 adapter changes nothing until it trains, and a frozen task's ``A_t, B_t`` (and the frozen ``W``) keep its
 features bit for bit whatever the later tasks train.
 
-Each task's matrices are their own parameters (freezing is per task: ``requires_grad``). Two ways to
-apply them, both costing about ``2·r·(in + out)`` flops per token whatever the number of tasks (a mask
-over every task's update would cost ``T`` times more):
+Each task's matrices are their own parameters (freezing is per task: ``requires_grad``). Three ways to
+apply them:
 
-* training (autograd on): each row's task matrices are gathered by a one-hot matmul over the tasks present
-  (whose backward is a matmul, not a scatter) and applied with two batched matmuls; a row is a window
-  (its task) or a token;
+* training (autograd on), with few tasks in the batch (``MASKED_MAX_TASKS``; a task-routed stage trains
+  only its new tasks' windows): two dense matmuls over the tasks present, ``x @ [A_t1; …; A_tT]ᵀ``, each
+  token's rank-r blocks but its own task's zeroed, then ``@ [B_t1 … B_tT]ᵀ``; its ``T·2·r·(in + out)``
+  flops per token come in large matmuls with matmul backwards;
+* training with more tasks: each row's matrices gathered by a one-hot matmul over the tasks present and
+  applied with two batched matmuls (``2·r·(in + out)`` flops per token, in many small products);
 * inference: the tokens are grouped by task (:class:`TaskRows`, found once per forward for every adapted
   map) and each present task's matrices are applied to its tokens with two matmuls, so a batch of one task
   (the task id given) is two plain matmuls (an evaluation forward: 2.4x faster with per-token tasks, 1.4x
-  with the task id, than the gather at 25 tasks; the gather is faster under autograd).
+  with the task id, than the gather at 25 tasks; under autograd the other two are faster).
 
 A window's tokens share one task (training, or the task id given), or each token has its own (its
 inferred task).
@@ -34,7 +36,12 @@ from torch import nn
 
 from cpd_fast.errors import require_int
 
-__all__ = ["BlockAdapters", "TaskLoRA", "TaskRows"]
+__all__ = ["MASKED_MAX_TASKS", "BlockAdapters", "TaskLoRA", "TaskRows"]
+
+# under autograd, up to this many tasks in a batch take the masked dense matmuls, more the gathered ones
+# (measured per map, bf16, 2 threads, 2048 tokens: masked 2.5x faster at 1 task, 1.1-1.2x at 5, even at 8,
+# 1.6-1.8x slower at 25)
+MASKED_MAX_TASKS = 6
 
 
 class TaskLoRA(nn.Module):
@@ -73,7 +80,8 @@ class TaskLoRA(nn.Module):
         if rows.max_task >= self.num_tasks:
             raise ValueError(f"task {rows.max_task} has no adapter (tasks 0..{self.num_tasks - 1})")
         if torch.is_grad_enabled():
-            return self._gathered(x, rows)
+            masked = len(rows.tasks) <= MASKED_MAX_TASKS
+            return self._masked(x, rows) if masked else self._gathered(x, rows)
         flat = x.reshape(-1, x.shape[-1])
         parts = [
             (flat if r is None else flat.index_select(0, r)) @ self.A[t].T @ self.B[t].T
@@ -87,6 +95,22 @@ class TaskLoRA(nn.Module):
         else:
             y = flat.new_zeros(flat.shape[0], self.out_features)
         return y.view(*x.shape[:-1], self.out_features)
+
+    def _masked(self, x: torch.Tensor, rows: TaskRows) -> torch.Tensor:
+        tasks, (B, L) = rows.tasks, rows.shape
+        if not tasks:
+            return x.new_zeros(*x.shape[:-1], self.out_features)
+        T, r = len(tasks), self.rank
+        # every present task's A stacked: one dense matmul gives each token all T rank-r projections
+        h = x @ torch.cat([self.A[t] for t in tasks]).T  # [B, L, T·r]
+        if rows.rows[0] is not None:  # more than one task (or ids < 0): keep each token's own task's block
+            local = torch.full((self.num_tasks,), -1, dtype=torch.long, device=x.device)
+            local[tasks] = torch.arange(T, device=x.device)
+            ids = rows.ids if rows.ids.dim() == 2 else rows.ids[:, None]  # [B, L] or [B, 1]
+            lid = torch.where(ids >= 0, local[ids.clamp(min=0)], -1)
+            keep = (lid[..., None] == torch.arange(T, device=x.device)).to(h.dtype)  # [B, L|1, T]
+            h = (h.view(B, L, T, r) * keep[..., None]).view(B, L, T * r)
+        return h @ torch.cat([self.B[t] for t in tasks], dim=1).T
 
     def _gathered(self, x: torch.Tensor, rows: TaskRows) -> torch.Tensor:
         shape, ids, tasks = x.shape, rows.ids, rows.tasks
@@ -132,6 +156,10 @@ class TaskRows:
             else:
                 self._groups = tasks, [(tok == t).nonzero().squeeze(1) for t in tasks]
         return self._groups
+
+    def last(self) -> TaskRows:
+        """The same tasks for the last position of each window only (``x [B, 1, ·]``)."""
+        return TaskRows(self.ids if self.ids.dim() == 1 else self.ids[:, -1:], (self.shape[0], 1))
 
     @property
     def tasks(self) -> list[int]:

@@ -265,7 +265,8 @@ def evaluate_official(
 
 class StudentPolicy:
     """Adapts a :class:`~cpd_fast.student.Student` to ``evaluate_official(..., episode_info=True)``: one
-    observation history per env slot, restarted at each episode's first observation."""
+    observation history per env slot, restarted at each episode's first observation. The student runs on
+    the active slots only (an evaluation's last episodes leave most slots idle)."""
 
     def __init__(self, student: Any, num_envs: int, task_id: int | None = None) -> None:
         import torch
@@ -284,10 +285,10 @@ class StudentPolicy:
         self.last[slots] = obs
         reset = np.zeros(len(self.last), bool)
         reset[slots] = fresh
-        # idle slots push their stale observation: harmless, their output is dropped
-        obs_t, reset_t = torch.from_numpy(self.last), torch.from_numpy(reset)
-        act = self.student.act(obs_t, self.history, reset_t, self.task_ids)
-        return act[torch.from_numpy(slots)].cpu().numpy()
+        # idle slots push their stale observation: harmless, they restart before they act again
+        obs_t, reset_t, rows = torch.from_numpy(self.last), torch.from_numpy(reset), torch.from_numpy(slots)
+        task_ids = None if self.task_ids is None else self.task_ids[: len(slots)]
+        return self.student.act(obs_t, self.history, reset_t, task_ids, rows=rows).cpu().numpy()
 
 
 def evaluate_student(
@@ -322,11 +323,16 @@ def student_result(
     import torch
 
     n_envs = min(num_envs, num_goals)
-    with torch.no_grad():
-        return evaluate_official(
-            StudentPolicy(student, n_envs, task_id), task, num_envs=n_envs, num_goals=num_goals,
-            max_episode_steps=max_episode_steps, episode_info=True, env_cache=env_cache,
-        )  # fmt: skip
+    was_training = student.training
+    student.eval()  # once here, not in each step's act
+    try:
+        with torch.inference_mode():
+            return evaluate_official(
+                StudentPolicy(student, n_envs, task_id), task, num_envs=n_envs, num_goals=num_goals,
+                max_episode_steps=max_episode_steps, episode_info=True, env_cache=env_cache,
+            )  # fmt: skip
+    finally:
+        student.train(was_training)
 
 
 def evaluate_monitoring(

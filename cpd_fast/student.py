@@ -238,18 +238,26 @@ class CausalBlock(nn.Module):
         attn_mask: torch.Tensor,
         adapters: BlockAdapters | None = None,
         ids: torch.Tensor | TaskRows | None = None,
+        last: bool = False,
     ) -> torch.Tensor:
         """``adapters`` (with ``ids``: each window's task ``[B]`` or each token's ``[B, H]``, or their
-        :class:`~cpd_fast.adapters.TaskRows`) add the
-        task's low-rank update to the four linear maps."""
+        :class:`~cpd_fast.adapters.TaskRows`) add the task's low-rank update to the four linear maps.
+        ``last``: only the last position's output, ``[B, 1, d]`` (the keys and values still come from
+        every position): a final block whose other positions nobody reads."""
 
-        def linear(layer: nn.Linear, name: str, h: torch.Tensor) -> torch.Tensor:
+        def linear(layer: nn.Linear, name: str, h: torch.Tensor, ids) -> torch.Tensor:
             y = layer(h)
             return y if adapters is None else y + getattr(adapters, name)(h, ids)
 
         B, H, d = x.shape
-        qkv = linear(self.qkv, "qkv", self.ln1(x))
+        qkv = linear(self.qkv, "qkv", self.ln1(x), ids)
         q, k, v = qkv.view(B, H, 3, self.n_heads, d // self.n_heads).unbind(2)
+        if last:  # queries, residual stream and the maps after attention: the last position only
+            q, x, attn_mask, H = q[:, -1:], x[:, -1:], attn_mask[..., -1:, :], 1
+            if isinstance(ids, TaskRows):
+                ids = ids.last()
+            elif ids is not None and ids.dim() == 2:
+                ids = ids[:, -1:]
         p = self.dropout if self.training else 0.0
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         if q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float16):
@@ -258,9 +266,10 @@ class CausalBlock(nn.Module):
                 a = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=p)
         else:
             a = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=p)
-        x = x + F.dropout(linear(self.proj, "proj", a.transpose(1, 2).reshape(B, H, d)), p, self.training)
-        u = self.ff[1](linear(self.ff[0], "ff1", self.ln2(x)))
-        return x + F.dropout(linear(self.ff[2], "ff2", u), p, self.training)
+        a = a.transpose(1, 2).reshape(B, H, d)
+        x = x + F.dropout(linear(self.proj, "proj", a, ids), p, self.training)
+        u = self.ff[1](linear(self.ff[0], "ff1", self.ln2(x), ids))
+        return x + F.dropout(linear(self.ff[2], "ff2", u, ids), p, self.training)
 
 
 class Student(nn.Module):
@@ -434,13 +443,11 @@ class Student(nn.Module):
         # a position attends to earlier real positions and always to itself (so padded rows are not NaN)
         attn = (causal & mask[:, None, :]) | torch.eye(H, dtype=torch.bool, device=obs.device)
         attn = attn[:, None]  # [B, 1, H, H], broadcast over heads
-        if len(self.adapters):
-            rows = TaskRows(ids, x.shape)  # each task's tokens, found once for every adapted map
-            for block, adapters in zip(self.blocks, self.adapters, strict=True):
-                x = block(x, attn, adapters, rows)
-        else:
-            for block in self.blocks:
-                x = block(x, attn)
+        rows = TaskRows(ids, x.shape) if len(self.adapters) else None  # each task's tokens, found once
+        adapters = self.adapters if len(self.adapters) else [None] * len(self.blocks)
+        for i, (block, adapt) in enumerate(zip(self.blocks, adapters, strict=True)):
+            # only the last position leaves the trunk: the final block computes nothing else
+            x = block(x, attn, adapt, rows, last=positions == "last" and i == len(self.blocks) - 1)
         if positions == "last":
             x = x[:, -1]
         experts = self.task_experts(ids, positions) if by_task else None
@@ -695,19 +702,25 @@ class Student(nn.Module):
         history: HistoryBuffer,
         reset_mask: torch.Tensor | np.ndarray | None = None,
         task_ids: torch.Tensor | None = None,
+        rows: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """One batched rollout step: push ``obs [N, obs_dim]`` into ``history`` and return ``[N, act_dim]``.
 
         ``reset_mask [N]`` (bool) marks envs whose ``obs`` starts a new episode (their history restarts).
+        ``rows`` (LongTensor ``[n]``): the actions of these envs only, ``[n, act_dim]`` (every history still
+        advances; ``task_ids``, if given, is then ``[n]``): a rollout whose other envs are idle skips them.
         Runs in eval mode (restores the previous mode) and on the parameters' device.
         """
         window, mask = history.push(obs, reset_mask)
-        was_training = self.training
+        if rows is not None:
+            window, mask = window[rows], mask[rows]
+        if not self.training:  # switching modes walks every submodule: not on each step of an evaluation
+            return self(window, task_ids=task_ids, mask=mask)
         self.eval()
         try:
             return self(window, task_ids=task_ids, mask=mask)
         finally:
-            self.train(was_training)
+            self.train()
 
     # -- growth ----------------------------------------------------------------------------------
 

@@ -5,6 +5,7 @@ import pytest
 import torch
 from test_distill import TINY, _one_thread, synthetic_data, tiny_config  # noqa: F401  (_one_thread: autouse)
 
+from cpd_fast import adapters
 from cpd_fast.adapters import TaskLoRA
 from cpd_fast.distill import DistillConfig, TaskSampler, configure_phase, train_phase
 from cpd_fast.distill.windows import full_pool
@@ -100,6 +101,35 @@ def test_update_matches_the_per_token_reference(per_token, grad):
         one = torch.full_like(ids, 2)  # one task owns every token: two plain matmuls
         torch.testing.assert_close(lora(x, one), x @ lora.A[2].T @ lora.B[2].T)
         torch.testing.assert_close(lora(x, torch.full_like(ids, -1)), torch.zeros(3, 7, 5))
+
+
+@pytest.mark.parametrize("masked", [True, False])
+@pytest.mark.parametrize("per_token", [False, True])
+def test_gradients_match_the_per_token_reference(per_token, masked, monkeypatch):
+    """Under autograd (the masked matmuls over the tasks present, or the gathered per-row matrices when
+    more tasks than ``MASKED_MAX_TASKS`` are present) the gradients of x and of every present task's A and
+    B equal autograd's through the per-token reference; absent tasks get none."""
+    monkeypatch.setattr(adapters, "MASKED_MAX_TASKS", 4 if masked else 1)
+    lora = TaskLoRA(8, 5, 3, num_tasks=4)
+    with torch.no_grad():
+        for b in lora.B:
+            b.normal_()
+    x = torch.randn(3, 7, 8, requires_grad=True)
+    ids = torch.tensor([[0, 2, -1, 2, 0, 0, 2]] * 3) if per_token else torch.tensor([2, -1, 0])
+    tok = ids if per_token else ids[:, None].expand(3, 7)
+    w = torch.randn(3, 7, 5)
+    params = [x, *lora.A, *lora.B]
+
+    def grads(y):
+        return torch.autograd.grad((y * w).sum(), params, allow_unused=True)
+
+    rows = zip(x.reshape(-1, 8), tok.reshape(-1), strict=True)
+    ref = torch.stack([torch.zeros(5) if t < 0 else lora.B[t] @ (lora.A[t] @ v) for v, t in rows])
+    for got, want in zip(grads(lora(x, ids)), grads(ref.reshape(3, 7, 5)), strict=True):
+        if want is None:  # tasks 1 and 3 are absent
+            assert got is None or not bool(got.any())
+        else:
+            torch.testing.assert_close(got, want)
 
 
 def test_checkpoint_after_growth_round_trips():

@@ -76,6 +76,41 @@ def test_causal_per_position_outputs_and_last_position():
     torch.testing.assert_close(s(x), y[:, -1], rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("task_id", [True, False])
+def test_last_position_forward_equals_the_sequence_with_adapters_and_task_routing(task_id):
+    """``forward`` computes the final block at the last position only; with per-task adapters, task-routed
+    experts and task conditioning (each token's inferred task without an id) it still equals the last
+    position of ``forward_sequence``."""
+    s = make_student(num_tasks=3, adapter_rank=4, expert_routing="task", task_conditioning="task")
+    x = torch.randn(6, H, OBS)
+    x[:, -2:] += 3.0  # the windows' last tokens look like another task than their first ones
+    mask = torch.ones(6, H, dtype=torch.bool)
+    mask[:2, :3] = False
+    with torch.no_grad():
+        for p in s.adapter_parameters():
+            p.normal_()
+        z = s.task_encoder(x, mask)
+        s.prototypes.copy_(torch.stack([z[2:, 0].mean(0), z[2:, -1].mean(0), torch.randn(16)]))
+        s.prototype_count.fill_(1)
+        s.conditioning.normal_()
+    routed = s.adapter_route(z, None)
+    assert bool((routed[2:, 0] != routed[2:, -1]).any())  # tokens of one window use different tasks
+    ids = torch.tensor([0, 1, 2, 0, 1, 2]) if task_id else None
+    torch.testing.assert_close(s(x, ids, mask), s.forward_sequence(x, ids, mask)[:, -1], rtol=1e-5, atol=1e-6)
+
+
+def test_act_on_some_rows_equals_the_same_rows_of_every_env():
+    s = make_student()
+    a, b = HistoryBuffer.for_student(s, 4), HistoryBuffer.for_student(s, 4)
+    rows = torch.tensor([3, 1])
+    for t in range(H + 1):
+        obs = torch.randn(4, OBS)
+        every = s.act(obs, a, reset_mask=torch.tensor([t == 2, False, False, False]))
+        some = s.act(obs, b, reset_mask=torch.tensor([t == 2, False, False, False]), rows=rows)
+        assert some.shape == (2, ACT)
+        torch.testing.assert_close(some, every[rows], rtol=1e-5, atol=1e-6)
+
+
 def test_padding_mask_ignores_padded_values():
     s = make_student()
     x = torch.randn(3, H, OBS)
