@@ -57,6 +57,28 @@ class Plain(nn.Module):
         return ((torch.tanh(self.head(h)) - target) ** 2).mean()
 
 
+def student_step(s: Student, batch: tuple, use_prototype=None, clip: float | None = None):
+    """One training step of ``s`` on ``batch`` (obs, target, task ids, mask) as ``train_phase`` takes it:
+    fused AdamW over the trainable parameters (frozen expert rows held by ``moe.attach``), gradient
+    clipping at ``clip`` if given; with ``use_prototype`` the prototypes stay as they are (a phase's
+    state, step after step)."""
+    params = [p for p in s.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-4, fused=True)
+    s.moe.attach(opt)
+    kw = {} if use_prototype is None else {"update_prototypes": False, "use_prototype": use_prototype}
+
+    def step(bf16: bool) -> None:
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            loss = s.losses(*batch, **kw)["total"]
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if clip is not None:
+            torch.nn.utils.clip_grad_norm_(params, clip)
+        opt.step()
+
+    return step
+
+
 def make_arms(experts: list[int], batch: int, plus: bool = False):
     cfg = DistillConfig().student
     if plus:
@@ -72,16 +94,7 @@ def make_arms(experts: list[int], batch: int, plus: bool = False):
         while s.num_experts < e:
             s.add_task()
         ids = torch.randint(s.num_tasks, (batch,), generator=g)
-        opt = torch.optim.AdamW(s.parameters(), lr=1e-4, fused=True)
-
-        def step(bf16: bool, s=s, ids=ids, opt=opt):
-            opt.zero_grad(set_to_none=True)
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-                loss = s.losses(obs, target, ids, mask)["total"]
-            loss.backward()
-            opt.step()
-
-        arms[f"student E={e}"] = step
+        arms[f"student E={e}"] = student_step(s, (obs, target, ids, mask))
     torch.manual_seed(0)
     p = Plain(cfg)
     popt = torch.optim.AdamW(p.parameters(), lr=1e-4, fused=True)
@@ -125,19 +138,8 @@ def stage_arms(stages: list[int], batch: int, plus: bool = False):
             configure_phase(s, cfg, stage, phase, new, list(range(s.num_tasks - 5, s.num_tasks)))
             ids = torch.randint(s.num_tasks, (batch,), generator=g)  # task-balanced over the seen tasks
             use = torch.rand(batch, generator=g) < scfg.prototype_conditioning
-            params = [p for p in s.parameters() if p.requires_grad]
-            opt = torch.optim.AdamW(params, lr=1e-4, fused=True)
-            s.moe.attach(opt)
             s.train()
-
-            def step(bf16: bool, s=s, ids=ids, use=use, opt=opt, params=params):
-                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-                    out = s.losses(obs, target, ids, mask, update_prototypes=False, use_prototype=use)
-                opt.zero_grad(set_to_none=True)
-                out["total"].backward()
-                torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-                opt.step()
-
+            step = student_step(s, (obs, target, ids, mask), use_prototype=use, clip=cfg.grad_clip)
             arms[f"stage {stage} {phase} (E={s.num_experts})"] = step
     arms["plain"] = make_arms([], batch)["plain"]
     return arms

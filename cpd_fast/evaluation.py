@@ -20,6 +20,8 @@ rely on row positions; wrap them per episode instead.
 
 from __future__ import annotations
 
+import copy
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -37,6 +39,7 @@ __all__ = [
     "evaluate_monitoring",
     "evaluate_official",
     "evaluate_student",
+    "official_env",
     "official_goals",
     "student_result",
 ]
@@ -84,10 +87,45 @@ class EvalResult:
         }
 
 
+@functools.lru_cache(maxsize=32)
+def _compiled_model(xml_path: str) -> Any:
+    """The MuJoCo model of ``xml_path`` compiled once per process (never simulated: copies are handed out)."""
+    import mujoco
+
+    return mujoco.MjModel.from_xml_path(xml_path)
+
+
+@functools.cache
+def _copying_class(cls: type) -> type:
+    """``cls`` (a Meta-World env class) whose env gets a copy of its compiled model instead of compiling
+    the XML again: gymnasium's ``MujocoEnv._initialize_simulation`` with ``from_xml_path`` memoised."""
+
+    def _initialize_simulation(self: Any) -> tuple[Any, Any]:
+        import mujoco
+
+        model = copy.copy(_compiled_model(self.fullpath))
+        # as gymnasium's MujocoEnv: only grow the offscreen framebuffer
+        model.vis.global_.offwidth = max(model.vis.global_.offwidth, self.width)
+        model.vis.global_.offheight = max(model.vis.global_.offheight, self.height)
+        return model, mujoco.MjData(model)
+
+    attrs = {"_initialize_simulation": _initialize_simulation, "__module__": cls.__module__}
+    return type(cls.__name__, (cls,), attrs)  # the same name: Meta-World's task_name is the class name
+
+
+def official_env(task: str) -> Any:
+    """A Meta-World v3 env of ``task`` as Meta-World builds it, but with its MuJoCo model copied from one
+    compiled per process (a copy takes ~9 ms, compiling the XML ~80-100 ms; a model is ~22 MB, mostly
+    meshes). A copy of a compiled model is that model byte for byte, so the episodes are the same (tested)."""
+    import metaworld
+
+    return _copying_class(metaworld.env_dict.ALL_V3_ENVIRONMENTS[validate_task(task)])()
+
+
 class EnvCache:
     """Meta-World env instances kept alive between :func:`evaluate_official` calls.
 
-    Building an env compiles its MuJoCo model (~0.1-0.2 s each, ~23 MB resident), and a run evaluates
+    Building an env copies its MuJoCo model (:func:`official_env`, ~23 MB resident), and a run evaluates
     every task seen so far after every stage, in two modes. An env's episode depends only on the task
     set and the actions (``set_task`` freezes the goal, ``reset`` restores it exactly), so a reused env
     gives the same success flags bit for bit (tested). At most ``max_envs`` instances are kept, first
@@ -111,16 +149,13 @@ class EnvCache:
 
     def take(self, task: str, n: int) -> tuple[list[Any], list[Any]]:
         """``n`` envs of ``task``: ``(envs, temporary)``, the second being those the caller must close."""
-        import metaworld
-
         cached = self._envs.setdefault(task, [])
         room = self.max_envs - sum(len(v) for v in self._envs.values())
-        cls = metaworld.env_dict.ALL_V3_ENVIRONMENTS[task]
         while len(cached) < n and room > 0:
-            cached.append(cls())
+            cached.append(official_env(task))
             self.built, room = self.built + 1, room - 1
         self.reused += min(n, len(cached))
-        extra = [cls() for _ in range(n - min(n, len(cached)))]
+        extra = [official_env(task) for _ in range(n - min(n, len(cached)))]
         self.built += len(extra)
         return cached[:n] + extra, extra
 
@@ -190,8 +225,6 @@ def evaluate_official(
     Returns:
         :class:`EvalResult` with one success flag per goal, in goal order.
     """
-    import metaworld
-
     task = validate_task(task)
     if num_envs <= 0:
         raise ValueError(f"num_envs must be positive, got {num_envs}")
@@ -204,8 +237,7 @@ def evaluate_official(
     if env_cache is not None:
         envs, temporary = env_cache.take(task, n_envs)
     else:
-        env_cls = metaworld.env_dict.ALL_V3_ENVIRONMENTS[task]
-        envs = temporary = [env_cls() for _ in range(n_envs)]
+        envs = temporary = [official_env(task) for _ in range(n_envs)]
 
     successes = np.zeros(num_goals, dtype=bool)
     lengths = np.zeros(num_goals, dtype=np.int64)

@@ -659,15 +659,12 @@ class Student(nn.Module):
         else:
             weight = None
         pred, _ = self.predict(obs_window, mask, task_ids, use_prototype, per_position, z)
-        err = (pred - teacher_action_mean.to(pred.dtype).clamp(-1.0, 1.0)) ** 2
-        if per_position:
-            w = mask.to(pred.dtype).unsqueeze(-1)
-            w = w if weight is None else w * weight.to(pred.dtype)[:, None, None]
-            return (err * w).sum(), w.sum() * act_dim, n_all.to(pred.dtype)
+        err = (pred - teacher_action_mean.to(pred.dtype).clamp(-1.0, 1.0)) ** 2  # [B, (H,) act_dim]
+        # each prediction's weight: its position is real (per position), its row is no bucket filler
+        w = mask.to(pred.dtype) if per_position else pred.new_ones(pred.shape[0])
         if weight is not None:
-            err = err * weight.to(pred.dtype)[:, None]
-            return err.sum(), weight.sum() * act_dim, n_all.to(pred.dtype)
-        return err.sum(), torch.tensor(float(err.numel())), n_all.to(pred.dtype)
+            w = w * (weight[:, None] if per_position else weight).to(pred.dtype)
+        return (err * w.unsqueeze(-1)).sum(), w.sum() * act_dim, n_all.to(pred.dtype)
 
     def zero_on_trainable(self) -> torch.Tensor:
         """A zero scalar on every trainable parameter: each gets a (zero) gradient from its backward."""

@@ -241,6 +241,38 @@ def test_official_eval_agrees_with_metaworlds_own_evaluation():
     assert abs(ours - theirs) <= 3 * np.sqrt(p * (1 - p) * 2 / 50) + 1e-9, (ours, theirs)
 
 
+def test_official_env_steps_as_metaworlds_own_bit_for_bit():
+    """Envs with a copied compiled model (``official_env``) run Meta-World's episodes exactly: the same
+    observations and rewards as Meta-World's own class, also for two of them stepping in turn on different
+    goals (basketball moves its basket in the model at reset: each env needs its own model)."""
+    import metaworld
+
+    from cpd_fast.evaluation import official_env
+
+    task = "basketball-v3"
+    goals = official_goals(task)[:2]
+    actions = np.random.default_rng(0).uniform(-1, 1, (60, 4)).astype(np.float32)
+
+    def episodes(envs):  # envs[i] runs goals[i]; the envs step in turn
+        out = []
+        for env, goal in zip(envs, goals, strict=True):
+            env.set_task(goal)
+            out.append([env.reset()[0]])
+        for a in actions:
+            for env, o in zip(envs, out, strict=True):
+                obs, reward, *_ = env.step(a)
+                o += [obs, np.array([reward])]
+        return [np.concatenate(o).tobytes() for o in out]
+
+    cls = metaworld.env_dict.ALL_V3_ENVIRONMENTS[task]
+    want = episodes([cls(), cls()])
+    assert want[0] != want[1]  # the goals differ: the comparison says something
+    ours = [official_env(task), official_env(task)]
+    assert isinstance(ours[0], cls) and type(ours[0]).__name__ == cls.__name__
+    assert episodes(ours) == want
+    assert episodes([official_env(task), ours[0]]) == want  # a copy made after others ran episodes
+
+
 def test_env_cache_gives_the_same_flags_bit_for_bit():
     """Reused (dirty) envs give the same per-goal success flags and episode lengths as fresh ones; a
     cache smaller than the request builds the rest per call."""
