@@ -104,25 +104,19 @@ class TaskLoRA(nn.Module):
         # every present task's A stacked: one dense matmul gives each token all T rank-r projections
         h = x @ torch.cat([self.A[t] for t in tasks]).T  # [B, L, T·r]
         if rows.rows[0] is not None:  # more than one task (or ids < 0): keep each token's own task's block
-            local = torch.full((self.num_tasks,), -1, dtype=torch.long, device=x.device)
-            local[tasks] = torch.arange(T, device=x.device)
-            ids = rows.ids if rows.ids.dim() == 2 else rows.ids[:, None]  # [B, L] or [B, 1]
-            lid = torch.where(ids >= 0, local[ids.clamp(min=0)], -1)
+            lid = rows.local if rows.ids.dim() == 2 else rows.local[:, None]  # [B, L] or [B, 1]
             keep = (lid[..., None] == torch.arange(T, device=x.device)).to(h.dtype)  # [B, L|1, T]
             h = (h.view(B, L, T, r) * keep[..., None]).view(B, L, T * r)
         return h @ torch.cat([self.B[t] for t in tasks], dim=1).T
 
     def _gathered(self, x: torch.Tensor, rows: TaskRows) -> torch.Tensor:
-        shape, ids, tasks = x.shape, rows.ids, rows.tasks
+        shape, local, tasks = x.shape, rows.local, rows.tasks
         if not tasks:
             return x.new_zeros(*shape[:-1], self.out_features)
-        if ids.dim() == 2:  # one row per token
-            x, ids = x.reshape(-1, 1, shape[-1]), ids.reshape(-1)
+        if local.dim() == 2:  # one row per token
+            x, local = x.reshape(-1, 1, shape[-1]), local.reshape(-1)
         # each row's matrices by a one-hot matmul over the tasks present (its backward is a matmul too, not
         # a scatter); an id < 0 selects nothing, so its matrices are zero
-        local = torch.full((self.num_tasks,), -1, dtype=torch.long, device=ids.device)
-        local[tasks] = torch.arange(len(tasks), device=ids.device)
-        local = torch.where(ids >= 0, local[ids.clamp(min=0)], -1)
         select = F.one_hot(local.clamp(min=0), len(tasks)).to(x.dtype) * (local >= 0).to(x.dtype)[:, None]
         r, n_in, n_out = self.rank, self.in_features, self.out_features
         A = (select @ torch.stack([self.A[t] for t in tasks]).flatten(1)).view(-1, r, n_in)
@@ -135,7 +129,7 @@ class TaskRows:
     """The tasks of a batch ``x [B, L, ·]``, shared by every adapted map of a forward pass: ``ids`` is each
     window's task ``[B]`` or each token's ``[B, L]`` (LongTensor; < 0: no task). ``tasks``: the tasks
     present, ascending; ``rows``: each one's token indices into the flattened ``[B·L]`` tokens (None: all
-    of them); both found on first use."""
+    of them); both found on first use, as is ``local`` (each id's index into ``tasks``)."""
 
     def __init__(self, ids: torch.Tensor, x_shape: torch.Size | tuple[int, ...]):
         B, L = x_shape[0], x_shape[1]
@@ -145,6 +139,7 @@ class TaskRows:
         self.ids, self.shape = ids, (B, L)
         self.max_task = int(ids.max()) if ids.numel() else -1
         self._groups: tuple[list[int], list[torch.Tensor | None]] | None = None
+        self._local: torch.Tensor | None = None
 
     def _group(self) -> tuple[list[int], list[torch.Tensor | None]]:
         if self._groups is None:
@@ -156,6 +151,16 @@ class TaskRows:
             else:
                 self._groups = tasks, [(tok == t).nonzero().squeeze(1) for t in tasks]
         return self._groups
+
+    @property
+    def local(self) -> torch.Tensor:
+        """Each id's index into :attr:`tasks` (−1: no task), shaped as ``ids``; found once, on first use."""
+        if self._local is None:
+            tasks, dev = self.tasks, self.ids.device
+            index = torch.full((max(self.max_task, 0) + 1,), -1, dtype=torch.long, device=dev)
+            index[tasks] = torch.arange(len(tasks), device=dev)
+            self._local = torch.where(self.ids >= 0, index[self.ids.clamp(min=0)], -1)
+        return self._local
 
     def last(self) -> TaskRows:
         """The same tasks for the last position of each window only (``x [B, 1, ·]``)."""
