@@ -632,6 +632,89 @@ def test_segment_experts_match_the_loop(dtype, tol, impl, act, bias, norm, froze
             assert torch.count_nonzero(grads["w1"][e]) == 0
 
 
+@pytest.mark.skipif(not hasattr(F, "grouped_mm"), reason="torch without F.grouped_mm")
+@pytest.mark.parametrize("quantum", [1, 4, 64])
+@pytest.mark.parametrize("need_x", [True, False])
+@pytest.mark.parametrize("act,bias,norm,frozen,empty,always,n", CASES)
+def test_padded_segments_and_input_free_backward_match_the_loop(
+    quantum, need_x, act, bias, norm, frozen, empty, always, n
+):
+    """Segments padded to ``quantum`` rows (padding rows weigh 0) and a backward without dx (a frozen
+    expert's rows dropped before the GEMMs) give the loop's outputs and gradients."""
+    layer, x = _oracle_case(torch.float32, act, bias, norm, frozen, empty, always, n=n)
+    alw = torch.tensor(always) if always else None
+    mask = layer.frozen_mask if frozen else None
+    x = x.requires_grad_(need_x)
+    results = []
+    for use in ("padded", "loop"):
+        layer.zero_grad()
+        xi = x.detach().clone().requires_grad_(need_x)
+        r = route(layer.gate(xi), layer.top_k, norm, alw)
+        if use == "loop":
+            y = experts_loop_reference(xi, layer.w1, layer.b1, layer.w2, layer.b2, r.topk_p, r.topk_e, act)
+        else:
+            expert = r.topk_e.reshape(-1)[r.order]
+            y = SegmentExperts.apply(xi, layer.w1, layer.b1, layer.w2, layer.b2, r.topk_p, r.order, r.offs,
+                                     expert, mask, act, True, quantum)  # fmt: skip
+        loss = (y * torch.linspace(-1, 1, y.numel()).view_as(y)).sum()
+        inputs = (xi.sum() if need_x else 0) + sum(p.sum() for p in layer.parameters())
+        (loss + 0 * inputs).backward()  # all grads defined
+        grads = {nm: p.grad for nm, p in layer.named_parameters()}
+        results.append((y.detach(), xi.grad, grads))
+    (y, dx, grads), (y_ref, dx_ref, grads_ref) = results
+    torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
+    if need_x:
+        torch.testing.assert_close(dx, dx_ref, rtol=1e-5, atol=1e-5)
+    assert set(grads) == set(grads_ref)
+    for nm, g in grads.items():
+        want = grads_ref[nm].clone()
+        if frozen and nm in ("w1", "b1", "w2", "b2"):
+            assert torch.count_nonzero(g[list(frozen)]) == 0, nm  # exact zeros
+            want[list(frozen)] = 0
+        torch.testing.assert_close(g, want, rtol=1e-5, atol=1e-5, msg=nm)
+
+
+class _GroupSizes(TorchDispatchMode):
+    """Records the group sizes of every ``_grouped_mm``."""
+
+    def __init__(self):
+        super().__init__()
+        self.sizes = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func.overloadpacket.__name__ == "_grouped_mm":
+            offs = kwargs.get("offs", args[2] if len(args) > 2 else None)
+            self.sizes.append(torch.diff(offs.long(), prepend=offs.new_zeros(1).long()).tolist())
+        return func(*args, **kwargs)
+
+
+@pytest.mark.skipif(not hasattr(F, "grouped_mm"), reason="torch without F.grouped_mm")
+def test_bf16_segments_run_in_whole_quanta():
+    """bf16 expert GEMMs on CPU see segment sizes in multiples of SEGMENT_QUANTUM only (a new size costs
+    oneDNN a new kernel), and give what the unpadded layout gives."""
+    from cpd_fast.moe.experts import SEGMENT_QUANTUM
+
+    torch.manual_seed(23)
+    layer = MoELayer(32, 64, 5, top_k=2, backend="torch", dtype=torch.bfloat16)
+    layer.freeze_experts([1])
+    x = torch.randn(300, 32, dtype=torch.bfloat16, requires_grad=True)
+    with _GroupSizes() as mode:
+        y = layer(x)
+        y.float().square().sum().backward()
+    assert len(mode.sizes) >= 5 and all(n % SEGMENT_QUANTUM == 0 for s in mode.sizes for n in s), mode.sizes
+    r = route(layer.gate(x.detach()), 2)
+    expert = r.topk_e.reshape(-1)[r.order]
+    args = (layer.w1, layer.b1, layer.w2, layer.b2, r.topk_p, r.order, r.offs, expert, layer.frozen_mask)
+    args = (*args, "gelu")
+    torch.testing.assert_close(
+        SegmentExperts.apply(x.detach(), *args, True, SEGMENT_QUANTUM),
+        SegmentExperts.apply(x.detach(), *args, True, 1),
+        rtol=0,
+        atol=0,
+    )
+
+
 def test_layer_with_zero_tokens():
     layer = MoELayer(16, 32, 4, top_k=2, backend="torch")
     x = torch.randn(0, 3, 16, requires_grad=True)

@@ -16,6 +16,11 @@ import torch.nn.functional as F
 ACTIVATIONS = {"gelu": F.gelu, "relu": F.relu, "silu": F.silu}
 Impl = Literal["auto", "segments", "segments_loop", "grouped_mm", "autograd"]
 IMPLS = ("auto", "segments", "segments_loop", "grouped_mm", "autograd")
+# Rows per segment are padded to a multiple of this for bf16/fp16 F.grouped_mm on CPU. There each segment
+# is a oneDNN matmul whose kernel is generated for its exact shape and cached (1,024 shapes by default);
+# segment sizes follow the routing, so nearly every step brought new ones: MT25 stage 0 spent ~12 of its
+# ~39 ms per training step creating kernels. Padded, a segment has at most N/64 + 1 sizes.
+SEGMENT_QUANTUM = 64
 
 
 def _act_backward(activation: str, grad: torch.Tensor, z: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
@@ -41,22 +46,47 @@ def grouped_mm_ok(x: torch.Tensor, d_model: int, d_hidden: int) -> bool:
 
 class _Engine:
     """The per-expert GEMMs of one routed batch: ``F.grouped_mm`` over all segments, or a Python loop
-    of one ``torch.mm`` per non-empty segment (float64, unaligned sizes, CUDA)."""
+    of one ``torch.mm`` per non-empty segment (float64, unaligned sizes, CUDA).
 
-    def __init__(self, offs: torch.Tensor, grouped: bool) -> None:
-        self.grouped = grouped
+    ``quantum > 1`` (``F.grouped_mm`` only) lays the rows out with each segment padded to a multiple of
+    ``quantum`` rows: :meth:`spread` puts a per-row tensor there (padding rows get ``fill``), :meth:`gather`
+    takes the real rows back, :attr:`expert` is the padded rows' experts. Callers give padding rows weight
+    0, so they add nothing to outputs and gradients (see :data:`SEGMENT_QUANTUM` for why).
+    """
+
+    def __init__(self, offs: torch.Tensor, grouped: bool, expert: torch.Tensor, quantum: int = 1) -> None:
+        self.grouped, self.expert, self.pos = grouped, expert, None
         self.ends = offs[1:].to(torch.int32)
         if grouped:
             self.segs = None
+            if quantum > 1:
+                counts = torch.diff(offs.long())
+                padded = (counts + quantum - 1) // quantum * quantum
+                shift = torch.cumsum(padded, 0) - padded - offs[:-1].long()  # padded start - start
+                dev = offs.device
+                self.pos = torch.arange(expert.numel(), device=dev) + shift.index_select(0, expert)
+                self.ends = torch.cumsum(padded, 0).to(torch.int32)
+                self.expert = torch.repeat_interleave(torch.arange(counts.numel(), device=dev), padded)
         else:
             b = offs.tolist()
             self.segs = [(e, b[e], b[e + 1]) for e in range(len(b) - 1) if b[e + 1] > b[e]]
 
-    def linear(self, a, w, bias, expert):
+    def spread(self, t: torch.Tensor, fill: float = 0) -> torch.Tensor:
+        """A per-row tensor ``[M, …]`` in the padded row layout (itself without padding)."""
+        if self.pos is None:
+            return t
+        out = t.new_full((self.expert.numel(), *t.shape[1:]), fill)
+        return out.index_copy_(0, self.pos, t)
+
+    def gather(self, t: torch.Tensor) -> torch.Tensor:
+        """The real rows of a tensor in the padded row layout (the inverse of :meth:`spread`)."""
+        return t if self.pos is None else t.index_select(0, self.pos)
+
+    def linear(self, a, w, bias):
         """``a_e @ w[e]ᵀ + bias[e]`` per segment: ``[M, p] × [E, q, p] → [M, q]``."""
         if self.grouped:
             y = F.grouped_mm(a, w.transpose(1, 2), offs=self.ends)
-            return y if bias is None else y.add_(bias.index_select(0, expert))
+            return y if bias is None else y.add_(bias.index_select(0, self.expert))
         parts = [
             torch.mm(a[lo:hi], w[e].T) if bias is None else torch.addmm(bias[e], a[lo:hi], w[e].T)
             for e, lo, hi in self.segs
@@ -70,28 +100,26 @@ class _Engine:
         parts = [torch.mm(a[lo:hi], w[e]) for e, lo, hi in self.segs]
         return torch.cat(parts) if parts else a.new_empty(0, w.shape[2])
 
-    def wgrad(self, a, b, expert, frozen):
-        """``a_eᵀ @ b_e`` per expert into one ``[E, p, q]`` buffer; zero for experts without rows and
-        for frozen ones (whose products are not computed)."""
-        E = self.ends.shape[0]
+    def wgrad(self, a, b):
+        """``a_eᵀ @ b_e`` per expert into one ``[E, p, q]`` buffer; zero for experts without rows."""
         if self.grouped:
-            if frozen is not None:  # drop frozen experts' rows: their groups become empty (zeros)
-                keep = (~frozen).index_select(0, expert).nonzero().squeeze(1)
-                a, b = a.index_select(0, keep), b.index_select(0, keep)
-                counts = torch.diff(self.ends, prepend=self.ends.new_zeros(1)).masked_fill(frozen, 0)
-                return F.grouped_mm(a.T, b, offs=counts.cumsum(0).to(torch.int32))
             return F.grouped_mm(a.T, b, offs=self.ends)
+        E = self.ends.shape[0]
         out = a.new_empty(E, a.shape[1], b.shape[1])
-        fz = [False] * E if frozen is None else frozen.tolist()
-        done = set()
         for e, lo, hi in self.segs:
-            if not fz[e]:
-                torch.mm(a[lo:hi].T, b[lo:hi], out=out[e])
-                done.add(e)
-        idle = [e for e in range(E) if e not in done]
+            torch.mm(a[lo:hi].T, b[lo:hi], out=out[e])
+        idle = sorted(set(range(E)) - {e for e, _, _ in self.segs})
         if idle:
             out.index_fill_(0, torch.tensor(idle, device=out.device), 0)
         return out
+
+    def trained(self, frozen: torch.Tensor) -> tuple[torch.Tensor, _Engine]:
+        """The rows of experts that are not ``frozen`` (bool ``[E]``) and the engine of those rows alone
+        (frozen experts' segments empty: their weight gradients are zeros, not computed)."""
+        rows = (~frozen).index_select(0, self.expert).nonzero().squeeze(1)
+        counts = torch.diff(self.ends.long(), prepend=self.ends.new_zeros(1).long()).masked_fill(frozen, 0)
+        offs = F.pad(torch.cumsum(counts, 0), (1, 0))
+        return rows, _Engine(offs, self.grouped, self.expert.index_select(0, rows))
 
 
 def _bias_grad(g, expert, E, frozen):
@@ -112,21 +140,26 @@ class SegmentExperts(torch.autograd.Function):
     Args (forward): x ``[N, d]``; w1 ``[E, h, d]``; b1 ``[E, h]`` or None; w2 ``[E, d, h]``; b2
     ``[E, d]`` or None; topk_p ``[N, k]``; order ``[N·k]`` (token, slot) ids sorted stably by expert;
     offs ``[E+1]`` segment offsets; expert ``[N·k]`` the expert of each sorted row; frozen bool ``[E]``
-    or None; activation name; grouped: use ``F.grouped_mm`` (only where :func:`grouped_mm_ok`).
+    or None; activation name; grouped: use ``F.grouped_mm`` (only where :func:`grouped_mm_ok`); quantum:
+    with ``grouped``, pad each segment to a multiple of this many rows (:data:`SEGMENT_QUANTUM`).
     """
 
     @staticmethod
-    def forward(ctx, x, w1, b1, w2, b2, topk_p, order, offs, expert, frozen, activation, grouped=False):
+    def forward(
+        ctx, x, w1, b1, w2, b2, topk_p, order, offs, expert, frozen, activation, grouped=False, quantum=1
+    ):
         k = topk_p.shape[1]
         if frozen is not None and not bool(frozen.any()):
             frozen = None
-        eng = _Engine(offs, grouped)
-        tok = order // k
+        eng = _Engine(offs, grouped, expert, quantum)
+        # rows in the engine's layout; a padding row reads token 0 with weight 0 (it adds nothing)
+        tok = eng.spread(order // k)
+        p = eng.spread(topk_p.reshape(-1).index_select(0, order))
+        expert = eng.expert
         xs = x.index_select(0, tok)
-        p = topk_p.reshape(-1).index_select(0, order)
-        z = eng.linear(xs, w1, b1, expert)
+        z = eng.linear(xs, w1, b1)
         h = ACTIVATIONS[activation](z)
-        ys = eng.linear(h, w2, b2, expert)
+        ys = eng.linear(h, w2, b2)
         out = torch.zeros_like(x).index_add_(0, tok, ys * p[:, None])
         ctx.save_for_backward(x, w1, w2, z, h, ys, p, tok, order, expert, frozen)
         ctx.eng, ctx.activation, ctx.shape = eng, activation, topk_p.shape
@@ -142,22 +175,33 @@ class SegmentExperts(torch.autograd.Function):
         dx = dw1 = db1 = dw2 = db2 = dp_tok = None
         dout_tok = dout.index_select(0, tok)  # [M, d]
         if need_p:
-            dp = (dout_tok * ys).sum(-1)
+            dp = eng.gather((dout_tok * ys).sum(-1))
             dp_tok = torch.zeros_like(dp).index_copy_(0, order, dp).view(ctx.shape)
         dys = dout_tok.mul_(p[:, None])  # gradient of the unweighted expert outputs
+        # weight gradients come from the rows of experts that train (`learn` of them, on engine `weng`)
+        weng, learn = eng, None
+        if frozen is not None:
+            learn, weng = eng.trained(frozen)
+            if not need_x:  # a frozen expert's rows serve dx alone: drop them before any GEMM
+                dys, z, h, tok, expert = (t.index_select(0, learn) for t in (dys, z, h, tok, expert))
+                eng, learn = weng, None
+
+        def learning(t):
+            return t if learn is None else t.index_select(0, learn)
+
         if need_w2:
-            dw2 = eng.wgrad(dys, h, expert, frozen)
+            dw2 = weng.wgrad(learning(dys), learning(h))
         if need_b2:
             db2 = _bias_grad(dys, expert, E, frozen)
         dz = _act_backward(ctx.activation, eng.times(dys, w2), z, h)
         del dys
         if need_w1:
-            dw1 = eng.wgrad(dz, x.index_select(0, tok), expert, frozen)
+            dw1 = weng.wgrad(learning(dz), x.index_select(0, learning(tok)))
         if need_b1:
             db1 = _bias_grad(dz, expert, E, frozen)
         if need_x:
             dx = torch.zeros_like(x).index_add_(0, tok, eng.times(dz, w1))
-        return dx, dw1, db1, dw2, db2, dp_tok, None, None, None, None, None, None
+        return dx, dw1, db1, dw2, db2, dp_tok, None, None, None, None, None, None, None
 
 
 class _ZeroFrozenRows(torch.autograd.Function):
@@ -177,7 +221,8 @@ class _ZeroFrozenRows(torch.autograd.Function):
 @torch.compiler.disable  # eager kernels (a host sync for the loop): a graph break under torch.compile
 def _segment_experts(x, w1, b1, w2, b2, r, activation, frozen, grouped):
     expert = r.topk_e.reshape(-1).index_select(0, r.order)
-    args = (r.topk_p, r.order, r.offs, expert, frozen, activation, grouped)
+    quantum = SEGMENT_QUANTUM if grouped and x.dtype in (torch.bfloat16, torch.float16) else 1
+    args = (r.topk_p, r.order, r.offs, expert, frozen, activation, grouped, quantum)
     return SegmentExperts.apply(x, w1, b1, w2, b2, *args)
 
 
