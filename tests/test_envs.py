@@ -273,6 +273,39 @@ def test_official_env_steps_as_metaworlds_own_bit_for_bit():
     assert episodes([official_env(task), ours[0]]) == want  # a copy made after others ran episodes
 
 
+def test_official_env_grasps_as_metaworlds_own_bit_for_bit():
+    """Meta-World's scripted policy grasps and places (so the gripper-contact test, which ``official_env``
+    computes without Meta-World's loops, says True and False): the same observations, rewards and infos as
+    Meta-World's own class, and the same contact answers for the object and for other geoms."""
+    import metaworld
+    from metaworld.policies import SawyerPickPlaceV3Policy
+
+    from cpd_fast.evaluation import official_env
+
+    task = "pick-place-v3"
+    cls = metaworld.env_dict.ALL_V3_ENVIRONMENTS[task]
+    theirs, ours = cls(), official_env(task)
+    policy, goal = SawyerPickPlaceV3Policy(), official_goals(task)[3]
+    obs = []
+    for env in (theirs, ours):
+        env.set_task(goal)
+        obs.append(env.reset()[0])
+    assert obs[0].tobytes() == obs[1].tobytes()
+    touching = []
+    for _ in range(150):
+        action = policy.get_action(obs[0])
+        steps = [env.step(action) for env in (theirs, ours)]
+        for (o1, r1, *_, i1), (o2, r2, *_, i2) in [steps]:
+            assert o1.tobytes() == o2.tobytes() and r1 == r2 and i1 == i2
+        obs = [steps[0][0], steps[1][0]]
+        for geom in (ours._get_id_main_object(), 0, ours.data.geom("rightpad_geom").id):
+            want = metaworld.sawyer_xyz_env.SawyerXYZEnv.touching_object(ours, geom)
+            assert ours.touching_object(geom) == want
+            touching.append(want)
+    assert any(touching) and not all(touching)  # the comparison saw both answers
+    assert steps[1][-1]["grasp_success"] > 0 and steps[1][-1]["success"] > 0  # it grasped and placed
+
+
 def test_env_cache_gives_the_same_flags_bit_for_bit():
     """Reused (dirty) envs give the same per-goal success flags and episode lengths as fresh ones; a
     cache smaller than the request builds the rest per call."""
