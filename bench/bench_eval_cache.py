@@ -1,4 +1,4 @@
-"""Evaluation with and without :class:`cpd_fast.evaluation.EnvCache`, side by side (ratio).
+"""Evaluation with and without :class:`cpd_fast.envs.EnvCache`, side by side (ratio).
 
     python bench/bench_eval_cache.py [--tasks reach-v3 pick-place-v3] [--goals 50] [--envs 25] [--calls 2]
 
@@ -12,7 +12,8 @@ from __future__ import annotations
 import argparse
 import time
 
-from cpd_fast.evaluation import EnvCache, evaluate_official
+from cpd_fast.envs import EnvCache
+from cpd_fast.evaluation import evaluate_official
 from cpd_fast.teachers.scripted import ScriptedExpert
 
 

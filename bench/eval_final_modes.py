@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from cpd_fast.distill import DistillConfig, phases_of
-from cpd_fast.evaluation import evaluate_student
+from cpd_fast.evalpool import evaluate_student
 from cpd_fast.metrics import RunResult, relative_performance
 from cpd_fast.runio import load_torch_checked, write_json_atomic
 from cpd_fast.student import Student

@@ -28,8 +28,12 @@ import typing
 from collections.abc import Iterable
 from typing import Annotated, Any
 
+import yaml
 from pydantic import ConfigDict, Field, Strict, ValidationError
 from pydantic.dataclasses import dataclass as _pydantic_dataclass
+
+from cpd_fast import errors
+from cpd_fast.errors import describe
 
 __all__ = [
     "SCHEMA",
@@ -76,8 +80,6 @@ Str = Annotated[str, Strict()]
 def _flag_type(hint: Any) -> Any:
     """The argparse ``type`` of a config field's type (:mod:`cpd_fast.errors`), so a bad number on the
     command line is a usage error before anything runs; ranges it does not cover are the schema's."""
-    from cpd_fast import errors
-
     args = [a for a in typing.get_args(hint) if a is not type(None)] if typing.get_origin(hint) in (
         typing.Union, types.UnionType) else [hint]  # fmt: skip
     table = ((PositiveInt, errors.positive_int), (NonNegativeInt, errors.nonnegative_int),
@@ -110,32 +112,6 @@ def config_class(cls: type) -> type:
 
     cls.__init__ = __init__
     return cls
-
-
-def describe(err: ValidationError, where: str | None = None, names: dict[str, str] | None = None) -> str:
-    """One line for a pydantic error: ``where: key: what is wrong, got VALUE`` (+ how many more).
-
-    ``where`` None: the class name; ``""``: no prefix. ``names`` renames top-level keys (to flags).
-    """
-    errors = err.errors(include_url=False)
-    title = err.title if where is None else where
-    parts = []
-    for e in errors[:2]:
-        loc = [str(x) for x in e["loc"]]
-        if loc and names and loc[0] in names:
-            loc[0] = names[loc[0]]
-        key = ".".join(loc)
-        if e["type"] in ("unexpected_keyword_argument", "extra_forbidden"):
-            parts.append(f"unknown key {key!r}")
-            continue
-        msg = e["msg"]
-        msg = msg[len("Value error, ") :] if msg.startswith("Value error, ") else msg
-        msg = msg[0].lower() + msg[1:] if msg else msg
-        got = e.get("input")
-        shown = "" if isinstance(got, dict) or e["type"] == "value_error" else f", got {got!r}"
-        parts.append(f"{key + ': ' if key else ''}{msg}{shown}")
-    more = f" (+{len(errors) - 2} more)" if len(errors) > 2 else ""
-    return f"{title + ': ' if title else ''}{'; '.join(parts)}{more}"
 
 
 def _field_names(cls: type) -> list[str]:
@@ -251,8 +227,6 @@ def flag_values(args: argparse.Namespace, fields: Iterable[str], dest_prefix: st
 
 
 def load_yaml(path: str) -> dict[str, Any]:
-    import yaml
-
     if not os.path.isfile(path):
         raise FileNotFoundError(f"config file {path!r} not found")
     with open(path) as f:
@@ -275,8 +249,6 @@ def merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
 
 def parse_set(items: list[str]) -> dict[str, Any]:
     """``["distill.steps_per_stage=500", "methods=[cpd, ewc]"]`` -> nested dict (values parsed as YAML)."""
-    import yaml
-
     out: dict[str, Any] = {}
     for item in items:
         key, sep, value = item.partition("=")

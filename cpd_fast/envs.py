@@ -1,4 +1,8 @@
-"""Vectorised Meta-World environments behind one small interface, with two backends.
+"""Every Meta-World environment the package builds: vectorised envs for training and monitoring, and
+Meta-World's own envs, built faster, for the official evaluation protocol (:mod:`cpd_fast.evaluation`).
+
+Vectorised envs
+---------------
 
 ``make_vec_env(task, num_envs, backend=...)`` returns a :class:`VecEnv` over ``num_envs`` copies of one
 Meta-World v3 task, each with its own goal:
@@ -24,25 +28,45 @@ Both backends expose exactly the same conventions:
   the *following* ``step`` ignores env i's action, resets it, and returns the new episode's first
   observation with ``reward = 0``, ``terminated = truncated = False``, ``success = 0`` and
   ``info["autoreset"][i] = True``. Rollout code must drop those transitions.
+
+Official envs
+-------------
+
+:func:`official_env` builds one Meta-World v3 env of a task as Meta-World builds it (same class name,
+same episodes bit for bit), with two speed-ups: its MuJoCo model is a copy of one compiled once per
+process, and the gripper-contact test runs without Python loops over every contact. :class:`EnvCache`
+keeps such envs alive between evaluations.
 """
 
 from __future__ import annotations
 
+import copy
+import functools
 from typing import Any
 
+import gymnasium as gym
+import metaworld  # also registers the "Meta-World/*" gymnasium ids
+import mujoco
 import numpy as np
 
 from cpd_fast.errors import require_int
 from cpd_fast.tasks import validate_task
+
+try:
+    import envpool
+except ImportError:  # envpool has wheels for Linux x86_64 only; the gymnasium backend works without it
+    envpool = None
 
 __all__ = [
     "ACT_DIM",
     "BACKENDS",
     "MAX_EPISODE_STEPS",
     "OBS_DIM",
+    "EnvCache",
     "VecEnv",
     "envpool_task_id",
     "make_vec_env",
+    "official_env",
 ]
 
 OBS_DIM = 39
@@ -56,7 +80,11 @@ def envpool_task_id(task: str) -> str:
 
     ``"button-press-topdown-v3"`` -> ``"MetaWorld/ButtonPressTopdown-v3"`` (CamelCase words, same version).
     """
-    validate_task(task)
+    return _envpool_id(validate_task(task))
+
+
+def _envpool_id(task: str) -> str:
+    """:func:`envpool_task_id` of a validated task name."""
     name, version = task.rsplit("-", 1)
     return "MetaWorld/" + "".join(word.capitalize() for word in name.split("-")) + "-" + version
 
@@ -217,14 +245,12 @@ def make_vec_env(
 
 
 def _make_envpool(task: str, num_envs: int, seed: int, max_episode_steps: int) -> Any:
-    try:
-        import envpool
-    except ImportError as err:  # envpool has wheels for Linux x86_64 only
+    if envpool is None:
         raise ImportError(
             "the envpool backend needs `pip install envpool>=1.2.5`; or use backend='gymnasium'"
-        ) from err
+        )
     return envpool.make(
-        envpool_task_id(task),
+        _envpool_id(task),
         env_type="gymnasium",
         num_envs=num_envs,
         seed=seed,
@@ -235,9 +261,6 @@ def _make_envpool(task: str, num_envs: int, seed: int, max_episode_steps: int) -
 
 
 def _make_gymnasium(task: str, num_envs: int, seed: int, max_episode_steps: int) -> Any:
-    import gymnasium as gym
-    import metaworld  # noqa: F401  (registers the "Meta-World/*" ids)
-
     def make_one(i: int) -> Any:
         # A different seed per sub-env: Meta-World derives both the 50-goal set (MT1(seed)) and the
         # per-reset goal choice from it, so sub-envs see different goals.
@@ -250,3 +273,109 @@ def _make_gymnasium(task: str, num_envs: int, seed: int, max_episode_steps: int)
         [lambda i=i: make_one(i) for i in range(num_envs)],
         autoreset_mode=gym.vector.AutoresetMode.NEXT_STEP,
     )
+
+
+# ----------------------------------------------------------------------------- official envs
+
+
+@functools.lru_cache(maxsize=32)
+def _compiled_model(xml_path: str) -> Any:
+    """The MuJoCo model of ``xml_path`` compiled once per process (never simulated: copies are handed out)."""
+    return mujoco.MjModel.from_xml_path(xml_path)
+
+
+def _touching_object(self: Any, object_geom_id: int) -> bool:
+    """Meta-World's ``SawyerXYZEnv.touching_object`` without its Python loops over every contact: both
+    gripper pads press on the object (contact force > 0). The contacts are matched on the geom-id arrays;
+    the matched forces are summed as Meta-World sums them (in contact order, from 0), so the answer is
+    Meta-World's bit for bit (tested). Its loops were a large share of a grasping task's evaluation
+    (``bench/bench_eval.py``)."""
+    pads = self.__dict__.get("_cpd_pad_geoms")
+    if pads is None:
+        pads = self._cpd_pad_geoms = (self.data.geom("leftpad_geom").id, self.data.geom("rightpad_geom").id)
+    contact, force = self.data.contact, self.data.efc_force
+    g1, g2 = contact.geom1, contact.geom2
+    on_object = (g1 == object_geom_id) | (g2 == object_geom_id)
+    for pad in pads:
+        hit = np.flatnonzero(on_object & ((g1 == pad) | (g2 == pad)))
+        if not 0 < sum(force[a] for a in contact.efc_address[hit].tolist()):
+            return False
+    return True
+
+
+@functools.cache
+def _official_class(cls: type) -> type:
+    """``cls`` (a Meta-World env class) as it steps, built faster: its env gets a copy of its compiled
+    model instead of compiling the XML again (gymnasium's ``MujocoEnv._initialize_simulation`` with
+    ``from_xml_path`` memoised), and :func:`_touching_object` replaces Meta-World's contact loops."""
+
+    def _initialize_simulation(self: Any) -> tuple[Any, Any]:
+        model = copy.copy(_compiled_model(self.fullpath))
+        # as gymnasium's MujocoEnv: only grow the offscreen framebuffer
+        model.vis.global_.offwidth = max(model.vis.global_.offwidth, self.width)
+        model.vis.global_.offheight = max(model.vis.global_.offheight, self.height)
+        return model, mujoco.MjData(model)
+
+    attrs = {
+        "_initialize_simulation": _initialize_simulation,
+        "touching_object": _touching_object,
+        "__module__": cls.__module__,
+    }
+    return type(cls.__name__, (cls,), attrs)  # the same name: Meta-World's task_name is the class name
+
+
+def official_env(task: str) -> Any:
+    """A Meta-World v3 env of ``task`` (a validated name: :func:`cpd_fast.tasks.validate_task`) as
+    Meta-World builds it, but with its MuJoCo model copied from one compiled per process (copying is much
+    cheaper than compiling the XML: ``bench/bench_eval_cache.py``) and the gripper-contact test without
+    Python loops (:func:`_touching_object`). A copy of a compiled model is that model byte for byte, so
+    the episodes are the same (tested)."""
+    return _official_class(metaworld.env_dict.ALL_V3_ENVIRONMENTS[task])()
+
+
+class EnvCache:
+    """Meta-World env instances kept alive between :func:`cpd_fast.evaluation.evaluate_official` calls.
+
+    Building an env copies its MuJoCo model (:func:`official_env`, mostly meshes), and a run evaluates
+    every task seen so far after every stage, in two modes. An env's episode depends only on the task
+    set and the actions (``set_task`` freezes the goal, ``reset`` restores it exactly), so a reused env
+    gives the same success flags bit for bit (tested). At most ``max_envs`` instances are kept, first
+    come first kept (a run evaluates tasks in the same order every stage, where LRU would always miss);
+    envs beyond the budget are built and closed per call, as without a cache. Close it when done
+    (a context manager).
+    """
+
+    def __init__(self, max_envs: int = 100) -> None:
+        require_int("max_envs", max_envs, minimum=0)
+        self.max_envs = max_envs
+        self._envs: dict[str, list[Any]] = {}
+        self.built = self.reused = 0
+
+    def holds(self, task: str, n: int) -> bool:
+        """Whether :meth:`take` ``(task, n)`` keeps all ``n`` envs (cached already, or room for them)."""
+        have = len(self._envs.get(task, []))
+        return have >= n or self.max_envs - sum(len(v) for v in self._envs.values()) >= n - have
+
+    def take(self, task: str, n: int) -> tuple[list[Any], list[Any]]:
+        """``n`` envs of ``task``: ``(envs, temporary)``, the second being those the caller must close."""
+        cached = self._envs.setdefault(task, [])
+        room = self.max_envs - sum(len(v) for v in self._envs.values())
+        while len(cached) < n and room > 0:
+            cached.append(official_env(task))
+            self.built, room = self.built + 1, room - 1
+        self.reused += min(n, len(cached))
+        extra = [official_env(task) for _ in range(n - min(n, len(cached)))]
+        self.built += len(extra)
+        return cached[:n] + extra, extra
+
+    def close(self) -> None:
+        for envs in self._envs.values():
+            for env in envs:
+                env.close()
+        self._envs.clear()
+
+    def __enter__(self) -> EnvCache:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -14,9 +14,12 @@ import numbers
 from collections.abc import Callable
 from typing import Any
 
+import torch
+
 __all__ = [
     "USER_ERRORS",
     "UserError",
+    "describe",
     "finite_float",
     "format_error",
     "fraction",
@@ -57,8 +60,6 @@ def printable(text: str) -> str:
 def format_error(prog: str, err: BaseException) -> tuple[str, int]:
     """The one line ``cpd`` prints for ``err`` and the exit status (2 user error, 1 bug)."""
     if type(err).__name__ == "ValidationError" and hasattr(err, "errors"):  # pydantic: a bad config value
-        from cpd_fast.config import describe
-
         return f"{prog}: {printable(describe(err))}", 2
     text = printable(" ".join(str(err).split()))  # one line, whatever the message held
     if isinstance(err, KeyError):  # str(KeyError) is only the key's repr
@@ -71,8 +72,35 @@ def format_error(prog: str, err: BaseException) -> tuple[str, int]:
     return f"{prog}: internal error: {detail} (a bug in cpd_fast; {DEBUG_HINT})", 1
 
 
+def describe(err: Any, where: str | None = None, names: dict[str, str] | None = None) -> str:
+    """One line for a pydantic ``ValidationError``: ``where: key: what is wrong, got VALUE`` (+ how many
+    more). Only the error's ``errors()`` and ``title`` are read, so this module needs no pydantic.
+
+    ``where`` None: the class name; ``""``: no prefix. ``names`` renames top-level keys (to flags).
+    """
+    errors = err.errors(include_url=False)
+    title = err.title if where is None else where
+    parts = []
+    for e in errors[:2]:
+        loc = [str(x) for x in e["loc"]]
+        if loc and names and loc[0] in names:
+            loc[0] = names[loc[0]]
+        key = ".".join(loc)
+        if e["type"] in ("unexpected_keyword_argument", "extra_forbidden"):
+            parts.append(f"unknown key {key!r}")
+            continue
+        msg = e["msg"]
+        msg = msg[len("Value error, ") :] if msg.startswith("Value error, ") else msg
+        msg = msg[0].lower() + msg[1:] if msg else msg
+        got = e.get("input")
+        shown = "" if isinstance(got, dict) or e["type"] == "value_error" else f", got {got!r}"
+        parts.append(f"{key + ': ' if key else ''}{msg}{shown}")
+    more = f" (+{len(errors) - 2} more)" if len(errors) > 2 else ""
+    return f"{title + ': ' if title else ''}{'; '.join(parts)}{more}"
+
+
 def _is_torch_oom(err: BaseException) -> bool:
-    # torch.OutOfMemoryError (CUDA) or the CPU allocator's RuntimeError; no torch import needed here
+    # torch.OutOfMemoryError (CUDA) or the CPU allocator's RuntimeError
     return type(err).__name__ == "OutOfMemoryError" or (
         isinstance(err, RuntimeError) and "DefaultCPUAllocator: can't allocate memory" in str(err)
     )
@@ -89,8 +117,6 @@ def require_int(name: str, value: Any, minimum: int = 1) -> int:
 
 def require_device(device: str) -> None:
     """Raise :class:`UserError` unless torch can use ``device`` (``"cpu"``, ``"cuda"``, ``"cuda:1"``)."""
-    import torch
-
     try:
         dev = torch.device(device)
     except (RuntimeError, TypeError) as err:

@@ -1,9 +1,14 @@
-"""Official evaluations of one student on many tasks, spread over worker processes.
+"""Official evaluations of the student: one task (:func:`evaluate_student`), or many tasks spread over
+worker processes (:class:`EvalPool`).
+
+:class:`StudentPolicy` runs a :class:`~cpd_fast.student.Student` under the official protocol
+(:func:`cpd_fast.evaluation.evaluate_official`), with one observation history per env slot, with or
+without the task id.
 
 A run evaluates every task seen so far after every stage, in two modes (MT25: 150 evaluations of 50
 episodes), and each evaluation is a single-threaded MuJoCo loop. :class:`EvalPool` runs them as jobs in
 ``workers`` spawned processes (:func:`cpd_fast.workers.process_pool`), each holding its own
-:class:`~cpd_fast.evaluation.EnvCache` for the pool's lifetime, so envs survive across stages and modes
+:class:`~cpd_fast.envs.EnvCache` for the pool's lifetime, so envs survive across stages and modes
 and every core steps.
 
 One job is one evaluation (a task in one mode: all its goals in the same env slots and the same batch
@@ -16,9 +21,9 @@ so a job's success flags are bit for bit the same whatever the number of workers
 ran it (tested), and whatever threads training uses. Workers evaluate on the CPU.
 
 ``workers=0`` runs the jobs in this process, in order, with one cache: the same interface, no processes.
-The pool's env budget ``max_envs`` (about 23 MB each) is split between the workers. Spawned workers
-import the calling script again, so a script that creates a pool (or calls ``run_distill``, which does
-by default) needs an ``if __name__ == "__main__":`` guard.
+The pool's env budget ``max_envs`` (each env holds a copy of its MuJoCo model) is split between the
+workers. Spawned workers import the calling script again, so a script that creates a pool (or calls
+``run_distill``, which does by default) needs an ``if __name__ == "__main__":`` guard.
 """
 
 from __future__ import annotations
@@ -26,14 +31,86 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from typing import Any
 
-from cpd_fast.evaluation import EnvCache, EvalResult, student_result
+import numpy as np
+import torch
 
-__all__ = ["TMP_PREFIX", "EvalJob", "EvalPool"]
+from cpd_fast.envs import MAX_EPISODE_STEPS, EnvCache
+from cpd_fast.errors import require_int
+from cpd_fast.evaluation import NUM_OFFICIAL_GOALS, EvalResult, evaluate_official
+from cpd_fast.student import HistoryBuffer, Student
+from cpd_fast.workers import process_pool, terminate
+
+__all__ = ["TMP_PREFIX", "EvalJob", "EvalPool", "StudentPolicy", "evaluate_student", "student_result"]
 
 TMP_PREFIX = ".evalpool-"  # the pool's temporary directory (a killed run leaves it: see DistillRun)
+
+
+class StudentPolicy:
+    """Adapts a :class:`~cpd_fast.student.Student` to ``evaluate_official(..., episode_info=True)``: one
+    observation history per env slot, restarted at each episode's first observation. The student runs on
+    the active slots only (an evaluation's last episodes leave most slots idle)."""
+
+    def __init__(self, student: Student, num_envs: int, task_id: int | None = None) -> None:
+        self.student = student
+        self.history = HistoryBuffer.for_student(student, num_envs)
+        self.last = np.zeros((num_envs, student.config.obs_dim), np.float32)
+        device = next(student.parameters()).device
+        self.task_ids = None if task_id is None else torch.full((num_envs,), task_id, device=device)
+
+    def __call__(self, obs: np.ndarray, slots: np.ndarray, fresh: np.ndarray) -> np.ndarray:
+        self.last[slots] = obs
+        reset = np.zeros(len(self.last), bool)
+        reset[slots] = fresh
+        # idle slots push their stale observation: harmless, they restart before they act again
+        obs_t, reset_t, rows = torch.from_numpy(self.last), torch.from_numpy(reset), torch.from_numpy(slots)
+        task_ids = None if self.task_ids is None else self.task_ids[: len(slots)]
+        return self.student.act(obs_t, self.history, reset_t, task_ids, rows=rows).cpu().numpy()
+
+
+def evaluate_student(
+    student: Student,
+    task: str,
+    *,
+    num_goals: int = NUM_OFFICIAL_GOALS,
+    num_envs: int = 25,
+    max_episode_steps: int = MAX_EPISODE_STEPS,
+    task_id: int | None = None,
+    env_cache: EnvCache | None = None,
+) -> float:
+    """Official-protocol success of the student on ``task``: with ``task_id=None`` the task embedding is
+    inferred from the history (no task id); otherwise the task's prototype conditions the policy."""
+    return student_result(
+        student, task, num_goals=num_goals, num_envs=num_envs, max_episode_steps=max_episode_steps,
+        task_id=task_id, env_cache=env_cache,
+    ).success_rate  # fmt: skip
+
+
+def student_result(
+    student: Student,
+    task: str,
+    *,
+    num_goals: int,
+    num_envs: int,
+    max_episode_steps: int,
+    task_id: int | None,
+    env_cache: EnvCache | None = None,
+) -> EvalResult:
+    """:func:`evaluate_student` with the whole :class:`EvalResult` (per-goal flags and lengths)."""
+    n_envs = min(num_envs, num_goals)
+    was_training = student.training
+    student.eval()  # once here, not in each step's act
+    try:
+        with torch.inference_mode():
+            return evaluate_official(
+                StudentPolicy(student, n_envs, task_id), task, num_envs=n_envs, num_goals=num_goals,
+                max_episode_steps=max_episode_steps, episode_info=True, env_cache=env_cache,
+            )  # fmt: skip
+    finally:
+        student.train(was_training)
 
 
 @dataclass(frozen=True)
@@ -65,10 +142,6 @@ def _evaluate_task(student: Any, jobs: list[EvalJob], cache: EnvCache, settings:
 
 
 def _worker_jobs(path: str, jobs: list[EvalJob], settings: dict[str, int]) -> list[EvalResult]:
-    import torch
-
-    from cpd_fast.student import Student
-
     if _WORKER["path"] != path:  # a new student (one per call): load it once per worker
         state = torch.load(path, map_location="cpu", weights_only=True)
         _WORKER["student"] = Student.from_state_dict(state).eval()
@@ -94,16 +167,13 @@ def _in_job_order(groups: list[list[int]], done: list[list[EvalResult]]) -> list
 
 
 class EvalPool:
-    """Runs :func:`~cpd_fast.evaluation.student_result` jobs in ``workers`` processes (0: this process).
+    """Runs :func:`student_result` jobs in ``workers`` processes (0: this process).
 
     Use it as a context manager (or call :meth:`close`): it owns the worker processes, their envs and a
     temporary directory holding the student each call evaluates.
     """
 
     def __init__(self, workers: int = 0, max_envs: int = 200, tmp_dir: str | None = None) -> None:
-        from cpd_fast.errors import require_int
-        from cpd_fast.workers import process_pool
-
         require_int("eval_workers", workers, minimum=0)
         require_int("max_envs", max_envs, minimum=0)
         self.workers = workers
@@ -117,8 +187,6 @@ class EvalPool:
         self, student: Any, jobs: list[EvalJob], *, num_goals: int, num_envs: int, max_episode_steps: int
     ) -> list[EvalResult]:
         """One :class:`EvalResult` per job, in job order."""
-        import torch
-
         settings = {"num_goals": num_goals, "num_envs": num_envs, "max_episode_steps": max_episode_steps}
         groups = by_task(jobs)
         if self._pool is None:
@@ -131,8 +199,6 @@ class EvalPool:
             finally:
                 torch.set_num_threads(threads)
             return _in_job_order(groups, done)
-        from concurrent.futures.process import BrokenProcessPool
-
         self._calls += 1
         path = os.path.join(self._dir, f"student{self._calls}.pt")
         torch.save(student.state_dict(), path)
@@ -154,8 +220,6 @@ class EvalPool:
 
     def close(self, kill: bool = False) -> None:
         """Shut the workers down (``kill``: at once, without waiting for running jobs) and free the envs."""
-        from cpd_fast.workers import terminate
-
         if self._pool is not None:
             if kill:
                 terminate(self._pool)

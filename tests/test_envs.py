@@ -11,7 +11,7 @@ import pytest
 pytest.importorskip("metaworld")
 pytest.importorskip("gymnasium")
 
-from cpd_fast.envs import BACKENDS, envpool_task_id, make_vec_env
+from cpd_fast.envs import BACKENDS, EnvCache, envpool_task_id, make_vec_env, official_env
 from cpd_fast.evaluation import evaluate_monitoring, evaluate_official, official_goals
 from cpd_fast.tasks import MT25, MT50
 from cpd_fast.teachers.scripted import ScriptedExpert
@@ -247,8 +247,6 @@ def test_official_env_steps_as_metaworlds_own_bit_for_bit():
     goals (basketball moves its basket in the model at reset: each env needs its own model)."""
     import metaworld
 
-    from cpd_fast.evaluation import official_env
-
     task = "basketball-v3"
     goals = official_goals(task)[:2]
     actions = np.random.default_rng(0).uniform(-1, 1, (60, 4)).astype(np.float32)
@@ -280,8 +278,6 @@ def test_official_env_grasps_as_metaworlds_own_bit_for_bit():
     import metaworld
     from metaworld.policies import SawyerPickPlaceV3Policy
 
-    from cpd_fast.evaluation import official_env
-
     task = "pick-place-v3"
     cls = metaworld.env_dict.ALL_V3_ENVIRONMENTS[task]
     theirs, ours = cls(), official_env(task)
@@ -309,8 +305,6 @@ def test_official_env_grasps_as_metaworlds_own_bit_for_bit():
 def test_env_cache_gives_the_same_flags_bit_for_bit():
     """Reused (dirty) envs give the same per-goal success flags and episode lengths as fresh ones; a
     cache smaller than the request builds the rest per call."""
-    from cpd_fast.evaluation import EnvCache
-
     expert = ScriptedExpert("push-v3")
     rng = np.random.default_rng(0)
     noise = rng.normal(0, 0.6, (500 * 8, 4)).astype(np.float32)

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from cpd_fast.envs import EnvCache
 from cpd_fast.evalpool import EvalJob, EvalPool, by_task
 from cpd_fast.runio import load_torch_checked
 from cpd_fast.student import Student
@@ -69,7 +70,6 @@ def test_in_process_evaluation_ignores_the_training_threads(student, in_process)
 def test_a_tasks_jobs_share_envs_the_cache_cannot_keep(student, in_process, monkeypatch):
     """With no room in the cache, a task's jobs of one call (its two modes) still build its envs once,
     and give the same flags."""
-    from cpd_fast.evaluation import EnvCache
 
     built, take = [], EnvCache.take
 
