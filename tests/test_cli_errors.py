@@ -3,6 +3,7 @@ traceback (``cpd --debug`` shows it). In-process through ``cpd_fast.cli.main``; 
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import os
 import shutil
@@ -12,7 +13,15 @@ import sys
 import pytest
 import torch
 
+import cpd_fast.cli.demo
 from cpd_fast.cli import build_parser, main
+from cpd_fast.errors import format_error
+from cpd_fast.pipeline import Pipeline
+from cpd_fast.teachers import jobs
+from cpd_fast.teachers.checkpoint import CheckpointTeacher
+from cpd_fast.teachers.gate import TeacherRecord, write_teachers_json
+from cpd_fast.teachers.jobs import RAY_CONNECT_TIMEOUT_S, check_ray_address
+from cpd_fast.teachers.ppo import ActorCritic, PPOConfig, policy_payload
 
 
 def run_main(argv: list[str], capsys) -> tuple[int, str, str]:
@@ -46,8 +55,6 @@ def cpd(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
 
 def _parser_with(option: str) -> list[list[str]]:
     """Subcommand paths (``["distill"]``, ``["teachers", "train"]``) whose parser has ``option``."""
-    import argparse
-
     found = []
 
     def walk(parser: argparse.ArgumentParser, path: list[str]) -> None:
@@ -149,8 +156,6 @@ def test_dpp_demo_k_above_n(capsys):
 
 
 def _teachers_json(run_dir, path: str | None) -> None:
-    from cpd_fast.teachers.gate import TeacherRecord, write_teachers_json
-
     rec = TeacherRecord(task="reach-v3", source="ppo", path=path, success_rate=0.9, protocol="official",
                         threshold=0.8, passed=True, status="ok", used=True, flagged=False,
                         history=[])  # fmt: skip
@@ -181,8 +186,6 @@ def test_missing_teacher_files(tmp_path, capsys):
 
 def _bad_checkpoint(path, obs_dim: int = 39, act_dim: int = 4, garbage: bool = False) -> str:
     """A policy.pt whose network takes ``obs_dim`` observations / gives ``act_dim`` actions."""
-    from cpd_fast.teachers.ppo import ActorCritic, PPOConfig, policy_payload
-
     if garbage:
         path.write_bytes(b"PK\x03\x04 truncated")  # a torch zip cut short
         return str(path)
@@ -219,8 +222,6 @@ def test_teacher_observation_dim_mismatch(tmp_path, capsys):
 
 
 def test_checkpoint_teacher_api_names_the_dims(tmp_path):
-    from cpd_fast.teachers.checkpoint import CheckpointTeacher
-
     with pytest.raises(ValueError, match=r"takes 7-dim observations but .* use 39"):
         CheckpointTeacher(_bad_checkpoint(tmp_path / "p.pt", obs_dim=7), task="reach-v3")
 
@@ -246,8 +247,6 @@ def _fake_connect(monkeypatch, error: OSError | None) -> list[tuple[tuple[str, i
 
     Returns the list of ``(address, timeout)`` the connects were given.
     """
-    import cpd_fast.distributed
-
     calls = []
 
     def create_connection(address, timeout=None, *args, **kwargs):
@@ -256,7 +255,7 @@ def _fake_connect(monkeypatch, error: OSError | None) -> list[tuple[tuple[str, i
             raise error
         return contextlib.nullcontext()
 
-    monkeypatch.setattr(cpd_fast.distributed.socket, "create_connection", create_connection)
+    monkeypatch.setattr(jobs.socket, "create_connection", create_connection)
     return calls
 
 
@@ -267,17 +266,15 @@ def _written(run_dir) -> list[str]:
 
 def test_ray_address_that_does_not_answer(tmp_path, capsys, monkeypatch):
     """Refused before any teacher job starts: one connect with the bounded timeout, nothing written."""
-    from cpd_fast import distributed
-
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     connects = _fake_connect(monkeypatch, TimeoutError("timed out"))
     started = []
-    monkeypatch.setattr(distributed, "_run_ray", lambda *a, **kw: started.append(a) or [])
-    monkeypatch.setattr(distributed, "_run_local", lambda *a, **kw: started.append(a) or [])
+    monkeypatch.setattr(jobs, "_run_ray", lambda *a, **kw: started.append(a) or [])
+    monkeypatch.setattr(jobs, "_run_local", lambda *a, **kw: started.append(a) or [])
     run_dir = tmp_path / "r"
     argv = ["teachers", "train", "--backend", "ray", "--ray-address", "127.0.0.1:1", "--tasks", "reach-v3",
             "--run-dir", str(run_dir)]  # fmt: skip
-    timeout = distributed.RAY_CONNECT_TIMEOUT_S
+    timeout = jobs.RAY_CONNECT_TIMEOUT_S
     assert_one_line(argv, capsys, "cpd teachers train: no Ray cluster answers at 127.0.0.1:1",
                     f"(timed out, {timeout:g} s connect timeout)", "ray start --head")  # fmt: skip
     assert connects == [(("127.0.0.1", 1), timeout)]
@@ -292,26 +289,22 @@ def test_ray_address_that_does_not_answer(tmp_path, capsys, monkeypatch):
 def test_cpd_run_checks_the_ray_address_before_any_step(tmp_path, capsys, monkeypatch):
     if not _has_run():
         pytest.skip("`cpd run` is not registered")
-    from cpd_fast import distributed, pipeline
-
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     connects = _fake_connect(monkeypatch, ConnectionRefusedError(111, "Connection refused"))
 
     def no_step(self):
         raise AssertionError("a pipeline step ran")
 
-    monkeypatch.setattr(pipeline.Pipeline, "run", no_step)
+    monkeypatch.setattr(Pipeline, "run", no_step)
     out = tmp_path / "run"
     argv = ["run", "--teachers", "ppo", "--ray-address", "10.0.0.7:6379", "--no-progress", "--out", str(out)]
     assert_one_line(argv, capsys, "cpd run: no Ray cluster answers at 10.0.0.7:6379 (Connection refused",
                     "ray start --head")  # fmt: skip
-    assert connects == [(("10.0.0.7", 6379), distributed.RAY_CONNECT_TIMEOUT_S)]
+    assert connects == [(("10.0.0.7", 6379), jobs.RAY_CONNECT_TIMEOUT_S)]
     assert not out.exists()  # not even config.yaml: the fidelity step would have come first
 
 
 def test_ray_address_check_gives_the_connect_its_timeout(monkeypatch):
-    from cpd_fast.distributed import RAY_CONNECT_TIMEOUT_S, check_ray_address
-
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     connects = _fake_connect(monkeypatch, TimeoutError("timed out"))
     timed_out = r"no Ray cluster answers at 192\.0\.2\.1:6379 \(timed out, 0\.5 s connect timeout\)"
@@ -331,8 +324,6 @@ def test_ray_address_check_gives_the_connect_its_timeout(monkeypatch):
 
 
 def test_ray_address_from_the_environment_is_checked(monkeypatch):
-    from cpd_fast.distributed import check_ray_address
-
     monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:1")  # what ray.init() / ray.init("auto") would join
     for address in (None, "auto"):
         with pytest.raises(ConnectionError, match=r"answers at 127\.0\.0\.1:1 .* fix RAY_ADDRESS"):
@@ -365,12 +356,10 @@ def test_executable_one_line_and_debug_traceback(tmp_path):
 
 
 def test_bug_is_one_line_with_debug_hint(capsys, monkeypatch):
-    import cpd_fast.demo
-
     def broken(**kw):
         raise RuntimeError("boom\nsecond line")
 
-    monkeypatch.setattr(cpd_fast.demo, "dpp_demo", broken)
+    monkeypatch.setattr(cpd_fast.cli.demo, "dpp_demo", broken)
     code, _, err = run_main(["dpp-demo", "--n", "10", "--k", "2"], capsys)
     assert code == 1 and err.strip().count("\n") == 0
     assert err.strip() == (
@@ -388,8 +377,6 @@ def test_collect_checks_episode_length_before_allocating(tmp_path, capsys):
 
 
 def test_error_classification():
-    from cpd_fast.errors import format_error
-
     oom = RuntimeError("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate "
                        "memory: you tried to allocate 400000000000000 bytes.")  # fmt: skip
     line, code = format_error("cpd x", oom)

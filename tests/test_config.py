@@ -7,10 +7,15 @@ import dataclasses
 
 import pytest
 
-from cpd_fast.config import from_mapping
+import cpd_fast.cli.distill
+import cpd_fast.cli.teachers
+from cpd_fast import cli
+from cpd_fast.cli import build_parser
+from cpd_fast.config import from_mapping, parse_set
 from cpd_fast.distill.config import DistillConfig
 from cpd_fast.errors import format_error
 from cpd_fast.pipeline import PipelineConfig, resolve_config
+from cpd_fast.teachers.ppo import RECIPES
 
 
 def test_unknown_key_is_refused_naming_it_and_the_known_ones():
@@ -54,8 +59,6 @@ def test_a_direct_constructor_error_prints_as_one_line():
 
 
 def test_distill_flags_are_generated_from_the_config():
-    from cpd_fast.cli import build_parser
-
     parser = build_parser()
     distill = next(a for a in parser._subparsers._actions if a.dest == "command").choices["distill"]
     dests = {a.dest for a in distill._actions}
@@ -66,11 +69,9 @@ def test_distill_flags_are_generated_from_the_config():
 
 
 def test_distill_cli_builds_the_config_from_flags_and_set(monkeypatch, tmp_path):
-    import cpd_fast.distill.run as run
-    from cpd_fast import cli
-
     seen = {}
-    monkeypatch.setattr(run, "run_distill", lambda cfg, out, data_parallel=None: seen.setdefault("cfg", cfg))
+    stub = lambda cfg, out, data_parallel=None: seen.setdefault("cfg", cfg)
+    monkeypatch.setattr(cpd_fast.cli.distill, "run_distill", stub)
     argv = ["distill", "--tasks", "reach-v3", "push-v3", "--episodes", "3", "--no-phase2",
             "--set", "student.d_model=64", "--set", "lr=0.002", "--out", str(tmp_path / "r")]  # fmt: skip
     with pytest.raises(AttributeError):  # the stub returns the config, which has no metrics(): it ran
@@ -81,8 +82,6 @@ def test_distill_cli_builds_the_config_from_flags_and_set(monkeypatch, tmp_path)
 
 
 def test_a_flag_the_method_does_not_read_is_refused(tmp_path, capsys):
-    from cpd_fast import cli
-
     code = cli.main(["distill", "--method", "finetune", "--no-freeze-shared", "--ewc-lambda", "5",
                      "--out", str(tmp_path / "r")])  # fmt: skip
     err = capsys.readouterr().err.strip()
@@ -91,8 +90,6 @@ def test_a_flag_the_method_does_not_read_is_refused(tmp_path, capsys):
 
 
 def test_run_refuses_a_ray_address_it_would_not_use(tmp_path, capsys):
-    from cpd_fast import cli
-
     out = tmp_path / "run"
     code = cli.main(["run", "--preset", "quick", "--ray-address", "127.0.0.1:1", "--out", str(out)])
     err = capsys.readouterr().err.strip()
@@ -129,27 +126,19 @@ def test_pipeline_sections_are_typed():
 
 
 def test_set_values_in_exponent_notation_are_numbers():
-    from cpd_fast.config import parse_set
-
     # YAML 1.1 alone reads 1e-4 as a string, which a float field then refuses
     got = parse_set(["lr=1e-4", "a.b=2.5E3", "name=x1e5", "n=3"])
     assert got == {"lr": 1e-4, "a": {"b": 2500.0}, "name": "x1e5", "n": 3}
 
 
 def test_teachers_train_ppo_settings_reach_the_config(monkeypatch, tmp_path):
-    import cpd_fast.distributed as distributed
-    from cpd_fast import cli
-
     seen = {}
-    monkeypatch.setattr(
-        distributed, "train_teachers", lambda tasks, run_dir, cfg, **kw: seen.setdefault("cfg", cfg) and {}
-    )
+    stub = lambda tasks, run_dir, cfg, **kw: seen.setdefault("cfg", cfg) and {}
+    monkeypatch.setattr(cpd_fast.cli.teachers, "train_teachers", stub)
     argv = ["teachers", "train", "--tasks", "reach-v3", "--run-dir", str(tmp_path / "r"),
             "--recipe", "metaworld", "--ppo", "learning_rate=1e-4", "--ppo", "target_kl=0.02",
             "--ppo", "backend=gymnasium"]  # fmt: skip
     assert cli.main(argv) == 0
     cfg = seen["cfg"]
     assert (cfg.learning_rate, cfg.target_kl, cfg.backend) == (1e-4, 0.02, "gymnasium")
-    from cpd_fast.teachers.ppo import RECIPES
-
     assert cfg.num_envs == RECIPES["metaworld"]["num_envs"]  # the recipe's other settings stay

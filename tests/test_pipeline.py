@@ -34,7 +34,9 @@ import yaml
 
 from cpd_fast.cli import main
 from cpd_fast.pipeline import Pipeline, config_diff, resolve_config, run_pipeline
+from cpd_fast.pipeline.parallel import method_jobs, method_threads
 from cpd_fast.runio import CorruptFileError, load_torch_checked, save_torch_atomic
+from cpd_fast.workers import available_cores
 
 TINY = {
     "preset": "quick",
@@ -170,8 +172,6 @@ def test_kill_and_resume_matches_uninterrupted(tiny_config, uninterrupted, tmp_p
 def test_methods_side_by_side_compute_what_one_after_another_does(tiny_config, uninterrupted, tmp_path):
     """jobs=2 (the methods in two worker processes, as `uninterrupted` ran on 2 cores) and jobs=1 (one
     after the other in the main process) give the same results and final checkpoints, bit for bit."""
-    from cpd_fast.workers import available_cores
-
     assert "side by side (2 processes" in _log(uninterrupted) or available_cores() == 1
     cfg = yaml.safe_load(open(tiny_config))
     cfg["jobs"] = 1
@@ -347,14 +347,12 @@ def test_presets_resolve():
     )
 
 
-def test_thread_share_is_fixed_by_the_config_not_by_what_is_left(tmp_path):
+def test_thread_share_is_fixed_by_the_config_not_by_what_is_left():
     """A resumed side-by-side run whose other methods are done keeps each method's thread share."""
-    from cpd_fast.workers import available_cores
-
     cores = available_cores()
-    two = Pipeline(resolve_config("quick"), str(tmp_path / "a"), console=None)  # cpd + finetune
-    assert two._jobs() == min(2, cores) and two._threads() == max(1, cores // two._jobs())
-    one = Pipeline(resolve_config("quick", overrides={"methods": ["cpd"]}), str(tmp_path / "b"), console=None)
-    assert one._jobs() == 1 and one._threads() == cores
+    two = resolve_config("quick")  # cpd + finetune
+    assert method_jobs(two) == min(2, cores) and method_threads(two) == max(1, cores // method_jobs(two))
+    one = resolve_config("quick", overrides={"methods": ["cpd"]})
+    assert method_jobs(one) == 1 and method_threads(one) == cores
     pinned = resolve_config("quick", overrides={"jobs": 1, "distill": {"threads": 3}})
-    assert Pipeline(pinned, str(tmp_path / "c"), console=None)._threads() == 3
+    assert method_threads(pinned) == 3

@@ -1,4 +1,10 @@
-"""The ``cpd`` command line."""
+"""The ``cpd`` command line: every argparse parser of the package, one module per command.
+
+``cpd dpp-demo`` (:mod:`.demo`), ``cpd envs check`` (:mod:`.envs`), ``cpd teachers ...`` (:mod:`.teachers`),
+``cpd distill`` (:mod:`.distill`), ``cpd report`` (:mod:`.report`) and ``cpd run`` (:mod:`.run`). Each
+module registers its command with ``add_cli(subparsers)`` and turns the parsed arguments into a call of
+the library below it; :func:`main` turns what it raises into one line on stderr.
+"""
 
 from __future__ import annotations
 
@@ -6,20 +12,26 @@ import argparse
 import sys
 from typing import NoReturn
 
+from cpd_fast import __version__
+from cpd_fast.cli.demo import add_cli as add_demo_cli
+from cpd_fast.cli.distill import add_cli as add_distill_cli
+from cpd_fast.cli.envs import add_cli as add_envs_cli
+from cpd_fast.cli.report import add_cli as add_report_cli
+from cpd_fast.cli.run import add_cli as add_run_cli
+from cpd_fast.cli.teachers import add_cli as add_teachers_cli
+from cpd_fast.errors import format_error, printable, require_device
+
+__all__ = ["build_parser", "main"]
+
 
 class _Parser(argparse.ArgumentParser):
     """argparse with a one-line usage error (the full usage is one ``--help`` away)."""
 
     def error(self, message: str) -> NoReturn:
-        from cpd_fast.errors import printable
-
         self.exit(2, f"{self.prog}: error: {printable(message)} (see `{self.prog} --help`)\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from cpd_fast import __version__
-    from cpd_fast.errors import positive_int, seed
-
     parser = _Parser(
         prog="cpd",
         description="Continual policy distillation from distributed RL teachers (cpd_fast).",
@@ -29,42 +41,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--debug", action="store_true", help="show the Python traceback of an error (for bug reports)"
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-
-    demo = sub.add_parser(
-        "dpp-demo",
-        help="select a diverse replay set with the compiled greedy DPP and check it",
-        description="Greedy DPP replay selection on synthetic trajectory features: the compiled "
-        "selector against the plain-PyTorch reference and random subsets.",
-    )
-    demo.add_argument("--n", type=positive_int, default=20_000, help="number of candidate windows")
-    demo.add_argument("--k", type=positive_int, default=1_000, help="replay budget (items to select)")
-    demo.add_argument("--dim", type=positive_int, default=64, help="feature dimension")
-    demo.add_argument("--seed", type=seed, default=0)
-    demo.set_defaults(func=_dpp_demo)
-
-    from cpd_fast.distill.cli import add_cli as add_distill_cli
-    from cpd_fast.fidelity import add_cli as add_envs_cli
-    from cpd_fast.report import add_cli as add_report_cli
-    from cpd_fast.teachers.cli import add_cli as add_teachers_cli
-
+    add_demo_cli(sub)  # cpd dpp-demo
     add_envs_cli(sub)  # cpd envs check
-    add_teachers_cli(sub)  # cpd teachers train|collect|eval
+    add_teachers_cli(sub)  # cpd teachers train|export|collect|eval
     add_distill_cli(sub)  # cpd distill
     add_report_cli(sub)  # cpd report RUN_DIR...
-    from cpd_fast.pipeline import add_cli as add_run_cli
-
-    add_run_cli(sub)  # cpd run --preset quick|mt10|mt25
+    add_run_cli(sub)  # cpd run --preset quick|mt10|mt25|mt25-plus
     return parser
-
-
-def _dpp_demo(args: argparse.Namespace) -> int:
-    from cpd_fast.demo import dpp_demo
-    from cpd_fast.errors import UserError
-
-    if args.k > args.n:
-        raise UserError(f"--k {args.k} is more than --n {args.n} candidates; choose k <= n")
-    dpp_demo(n=args.n, k=args.k, dim=args.dim, seed=args.seed)
-    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -73,8 +56,6 @@ def main(argv: list[str] | None = None) -> int:
     A user mistake (see :mod:`cpd_fast.errors`) prints one line on stderr and returns 2, a bug one line
     and 1; ``cpd --debug`` raises instead, showing the traceback. Usage errors exit 2 from argparse.
     """
-    from cpd_fast.errors import format_error, require_device
-
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:
@@ -98,7 +79,3 @@ def main(argv: list[str] | None = None) -> int:
         line, status = format_error(prog, err)
         print(line, file=sys.stderr)
         return status
-
-
-if __name__ == "__main__":
-    sys.exit(main())

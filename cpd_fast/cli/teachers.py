@@ -1,4 +1,4 @@
-"""``cpd teachers train | collect | eval`` — register with ``add_cli(subparsers)`` from ``cpd_fast.cli``.
+"""``cpd teachers train | export | collect | eval``: per-task teachers outside a ``cpd run``.
 
 Bad input raises (ValueError, FileNotFoundError, ...); :func:`cpd_fast.cli.main` reports it as one line.
 """
@@ -11,25 +11,43 @@ import logging
 import os
 import time
 
+from cpd_fast.cli.checks import (
+    fraction,
+    nonnegative_float,
+    nonnegative_int,
+    positive_float,
+    positive_int,
+    seed,
+)
+from cpd_fast.config import from_mapping, parse_set
+from cpd_fast.data import collect_dataset
+from cpd_fast.errors import UserError
+from cpd_fast.fidelity import collection_backends
+from cpd_fast.runio import RunLock, read_json, write_json_atomic
+from cpd_fast.tasks import resolve_tasks
+from cpd_fast.teachers.base import make_teacher
+from cpd_fast.teachers.demos import DemoConfig
+from cpd_fast.teachers.gate import DEFAULT_THRESHOLD, ON_FAIL, evaluate_teacher, usable_teachers
+from cpd_fast.teachers.jobs import BACKENDS
+from cpd_fast.teachers.ppo import RECIPES, PPOConfig, recipe_config
+from cpd_fast.teachers.provide import train_teachers
+from cpd_fast.teachers.zoo import add_teacher, zoo_records, zoo_teacher
+
 __all__ = ["add_cli"]
 
 
 def add_cli(subparsers: argparse._SubParsersAction) -> None:
-    """Register ``cpd teachers {train,collect,eval}`` on the top-level ``cpd`` subparsers."""
-    from cpd_fast.errors import (
-        fraction,
-        nonnegative_float,
-        nonnegative_int,
-        positive_float,
-        positive_int,
-        seed,
-    )
-    from cpd_fast.teachers.gate import DEFAULT_THRESHOLD, ON_FAIL
-    from cpd_fast.teachers.ppo import RECIPES
-
+    """Register ``cpd teachers {train,export,collect,eval}`` on the top-level ``cpd`` subparsers."""
     teachers = subparsers.add_parser("teachers", help="train, evaluate and roll out per-task teachers")
     sub = teachers.add_subparsers(dest="teachers_command", metavar="TEACHERS_COMMAND", required=True)
+    _add_train(sub)
+    _add_export(sub)
+    _add_collect(sub)
+    _add_eval(sub)
 
+
+def _add_train(sub: argparse._SubParsersAction) -> None:
+    """``cpd teachers train``: PPO teachers for a suite, then the gate."""
     train = sub.add_parser(
         "train",
         help="train one PPO teacher per task (local process pool or Ray), then gate them",
@@ -38,7 +56,7 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
     )
     _add_task_args(train)
     train.add_argument("--run-dir", required=True, help="run directory (created)")
-    train.add_argument("--backend", choices=("local", "ray"), default="local")
+    train.add_argument("--backend", choices=BACKENDS, default="local")
     train.add_argument(
         "--workers", type=positive_int, default=None, help="parallel teachers (default: cores)"
     )
@@ -93,6 +111,9 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
     train.add_argument("--progress", action="store_true", help="show a progress bar per teacher")
     train.set_defaults(func=_cli_train)
 
+
+def _add_export(sub: argparse._SubParsersAction) -> None:
+    """``cpd teachers export``: a trained teacher into a teacher zoo."""
     export = sub.add_parser(
         "export",
         help="add a trained teacher to a teacher zoo (actor-only file + measured record)",
@@ -114,6 +135,9 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
     export.add_argument("--num-envs", type=positive_int, default=10)
     export.set_defaults(func=_cli_export)
 
+
+def _add_collect(sub: argparse._SubParsersAction) -> None:
+    """``cpd teachers collect``: Minari datasets from the gated teachers."""
     collect = sub.add_parser(
         "collect",
         help="roll out the gated teachers and store Minari datasets",
@@ -139,6 +163,9 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
     collect.add_argument("--overwrite", action="store_true", help="replace existing datasets")
     collect.set_defaults(func=_cli_collect)
 
+
+def _add_eval(sub: argparse._SubParsersAction) -> None:
+    """``cpd teachers eval``: official success of one teacher or a whole zoo."""
     ev = sub.add_parser("eval", help="official 50-goal success of one teacher, or of a whole teacher zoo")
     ev.add_argument("--task", default=None, help="the task (with --zoo: only this one)")
     ev.add_argument("--checkpoint", default=None, help="policy.pt; omit with --source scripted")
@@ -156,14 +183,6 @@ def _add_task_args(p: argparse.ArgumentParser, default_suite: str | None = "mt25
 
 
 def _cli_train(args: argparse.Namespace) -> int:
-    from cpd_fast.config import from_mapping, parse_set
-    from cpd_fast.distributed import train_teachers
-    from cpd_fast.errors import UserError
-    from cpd_fast.fidelity import collection_backends
-    from cpd_fast.tasks import resolve_tasks
-    from cpd_fast.teachers.demos import DemoConfig
-    from cpd_fast.teachers.ppo import PPOConfig, recipe_config
-
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     tasks = resolve_tasks(args.tasks or args.suite)
     overrides = {"num_envs": args.num_envs, "num_steps": args.num_steps}
@@ -222,12 +241,6 @@ def _cli_train(args: argparse.Namespace) -> int:
 
 
 def _cli_collect(args: argparse.Namespace) -> int:
-    from cpd_fast.errors import UserError
-    from cpd_fast.fidelity import collection_backends
-    from cpd_fast.runio import RunLock
-    from cpd_fast.tasks import resolve_tasks
-    from cpd_fast.teachers.gate import usable_teachers
-
     usable = {}
     if args.source == "gate":
         usable = usable_teachers(args.run_dir)
@@ -248,10 +261,6 @@ def _cli_collect(args: argparse.Namespace) -> int:
 
 
 def _collect_all(args: argparse.Namespace, tasks: list[str], usable: dict, root: str) -> None:
-    from cpd_fast.data import collect_dataset
-    from cpd_fast.fidelity import collection_backends
-    from cpd_fast.teachers.base import make_teacher
-
     # every teacher loads before any collection: a missing or mismatched checkpoint fails in seconds
     teachers = {
         t: make_teacher(usable[t].source, t, usable[t].path)
@@ -278,9 +287,6 @@ def _collect_all(args: argparse.Namespace, tasks: list[str], usable: dict, root:
 
 
 def _cli_export(args: argparse.Namespace) -> int:
-    from cpd_fast.runio import read_json
-    from cpd_fast.teachers.zoo import add_teacher
-
     prov: dict = {"threshold": args.threshold}
     if args.record:
         rec = read_json(args.record)
@@ -310,10 +316,6 @@ def _cli_export(args: argparse.Namespace) -> int:
 
 
 def _eval_zoo(args: argparse.Namespace) -> int:
-    from cpd_fast.runio import write_json_atomic
-    from cpd_fast.teachers.gate import evaluate_teacher
-    from cpd_fast.teachers.zoo import zoo_records, zoo_teacher
-
     path, records = zoo_records(args.zoo)
     tasks = [args.task] if args.task else [t for t, r in records.items() if r.used]
     teachers = {t: zoo_teacher(t, args.zoo) for t in tasks}  # every file loads before anything runs
@@ -334,10 +336,6 @@ def _eval_zoo(args: argparse.Namespace) -> int:
 
 
 def _cli_eval(args: argparse.Namespace) -> int:
-    from cpd_fast.errors import UserError
-    from cpd_fast.teachers.base import make_teacher
-    from cpd_fast.teachers.gate import evaluate_teacher
-
     if args.zoo:
         if args.checkpoint or args.source != "checkpoint":
             raise UserError("--zoo measures the zoo's own teachers; drop --checkpoint / --source")

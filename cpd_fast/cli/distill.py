@@ -11,6 +11,12 @@ from __future__ import annotations
 import argparse
 import os
 
+from cpd_fast.cli.flags import add_config_flags, flag_values
+from cpd_fast.config import from_mapping, merge, parse_set
+from cpd_fast.distill.config import EVAL_MODES, DistillConfig
+from cpd_fast.distill.methods import METHODS
+from cpd_fast.distill.run import run_distill
+
 __all__ = ["add_cli"]
 
 _ALIASES = {"episodes_per_task": "episodes"}  # historical flag names
@@ -48,10 +54,6 @@ _HELP = {
 
 def add_cli(subparsers: argparse._SubParsersAction) -> None:
     """Register ``cpd distill`` on the top-level ``cpd`` subparsers."""
-    from cpd_fast.config import add_config_flags
-    from cpd_fast.distill.config import EVAL_MODES, DistillConfig
-    from cpd_fast.distill.methods import METHODS
-
     p = subparsers.add_parser(
         "distill",
         help="continual distillation of teachers into one student, stage by stage",
@@ -78,11 +80,6 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
 
 def _cli_distill(args: argparse.Namespace) -> int:
     # bad values raise ValueError/FileNotFoundError: cpd_fast.cli.main prints them as one line (exit 2)
-
-    from cpd_fast.config import flag_values, from_mapping, merge, parse_set
-    from cpd_fast.distill.config import DistillConfig
-    from cpd_fast.distill.run import run_distill
-
     given = flag_values(args, args.config_fields)
     values = merge(parse_set(args.overrides), given)
     values.setdefault("tasks_per_stage", 2 if values.get("tasks") else 5)

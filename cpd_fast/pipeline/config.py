@@ -1,0 +1,237 @@
+"""``cpd run``'s config: :class:`PipelineConfig` and its sections, the shipped presets, and the layering.
+
+A config is layered: preset, then ``--config FILE`` (a partial or a full config; a run's own
+``config.yaml`` works), then the flags (``--seed``, ``--methods``, ... and ``--set dotted.key=value`` for
+anything else, values parsed as YAML). ``distill`` holds :class:`~cpd_fast.distill.config.DistillConfig`
+fields, ``ppo`` :class:`~cpd_fast.teachers.ppo.PPOConfig` fields; what a preset leaves out is their
+defaults, and the resolved config records every number, so a run states exactly what it did.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import field
+from importlib import resources
+from typing import Any
+
+import yaml
+
+from cpd_fast.config import (
+    Bool,
+    Fraction,
+    NonNegativeInt,
+    PositiveFloat,
+    PositiveInt,
+    Seed,
+    Str,
+    config_class,
+    from_mapping,
+    load_yaml,
+    merge,
+)
+from cpd_fast.distill.config import DistillConfig
+from cpd_fast.distill.methods import METHODS
+from cpd_fast.runio import config_diff as _config_diff
+from cpd_fast.tasks import resolve_tasks, stages
+from cpd_fast.teachers.gate import ON_FAIL
+from cpd_fast.teachers.jobs import BACKENDS
+from cpd_fast.teachers.ppo import PPOConfig
+from cpd_fast.teachers.provide import SOURCES
+
+__all__ = [
+    "PRESETS",
+    "FidelitySettings",
+    "GateSettings",
+    "PipelineConfig",
+    "config_diff",
+    "load_preset",
+    "resolve_config",
+    "runtime_keys",
+]
+
+PRESETS = ("quick", "mt10", "mt25", "mt25-plus")  # cpd_fast/presets/<name>.yaml
+# DistillConfig fields the pipeline sets itself (from the top level, or per step)
+_OWNED = ("suite", "tasks", "tasks_per_stage", "method", "teachers", "fidelity", "seed", "device", "data_dir",
+          "progress")  # fmt: skip
+_PPO_OWNED = ("seed", "device")  # PPOConfig fields set from the top level
+# keys that change how a run executes, not what it computes: they may differ on resume
+_RUNTIME = (
+    "device",
+    "backend",
+    "ray_address",
+    "workers",
+    "jobs",
+    "progress",
+    "distill.threads",
+    "distill.eval_workers",
+)
+
+
+@config_class
+class FidelitySettings:
+    """``cpd envs check`` inside the run: scripted-expert episodes per task and backend (0 skips the check;
+    then the known envpool mismatches of :data:`cpd_fast.fidelity.KNOWN_BAD_ENVPOOL` are used)."""
+
+    episodes: NonNegativeInt = 8
+    num_envs: PositiveInt = 8
+
+
+@config_class
+class GateSettings:
+    """Teacher quality gate (:mod:`cpd_fast.teachers.gate`). ``eval_goals`` None: the distillation's."""
+
+    threshold: Fraction = 0.8
+    on_fail: Str = "retrain"  # retrain | demos | scripted | exclude (retrain, demos: PPO teachers only)
+    eval_goals: PositiveInt | None = None
+    eval_envs: PositiveInt = 10
+    retrain_factor: PositiveFloat = 2.0
+
+
+@config_class
+class PipelineConfig:
+    """One ``cpd run``: what to distil, with which teachers and methods. Written as ``RUN/config.yaml``."""
+
+    preset: Str = "quick"
+    suite: Str | None = None  # a suite name (mt10, mt25, ...), or
+    tasks: list[Str] | None = None  # an explicit task list (then suite is ignored)
+    tasks_per_stage: PositiveInt = 5
+    teachers: Str = "scripted"  # scripted | ppo | zoo (trained RL teachers shipped with the package)
+    zoo: Str = "mt25"  # teachers == zoo: a shipped zoo's name or a zoo directory (cpd_fast.teachers.zoo)
+    methods: list[Str] = field(default_factory=lambda: ["cpd"])
+    seed: Seed = 0
+    device: Str = "cpu"
+    backend: Str = "local"  # PPO teacher training: local process pool | ray
+    ray_address: Str | None = None
+    workers: PositiveInt | None = None
+    # methods distilled side by side, each in its own process (None: as many as there are methods and
+    # cores); every method computes the same bits either way (each runs distill.threads threads)
+    jobs: PositiveInt | None = None
+    progress: Bool = True
+    fidelity: FidelitySettings = field(default_factory=FidelitySettings)
+    gate: GateSettings = field(default_factory=GateSettings)
+    ppo: dict[Str, Any] = field(default_factory=dict)  # PPOConfig fields (resolved when teachers == ppo)
+    distill: dict[Str, Any] = field(default_factory=dict)  # DistillConfig fields (resolved)
+
+    def __post_init__(self) -> None:
+        if not self.suite and not self.tasks:
+            raise ValueError("the config needs a suite (e.g. suite: mt10) or a task list (tasks: [...])")
+        if self.tasks:
+            self.suite = None
+        for key, value, allowed in (
+            ("teachers", self.teachers, SOURCES), ("backend", self.backend, BACKENDS),
+            ("gate.on_fail", self.gate.on_fail, ON_FAIL), ("device", self.device, ("cpu", "cuda")),
+        ):  # fmt: skip
+            if value not in allowed:
+                raise ValueError(f"unknown {key} {value!r}; choose one of {', '.join(allowed)}")
+        bad = [m for m in self.methods if m not in METHODS]
+        if bad or not self.methods:
+            raise ValueError(
+                f"unknown method(s) {', '.join(bad) or '(none)'}; choose from {', '.join(METHODS)}"
+            )
+        if len(set(self.methods)) != len(self.methods):
+            raise ValueError(f"a method is listed twice: {' '.join(self.methods)}")
+        for section, keys in (("distill", _OWNED), ("ppo", _PPO_OWNED)):
+            owned = sorted(set(getattr(self, section)) & set(keys))
+            if owned:
+                raise ValueError(
+                    f"set {', '.join(owned)} at the top level of the config, not under {section}"
+                )
+        self.task_list()  # known tasks that split into equal stages
+        # resolve (and so validate) the two nested configs: every number the run uses ends up in config.yaml
+        self.distill = _strip(self.distill_config(self.methods[0]).to_dict(), _OWNED)
+        ppo = _strip(self.ppo_config().to_dict(), _PPO_OWNED)  # validated even when unused
+        if self.teachers == "ppo":
+            self.ppo = ppo
+        if self.gate.eval_goals is None:
+            self.gate.eval_goals = self.distill["eval_goals"]
+
+    def distill_config(self, method: str, run_dir: str = "", fidelity: str | None = None) -> DistillConfig:
+        """The :class:`~cpd_fast.distill.config.DistillConfig` of one method of this run."""
+        d = dict(self.distill)
+        d["name"] = d.get("name") or self.suite or self.preset  # the report's title for the tasks
+        d.update(
+            suite=self.suite or "custom", tasks=self.tasks, tasks_per_stage=self.tasks_per_stage,
+            method=method, teachers=run_dir or "scripted", fidelity=fidelity, seed=self.seed,
+            device=self.device, data_dir=os.path.join(run_dir, "datasets") if run_dir else None,
+            progress=self.progress,
+        )  # fmt: skip
+        return from_mapping(DistillConfig, d, "distill")
+
+    def ppo_config(self) -> PPOConfig:
+        return from_mapping(PPOConfig, {**self.ppo, "device": self.device, "seed": self.seed}, "ppo")
+
+    def task_list(self) -> list[str]:
+        stages(self.tasks or self.suite, self.tasks_per_stage)  # validates the stage split
+        return resolve_tasks(self.tasks or self.suite)
+
+    def unused_settings(self, given: dict[str, Any]) -> list[str]:
+        """Settings the user gave (``given``: flags and --set keys) that this run does not use."""
+        out = []
+        if self.teachers != "ppo" or self.backend != "ray":
+            out += [f"--{k.replace('_', '-')}" for k in ("ray_address",) if given.get(k) is not None]
+        if self.teachers != "ppo":
+            out += [f"--{k}" for k in ("workers",) if given.get(k) is not None]
+        if given.get("distill"):
+            configs = [self.distill_config(m) for m in self.methods]
+            keys = sorted(given["distill"])
+            out += [f"distill.{k}" for k in keys if all(k in c.unused(keys) for c in configs)]
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        return json.loads(json.dumps(d))  # plain lists/dicts (tuples -> lists): YAML- and compare-friendly
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> PipelineConfig:
+        if isinstance(d, dict) and isinstance(d.get("methods"), str):
+            d = {**d, "methods": [d["methods"]]}
+        return from_mapping(cls, d, "the config")
+
+
+def _strip(d: dict[str, Any], keys: tuple[str, ...]) -> dict[str, Any]:
+    return {k: v for k, v in d.items() if k not in keys}
+
+
+# ----------------------------------------------------------------------------- config layering
+
+
+def load_preset(name: str) -> dict[str, Any]:
+    """The preset's YAML as a dict (shipped in the package: ``cpd_fast/presets/<name>.yaml``)."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
+    text = resources.files("cpd_fast").joinpath("presets", f"{name}.yaml").read_text()
+    return {**(yaml.safe_load(text) or {}), "preset": name}
+
+
+def resolve_config(
+    preset: str | None = None,
+    config_file: str | None = None,
+    overrides: dict[str, Any] | None = None,
+    base: dict[str, Any] | None = None,
+) -> PipelineConfig:
+    """Preset (or ``base``, e.g. a run's saved config) <- ``config_file`` <- ``overrides``, validated.
+
+    The preset is ``preset``, else the config file's ``preset`` key, else ``quick``.
+    """
+    file_d = load_yaml(config_file) if config_file else {}
+    if base is None:
+        base = load_preset(preset or file_d.get("preset") or "quick")
+    elif preset:
+        base = load_preset(preset)
+    d = merge(merge(base, file_d), overrides or {})
+    if preset:
+        d["preset"] = preset
+    return PipelineConfig.from_dict(d)
+
+
+def runtime_keys(saved: dict[str, Any], mine: dict[str, Any]) -> tuple[str, ...]:
+    """Keys a resumed run may change: the runtime-only ones, and the PPO settings of runs that train none."""
+    untrained = saved.get("teachers") == mine.get("teachers") and mine.get("teachers") in ("scripted", "zoo")
+    return _RUNTIME + (("ppo",) if untrained else ())
+
+
+def config_diff(saved: dict[str, Any], mine: dict[str, Any]) -> list[str]:
+    """Dotted keys whose values differ, ignoring :func:`runtime_keys`."""
+    return _config_diff(saved, mine, runtime_keys(saved, mine))
