@@ -8,7 +8,8 @@ whole process group right after writing a matching file — a deterministic powe
 2. during collection, after the first task's dataset;
 3. during a distillation phase: after cpd's stage-1 Phase-1 checkpoint is written, before the phase is
    recorded as finished (so the resumed run must redo the phase and overwrite the checkpoint);
-4. during evaluation: 0.3 s after cpd's stage-1 replay set is written, i.e. inside the stage-1 evaluation.
+4. inside cpd's stage-1 evaluation: its success rates computed, not yet written or recorded
+   (:data:`KILL_IN_EVAL`: ``cpd`` run through a script that wraps :class:`~cpd_fast.evalpool.EvalPool`).
 
 The final success matrices, student weights and datasets must equal the uninterrupted run's. The one
 source of nondeterminism is PPO: a resumed teacher restores its learner state exactly but restarts its
@@ -64,17 +65,68 @@ def tiny_config(tmp_path_factory) -> str:
     return str(path)
 
 
-def _cpd_run(cfg: str, out: str, kill_after: str | None = None, delay: float = 0.0) -> int:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CPD_TEST_KILL")}
+# `cpd` with a kill inside one evaluation, for point 4 of the module docstring. No file is written when an
+# evaluation starts, so cpd_fast.runio's kill-after-a-write hook cannot land there; this wraps the
+# evaluation pool instead. Its top level also runs in the spawned processes that distil the methods side by
+# side (multiprocessing's spawn imports the parent's main script again), so the wrap is in place wherever
+# the evaluation runs. The pool of run directory RUN (its tmp_dir) asked to evaluate TASKS distinct tasks
+# computes the results, writes them to MARKER and SIGKILLs the process group before returning them.
+KILL_IN_EVAL = """
+import os, signal, sys
+
+from cpd_fast.evalpool import EvalPool
+
+RUN, TASKS = os.environ["KILL_IN_EVAL_RUN"], int(os.environ["KILL_IN_EVAL_TASKS"])
+MARKER = os.environ["KILL_IN_EVAL_MARKER"]
+init, evaluate = EvalPool.__init__, EvalPool.evaluate
+
+
+def noting_its_run(self, *args, **kwargs):
+    self.run_dir = os.path.abspath(kwargs.get("tmp_dir") or "")
+    init(self, *args, **kwargs)
+
+
+def evaluate_then_die(self, student, jobs, **kwargs):
+    results = evaluate(self, student, jobs, **kwargs)
+    if self.run_dir == RUN and len({j.task for j in jobs}) == TASKS:
+        with open(MARKER, "w") as f:
+            f.write(" ".join(sorted(f"{j.task}={r.success_rate}" for j, r in zip(jobs, results))))
+        os.killpg(os.getpgrp(), signal.SIGKILL)
+    return results
+
+
+EvalPool.__init__, EvalPool.evaluate = noting_its_run, evaluate_then_die
+
+if __name__ == "__main__":
+    from cpd_fast.cli import main
+
+    sys.exit(main())
+"""
+
+
+def _cpd_run(
+    cfg: str, out: str, kill_after: str | None = None, kill_in_eval: tuple[str, int] | None = None
+) -> int:
+    """``cpd run``; ``kill_after``: SIGKILLed right after writing ``out/kill_after`` (cpd_fast.runio's hook);
+    ``kill_in_eval`` (method, number of tasks): SIGKILLed inside that method's evaluation of that many tasks
+    (:data:`KILL_IN_EVAL`; what it computed goes to ``out.killed``)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("CPD_TEST_KILL", "KILL_IN_EVAL"))}
+    cmd = [sys.executable, "-m", "cpd_fast.cli"]
     if kill_after:
         env["CPD_TEST_KILL_AFTER"] = os.path.join(os.path.abspath(out), kill_after)
-        env["CPD_TEST_KILL_DELAY"] = str(delay)
-    # a session of its own: the kill hook takes down the process group (cpd run and its PPO workers)
+    if kill_in_eval:
+        cmd = [sys.executable, out + ".kill_in_eval.py"]
+        with open(cmd[1], "w") as f:
+            f.write(KILL_IN_EVAL)
+        method, tasks = kill_in_eval
+        env.update(KILL_IN_EVAL_RUN=os.path.join(os.path.abspath(out), "methods", method),
+                   KILL_IN_EVAL_TASKS=str(tasks), KILL_IN_EVAL_MARKER=out + ".killed")  # fmt: skip
+    # a session of its own: the kill takes down the process group (cpd run, its PPO and method workers)
     proc = subprocess.run(
-        [sys.executable, "-m", "cpd_fast.cli", "run", "--config", cfg, "--out", out],
+        [*cmd, "run", "--config", cfg, "--out", out],
         env=env, start_new_session=True, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
-    if kill_after is None and proc.returncode != 0:
+    if kill_after is None and kill_in_eval is None and proc.returncode != 0:
         raise AssertionError(proc.stdout[-3000:] + proc.stderr[-3000:])
     with open(out + ".stdout", "a") as f:  # beside the run directory: what `cpd run` printed
         f.write(proc.stdout)
@@ -126,14 +178,12 @@ def _manifest_files(run: str, task: str) -> dict:
 
 def test_kill_and_resume_matches_uninterrupted(tiny_config, uninterrupted, tmp_path):
     out = str(tmp_path / "B")
-    kills = [
-        ("teachers/push-v3/ppo/checkpoint.pt", 0.0),
-        ("datasets/push-v3.collected.json", 0.0),
-        ("methods/cpd/checkpoints/stage1-phase1.pt", 0.0),
-        ("methods/cpd/replay/stage1.pt", 0.3),
-    ]
-    for point, delay in kills:
-        assert _cpd_run(tiny_config, out, point, delay) == -signal.SIGKILL, f"no kill at {point}"
+    for point in (
+        "teachers/push-v3/ppo/checkpoint.pt",
+        "datasets/push-v3.collected.json",
+        "methods/cpd/checkpoints/stage1-phase1.pt",
+    ):
+        assert _cpd_run(tiny_config, out, kill_after=point) == -signal.SIGKILL, f"no kill at {point}"
         if point.startswith("teachers"):  # killed mid-training: one update done, no policy yet
             ppo_dir = os.path.join(out, "teachers", "push-v3", "ppo")
             assert load_torch_checked(os.path.join(ppo_dir, "checkpoint.pt"))["update"] == 1
@@ -143,9 +193,16 @@ def test_kill_and_resume_matches_uninterrupted(tiny_config, uninterrupted, tmp_p
         if point.endswith("stage1-phase1.pt"):
             with open(os.path.join(out, "methods", "cpd", "progress.json")) as f:
                 assert "stage1/phase1" not in json.load(f)["steps"]
-        if point.endswith("replay/stage1.pt"):  # the kill landed inside the stage-1 evaluation
-            assert os.path.exists(os.path.join(out, "methods", "cpd", "replay", "stage1.pt"))
-            assert not os.path.exists(os.path.join(out, "methods", "cpd", "eval", "stage1.json"))
+    # inside cpd's stage-1 evaluation (both tasks): its rates computed, the run killed before recording them
+    assert _cpd_run(tiny_config, out, kill_in_eval=("cpd", 2)) == -signal.SIGKILL, "no kill in the evaluation"
+    with open(out + ".killed") as f:
+        assert re.fullmatch(r"pick-place-v3=[0-9.]+ push-v3=[0-9.]+", f.read())
+    cpd_dir = os.path.join(out, "methods", "cpd")
+    with open(os.path.join(cpd_dir, "progress.json")) as f:
+        done = json.load(f)["steps"]
+    assert "stage1/replay" in done and "stage1/eval" not in done  # the evaluation that follows the replay
+    assert os.path.exists(os.path.join(cpd_dir, "eval", "stage0.json"))
+    assert not os.path.exists(os.path.join(cpd_dir, "eval", "stage1.json"))
     assert _cpd_run(tiny_config, out) == 0
 
     # the interrupted PPO teacher resumed from its checkpoint and finished its budget
