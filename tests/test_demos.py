@@ -13,11 +13,11 @@ pytest.importorskip("metaworld")
 
 from conftest import tiny_ppo_config
 
-from cpd_fast.distributed import train_teachers
 from cpd_fast.evaluation import evaluate_official
 from cpd_fast.teachers.curve import train_measured
 from cpd_fast.teachers.demos import DemoConfig, clone_expert, record_demos, train_ppo_demos, warm_up_critic
 from cpd_fast.teachers.ppo import ActorCritic, PPOPolicy, load_policy
+from cpd_fast.teachers.provide import train_teachers
 from cpd_fast.teachers.scripted import ScriptedExpert
 
 TASK = "reach-v3"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -13,12 +14,14 @@ pytest.importorskip("metaworld")
 
 from conftest import tiny_ppo_config
 
+import cpd_fast.teachers.provide as teacher_sources
 from cpd_fast.cli import main
-from cpd_fast.distributed import train_teachers
+from cpd_fast.errors import UserError
 from cpd_fast.teachers.base import Teacher, make_teacher
 from cpd_fast.teachers.checkpoint import CheckpointTeacher
 from cpd_fast.teachers.gate import load_teachers_json, usable_teachers
 from cpd_fast.teachers.ppo import train_ppo
+from cpd_fast.teachers.provide import provide, train_teachers
 from cpd_fast.teachers.scripted import ScriptedExpert
 
 # One update of 8 envs x 16 steps: a deliberately under-trained teacher.
@@ -99,6 +102,83 @@ def test_gate_retrain_keeps_failure_flagged_and_unused(tmp_path):
     rec = records["reach-v3"]
     assert [h["total_steps"] for h in rec.history] == [128, 256]  # retrained with the larger budget
     assert rec.flagged and rec.status == "failed" and not rec.used
+
+
+def gate_settings(**overrides):
+    """What `cpd run`'s gate section gives provide(), with 2 of the official goals."""
+    return SimpleNamespace(**{"threshold": 0.8, "on_fail": "retrain", "eval_goals": 2, "eval_envs": 2,
+                              "retrain_factor": 2.0, **overrides})  # fmt: skip
+
+
+def test_provide_scripted_measures_and_records(tmp_path):
+    records = provide("scripted", ["reach-v3"], tmp_path, gate_settings(threshold=1.0), progress=False)
+    rec = records["reach-v3"]  # Meta-World's scripted reach expert solves both goals
+    assert (rec.source, rec.status, rec.used, rec.success_rate) == ("scripted", "ok", True, 1.0)
+    assert rec.protocol == "official-subset" and rec.algorithm == "scripted"
+    doc = json.load(open(tmp_path / "teachers.json"))
+    assert doc["settings"] == {"tasks": ["reach-v3"], "threshold": 1.0, "eval_goals": 2}
+    assert load_teachers_json(tmp_path) == records
+
+
+def test_provide_zoo_fills_a_gap_by_on_fail_and_refuses_one_it_would_train(tmp_path):
+    records = provide("zoo", ["reach-v3", "hammer-v3"], tmp_path / "run", gate_settings(on_fail="scripted"))
+    reach, hammer = records["reach-v3"], records["hammer-v3"]  # mt25 has no hammer-v3
+    assert (reach.source, reach.path, reach.status, reach.used) == ("zoo", "mt25", "ok", True)
+    assert reach.protocol == "official" and reach.threshold == 0.8
+    assert hammer.source == "scripted" and hammer.flagged and hammer.path is None
+    assert hammer.history[0]["source"] == "zoo" and hammer.history[1]["source"] == "scripted"
+    settings = json.load(open(tmp_path / "run" / "teachers.json"))["settings"]
+    assert settings["zoo"] == hammer.history[0]["missing_from"]
+    assert settings["zoo"].endswith(os.path.join("zoo", "mt25", "teachers.json"))
+    with pytest.raises(UserError, match=r"no teacher for hammer-v3.*gate.on_fail=retrain cannot train a zoo"):
+        provide("zoo", ["reach-v3", "hammer-v3"], tmp_path / "refused", gate_settings())
+    with pytest.raises(UserError, match=r"holds reach-v3 below gate\.threshold 1; gate\.on_fail=demos"):
+        provide("zoo", ["reach-v3"], tmp_path / "refused", gate_settings(threshold=1.0, on_fail="demos"))
+    assert not (tmp_path / "refused" / "teachers.json").exists()
+
+
+def test_provide_ppo_retrains_a_failed_teacher_with_the_larger_budget(tmp_path, monkeypatch):
+    """The gate's remedy on PPO teachers: the jobs are stubbed, the gate and teachers.json are real."""
+    calls = []
+
+    def run_jobs(jobs, **where):
+        calls.append([(j["task"], os.path.relpath(j["out_dir"], tmp_path), j["config"]["total_steps"],
+                       j["algorithm"], where["workers"]) for j in jobs])  # fmt: skip
+        success = 0.1 if len(calls) == 1 else 0.9  # the first teacher fails, its retrained one passes
+        return [{"task": j["task"], "path": os.path.join(j["out_dir"], "policy.pt"), "success_rate": success,
+                 "protocol": "official-subset", "total_steps": j["config"]["total_steps"],
+                 "wall_time_s": 1.0, "algorithm": j["algorithm"]} for j in jobs]  # fmt: skip
+
+    monkeypatch.setattr(teacher_sources, "run_jobs", run_jobs)
+    records = provide("ppo", "reach-v3", tmp_path, gate_settings(), ppo=UNDERTRAINED, workers=1)
+    assert calls == [
+        [("reach-v3", os.path.join("teachers", "reach-v3", "ppo"), 128, "ppo", 1)],
+        [("reach-v3", os.path.join("teachers", "reach-v3", "ppo-retrain"), 256, "ppo", 1)],
+    ]
+    rec = records["reach-v3"]
+    assert (rec.status, rec.used, rec.flagged, rec.env_steps, rec.success_rate) == (
+        "retrained",
+        True,
+        True,
+        256,
+        0.9,
+    )
+    assert [h["success_rate"] for h in rec.history] == [0.1, 0.9]
+    settings = json.load(open(tmp_path / "teachers.json"))["settings"]
+    assert settings["on_fail"] == "retrain" and settings["retrain_factor"] == 2.0
+    assert settings["config"]["total_steps"] == 128 and settings["tasks"] == ["reach-v3"]
+
+
+def test_provide_refuses_bad_input_before_writing(tmp_path):
+    with pytest.raises(ValueError, match="unknown teacher source 'oracle'"):
+        provide("oracle", ["reach-v3"], tmp_path, gate_settings())
+    with pytest.raises(ValueError, match="unknown Meta-World v3 task 'reech-v3'"):
+        provide("scripted", ["reech-v3"], tmp_path, gate_settings())
+    with pytest.raises(ValueError, match="unknown --on-fail 'retry'"):
+        provide("scripted", ["reach-v3"], tmp_path, gate_settings(on_fail="retry"))
+    with pytest.raises(ValueError, match="threshold must be in"):
+        provide("zoo", ["reach-v3"], tmp_path, gate_settings(threshold=1.5))
+    assert os.listdir(tmp_path) == []
 
 
 def test_cli_bad_input(tmp_path, capsys, policy_path):

@@ -18,6 +18,11 @@ from typing import Protocol, runtime_checkable
 
 import numpy as np
 
+from cpd_fast.tasks import validate_task
+from cpd_fast.teachers.checkpoint import CheckpointTeacher
+from cpd_fast.teachers.scripted import ScriptedExpert
+from cpd_fast.teachers.zoo import DEFAULT_ZOO, zoo_teacher
+
 __all__ = ["TEACHER_SOURCES", "Teacher", "make_teacher"]
 
 TEACHER_SOURCES = ("ppo", "scripted", "checkpoint", "zoo")
@@ -36,22 +41,14 @@ class Teacher(Protocol):
 
 def make_teacher(source: str, task: str, path: str | None = None, device: str = "cpu") -> Teacher:
     """A teacher for ``task`` from ``source``; ``"ppo"`` and ``"checkpoint"`` need ``path`` (a policy.pt),
-    ``"zoo"`` takes the zoo's name or directory (default ``"mt25"``)."""
-    from cpd_fast.tasks import validate_task
-
+    ``"zoo"`` takes the zoo's name or directory (default ``"mt25"``). The task name is checked here, once."""
     task = validate_task(task)
     if source == "zoo":
-        from cpd_fast.teachers.zoo import DEFAULT_ZOO, zoo_teacher
-
         return zoo_teacher(task, path or DEFAULT_ZOO, device=device)
     if source == "scripted":
-        from cpd_fast.teachers.scripted import ScriptedExpert
-
         return ScriptedExpert(task)
     if source in ("ppo", "checkpoint"):
         if not path:
             raise ValueError(f"teacher source {source!r} needs the path of a policy checkpoint")
-        from cpd_fast.teachers.checkpoint import CheckpointTeacher
-
         return CheckpointTeacher(path, task=task, device=device)
     raise ValueError(f"unknown teacher source {source!r}; choose one of {', '.join(TEACHER_SOURCES)}")

@@ -11,6 +11,10 @@ from __future__ import annotations
 import os
 
 import numpy as np
+import torch
+
+from cpd_fast.envs import ACT_DIM, OBS_DIM
+from cpd_fast.teachers.ppo import load_policy
 
 __all__ = ["CheckpointTeacher"]
 
@@ -20,7 +24,7 @@ class CheckpointTeacher:
 
     Args:
         path: a ``policy.pt`` (or a resume ``checkpoint.pt``) from :func:`cpd_fast.teachers.ppo.train_ppo`.
-        task: if given, must match the task the checkpoint was trained on.
+        task: if given (a validated name), must match the task the checkpoint was trained on.
         device: where the network runs (``"cpu"``, ``"cuda"``).
         remedy: what a load error tells the user to do (default: train one, or pass another file).
     """
@@ -28,9 +32,6 @@ class CheckpointTeacher:
     def __init__(
         self, path: str | os.PathLike, task: str | None = None, device: str = "cpu", remedy: str | None = None
     ) -> None:
-        from cpd_fast.tasks import validate_task
-        from cpd_fast.teachers.ppo import load_policy
-
         self.path = os.fspath(path)
         try:
             self._policy = load_policy(self.path, device=device)
@@ -42,10 +43,8 @@ class CheckpointTeacher:
                 raise
             raise clear from err
         saved = self._policy.task
-        if task is not None:
-            task = validate_task(task)
-            if saved is not None and saved != task:
-                raise ValueError(f"checkpoint {self.path!r} is a {saved!r} teacher, not {task!r}")
+        if task is not None and saved is not None and saved != task:
+            raise ValueError(f"checkpoint {self.path!r} is a {saved!r} teacher, not {task!r}")
         self.task = task or saved
         self.trained_in = self._policy.config.backend  # the simulator its data is collected in
 
@@ -63,10 +62,6 @@ _RETRAIN = "train one for this task with `cpd teachers train` (it resumes) or pa
 
 def _explain(path: str, err: Exception, retrain: str) -> Exception:
     """Why ``path`` failed to load as a teacher, as a ``ValueError`` naming the file (else ``err`` itself)."""
-    import torch
-
-    from cpd_fast.envs import ACT_DIM, OBS_DIM
-
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as load_err:
@@ -99,6 +94,4 @@ def _explain(path: str, err: Exception, retrain: str) -> Exception:
 
 
 def _size(t: object, dim: int) -> int | None:
-    import torch
-
     return int(t.shape[dim]) if isinstance(t, torch.Tensor) and t.dim() > 0 else None

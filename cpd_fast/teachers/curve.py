@@ -4,7 +4,7 @@
 signature, such as :func:`cpd_fast.teachers.demos.train_ppo_demos`) ``every`` env steps at a time on the
 *whole* budget's schedule (the learning rate anneals over ``total_steps`` whether or not the run stops
 early), and after each chunk measures the current policy with Meta-World's official protocol
-(:func:`cpd_fast.teachers.gate.evaluate_teacher`: ``goals`` of the 50 fixed goals, one episode each).
+(:func:`cpd_fast.teachers.records.evaluate_teacher`: ``goals`` of the 50 fixed goals, one episode each).
 It stops at the first measurement ``>= stop_at`` or at the budget, and writes the policy it measured
 last as ``policy.pt``. The curve goes to ``curve.json``; re-running resumes from the checkpoint and the
 curve (a run killed mid-chunk repeats that chunk from its last checkpoint).
@@ -21,6 +21,11 @@ import os
 import time
 from collections.abc import Callable
 from typing import Any
+
+from cpd_fast.errors import require_int
+from cpd_fast.runio import check_same_config, load_torch_checked, read_json, write_json_atomic
+from cpd_fast.teachers.ppo import export_policy, load_policy, train_ppo
+from cpd_fast.teachers.records import evaluate_teacher
 
 __all__ = ["CURVE_JSON", "train_measured"]
 
@@ -56,11 +61,6 @@ def train_measured(
     Returns:
         the curve (as written), with ``policy_path``.
     """
-    from cpd_fast.errors import require_int
-    from cpd_fast.runio import check_same_config, read_json, write_json_atomic
-    from cpd_fast.teachers.gate import evaluate_teacher
-    from cpd_fast.teachers.ppo import export_policy, load_policy, train_ppo
-
     require_int("every", every)
     if not stop_at >= 0.0:  # NaN too
         raise ValueError(f"stop_at must be a success rate >= 0, got {stop_at}")
@@ -113,8 +113,6 @@ def _checkpoint_step(path: str) -> int:
     """The env steps a resume checkpoint holds (0 when there is none yet)."""
     if not os.path.isfile(path):
         return 0
-    from cpd_fast.runio import load_torch_checked
-
     state = load_torch_checked(
         path, "delete it and re-run: this teacher's training restarts", map_location="cpu"
     )

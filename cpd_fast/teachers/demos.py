@@ -25,9 +25,13 @@ re-cloning.
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import os
+import tempfile
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -42,6 +46,20 @@ from cpd_fast.config import (
     config_class,
     from_mapping,
 )
+from cpd_fast.data import collect_dataset, load_teacher_data
+from cpd_fast.runio import check_same_config, read_json, write_json_atomic
+from cpd_fast.teachers.ppo import (
+    ActorCritic,
+    PPOConfig,
+    PPOPolicy,
+    RewardScaler,
+    RolloutCollector,
+    _device,
+    compute_gae,
+    train_ppo,
+)
+from cpd_fast.teachers.records import evaluate_teacher
+from cpd_fast.teachers.scripted import ScriptedExpert
 
 __all__ = [
     "ALGORITHM",
@@ -85,8 +103,6 @@ class DemoConfig:
     freeze_obs_norm: Bool = False
 
     def to_dict(self) -> dict[str, Any]:
-        import dataclasses
-
         return dataclasses.asdict(self)
 
     @classmethod
@@ -107,9 +123,6 @@ def record_demos(
 
     Recorded once into ``root`` (a Minari dataset, :func:`cpd_fast.data.collect_dataset`), read back after.
     """
-    from cpd_fast.data import collect_dataset
-    from cpd_fast.teachers.scripted import ScriptedExpert
-
     collect_dataset(ScriptedExpert(task), task, root, episodes=dcfg.episodes, noise_std=dcfg.noise_std,
                     backend=backend, seed=seed, max_episode_steps=max_episode_steps,
                     teacher_name=f"scripted:{task}")  # fmt: skip
@@ -118,8 +131,6 @@ def record_demos(
 
 def _arrays(task: str, root: str | os.PathLike) -> tuple[torch.Tensor, torch.Tensor]:
     """A recorded demonstration dataset as ``(obs [M, 39], expert action [M, 4])`` float32 tensors."""
-    from cpd_fast.data import load_teacher_data
-
     data = load_teacher_data([task], root)
     return data.obs.float(), data.action_mean.float()
 
@@ -135,14 +146,6 @@ def record_clone_states(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One DAgger round: the clone's own episodes (its action mean plus ``noise_std`` noise), every visited
     state labelled with the scripted expert's action; a Minari dataset in ``root`` (recorded once)."""
-    import copy
-
-    import numpy as np
-
-    from cpd_fast.data import collect_dataset
-    from cpd_fast.teachers.ppo import PPOPolicy
-    from cpd_fast.teachers.scripted import ScriptedExpert
-
     clone = PPOPolicy(copy.deepcopy(model), config, task)  # a float64 copy: the model stays as it is
     rng = np.random.default_rng(seed)
 
@@ -213,13 +216,8 @@ def clone_expert(
 
 def clone_success(model: Any, task: str, cfg: Any, goals: int) -> dict[str, Any]:
     """The official success of ``model``'s actor on the first ``goals`` of the 50 goals, measured as a
-    learning-curve point is (a float64 copy, :func:`~cpd_fast.teachers.gate.evaluate_teacher`):
+    learning-curve point is (a float64 copy, :func:`~cpd_fast.teachers.records.evaluate_teacher`):
     ``{"success_rate", "protocol", "successes", "goals"}``."""
-    import copy
-
-    from cpd_fast.teachers.gate import evaluate_teacher
-    from cpd_fast.teachers.ppo import PPOPolicy
-
     return {
         **evaluate_teacher(PPOPolicy(copy.deepcopy(model), cfg, task), task, num_goals=goals),
         "goals": goals,
@@ -232,8 +230,6 @@ def warm_up_critic(model: Any, task: str, cfg: Any, dcfg: DemoConfig) -> dict[st
     Returns ``{"reward_scaler": state, "value_loss": [per rollout], "env_steps": n}``; the reward scaler's
     state carries over into PPO so that the value targets keep their scale.
     """
-    from cpd_fast.teachers.ppo import RewardScaler, RolloutCollector, compute_gae
-
     device = next(model.parameters()).device
     scaler = RewardScaler(cfg.num_envs, cfg.gamma, cfg.clip_reward, enabled=cfg.norm_reward)
     opt = torch.optim.Adam(model.critic.parameters(), lr=cfg.learning_rate, eps=1e-5)
@@ -296,17 +292,10 @@ def train_ppo_demos(
     stop_after_updates: int | None = None,
 ) -> Any:
     """Demonstration-augmented PPO on ``task``: record, clone, warm up the critic, then PPO with the
-    decaying cloning term. Same arguments and result as :func:`~cpd_fast.teachers.ppo.train_ppo`, plus
-    ``demos``; ``run_dir`` also gets ``demos/`` (the Minari dataset), ``demos.json`` (the settings, checked
-    on resume) and ``clone.json`` (the cloning and warm-up report, with their env steps and the clone's
-    own official success)."""
-    import tempfile
-
-    from cpd_fast.runio import check_same_config, read_json, write_json_atomic
-    from cpd_fast.tasks import validate_task
-    from cpd_fast.teachers.ppo import ActorCritic, PPOConfig, _device, train_ppo
-
-    task = validate_task(task)
+    decaying cloning term. Same arguments and result as :func:`~cpd_fast.teachers.ppo.train_ppo` (which
+    checks the task name), plus ``demos``; ``run_dir`` also gets ``demos/`` (the Minari dataset),
+    ``demos.json`` (the settings, checked on resume) and ``clone.json`` (the cloning and warm-up report, with
+    their env steps and the clone's own official success)."""
     cfg = config if config is not None else PPOConfig()
     dcfg = demos if demos is not None else DemoConfig()
     run_dir = os.fspath(run_dir) if run_dir is not None else tempfile.mkdtemp(prefix=f"dapg-{task}-")
@@ -327,31 +316,7 @@ def train_ppo_demos(
 
     init = None
     if not (resume and os.path.isfile(os.path.join(run_dir, "checkpoint.pt"))):
-        device = _device(cfg.device)
-
-        def clone() -> tuple[Any, dict[str, Any]]:  # a fresh actor cloned on every state so far
-            torch.manual_seed(cfg.seed)
-            m = ActorCritic(cfg).to(device)
-            return m, clone_expert(m, obs.to(device), target.to(device), dcfg, seed=cfg.seed)
-
-        model, report = clone()
-        rounds = [report]
-        for r in range(1, dcfg.clone_rounds + 1):  # DAgger: the states the last clone visits, relabelled
-            more = record_clone_states(task, os.path.join(run_dir, f"demos-round{r}"), model, cfg, dcfg,
-                                       seed=cfg.seed + r)  # fmt: skip
-            obs, target = torch.cat([obs, more[0]]), torch.cat([target, more[1]])
-            model, report = clone()
-            rounds.append(report)
-        if dcfg.clone_rounds:
-            report = {**report, "rounds": rounds}
-        if dcfg.clone_goals:
-            report["clone_success"] = clone_success(model, task, cfg, dcfg.clone_goals)
-        warm = warm_up_critic(model, task, cfg, dcfg)
-        report.update(critic_value_loss=warm["value_loss"], warmup_env_steps=warm["env_steps"],
-                      demo_env_steps=int(obs.shape[0]))  # fmt: skip
-        write_json_atomic(os.path.join(run_dir, "clone.json"), report)
-        init = {"model": {k: v.detach().clone() for k, v in model.state_dict().items()},
-                "reward_scaler": warm["reward_scaler"]}  # fmt: skip
+        init, obs, target = _clone_and_warm_up(task, cfg, dcfg, run_dir, obs, target)
     else:  # resumed: the cloning term reads every round's states, as in the run that cloned
         for r in range(1, dcfg.clone_rounds + 1):
             more = _arrays(task, os.path.join(run_dir, f"demos-round{r}"))
@@ -360,3 +325,38 @@ def train_ppo_demos(
                      stop_after_updates=stop_after_updates, init=init,
                      aux_loss=_bc_term(obs, target, dcfg, cfg.seed),
                      obs_norm_frozen=dcfg.freeze_obs_norm)  # fmt: skip
+
+
+def _clone_and_warm_up(
+    task: str, cfg: PPOConfig, dcfg: DemoConfig, run_dir: str, obs: torch.Tensor, target: torch.Tensor
+) -> tuple[dict[str, Any], torch.Tensor, torch.Tensor]:
+    """A fresh run's starting point: the clone of the demonstrations ``(obs, target)`` (after
+    ``clone_rounds`` DAgger rounds, each recorded in ``run_dir/demos-round<r>``), its official success and
+    a warmed-up critic; the report goes to ``run_dir/clone.json``. Returns ``(train_ppo's init, every
+    demonstration state so far, its expert actions)``."""
+    device = _device(cfg.device)
+
+    def clone() -> tuple[Any, dict[str, Any]]:  # a fresh actor cloned on every state so far
+        torch.manual_seed(cfg.seed)
+        m = ActorCritic(cfg).to(device)
+        return m, clone_expert(m, obs.to(device), target.to(device), dcfg, seed=cfg.seed)
+
+    model, report = clone()
+    rounds = [report]
+    for r in range(1, dcfg.clone_rounds + 1):  # DAgger: the states the last clone visits, relabelled
+        more = record_clone_states(task, os.path.join(run_dir, f"demos-round{r}"), model, cfg, dcfg,
+                                   seed=cfg.seed + r)  # fmt: skip
+        obs, target = torch.cat([obs, more[0]]), torch.cat([target, more[1]])
+        model, report = clone()
+        rounds.append(report)
+    if dcfg.clone_rounds:
+        report = {**report, "rounds": rounds}
+    if dcfg.clone_goals:
+        report["clone_success"] = clone_success(model, task, cfg, dcfg.clone_goals)
+    warm = warm_up_critic(model, task, cfg, dcfg)
+    report.update(critic_value_loss=warm["value_loss"], warmup_env_steps=warm["env_steps"],
+                  demo_env_steps=int(obs.shape[0]))  # fmt: skip
+    write_json_atomic(os.path.join(run_dir, "clone.json"), report)
+    init = {"model": {k: v.detach().clone() for k, v in model.state_dict().items()},
+            "reward_scaler": warm["reward_scaler"]}  # fmt: skip
+    return init, obs, target

@@ -13,10 +13,11 @@ A teacher whose official success (50 fixed goals, :func:`cpd_fast.evaluation.eva
 
 The verdicts go to ``teachers.json`` in the run directory (:func:`write_teachers_json`), one
 :class:`TeacherRecord` per task with every attempt in ``history``; :func:`usable_teachers` is what later
-stages read, and it returns only records with ``used`` true. This module holds the whole policy — the pass
-rule (:func:`passes`), the first verdict (:func:`verdict`) and the remedies (:func:`apply_remedy`); the
-trainers (:func:`cpd_fast.distributed.train_teachers`, ``cpd run``'s scripted gate) only supply the
-measurements.
+stages read, and it returns only records with ``used`` true. The records, the file and the pass rule
+(:func:`passes`) live in :mod:`cpd_fast.teachers.records` (re-exported here); this module holds the policy —
+the first verdict (:func:`verdict`, :func:`gate_scripted`) and the remedies (:func:`apply_remedy`). The
+teacher sources (:func:`cpd_fast.teachers.provide.provide`) only supply the measurements and apply the
+remedy in one place.
 
 Downstream, :func:`teacher_specs` turns ``teachers.json`` into what collection needs per task, and
 :func:`record_success` stores each teacher's official success with its dataset, measured once: the gate's
@@ -25,12 +26,29 @@ own measurement when it used the same number of goals as the distillation's eval
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import os
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
+
+from tqdm import tqdm
+
+from cpd_fast.errors import UserError
+from cpd_fast.runio import read_json, write_json_atomic
+from cpd_fast.teachers.base import make_teacher
+from cpd_fast.teachers.records import (
+    TeacherRecord,
+    bar,
+    evaluate_teacher,
+    load_teachers_json,
+    passes,
+    read_teachers_json,
+    records_of,
+    usable_teachers,
+    write_teachers_json,
+)
+from cpd_fast.teachers.scripted import ScriptedExpert
+from cpd_fast.teachers.zoo import DEFAULT_ZOO, missing_message, zoo_dir, zoo_name
 
 __all__ = [
     "DEFAULT_THRESHOLD",
@@ -45,6 +63,7 @@ __all__ = [
     "passes",
     "record_success",
     "teacher_specs",
+    "trained_teachers",
     "usable_teachers",
     "verdict",
     "write_teachers_json",
@@ -52,56 +71,6 @@ __all__ = [
 
 DEFAULT_THRESHOLD = 0.8
 ON_FAIL = ("retrain", "demos", "scripted", "exclude")
-TEACHERS_JSON = "teachers.json"
-
-
-@dataclass
-class TeacherRecord:
-    """The gate's verdict on one task's teacher.
-
-    Attributes:
-        task: Meta-World task name.
-        source: teacher source in use: ``"ppo"``, ``"scripted"`` or ``"checkpoint"``.
-        path: checkpoint path (``None`` for scripted).
-        success_rate: official success in [0, 1] of the teacher in ``source``/``path`` (None: not measured).
-        protocol: ``"official"`` (50 goals) or ``"official-subset"`` (fewer goals, for quick runs only).
-        passed: ``success_rate >= threshold``.
-        status: ``"ok"`` (first teacher passed), ``"retrained"``, ``"retrained-with-demos"``,
-            ``"replaced-by-scripted"``, ``"excluded"`` or ``"failed"`` (still below the threshold after the
-            configured remedy).
-        used: whether downstream stages may use this teacher. False for excluded / failed teachers.
-        flagged: True when any attempt fell below the threshold (kept even after a successful remedy).
-        history: every attempt: ``{"source", "path", "success_rate", "total_steps", "wall_time_s", ...}``.
-        algorithm: what made the teacher in use: ``"ppo"``, ``"ppo+demos"`` or ``"scripted"``.
-        env_steps / wall_time_s: its training cost (env steps incl. demonstrations and warm-up; seconds).
-    """
-
-    task: str
-    source: str
-    path: str | None
-    success_rate: float | None
-    protocol: str
-    threshold: float
-    passed: bool
-    status: str
-    used: bool
-    flagged: bool = False
-    history: list[dict[str, Any]] = field(default_factory=list)
-    algorithm: str | None = None
-    env_steps: int | None = None
-    wall_time_s: float | None = None
-
-
-def passes(success_rate: float | None, threshold: float) -> bool:
-    """The gate's rule: measured, and at least ``threshold``."""
-    return success_rate is not None and success_rate >= threshold
-
-
-def bar(summary: dict[str, Any], threshold: float) -> float:
-    """The success a measured teacher must reach: ``threshold``, or for a demonstration-augmented teacher
-    the scripted expert's own official success when that is lower (``summary["scripted_success"]``)."""
-    expert = summary.get("scripted_success")
-    return threshold if expert is None else min(threshold, float(expert))
 
 
 def _cost(summary: dict[str, Any]) -> dict[str, Any]:
@@ -113,59 +82,6 @@ def _cost(summary: dict[str, Any]) -> dict[str, Any]:
         "env_steps": steps,
         "wall_time_s": summary.get("wall_time_s"),
     }
-
-
-def evaluate_teacher(teacher: Any, task: str, *, num_goals: int = 50, num_envs: int = 10) -> dict[str, Any]:
-    """Official-protocol success of ``teacher.action_mean`` on ``task``: ``{"success_rate", "protocol"}``."""
-    from cpd_fast.evaluation import evaluate_official
-
-    result = evaluate_official(teacher.action_mean, task, num_envs=num_envs, num_goals=num_goals)
-    return {
-        "success_rate": result.success_rate,
-        "protocol": result.protocol,
-        "successes": result.successes.astype(int).tolist(),
-    }
-
-
-def write_teachers_json(
-    run_dir: str | os.PathLike, records: dict[str, TeacherRecord], **settings: Any
-) -> str:
-    """Write ``run_dir/teachers.json`` (atomically): ``{"settings": ..., "teachers": {task: record}}``."""
-    from cpd_fast.runio import write_json_atomic
-
-    path = os.path.join(os.fspath(run_dir), TEACHERS_JSON)
-    write_json_atomic(
-        path, {"settings": settings, "teachers": {t: dataclasses.asdict(r) for t, r in records.items()}}
-    )
-    return path
-
-
-def _read_teachers_json(path: str | os.PathLike) -> tuple[str, dict[str, Any]]:
-    """``(path of teachers.json, its payload)``; ``path`` is the file or the run directory holding it."""
-    path = os.fspath(path)
-    if os.path.isdir(path):
-        path = os.path.join(path, TEACHERS_JSON)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"no teachers.json at {path!r}; run `cpd teachers train` first")
-    with open(path) as f:
-        return path, json.load(f)
-
-
-def _records(payload: dict[str, Any]) -> dict[str, TeacherRecord]:
-    known = {f.name for f in dataclasses.fields(TeacherRecord)}
-    return {
-        t: TeacherRecord(**{k: v for k, v in r.items() if k in known}) for t, r in payload["teachers"].items()
-    }
-
-
-def load_teachers_json(path: str | os.PathLike) -> dict[str, TeacherRecord]:
-    """Read the records back; ``path`` is ``teachers.json`` or the run directory holding it."""
-    return _records(_read_teachers_json(path)[1])
-
-
-def usable_teachers(path: str | os.PathLike) -> dict[str, TeacherRecord]:
-    """Records that downstream stages may use (``used`` true), in file order."""
-    return {t: r for t, r in load_teachers_json(path).items() if r.used}
 
 
 # ----------------------------------------------------------------------------- the policy
@@ -218,8 +134,6 @@ def apply_remedy(
             else:
                 rec.status = "failed"
     elif on_fail == "scripted":
-        from cpd_fast.teachers.scripted import ScriptedExpert
-
         for task in failed:
             rec = records[task]
             measured = evaluate_teacher(ScriptedExpert(task), task, num_goals=eval_goals, num_envs=eval_envs)
@@ -245,10 +159,6 @@ def gate_scripted(
 ) -> dict[str, TeacherRecord]:
     """The gate on Meta-World's scripted experts: measured and recorded; one below the threshold is unused
     (there is nothing to fall back to)."""
-    from tqdm import tqdm
-
-    from cpd_fast.teachers.scripted import ScriptedExpert
-
     records = {}
     for task in tqdm(tasks, desc="gate", disable=not progress, leave=False):
         m = evaluate_teacher(ScriptedExpert(task), task, num_goals=eval_goals, num_envs=eval_envs)
@@ -277,8 +187,6 @@ class TeacherSpec:
         return f"{self.source}:{self.path or task}"
 
     def make(self, task: str, device: str = "cpu") -> Any:
-        from cpd_fast.teachers.base import make_teacher
-
         return make_teacher(self.source, task, self.path, device=device)
 
 
@@ -295,16 +203,11 @@ def teacher_specs(teachers: str, tasks: Sequence[str]) -> dict[str, TeacherSpec]
     if teachers == "scripted":
         return {t: TeacherSpec("scripted", None) for t in tasks}
     if teachers == "zoo" or teachers.startswith("zoo:"):
-        from cpd_fast.teachers.zoo import DEFAULT_ZOO, zoo_dir
-
         teachers = zoo_dir(teachers.partition(":")[2] or DEFAULT_ZOO)
-    path_json, payload = _read_teachers_json(teachers)
-    records = _records(payload)
+    path_json, payload = read_teachers_json(teachers)
+    records = records_of(payload)
     lacking = [t for t in tasks if t not in records or not records[t].used]
     if lacking and any(r.source == "zoo" for r in records.values()):
-        from cpd_fast.errors import UserError
-        from cpd_fast.teachers.zoo import missing_message
-
         raise UserError(missing_message(path_json, records, lacking))
     subset_goals = payload.get("settings", {}).get("eval_goals")
     root = os.path.dirname(path_json)
@@ -315,8 +218,6 @@ def teacher_specs(teachers: str, tasks: Sequence[str]) -> dict[str, TeacherSpec]
             raise ValueError(f"no usable teacher for {t} in {path_json}")
         goals = 50 if r.protocol == "official" else subset_goals
         if r.source == "zoo":  # a zoo's own record (path: its file) or a run's copy (path: the zoo)
-            from cpd_fast.teachers.zoo import zoo_name
-
             zoo = root if os.path.isfile(os.path.join(root, r.path or "")) else r.path
             out[t] = TeacherSpec("zoo", zoo_name(zoo), r.success_rate, goals)
             continue
@@ -334,8 +235,6 @@ def record_success(
 ) -> float:
     """The teacher's official success on ``eval_goals`` goals, stored in its dataset manifest: read when
     there, else the gate's measurement when it used the same goals, else measured now (once)."""
-    from cpd_fast.runio import read_json, write_json_atomic
-
     manifest = read_json(manifest_path)
     if "teacher_success" not in manifest:
         if spec.success is not None and spec.goals == eval_goals:

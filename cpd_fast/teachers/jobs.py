@@ -33,12 +33,19 @@ from typing import Any
 from cpd_fast.runio import read_json, write_json_atomic
 from cpd_fast.teachers.curve import train_measured
 from cpd_fast.teachers.demos import ALGORITHM, DemoConfig, train_ppo_demos
-from cpd_fast.teachers.gate import evaluate_teacher
 from cpd_fast.teachers.ppo import PPOConfig, load_policy, train_ppo
+from cpd_fast.teachers.records import evaluate_teacher
 from cpd_fast.teachers.scripted import ScriptedExpert
 from cpd_fast.workers import available_cores, core_share, process_pool, set_threads
 
-__all__ = ["BACKENDS", "RAY_CONNECT_TIMEOUT_S", "check_ray_address", "run_jobs", "run_teacher_job"]
+__all__ = [
+    "BACKENDS",
+    "RAY_CONNECT_TIMEOUT_S",
+    "check_ray_address",
+    "run_jobs",
+    "run_teacher_job",
+    "trainer_of",
+]
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +56,7 @@ RAY_CONNECT_TIMEOUT_S = 5.0
 # ----------------------------------------------------------------------------------------------------------
 # One job (runs inside a worker process)
 # ----------------------------------------------------------------------------------------------------------
-def _trainer(algorithm: str, demos: dict[str, Any] | None) -> Any:
+def trainer_of(algorithm: str, demos: dict[str, Any] | None) -> Any:
     """The ``train_ppo``-like callable of a teacher ``algorithm`` (``"ppo"`` or ``"ppo+demos"``)."""
     if algorithm == "ppo":
         return train_ppo
@@ -85,7 +92,7 @@ def run_teacher_job(job: dict[str, Any]) -> dict[str, Any]:
             return json.load(f)
 
     algorithm = job.get("algorithm", "ppo")
-    trainer = _trainer(algorithm, job.get("demos"))
+    trainer = trainer_of(algorithm, job.get("demos"))
     goals, envs, progress = job["eval_goals"], job["eval_envs"], bool(job.get("progress"))
     t0 = time.perf_counter()
     if job.get("eval_every"):

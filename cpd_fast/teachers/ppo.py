@@ -37,12 +37,13 @@ import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, NamedTuple
 
 import numpy as np
 import torch
 from pydantic import Field, Strict
 from torch import nn
+from tqdm import tqdm
 
 from cpd_fast.config import (
     Bool,
@@ -849,8 +850,7 @@ def train_ppo(
         config: hyper-parameters (default :class:`PPOConfig`).
         run_dir: output directory (created); ``None`` = a fresh temporary directory.
         resume: continue from ``run_dir/checkpoint.pt`` when it exists (the config must then match).
-        progress: show a tqdm bar.
-        tensorboard: also write TensorBoard events.
+        progress / tensorboard: show a tqdm bar / also write TensorBoard events.
         stop_after_updates: stop (checkpointed) after this many updates in this call — simulates a kill.
         init: the learner's starting point when there is no checkpoint to resume: ``{"model": state_dict,
             "reward_scaler": state}`` (either optional), e.g. a cloned actor and a warmed-up critic.
@@ -862,33 +862,14 @@ def train_ppo(
     Returns:
         :class:`TrainResult`; ``policy_path`` is ``run_dir/policy.pt`` once ``total_steps`` are done.
     """
-    # ---- setup
+    # ---- setup (seeds torch, then draws the networks' initial weights)
     task = validate_task(task)
     cfg = config if config is not None else PPOConfig()
     run_dir = os.fspath(run_dir) if run_dir is not None else tempfile.mkdtemp(prefix=f"ppo-{task}-")
-    os.makedirs(run_dir, exist_ok=True)
     ckpt_path, policy_path = os.path.join(run_dir, "checkpoint.pt"), os.path.join(run_dir, "policy.pt")
-    if cfg.torch_threads > 0:
-        torch.set_num_threads(cfg.torch_threads)
-    device = _device(cfg.device)
-    torch.manual_seed(cfg.seed)
-    model = ActorCritic(cfg).to(device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.learning_rate, eps=1e-5)
-    reward_scaler = RewardScaler(cfg.num_envs, cfg.gamma, cfg.clip_reward, enabled=cfg.norm_reward)
-
-    # ---- resume
-    global_step, update = 0, 0
-    if resume and os.path.isfile(ckpt_path):
-        global_step, update = _load_checkpoint(ckpt_path, cfg, model, optimizer, reward_scaler, device)
-    elif init is not None:
-        if "model" in init:
-            model.load_state_dict(init["model"])
-        if "reward_scaler" in init:
-            reward_scaler.load(init["reward_scaler"])
+    learner = model, optimizer, reward_scaler, device = _learner(cfg)
+    global_step, update = _start(run_dir, task, cfg, learner, resume, init)  # ---- resume (or init)
     resumed_from = global_step
-    if global_step == 0 and os.path.exists(os.path.join(run_dir, "metrics.jsonl")):
-        os.remove(os.path.join(run_dir, "metrics.jsonl"))  # a fresh start: drop an older run's log
-    write_json_atomic(os.path.join(run_dir, "config.json"), {"task": task, **cfg.to_dict()})
 
     def save_checkpoint() -> None:
         _save_checkpoint(ckpt_path, task, cfg, model, optimizer, reward_scaler, global_step, update)
@@ -901,69 +882,127 @@ def train_ppo(
         logger = stack.enter_context(RunLogger(run_dir, tensorboard))
         bar = stack.enter_context(_progress_bar(task, cfg, global_step)) if progress else None
         while global_step < cfg.total_steps and updates_this_call < max_updates:
-            if cfg.anneal_lr:
-                optimizer.param_groups[0]["lr"] = (1.0 - update / cfg.num_updates) * cfg.learning_rate
-
-            t_rollout = time.perf_counter()
-            rollout = envs.collect(model, reward_scaler)
-            global_step += cfg.batch_size
-
-            # GAE; truncation bootstraps: Meta-World's time limit is not a terminal state
-            with torch.no_grad():
-                last_value = model.value(torch.as_tensor(rollout.next_obs, device=device)).cpu().numpy()
-            values, gamma, lam = rollout.values.cpu().numpy(), cfg.gamma, cfg.gae_lambda
-            advantages, returns = compute_gae(
-                rollout.rewards, values, last_value, rollout.terminated, rollout.dones, gamma, lam
+            rollout, stats, t_rollout, t_update = _iteration(
+                envs, learner, cfg, update, aux_loss, obs_norm_frozen
             )
-
-            t_update = time.perf_counter()
-            aux = aux_loss(update) if aux_loss is not None else None
-            stats = ppo_update(model, optimizer, rollout.ppo_batch(advantages, returns), cfg, aux_loss=aux)
-            if cfg.norm_obs and not obs_norm_frozen:  # refresh it with this rollout's observations
-                model.obs_norm.update(rollout.obs.reshape(-1, OBS_DIM))
+            global_step += cfg.batch_size
             update += 1
             updates_this_call += 1
-
             first_update = first_update or dict(stats)
             record = _update_record(
-                stats,
-                rollout,
+                stats, rollout, lr=optimizer.param_groups[0]["lr"],
                 steps_per_s=(global_step - resumed_from) / max(time.perf_counter() - t_start, 1e-9),
-                lr=optimizer.param_groups[0]["lr"],
-                rollout_s=t_update - t_rollout,  # rollout + GAE
-                update_s=time.perf_counter() - t_update,
-            )
-            if update % cfg.log_every == 0:
-                logger.log(global_step, record)
-            if bar is not None:
-                _show_progress(bar, record, cfg.batch_size)
+                rollout_s=t_update - t_rollout, update_s=time.perf_counter() - t_update,  # rollout: + GAE
+            )  # fmt: skip
+            _log_update(logger, bar, cfg, global_step, update, record)
             if update % cfg.checkpoint_every == 0 or global_step >= cfg.total_steps:
                 save_checkpoint()
 
-    # ---- finish
+    # ---- finish: the resume state, and the teacher itself once the budget is done
     elapsed = time.perf_counter() - t_start
+    if global_step >= cfg.total_steps or updates_this_call:
+        save_checkpoint()
     if global_step >= cfg.total_steps:
-        save_checkpoint()
         save_torch_atomic(policy_payload(model, cfg, task, {"global_step": global_step}), policy_path)
-    elif updates_this_call:
-        save_checkpoint()
     return TrainResult(
-        task=task,
-        run_dir=run_dir,
-        global_step=global_step,
-        wall_time_s=elapsed,
-        steps_per_s=(global_step - resumed_from) / max(elapsed, 1e-9),
-        policy_path=policy_path,
-        first_update=first_update,
-        episode_returns=envs.episode_returns,
-        episode_successes=envs.episode_successes,
-        resumed_from=resumed_from,
+        task=task, run_dir=run_dir, global_step=global_step, wall_time_s=elapsed,
+        steps_per_s=(global_step - resumed_from) / max(elapsed, 1e-9), policy_path=policy_path,
+        first_update=first_update, episode_returns=envs.episode_returns,
+        episode_successes=envs.episode_successes, resumed_from=resumed_from,
+    )  # fmt: skip
+
+
+class _Learner(NamedTuple):
+    """What PPO trains and checkpoints, and where it runs."""
+
+    model: ActorCritic
+    optimizer: torch.optim.Optimizer
+    reward_scaler: RewardScaler
+    device: torch.device
+
+
+def _learner(cfg: PPOConfig) -> _Learner:
+    """A fresh learner: ``torch.manual_seed(cfg.seed)``, then the networks (their initial weights are the
+    first draws), Adam and the reward scaler, on ``cfg.device``."""
+    if cfg.torch_threads > 0:
+        torch.set_num_threads(cfg.torch_threads)
+    device = _device(cfg.device)
+    torch.manual_seed(cfg.seed)
+    model = ActorCritic(cfg).to(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.learning_rate, eps=1e-5)
+    reward_scaler = RewardScaler(cfg.num_envs, cfg.gamma, cfg.clip_reward, enabled=cfg.norm_reward)
+    return _Learner(model, optimizer, reward_scaler, device)
+
+
+def _start(
+    run_dir: str, task: str, cfg: PPOConfig, learner: _Learner, resume: bool, init: dict[str, Any] | None
+) -> tuple[int, int]:
+    """Where training starts: ``run_dir``'s checkpoint when resuming (learner state and torch's RNG
+    restored), else ``init`` (a fresh start also drops an older run's log); creates ``run_dir`` and writes
+    its ``config.json``. Returns ``(global_step, update)``."""
+    os.makedirs(run_dir, exist_ok=True)
+    model, optimizer, reward_scaler, device = learner
+    ckpt_path = os.path.join(run_dir, "checkpoint.pt")
+    global_step, update = 0, 0
+    if resume and os.path.isfile(ckpt_path):
+        global_step, update = _load_checkpoint(ckpt_path, cfg, model, optimizer, reward_scaler, device)
+    elif init is not None:
+        if "model" in init:
+            model.load_state_dict(init["model"])
+        if "reward_scaler" in init:
+            reward_scaler.load(init["reward_scaler"])
+    if global_step == 0 and os.path.exists(os.path.join(run_dir, "metrics.jsonl")):
+        os.remove(os.path.join(run_dir, "metrics.jsonl"))  # a fresh start: drop an older run's log
+    write_json_atomic(os.path.join(run_dir, "config.json"), {"task": task, **cfg.to_dict()})
+    return global_step, update
+
+
+def _iteration(
+    envs: RolloutCollector,
+    learner: _Learner,
+    cfg: PPOConfig,
+    update: int,
+    aux_loss: Callable[[int], AuxLoss | None] | None,
+    obs_norm_frozen: bool,
+) -> tuple[Rollout, dict[str, float], float, float]:
+    """Update number ``update`` (0-based): anneal the learning rate, collect a rollout, GAE, the PPO
+    update (plus ``aux_loss(update)``), then refresh the observation normaliser with the rollout's
+    observations (unless ``obs_norm_frozen``).
+    Returns ``(rollout, update stats, rollout start time, update start time)`` (``time.perf_counter``)."""
+    model, optimizer, reward_scaler, device = learner
+    if cfg.anneal_lr:
+        optimizer.param_groups[0]["lr"] = (1.0 - update / cfg.num_updates) * cfg.learning_rate
+
+    t_rollout = time.perf_counter()
+    rollout = envs.collect(model, reward_scaler)
+
+    # GAE; truncation bootstraps: Meta-World's time limit is not a terminal state
+    with torch.no_grad():
+        last_value = model.value(torch.as_tensor(rollout.next_obs, device=device)).cpu().numpy()
+    values, gamma, lam = rollout.values.cpu().numpy(), cfg.gamma, cfg.gae_lambda
+    advantages, returns = compute_gae(
+        rollout.rewards, values, last_value, rollout.terminated, rollout.dones, gamma, lam
     )
+
+    t_update = time.perf_counter()
+    aux = aux_loss(update) if aux_loss is not None else None
+    stats = ppo_update(model, optimizer, rollout.ppo_batch(advantages, returns), cfg, aux_loss=aux)
+    if cfg.norm_obs and not obs_norm_frozen:  # refresh it with this rollout's observations
+        model.obs_norm.update(rollout.obs.reshape(-1, OBS_DIM))
+    return rollout, stats, t_rollout, t_update
+
+
+def _log_update(
+    logger: RunLogger, bar: Any, cfg: PPOConfig, global_step: int, update: int, record: dict[str, float]
+) -> None:
+    """An update's record to the log (every ``cfg.log_every`` updates) and the progress bar (if any)."""
+    if update % cfg.log_every == 0:
+        logger.log(global_step, record)
+    if bar is not None:
+        _show_progress(bar, record, cfg.batch_size)
 
 
 def _progress_bar(task: str, cfg: PPOConfig, global_step: int) -> Any:
-    from tqdm import tqdm
-
     return tqdm(total=cfg.total_steps, initial=min(global_step, cfg.total_steps), unit="step", desc=task)
 
 

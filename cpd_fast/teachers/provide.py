@@ -42,7 +42,7 @@ from cpd_fast.teachers.gate import (
     verdict,
     write_teachers_json,
 )
-from cpd_fast.teachers.jobs import BACKENDS, _trainer, check_ray_address, run_jobs
+from cpd_fast.teachers.jobs import BACKENDS, check_ray_address, run_jobs, trainer_of
 from cpd_fast.teachers.ppo import PPOConfig
 from cpd_fast.teachers.zoo import DEFAULT_ZOO, missing_message, zoo_name, zoo_records
 
@@ -152,6 +152,19 @@ def _check_gate(
     require_int("eval_envs", eval_envs)
 
 
+def _check_training(
+    backend: str, algorithm: str, demos: DemoConfig, eval_every: int | None, stop_at: float | None
+) -> None:
+    """Refuse :func:`train_teachers`' job settings before anything runs."""
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    trainer_of(algorithm, demos.to_dict())  # an unknown algorithm
+    if eval_every is not None:
+        require_int("eval_every", eval_every)
+    if stop_at is not None and not 0.0 <= stop_at <= 1.0:
+        raise ValueError(f"stop_at must be a success rate in [0, 1], got {stop_at}")
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Zoo
 # ----------------------------------------------------------------------------------------------------------
@@ -242,14 +255,8 @@ def train_teachers(
     cfg = config if config is not None else PPOConfig()
     threshold = DEFAULT_THRESHOLD if threshold is None else float(threshold)
     _check_gate(threshold, on_fail, retrain_factor, eval_goals, eval_envs)
-    if backend not in BACKENDS:
-        raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
     demos = demos if demos is not None else DemoConfig()
-    _trainer(algorithm, demos.to_dict())  # an unknown algorithm: refused before anything runs
-    if eval_every is not None:
-        require_int("eval_every", eval_every)
-    if stop_at is not None and not 0.0 <= stop_at <= 1.0:
-        raise ValueError(f"stop_at must be a success rate in [0, 1], got {stop_at}")
+    _check_training(backend, algorithm, demos, eval_every, stop_at)
     run_dir = os.fspath(run_dir)
     if env_backends is None:  # no fidelity report: the known envpool mismatches (dial-turn-v3) still apply
         env_backends = collection_backends(None)

@@ -10,26 +10,23 @@ from __future__ import annotations
 import warnings
 
 import numpy as np
+from metaworld.policies import ENV_POLICY_MAP
 
-from cpd_fast.tasks import validate_task
+from cpd_fast.envs import ACT_DIM, OBS_DIM
 
 __all__ = ["ScriptedExpert"]
-
-OBS_DIM = 39
-ACT_DIM = 4
 
 
 class ScriptedExpert:
     """Batched wrapper around ``metaworld.policies.ENV_POLICY_MAP[task]()``.
 
     Args:
-        task: Meta-World v3 task name, e.g. ``"reach-v3"``.
+        task: Meta-World v3 task name, e.g. ``"reach-v3"`` (validated by the caller: :func:`cpd_fast.tasks.
+            validate_task`; a name Meta-World has no expert for is refused here).
     """
 
     def __init__(self, task: str) -> None:
-        from metaworld.policies import ENV_POLICY_MAP  # heavy import, only when a teacher is built
-
-        self.task = validate_task(task)
+        self.task = task
         if self.task not in ENV_POLICY_MAP:
             raise ValueError(f"metaworld has no scripted policy for {self.task!r}")
         self._policy = ENV_POLICY_MAP[self.task]()

@@ -1,6 +1,6 @@
 """Teacher zoos: trained RL teachers shipped with the package (or kept in any directory), ready to distil.
 
-A zoo is a directory holding ``teachers.json`` (the gate's format, :mod:`cpd_fast.teachers.gate`: one
+A zoo is a directory holding ``teachers.json`` (the gate's format, :mod:`cpd_fast.teachers.records`: one
 record per task with ``source: "zoo"``, the policy file, its official success on the 50 fixed goals, the
 algorithm that made it, its env steps, wall time, seed and the command that re-trains it) and one
 actor-only policy file per task (``<task>.pt`` + ``<task>.pt.sha256``: actor weights, observation
@@ -19,8 +19,18 @@ action sizes are not Meta-World's.
 
 from __future__ import annotations
 
+import dataclasses
 import os
+import tempfile
+import time
 from typing import Any
+
+from cpd_fast.errors import UserError
+from cpd_fast.runio import CorruptFileError, file_sha256, read_json, write_json_atomic
+from cpd_fast.tasks import MT25, MT50, validate_task
+from cpd_fast.teachers.checkpoint import CheckpointTeacher
+from cpd_fast.teachers.ppo import export_policy
+from cpd_fast.teachers.records import TeacherRecord, bar, evaluate_teacher, load_teachers_json, passes
 
 __all__ = [
     "DEFAULT_ZOO",
@@ -55,8 +65,6 @@ def shipped_zoos() -> list[str]:
 
 def zoo_dir(zoo: str | os.PathLike = DEFAULT_ZOO) -> str:
     """The directory of ``zoo``: a shipped zoo's name, or a directory holding ``teachers.json``."""
-    from cpd_fast.errors import UserError
-
     zoo = os.fspath(zoo)
     if os.path.isfile(os.path.join(zoo, "teachers.json")):
         return os.path.abspath(zoo)
@@ -77,14 +85,10 @@ def zoo_name(zoo: str | os.PathLike) -> str:
 
 def zoo_records(zoo: str | os.PathLike = DEFAULT_ZOO) -> tuple[str, dict[str, Any]]:
     """``(teachers.json path, {task: TeacherRecord})`` of ``zoo``."""
-    from cpd_fast.teachers.gate import load_teachers_json
-
     path = os.path.join(zoo_dir(zoo), "teachers.json")
     try:
         return path, load_teachers_json(path)
     except (ValueError, KeyError, TypeError) as err:  # JSONDecodeError is a ValueError
-        from cpd_fast.errors import UserError
-
         raise UserError(f"cannot read the zoo's {path} ({type(err).__name__}: {err}); {_REINSTALL}") from None
 
 
@@ -99,13 +103,8 @@ def missing_message(path: str, records: dict[str, Any], tasks: list[str]) -> str
 
 
 def zoo_teacher(task: str, zoo: str | os.PathLike = DEFAULT_ZOO, device: str = "cpu") -> Any:
-    """The zoo's teacher of ``task``: ``action_mean(obs [B, 39]) -> [B, 4]`` of the shipped policy."""
-    from cpd_fast.errors import UserError
-    from cpd_fast.runio import CorruptFileError
-    from cpd_fast.tasks import validate_task
-    from cpd_fast.teachers.checkpoint import CheckpointTeacher
-
-    task = validate_task(task)
+    """The zoo's teacher of ``task`` (a validated name; one the zoo lacks is a one-line error):
+    ``action_mean(obs [B, 39]) -> [B, 4]`` of the shipped policy."""
     path, records = zoo_records(zoo)
     rec = records.get(task)
     if rec is None or not rec.used:
@@ -139,17 +138,6 @@ def add_teacher(
     A teacher below the zoo's bar (``provenance["threshold"]``, default 0.9, or the scripted expert's
     success where that is lower) is refused and nothing is written.
     """
-    import dataclasses
-    import tempfile
-    import time
-
-    from cpd_fast.errors import UserError
-    from cpd_fast.runio import file_sha256, read_json, write_json_atomic
-    from cpd_fast.tasks import validate_task
-    from cpd_fast.teachers.checkpoint import CheckpointTeacher
-    from cpd_fast.teachers.gate import TeacherRecord, bar, evaluate_teacher, passes
-    from cpd_fast.teachers.ppo import export_policy
-
     task = validate_task(task)
     zoo = os.fspath(zoo)
     os.makedirs(zoo, exist_ok=True)
@@ -197,6 +185,4 @@ def add_teacher(
 
 
 def _order(task: str) -> tuple[int, int, str]:
-    from cpd_fast.tasks import MT25, MT50
-
     return (MT25.index(task) if task in MT25 else len(MT25), MT50.index(task) if task in MT50 else 0, task)

@@ -1,9 +1,13 @@
-"""Parallel teacher training: local process pool and Ray (skipped when ray is not installed)."""
+"""Teacher jobs in parallel (cpd_fast.teachers.jobs): local process pool and Ray (skipped when ray is not
+installed), driven through train_teachers."""
 
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
 import sys
+import time
 
 import pytest
 
@@ -12,7 +16,8 @@ pytest.importorskip("metaworld")
 
 from conftest import tiny_ppo_config
 
-from cpd_fast.distributed import run_jobs, train_teachers
+from cpd_fast.teachers.jobs import run_jobs
+from cpd_fast.teachers.provide import train_teachers
 
 TASKS = ["reach-v3", "drawer-close-v3"]
 TINY = tiny_ppo_config()
@@ -95,10 +100,6 @@ def test_ray_trains_two_and_survives_a_killed_worker(tmp_path, monkeypatch):
 def test_a_pool_worker_dies_with_its_parent(tmp_path):
     """Killing `cpd teachers train` (SIGKILL, no cleanup) must not leave its workers training on into a
     run directory whose lock died with the parent."""
-    import signal
-    import subprocess
-    import time
-
     script = (
         "import multiprocessing as mp, os, time\n"
         "from concurrent.futures import ProcessPoolExecutor\n"
