@@ -1,15 +1,15 @@
-"""Per-task low-rank adapters (cpd_fast.adapters) in the student: off by default, a fresh adapter changes
-nothing, a frozen task keeps its outputs bit for bit while a new task's adapter trains, routing, errors."""
+"""Per-task low-rank adapters (cpd_fast.student.adapters) in the student: off by default, a fresh adapter
+changes nothing, a frozen task keeps its outputs bit for bit while a new task's adapter trains, routing,
+errors."""
 
 import pytest
 import torch
 from test_distill import TINY, _one_thread, synthetic_data, tiny_config  # noqa: F401  (_one_thread: autouse)
 
-from cpd_fast import adapters
-from cpd_fast.adapters import TaskLoRA
 from cpd_fast.distill import DistillConfig, TaskSampler, configure_phase, train_phase
 from cpd_fast.distill.windows import full_pool
-from cpd_fast.student import Student, StudentConfig
+from cpd_fast.student import Student, StudentConfig, adapters, routing
+from cpd_fast.student.adapters import TaskLoRA
 
 
 def _student(rank, num_tasks=2, seed=0):
@@ -25,11 +25,11 @@ def _batch(n=6, seed=1):
 def test_off_by_default_and_fresh_adapters_change_nothing():
     plain, adapted = _student(None), _student(4)
     assert StudentConfig().adapter_rank is None
-    assert not list(plain.adapter_parameters()) and not any("adapters" in k for k in plain.state_dict())
+    assert not plain.parameter_group("adapters") and not any("adapters" in k for k in plain.state_dict())
     # rank r per map: A [r, in] + B [out, r] for qkv, proj, ff1, ff2 of each of the 2 blocks, per task
     d, f, r = TINY["d_model"], TINY["d_ff"], 4
     per_block = r * ((d + 3 * d) + (d + d) + (d + f) + (f + d))
-    assert sum(p.numel() for p in adapted.adapter_parameters([1])) == 2 * per_block
+    assert sum(p.numel() for p in adapted.parameter_group("adapters", [1])) == 2 * per_block
     obs, ids = _batch()
     plain.update_prototypes(torch.nn.functional.normalize(torch.randn(6, 16), dim=-1), ids)
     adapted.update_prototypes(plain.prototypes[ids].clone(), ids)
@@ -46,12 +46,14 @@ def test_frozen_task_keeps_outputs_bit_for_bit_while_new_task_adapter_trains():
     s = Student(cfg.student, num_tasks=1)
     new = s.add_task()  # task 1 arrives with its expert and its adapter
     configure_phase(s, cfg, 1, "phase1", new, new_tasks=[1])
-    assert all(p.requires_grad for p in s.adapter_parameters([1]))
-    assert not any(p.requires_grad for p in s.adapter_parameters([0]))
+    assert all(p.requires_grad for p in s.parameter_group("adapters", [1]))
+    assert not any(p.requires_grad for p in s.parameter_group("adapters", [0]))
     # everything but task 1's adapter frozen: task 0's outputs cannot move, task 1's must
-    for p in s.parameters():
-        p.requires_grad_(False)
-    s.unfreeze_adapters([1])
+    s.set_frozen({**dict.fromkeys(("shared", "task_encoder", "head", "gate", "experts")), "adapters": [0]})
+    trainable = {id(p) for p in s.parameters() if p.requires_grad}
+    # task 1's adapters, and the experts' stacked weights (every row frozen by the MoE's mask)
+    assert trainable == {id(p) for p in (*s.parameter_group("adapters", [1]), *s.parameter_group("experts"))}
+    assert bool(s.moe.frozen_mask.all())
     obs, _ = _batch()
     for t in (0, 1):
         s.update_prototypes(torch.nn.functional.normalize(torch.randn(3, 16), dim=-1), torch.full((3,), t))
@@ -64,21 +66,22 @@ def test_frozen_task_keeps_outputs_bit_for_bit_while_new_task_adapter_trains():
     assert not torch.equal(s(obs, task_ids=t1), before1)
     # stage 0 trains every adapter
     configure_phase(s, cfg, 0, "train", [0])
-    assert all(p.requires_grad for p in s.adapter_parameters())
+    assert all(p.requires_grad for p in s.parameter_group("adapters"))
 
 
 def test_route_follows_task_id_else_nearest_prototype():
     s = _student(2, num_tasks=3)
     z = torch.nn.functional.normalize(torch.randn(2, 4, 16), dim=-1)
-    assert torch.equal(s.adapter_route(z, None), torch.full((2, 4), -1))  # no prototype yet: no adapter
+    no_prototype_yet = routing.token_tasks(s, z, None)
+    assert torch.equal(no_prototype_yet, torch.full((2, 4), -1))  # no adapter
     s.prototypes[1] = z[0, 0]
     s.prototypes[2] = -z[0, 0]
     s.prototype_count[1:] = 1
-    ids = s.adapter_route(z, None)
+    ids = routing.token_tasks(s, z, None)
     sims = z @ torch.nn.functional.normalize(s.prototypes[1:], dim=-1).T
     assert torch.equal(ids, 1 + sims.argmax(-1)) and int(ids[0, 0]) == 1  # task 0 (unseen) never chosen
     given = torch.tensor([2, 0])
-    assert s.adapter_route(z, given) is given  # one id per window
+    assert routing.token_tasks(s, z, given) is given  # one id per window
 
 
 @pytest.mark.parametrize("grad", [True, False])
@@ -137,7 +140,7 @@ def test_checkpoint_after_growth_round_trips():
     s.add_task()
     s.add_task()
     with torch.no_grad():
-        for p in s.adapter_parameters():
+        for p in s.parameter_group("adapters"):
             p.add_(0.01)
     obs, _ = _batch()
     ids = torch.tensor([0, 1, 2, 0, 1, 2])

@@ -93,7 +93,7 @@ def train_three_phases(dist: ddp.DistContext | None) -> dict:
 def train_isolated_stages(dist: ddp.DistContext | None) -> dict:
     """The mt25-plus student (task-routed experts, per-task adapters, task conditioning) through two stages
     on 4-window batches: in stage 1 a rank's 2 windows are often all old-task replay, which trains nothing
-    (``Student.frozen_rows``), and the new task's adapters then get no gradient on that rank."""
+    (``cpd_fast.distill.rows.frozen_rows``), and the new task's adapters then get no gradient on that rank."""
     cfg, data = _config(), synthetic_data()
     cfg = replace(cfg, batch_size=4, student=replace(cfg.student, expert_routing="task", adapter_rank=2,
                                                      task_conditioning="task"))  # fmt: skip

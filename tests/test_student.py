@@ -5,7 +5,7 @@ import io
 import pytest
 import torch
 
-from cpd_fast.student import HistoryBuffer, Student, StudentConfig, supcon_loss
+from cpd_fast.student import GROUPS, HistoryBuffer, Student, StudentConfig, routing, supcon_loss
 
 H, OBS, ACT = 6, 39, 4
 
@@ -87,13 +87,13 @@ def test_last_position_forward_equals_the_sequence_with_adapters_and_task_routin
     mask = torch.ones(6, H, dtype=torch.bool)
     mask[:2, :3] = False
     with torch.no_grad():
-        for p in s.adapter_parameters():
+        for p in s.parameter_group("adapters"):
             p.normal_()
         z = s.task_encoder(x, mask)
         s.prototypes.copy_(torch.stack([z[2:, 0].mean(0), z[2:, -1].mean(0), torch.randn(16)]))
         s.prototype_count.fill_(1)
         s.conditioning.normal_()
-    routed = s.adapter_route(z, None)
+    routed = routing.token_tasks(s, z, None)
     assert bool((routed[2:, 0] != routed[2:, -1]).any())  # tokens of one window use different tasks
     ids = torch.tensor([0, 1, 2, 0, 1, 2]) if task_id else None
     torch.testing.assert_close(s(x, ids, mask), s.forward_sequence(x, ids, mask)[:, -1], rtol=1e-5, atol=1e-6)
@@ -160,7 +160,7 @@ def test_supcon_loss_values():
 def test_contrastive_embedding_clusters_synthetic_tasks():
     s = make_student(num_tasks=3)
     means = synthetic_tasks(3)
-    opt = torch.optim.Adam(s.task_encoder_parameters(), lr=3e-3)
+    opt = torch.optim.Adam(s.parameter_group("task_encoder"), lr=3e-3)
     # SupCon's floor (perfect clusters): log(positives per anchor) = log(15) for 48 windows of 3 tasks
     floor = torch.log(torch.tensor(15.0)).item()
     first = None
@@ -258,31 +258,49 @@ def test_freeze_shared_and_old_experts_bit_identical_under_adamw():
     old = list(range(s.num_experts))
     s.add_task()
     s.moe.update_optimizer(opt)
-    s.freeze_shared()
-    s.moe.freeze_experts(old)
-    shared = [p.detach().clone() for p in s.shared_parameters()]
+    s.set_frozen({"shared": None, "experts": old})
+    assert s.moe.frozen_mask.tolist() == [True] * len(old) + [False]
+    shared = [p.detach().clone() for p in s.parameter_group("shared")]
     w1 = s.moe.w1.detach().clone()
-    enc = [p.detach().clone() for p in s.task_encoder_parameters()]
+    enc = [p.detach().clone() for p in s.parameter_group("task_encoder")]
     step(3, 3)
-    for a, p in zip(shared, s.shared_parameters(), strict=True):
+    for a, p in zip(shared, s.parameter_group("shared"), strict=True):
         assert torch.equal(a, p)
     assert torch.equal(s.moe.w1[old], w1[old])
     assert not torch.equal(s.moe.w1[-1], w1[-1])  # the new expert trains
-    assert any(not torch.equal(a, p) for a, p in zip(enc, s.task_encoder_parameters(), strict=True))
-    s.unfreeze_shared()
-    assert all(p.requires_grad for p in s.shared_parameters())
+    assert any(not torch.equal(a, p) for a, p in zip(enc, s.parameter_group("task_encoder"), strict=True))
+    s.set_frozen({})  # everything trains again
+    assert all(p.requires_grad for p in s.parameters()) and not bool(s.moe.frozen_mask.any())
 
 
-def test_shared_group_is_disjoint_from_moe_head_encoder():
-    s = make_student()
-    groups = [
-        {id(p) for p in s.shared_parameters()},
-        {id(p) for p in s.moe.parameters()},
-        {id(p) for p in s.head_parameters()},
-        {id(p) for p in s.task_encoder_parameters()},
-    ]
+@pytest.mark.parametrize("adapter_rank", [None, 4])
+def test_parameter_groups_partition_the_parameters(adapter_rank):
+    s = make_student(num_tasks=2, adapter_rank=adapter_rank)
+    groups = [{id(p) for p in s.parameter_group(name)} for name in GROUPS]
     assert sum(len(g) for g in groups) == len({id(p) for p in s.parameters()})
     assert len(set().union(*groups)) == len({id(p) for p in s.parameters()})
+    assert {id(p) for p in s.parameter_group("shared")}.isdisjoint(id(p) for p in s.moe.parameters())
+    per_task = [{id(p) for p in s.parameter_group("adapters", [t])} for t in (0, 1)]
+    assert per_task[0].isdisjoint(per_task[1]) and len(per_task[0]) == (8 * 2 if adapter_rank else 0)
+
+
+def test_set_frozen_freezes_exactly_the_named_groups():
+    s = make_student(num_tasks=3, adapter_rank=4)
+    s.set_frozen({"head": None, "gate": None, "adapters": [0, 2], "experts": [1], "prototypes": [2],
+                  "conditioning": None})  # fmt: skip
+    frozen = {id(p) for name in ("head", "gate") for p in s.parameter_group(name)}
+    frozen |= {id(p) for p in s.parameter_group("adapters", [0, 2])}
+    assert all(p.requires_grad == (id(p) not in frozen) for p in s.parameters())
+    assert s.moe.frozen_mask.tolist() == [False, True, False]
+    assert s.frozen_prototypes == {2} and s.frozen_conditioning == {0, 1, 2}
+    s.set_frozen({"shared": None})  # idempotent: the previous set is forgotten
+    assert not s.moe.frozen_mask.any() and not s.frozen_prototypes and not s.frozen_conditioning
+    frozen = {id(p) for p in s.parameters() if not p.requires_grad}
+    assert frozen == {id(p) for p in s.parameter_group("shared")}
+    with pytest.raises(ValueError, match="unknown parameter group"):
+        s.set_frozen({"trunk": None})
+    with pytest.raises(ValueError, match="takes no index"):
+        s.set_frozen({"head": [0]})
 
 
 def test_state_dict_round_trip_across_growth():

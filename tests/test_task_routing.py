@@ -10,9 +10,11 @@ from test_distill import TINY, _one_thread, synthetic_data, tiny_config  # noqa:
 
 from cpd_fast.distill import DistillConfig, TaskSampler, configure_phase, train_phase
 from cpd_fast.distill.methods import phases_of
+from cpd_fast.distill.rows import frozen_rows, squared_error_of_trained_rows
 from cpd_fast.distill.windows import full_pool
 from cpd_fast.moe import MoELayer, fixed_route
-from cpd_fast.student import Student, StudentConfig
+from cpd_fast.student import Student, StudentConfig, routing
+from cpd_fast.student.loss import squared_error
 
 
 def _expert(layer, e, v):
@@ -76,7 +78,7 @@ def test_a_token_uses_its_tasks_experts_given_or_inferred():
     assert torch.equal(s(obs, task_ids=t0), before0) and not torch.equal(s(obs, task_ids=t1), before1)
     # without a task id each token uses the experts of its nearest prototype
     z = s.task_encoder(obs, torch.ones(4, TINY["history"], dtype=torch.bool))
-    ids = s.adapter_route(z, None)
+    ids = routing.token_tasks(s, z, None)
     s(obs)
     want = torch.bincount(s.task_experts(ids, "last").flatten(), minlength=6)
     assert torch.equal(s.moe.tokens_per_expert, want)
@@ -99,14 +101,14 @@ def test_a_stage_trains_only_the_new_tasks_expert_and_keeps_old_tasks_bit_for_bi
     t0, t1 = torch.zeros(6, dtype=torch.long), torch.ones(6, dtype=torch.long)
     before0, before1 = s(obs, task_ids=t0), s(obs, task_ids=t1)
     w1, protos = s.moe.w1.detach().clone(), s.prototypes.clone()
-    assert not any(p.requires_grad for p in s.task_encoder_parameters()) and s.frozen_prototypes == {0}
+    assert not any(p.requires_grad for p in s.parameter_group("task_encoder")) and s.frozen_prototypes == {0}
     train_phase(s, data, TaskSampler({t: full_pool(data, t) for t in (0, 1)}), 5, cfg, torch.Generator())
     assert torch.equal(s.moe.w1[:2], w1[:2]) and not torch.equal(s.moe.w1[2], w1[2])
     assert torch.equal(s.prototypes[0], protos[0]) and not torch.equal(s.prototypes[1], protos[1])
     assert torch.equal(s(obs, task_ids=t0), before0)  # replayed windows of task 0 moved nothing of it
     assert not torch.equal(s(obs, task_ids=t1), before1)
     configure_phase(s, cfg, 0, "train", [0, 1])  # stage 0 trains everything
-    assert all(p.requires_grad for p in s.task_encoder_parameters()) and not s.frozen_prototypes
+    assert all(p.requires_grad for p in s.parameter_group("task_encoder")) and not s.frozen_prototypes
 
 
 def test_checkpoint_label_and_bad_input():
@@ -144,7 +146,7 @@ def test_task_conditioning_acts_as_the_inferred_task_would_with_its_id():
     z = s.task_encoder(obs, mask)
     for t in (0, 1):  # two prototypes, each the mean of half the tokens
         s.update_prototypes(F.normalize(z[t::2, -1].mean(0, keepdim=True), dim=-1), torch.tensor([t]))
-    ids = s.adapter_route(z, None)
+    ids = routing.token_tasks(s, z, None)
     whole = (ids == ids[:, :1]).all(1)
     assert whole.any()
     inferred = s(obs[whole])
@@ -165,15 +167,15 @@ def test_task_conditioning_stage_trains_the_encoder_and_keeps_old_tasks_bit_for_
     for t in (0, 1):
         s.update_prototypes(F.normalize(torch.randn(3, 16), dim=-1), torch.full((3,), t))
     configure_phase(s, cfg, 1, "train", new, new_tasks=[1])
-    assert all(p.requires_grad for p in s.task_encoder_parameters())  # the classifier keeps learning
+    assert all(p.requires_grad for p in s.parameter_group("task_encoder"))  # the classifier keeps learning
     assert s.frozen_conditioning == {0} and not s.frozen_prototypes
     obs = torch.randn(6, TINY["history"], 39)
     t0 = torch.zeros(6, dtype=torch.long)
     before0 = s(obs, task_ids=t0)
-    enc = [p.detach().clone() for p in s.task_encoder_parameters()]
+    enc = [p.detach().clone() for p in s.parameter_group("task_encoder")]
     protos, cond = s.prototypes.clone(), s.conditioning.clone()
     train_phase(s, data, TaskSampler({t: full_pool(data, t) for t in (0, 1)}), 5, cfg, torch.Generator())
-    assert any(not torch.equal(a, b) for a, b in zip(enc, s.task_encoder_parameters(), strict=True))
+    assert any(not torch.equal(a, b) for a, b in zip(enc, s.parameter_group("task_encoder"), strict=True))
     assert not torch.equal(s.prototypes[0], protos[0])  # task 0's prototype follows the encoder ...
     assert torch.equal(s.conditioning[0], cond[0])  # ... its conditioning does not
     assert torch.equal(s.conditioning[1], s.prototypes[1])  # the new task's is its live prototype
@@ -183,10 +185,10 @@ def test_task_conditioning_stage_trains_the_encoder_and_keeps_old_tasks_bit_for_
 
 
 @pytest.mark.parametrize("conditioning", ["embedding", "task"])
-def test_windows_that_train_nothing_are_left_out_with_the_same_gradient(conditioning, monkeypatch):
-    """Under parameter isolation an old task's replayed window reads only frozen tensors: ``losses`` leaves
-    it out of the forward pass. The gradient equals running every window (the reference, with
-    ``frozen_rows`` disabled); ``mse`` is that of the new task's windows."""
+def test_windows_that_train_nothing_are_left_out_with_the_same_gradient(conditioning):
+    """Under parameter isolation an old task's replayed window reads only frozen tensors: training's loss
+    (:mod:`cpd_fast.distill.rows`) leaves it out of the forward pass. The gradient equals running every
+    window (the reference, ``student.losses``); ``mse`` is that of the new task's windows."""
     cfg = tiny_config(student=StudentConfig(**TINY, expert_routing="task", adapter_rank=4,
                                             task_conditioning=conditioning))  # fmt: skip
     torch.manual_seed(0)
@@ -200,26 +202,25 @@ def test_windows_that_train_nothing_are_left_out_with_the_same_gradient(conditio
     ids, mask = torch.tensor([0, 1, 2] * 4), torch.ones(12, H, dtype=torch.bool)
     mask[:3, :2] = False
     use = torch.rand(12, generator=g) < 0.5
-    assert s.frozen_rows(ids) is None  # stage 0: everything trains
+    assert frozen_rows(s, ids) is None  # stage 0: everything trains
     configure_phase(s, cfg, 1, "train", new, new_tasks=[2])
-    assert s.frozen_rows(ids).tolist() == [True, True, False] * 4
+    assert frozen_rows(s, ids).tolist() == [True, True, False] * 4
     with torch.no_grad():
-        assert s.frozen_rows(ids) is None  # nothing trains without autograd
+        assert frozen_rows(s, ids) is None  # nothing trains without autograd
 
     def grads(skip: bool):
-        if not skip:
-            monkeypatch.setattr(Student, "frozen_rows", lambda self, task_ids: None)
         s.zero_grad(set_to_none=True)
-        out = s.losses(obs, target, ids, mask, update_prototypes=False, use_prototype=use)
+        fn = squared_error_of_trained_rows if skip else squared_error
+        out = s.losses(obs, target, ids, mask, False, use, squared_error_fn=fn)
         out["total"].backward()
-        monkeypatch.undo()
         return out, {n: p.grad.clone() for n, p in s.named_parameters() if p.grad is not None}
 
     (out, got), (_, want) = grads(True), grads(False)
     assert got.keys() == want.keys() and "moe.w1" in got
     for n in want:
         torch.testing.assert_close(got[n], want[n], rtol=1e-5, atol=1e-7, msg=n)
-    old = s.losses(obs[~(ids == 2)], target[~(ids == 2)], ids[~(ids == 2)], mask[~(ids == 2)])
+    old = s.losses(obs[~(ids == 2)], target[~(ids == 2)], ids[~(ids == 2)], mask[~(ids == 2)],
+                   squared_error_fn=squared_error_of_trained_rows)  # fmt: skip
     assert float(old["mse"]) == 0.0 and old["total"].requires_grad  # replay only: zero, still a loss
     live = ids == 2  # the reported MSE: the new task's windows', written out
     z = s.task_encoder(obs[live], mask[live])
@@ -233,7 +234,7 @@ def test_task_conditioning_checkpoint_label_and_bad_input():
     s.add_task()
     ids = torch.tensor([0, 1])
     s.update_prototypes(F.normalize(torch.randn(2, 16), dim=-1), ids)
-    s.freeze_conditioning([0])
+    s.set_frozen({"conditioning": [0]})
     s.update_prototypes(F.normalize(torch.randn(2, 16), dim=-1), ids)
     obs = torch.randn(2, TINY["history"], 39)
     back = Student.from_state_dict(s.state_dict())

@@ -18,9 +18,10 @@ joint        fixed  one stage with every task, all parameters, the total step bu
 ============ ====== ============================ ============================================ ==========
 
 Fixed-capacity methods get ``num_tasks · experts_per_task`` experts from the start, the capacity cpd
-reaches at the end. The task encoder trains throughout (see :mod:`cpd_fast.student`). A new method is one
-:class:`Method` entry in :data:`METHODS` (plus, at most, one hook such as :class:`EWCHook`); nothing else
-in the package tells methods apart.
+reaches at the end. The task encoder trains throughout (see :mod:`cpd_fast.student.groups`). What a phase
+freezes is named by parameter group (:func:`frozen_groups`). A new method is one :class:`Method` entry in
+:data:`METHODS` (plus, at most, one hook such as :class:`EWCHook`); nothing else in the package tells
+methods apart.
 """
 
 from __future__ import annotations
@@ -30,7 +31,19 @@ from typing import Any
 
 import torch
 
-__all__ = ["METHODS", "EWCHook", "Method", "configure_phase", "get_method", "phases_of", "task_routed"]
+from cpd_fast.distill.windows import TaskSampler
+from cpd_fast.ewc import EWCPenalty, diagonal_fisher
+
+__all__ = [
+    "METHODS",
+    "EWCHook",
+    "Method",
+    "configure_phase",
+    "frozen_groups",
+    "get_method",
+    "phases_of",
+    "task_routed",
+]
 
 
 @dataclass(frozen=True)
@@ -113,67 +126,68 @@ def task_routed(cfg: Any) -> bool:
     return cfg.student.expert_routing == "task"
 
 
-def configure_phase(
+def frozen_groups(
     student: Any, cfg: Any, stage: int, phase: str, new_experts: list[int], new_tasks: list[int] = ()
-) -> None:
-    """Set what trains in ``phase`` of ``stage`` (idempotent: a resumed run calls it again).
+) -> dict[str, list[int] | None]:
+    """What ``phase`` of ``stage`` freezes, by parameter group (:mod:`cpd_fast.student.groups`): group name
+    → None (all of it) or the tasks / experts of it that freeze; every other group trains.
 
     ``new_experts``: the experts added for this stage's tasks (growing methods only). ``new_tasks``: this
     stage's task ids; with per-task adapters (``student.adapter_rank``) only theirs train after stage 0,
     in every method (an adapter learns while its task is new, then keeps that task's features).
     """
     method = get_method(cfg.method)
-    moe = student.moe
-    moe.always_route([])
-    student.unfreeze_shared()
-    student.unfreeze_head()
-    student.unfreeze_task_encoder()
-    moe.unfreeze_experts(list(range(moe.num_experts)))
-    moe.unfreeze_gate()
-    student.unfreeze_adapters()
-    student.unfreeze_prototypes()
-    student.unfreeze_conditioning()
     if stage == 0 or method.joint:
-        return
+        return {}
     new = set(new_tasks)
     old_tasks = [t for t in range(student.num_tasks) if t not in new]
-    student.freeze_adapters(old_tasks)
+    frozen: dict[str, list[int] | None] = {"adapters": old_tasks}
     routed = task_routed(cfg)
     if method.freezes_shared and cfg.freeze_shared:
-        student.freeze_shared()
-        student.freeze_head()  # the head maps every expert's output: training it moves old tasks too
+        # the head maps every expert's output: training it moves old tasks too
+        frozen |= {"shared": None, "head": None}
         if method.expert_phases and routed:
             # Parameter isolation: everything an old task's output depends on stays as it is, so with its
             # task id it computes what it did, bit for bit.
             if student.config.task_conditioning == "task":
                 # an old task is conditioned on its own frozen vector, so the encoder and the prototypes
                 # go on learning to tell the tasks apart (on the replayed windows too)
-                student.freeze_conditioning(old_tasks)
+                frozen["conditioning"] = old_tasks
             else:
                 # conditioned on its prototype, an old task moves with the encoder, and its frozen parts
-                # cannot follow (MT25: drawer-open 1.00 -> 0.00 after one stage with the encoder training;
-                # bench/mt25_levers): the encoder freezes too
-                student.freeze_task_encoder()
-                student.freeze_prototypes(old_tasks)
+                # cannot follow (on MT25 an old task's success collapsed after one stage with the encoder
+                # training: bench/mt25_levers): the encoder freezes too
+                frozen |= {"task_encoder": None, "prototypes": old_tasks}
     if method.expert_phases:
         # with task-routed experts an old task's experts serve it alone, so they stay as they are all stage
         first = phase != "phase2"
         if routed or not first:
-            moe.freeze_gate()
+            frozen["gate"] = None
         born = set(new_experts)
-        old = [e for e in range(moe.num_experts) if e not in born]
+        old = [e for e in range(student.num_experts) if e not in born]
         if (routed or first) and old:
-            moe.freeze_experts(old)
-        if first and not routed and cfg.route_new_experts and new_experts:
-            moe.always_route(new_experts)
+            frozen["experts"] = old
+    return frozen
+
+
+def configure_phase(
+    student: Any, cfg: Any, stage: int, phase: str, new_experts: list[int], new_tasks: list[int] = ()
+) -> None:
+    """Set what trains in ``phase`` of ``stage`` (idempotent: a resumed run calls it again): the groups of
+    :func:`frozen_groups` freeze, everything else trains; in Phase 1 the newborn experts are always routed
+    (``route_new_experts``: a dormant expert would otherwise never enter anyone's top-k)."""
+    student.moe.always_route([])
+    student.set_frozen(frozen_groups(student, cfg, stage, phase, new_experts, new_tasks))
+    method = get_method(cfg.method)
+    first_phase = stage > 0 and not method.joint and method.expert_phases and phase != "phase2"
+    if first_phase and not task_routed(cfg) and cfg.route_new_experts and new_experts:
+        student.moe.always_route(new_experts)
 
 
 class EWCHook:
     """The penalty methods' one hook: the EWC penalty in the loss, consolidated after every stage."""
 
     def __init__(self, cfg: Any) -> None:
-        from cpd_fast.ewc import EWCPenalty
-
         method = get_method(cfg.method)
         self.cfg = cfg
         self.penalty = EWCPenalty(cfg.ewc_lambda, online=method.penalty == "online-ewc", gamma=cfg.ewc_gamma)
@@ -183,9 +197,6 @@ class EWCHook:
 
     def end_of_stage(self, student: Any, data: Any, pools: dict, gen: torch.Generator) -> None:
         """Estimate the stage's diagonal Fisher on its tasks' windows and consolidate."""
-        from cpd_fast.distill.windows import TaskSampler
-        from cpd_fast.ewc import diagonal_fisher
-
         sampler = TaskSampler(pools)
         device = torch.device(self.cfg.device)
         was = student.training

@@ -1,21 +1,10 @@
 """One training phase: AdamW on task-balanced windows with the distillation loss and the LR schedule.
 
-The loss is an object (:class:`DistillLoss`) so that data-parallel training can wrap it in DDP and give it
-collectives (:class:`cpd_fast.ddp.Collectives`); the model itself only maps tensors to tensors.
-
-**Data-parallel losses** (``collectives`` given): every rank draws the *same* global batch and trains on
-its slice (:func:`cpd_fast.ddp.rank_rows`). What is not a per-window average is computed over the global
-batch, so W ranks reproduce one process with the same ``batch_size`` (to float32 reduction order):
-
-* *MSE* is a masked mean: each rank divides its squared-error sum by the *global* count of real positions.
-* *Supervised-contrastive loss* compares every pair of the batch: the last-position embeddings are
-  all-gathered (every rank computes the same global loss; the gather's backward keeps the rank's rows).
-* *MoE load-balancing loss*: :func:`cpd_fast.moe.load_balancing_loss` with the routed-row counts summed
-  over ranks and this rank's share of the mean gate probability (the shares sum to the global loss).
-* *Prototype EMA* (a buffer): updated on every rank from the gathered embeddings and task ids.
-
-Each rank back-propagates ``W ×`` its share of the global loss; DDP averages the gradients over the W
-ranks, which gives the single-process gradient.
+The loss is :func:`cpd_fast.student.loss.distill_losses`, held by a module (:class:`DistillLoss`) so that
+data-parallel training can wrap it in DDP and give it collectives (:class:`cpd_fast.ddp.Collectives`):
+every rank draws the *same* global batch and trains on its slice (:func:`cpd_fast.ddp.rank_rows`), and the
+loss is the global batch's (the loss module's docstring says how). Training leaves out the windows that
+train nothing (:mod:`cpd_fast.distill.rows`).
 """
 
 from __future__ import annotations
@@ -27,6 +16,11 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
+from tqdm import tqdm
+
+from cpd_fast import ddp
+from cpd_fast.distill.rows import squared_error_of_trained_rows, zero_on_trainable
+from cpd_fast.student.loss import distill_losses
 
 __all__ = ["DistillLoss", "lr_factor", "train_phase"]
 
@@ -34,8 +28,9 @@ FUSED_ADAM = ("cpu", "cuda")  # devices with a fused AdamW kernel
 
 
 class DistillLoss(nn.Module):
-    """``Student.losses`` as a module: single-process it *is* ``student.losses``; with ``collectives`` the
-    losses are the global batch's (module docstring) and ``backward`` is this rank's share × W."""
+    """The distillation loss of a batch as a module: ``{mse, contrastive, aux, total, backward}``;
+    ``backward`` is what to back-propagate (single-process: ``total``; with ``collectives``, this rank's
+    share of the global batch's loss × W)."""
 
     def __init__(self, student: nn.Module, collectives: Any = None) -> None:
         super().__init__()
@@ -50,45 +45,17 @@ class DistillLoss(nn.Module):
         mask: torch.Tensor,
         use_prototype: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
+        out = distill_losses(
+            self.student, obs, target, task_ids, mask, use_prototype=use_prototype,
+            collectives=self.collectives, squared_error_fn=squared_error_of_trained_rows,
+        )  # fmt: skip
         if self.collectives is None:
-            out = self.student.losses(obs, target, task_ids, mask, use_prototype=use_prototype)
             return {**out, "backward": out["total"]}
-        return self._global_batch(obs, target, task_ids, mask, use_prototype)
-
-    def _global_batch(self, obs, target, task_ids, mask, use_prototype) -> dict[str, torch.Tensor]:
-        from cpd_fast.moe import load_balancing_loss
-        from cpd_fast.student import supcon_loss
-
-        s, c = self.student, self.collectives
-        cfg = s.config
-        mask, per_position = s.check_loss_inputs(obs, target, task_ids, mask, use_prototype)
-        update = s.training
-        z = s.task_encoder(obs, mask)
-        if use_prototype is not None and update:
-            s.update_prototypes(c.gather(z[:, -1].detach()), c.gather(task_ids))
-            update = False
-        sq, n_trained, n_all = s.squared_error(obs, target, task_ids, mask, use_prototype, per_position, z)
-        z_last = z[:, -1]
-        mse_share = sq / c.sum(n_all)
-        stats = s.moe.router_stats
-        n = stats.probs.shape[0] * c.world_size  # tokens of the global batch
-        counts = c.sum(stats.counts)
-        aux_share = load_balancing_loss(counts, stats.probs.sum(0) / n, n, s.moe.top_k, s.moe.aux_loss_weight)
-        z_all, ids_all = c.gather(z_last), c.gather(task_ids)
-        # the same on every rank; its gradient reaches this rank's own embeddings only
-        contrastive = supcon_loss(z_all, ids_all, cfg.contrastive_temperature)
-        if update:
-            s.update_prototypes(z_all.detach(), ids_all)
-        backward = c.world_size * (mse_share + aux_share + cfg.contrastive_weight * contrastive)
         # DDP all-reduces every trainable parameter's gradient (find_unused_parameters is off), but this
         # rank's windows may not reach all of them: an absent task's adapters, or nothing at all when every
-        # window is idle (Student.frozen_rows). A zero term puts each in the graph with a zero gradient.
-        backward = backward + s.zero_on_trainable()
-        # reported: the MSE of the windows that train (all of them unless Student.frozen_rows)
-        mse = c.sum(sq.detach()) / c.sum(n_trained).clamp(min=1)
-        aux, contrastive = c.sum(aux_share), contrastive.detach()
-        total = mse + aux + cfg.contrastive_weight * contrastive
-        return {"mse": mse, "contrastive": contrastive, "aux": aux, "total": total, "backward": backward}
+        # window is idle (cpd_fast.distill.rows). A zero term puts each in the graph with a zero gradient.
+        out["backward"] = out["backward"] + zero_on_trainable(self.student)
+        return out
 
 
 def lr_factor(cfg: Any, it: int, steps: int) -> float:
@@ -101,6 +68,64 @@ def lr_factor(cfg: Any, it: int, steps: int) -> float:
         return (it + 1) / warm
     t = (it - warm) / max(1, steps - warm)
     return cfg.lr_min_ratio + (1.0 - cfg.lr_min_ratio) * 0.5 * (1.0 + math.cos(math.pi * min(1.0, t)))
+
+
+class _Phase:
+    """What one phase trains with: the trainable parameters, AdamW, its LR schedule and the loss module."""
+
+    def __init__(self, student: nn.Module, steps: int, cfg: Any, dist: Any) -> None:
+        self.device = torch.device(cfg.device)
+        self.params = [p for p in student.parameters() if p.requires_grad]
+        # fused: one kernel for every parameter's update (CPU and CUDA), not a Python loop over tensors
+        fused = self.device.type in FUSED_ADAM
+        self.opt = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused)
+        self.guard = student.moe.attach(self.opt)  # frozen expert rows stay bit-identical through AdamW
+        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda it: lr_factor(cfg, it, steps))
+        student.train()
+        # rebuilt per phase: growth and freezing change the parameters DDP synchronises
+        loss_fn: nn.Module = DistillLoss(student, None if dist is None else ddp.Collectives(dist))
+        self.loss_fn = loss_fn if dist is None else ddp.wrap(loss_fn, dist)
+        self.rows = ddp.rank_rows(cfg.batch_size, dist)  # this rank's slice of each global batch
+
+    def state(self, student: nn.Module, gen: torch.Generator, tail: list) -> dict:
+        """The training state a DAgger round boundary saves (:meth:`restore` reads it)."""
+        return {"student": student.state_dict(), "optimizer": self.opt.state_dict(), "tail": tail,
+                "scheduler": self.sched.state_dict(), "generator": gen.get_state()}  # fmt: skip
+
+    def restore(self, student: nn.Module, gen: torch.Generator, st: dict) -> list:
+        student.load_state_dict(st["student"])
+        self.opt.load_state_dict(st["optimizer"])
+        self.sched.load_state_dict(st["scheduler"])
+        gen.set_state(st["generator"])
+        return st["tail"]
+
+    def step(
+        self, student: nn.Module, data: Any, sampler: Any, cfg: Any, gen: torch.Generator, hook: Any
+    ) -> dict[str, float]:
+        """One optimizer step on a global batch drawn from ``gen`` (this rank's rows); returns its losses."""
+        p_proto = student.config.prototype_conditioning
+        idx, start = sampler.sample(cfg.batch_size, gen)
+        use_proto = torch.rand(len(idx), generator=gen) < p_proto
+        idx, start, use_proto = idx[self.rows], start[self.rows], use_proto[self.rows]  # this rank's slice
+        obs, target, mask = data.windows(idx, start)
+        if cfg.loss_positions == "last":
+            target = target[:, -1]  # one target per window: the loss supervises the last position
+        tid = data.task[idx]
+        obs, target, mask, tid, use_proto = (x.to(self.device) for x in (obs, target, mask, tid, use_proto))
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
+            out = self.loss_fn(obs, target, tid, mask, use_proto if p_proto > 0 else None)
+        loss = out.pop("backward")
+        extra = hook.loss(student) if hook is not None else None
+        if extra is not None:
+            out["ewc"] = extra
+            loss = loss + extra
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.params, cfg.grad_clip)
+        self.opt.step()
+        self.sched.step()
+        return {k: float(v.detach()) for k, v in out.items()}
 
 
 def train_phase(
@@ -125,23 +150,7 @@ def train_phase(
     training state is saved, ``rounds.begin(r)`` adds round ``r``'s data and gives the new sampler; an
     interrupted phase resumes from the last boundary it reached (one optimizer and LR schedule throughout).
     """
-    from tqdm import tqdm
-
-    from cpd_fast import ddp
-
-    device = torch.device(cfg.device)
-    params = [p for p in student.parameters() if p.requires_grad]
-    # fused: one kernel for every parameter's update (CPU and CUDA), not a Python loop over tensors
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=device.type in FUSED_ADAM)
-    guard = student.moe.attach(opt)  # frozen expert rows stay bit-identical through AdamW's steps
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda it: lr_factor(cfg, it, steps))
-    p_proto = student.config.prototype_conditioning
-    student.train()
-    # rebuilt per phase: growth and freezing change the parameters DDP synchronises
-    loss_fn: nn.Module = DistillLoss(student, None if dist is None else ddp.Collectives(dist))
-    if dist is not None:
-        loss_fn = ddp.wrap(loss_fn, dist)
-    rows = ddp.rank_rows(cfg.batch_size, dist)
+    phase = _Phase(student, steps, cfg, dist)
     tail: list[dict[str, float]] = []
     first_it, pending = 0, []
     if rounds is not None:
@@ -149,11 +158,8 @@ def train_phase(
         resumed = rounds.resume()
         if resumed is not None:
             r0, st = resumed
-            student.load_state_dict(st["student"])
-            opt.load_state_dict(st["optimizer"])
-            sched.load_state_dict(st["scheduler"])
-            gen.set_state(st["generator"])
-            first_it, tail = rounds.boundaries[r0 - 1], st["tail"]
+            tail = phase.restore(student, gen, st)
+            first_it = rounds.boundaries[r0 - 1]
             sampler = rounds.begin(r0)
             pending = pending[r0:]
     quiet = not cfg.progress or (dist is not None and not dist.is_main)
@@ -162,33 +168,10 @@ def train_phase(
         for it in bar:
             while pending and it == pending[0][1]:  # a DAgger round: save, collect with this student, go on
                 r = pending.pop(0)[0]
-                state = {"student": student.state_dict(), "optimizer": opt.state_dict(), "tail": tail,
-                         "scheduler": sched.state_dict(), "generator": gen.get_state()}  # fmt: skip
-                rounds.save(r, state)
+                rounds.save(r, phase.state(student, gen, tail))
                 sampler = rounds.begin(r)
                 student.train()
-            idx, start = sampler.sample(cfg.batch_size, gen)
-            use_proto = torch.rand(len(idx), generator=gen) < p_proto
-            idx, start, use_proto = idx[rows], start[rows], use_proto[rows]  # this rank's slice
-            obs, target, mask = data.windows(idx, start)
-            if cfg.loss_positions == "last":
-                target = target[:, -1]  # one target per window: Student.losses supervises the last position
-            tid = data.task[idx]
-            obs, target, mask, tid, use_proto = (x.to(device) for x in (obs, target, mask, tid, use_proto))
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
-                out = loss_fn(obs, target, tid, mask, use_proto if p_proto > 0 else None)
-            loss = out.pop("backward")
-            extra = hook.loss(student) if hook is not None else None
-            if extra is not None:
-                out["ewc"] = extra
-                loss = loss + extra
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if cfg.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-            opt.step()
-            sched.step()
-            rec = {k: float(v.detach()) for k, v in out.items()}
+            rec = phase.step(student, data, sampler, cfg, gen, hook)
             if it >= steps - max(1, steps // 10):
                 tail.append(rec)
             if log is not None and (it % 50 == 0 or it == steps - 1):
@@ -196,5 +179,5 @@ def train_phase(
             if it % 50 == 0:
                 bar.set_postfix(mse=f"{rec['mse']:.4f}")
     finally:
-        guard.remove()
+        phase.guard.remove()
     return {k: float(np.mean([r[k] for r in tail])) for k in tail[0]}

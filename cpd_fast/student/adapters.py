@@ -19,8 +19,8 @@ apply them:
   applied with two batched matmuls (``2·r·(in + out)`` flops per token, in many small products);
 * inference: the tokens are grouped by task (:class:`TaskRows`, found once per forward for every adapted
   map) and each present task's matrices are applied to its tokens with two matmuls, so a batch of one task
-  (the task id given) is two plain matmuls (an evaluation forward: 2.4x faster with per-token tasks, 1.4x
-  with the task id, than the gather at 25 tasks; under autograd the other two are faster).
+  (the task id given) is two plain matmuls (faster than the gather for an evaluation forward, slower under
+  autograd: bench/README.md, "Adapters without autograd").
 
 A window's tokens share one task (training, or the task id given), or each token has its own (its
 inferred task).
@@ -39,8 +39,7 @@ from cpd_fast.errors import require_int
 __all__ = ["MASKED_MAX_TASKS", "BlockAdapters", "TaskLoRA", "TaskRows"]
 
 # under autograd, up to this many tasks in a batch take the masked dense matmuls, more the gathered ones
-# (measured per map, bf16, 2 threads, 2048 tokens: masked 2.5x faster at 1 task, 1.1-1.2x at 5, even at 8,
-# 1.6-1.8x slower at 25)
+# (the masked matmuls win at few tasks and lose at many: bench/README.md, "Adapters under autograd")
 MASKED_MAX_TASKS = 6
 
 
@@ -176,8 +175,8 @@ class TaskRows:
 
 
 class BlockAdapters(nn.Module):
-    """The adapters of one :class:`cpd_fast.student.CausalBlock`: its attention input (``qkv``) and output
-    (``proj``) maps and both FFN maps (``ff1``, ``ff2``)."""
+    """The adapters of one :class:`cpd_fast.student.model.CausalBlock`: its attention input (``qkv``) and
+    output (``proj``) maps and both FFN maps (``ff1``, ``ff2``)."""
 
     def __init__(self, d_model: int, d_ff: int, rank: int, num_tasks: int = 0):
         super().__init__()
