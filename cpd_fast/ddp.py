@@ -15,8 +15,8 @@ a ``DistributedSampler`` over an infinite, task-balanced stream: the ranks parti
 without communicating, and the global batch is exactly the one a single process draws, so a run with W
 processes reproduces the single-process run with the same ``batch_size`` (to float32 reduction order),
 and resume stays exact. ``batch_size`` must be divisible by W. How the losses that are not per-window
-averages are computed over the global batch is the training code's business
-(:class:`cpd_fast.distill.train.DistillLoss`); this module supplies the process group, the
+averages are computed over the global batch is the loss's business
+(:func:`cpd_fast.student.loss.distill_losses`); this module supplies the process group, the
 :class:`Collectives` it uses, and the DDP wrapper.
 
 **Rank 0 alone** collects data, evaluates, selects replay, and writes checkpoints, ``progress.json``,
@@ -28,12 +28,14 @@ growth replaces the MoE's parameters and freezing changes which parameters train
 from __future__ import annotations
 
 import datetime
+import inspect
 import os
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 __all__ = ["Collectives", "DistContext", "barrier", "rank_rows", "requested", "setup", "teardown", "wrap"]
 
@@ -175,14 +177,9 @@ def wrap(module: nn.Module, ctx: DistContext) -> nn.Module:
 
     ``find_unused_parameters`` stays off: every trainable parameter gets a gradient at every step (the
     stacked expert weights even when an expert receives no token; frozen ones have
-    ``requires_grad=False`` and are not DDP's); turning it on cost ~35 % per step (2 gloo ranks, cpd
-    Phase 1, batch 128). Keep the returned wrapper alive until after ``backward``: its reducer does the
-    gradient all-reduce.
+    ``requires_grad=False`` and are not DDP's); turning it on slows every step (docs/scale.md). Keep the
+    returned wrapper alive until after ``backward``: its reducer does the gradient all-reduce.
     """
-    import inspect
-
-    from torch.nn.parallel import DistributedDataParallel
-
     # no buffer broadcast before each forward (the prototypes are kept equal by the gathered update)
     no_sync = {"broadcast_buffers": False}
     if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters:  # newer torch

@@ -186,11 +186,16 @@ def test_config_errors():
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
+    # a module fixture runs outside the per-test _one_thread fixture: set and restore the count itself
+    n = torch.get_num_threads()
     torch.set_num_threads(1)
-    run_dir = tmp_path_factory.mktemp("distill") / "cpd"
-    cfg = tiny_config()
-    result = run_distill(cfg, run_dir)
-    return cfg, run_dir, result
+    try:
+        run_dir = tmp_path_factory.mktemp("distill") / "cpd"
+        cfg = tiny_config()
+        result = run_distill(cfg, run_dir)
+        yield cfg, run_dir, result
+    finally:
+        torch.set_num_threads(n)
 
 
 def test_tiny_run_end_to_end(tiny_run, tmp_path):

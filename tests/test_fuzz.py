@@ -59,8 +59,8 @@ def _reached(*args, **kwargs):
 # (module, attribute) where each command's real work starts; validation happens before these
 HEAVY = [
     ("cpd_fast.distill.run", "run_distill"),  # cpd distill
-    ("cpd_fast.distributed", "_run_local"),  # cpd teachers train (after train_teachers' checks)
-    ("cpd_fast.distributed", "_run_ray"),  # ... after check_ray_address
+    ("cpd_fast.teachers.jobs", "_run_local"),  # cpd teachers train (after train_teachers' checks)
+    ("cpd_fast.teachers.jobs", "_run_ray"),  # ... after check_ray_address
     ("cpd_fast.data", "collect_dataset"),  # cpd teachers collect (after every teacher loaded)
     ("cpd_fast.teachers.gate", "evaluate_teacher"),  # cpd teachers eval
     ("cpd_fast.teachers.zoo", "add_teacher"),  # cpd teachers export

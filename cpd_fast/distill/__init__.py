@@ -7,6 +7,7 @@ Read in module order, the data path of one run (``cpd distill``; ``cpd run`` cal
                 what is frozen in which phase, which replay, which penalty
     windows.py  teacher transitions as observation-history windows; the task-balanced sampler
     train.py    one training phase: the distillation loss (DDP-aware), AdamW, the LR schedule
+    rows.py     a speed-up: the windows that train nothing are left out of the forward pass
     run.py      the stage loop: data → grow → phases → replay selection → evaluation → results
     stats.py    routing shares and the replay budget recorded with the results
     cli.py      ``cpd distill``: flags generated from DistillConfig

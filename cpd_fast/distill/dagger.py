@@ -24,6 +24,12 @@ from typing import Any
 import numpy as np
 import torch
 
+from cpd_fast import ddp
+from cpd_fast.data import collect_dataset, load_teacher_data
+from cpd_fast.distill.windows import TaskSampler, full_pool
+from cpd_fast.runio import load_torch_checked, read_json, save_torch_atomic, write_json_atomic
+from cpd_fast.student import HistoryBuffer
+
 __all__ = ["Rounds", "StudentActor", "round_boundaries"]
 
 
@@ -37,8 +43,6 @@ class StudentActor:
     student's (one observation history per env, restarted at each episode's first observation)."""
 
     def __init__(self, student: Any, num_envs: int, beta: float, seed: int) -> None:
-        from cpd_fast.student import HistoryBuffer
-
         self.student, self.beta = student, float(beta)
         self.history = HistoryBuffer.for_student(student, num_envs)
         self.rng = np.random.default_rng(seed)
@@ -76,9 +80,6 @@ class Rounds:
 
     def collect(self, r: int) -> None:
         """Round ``r``'s student-driven datasets (rank 0), each recorded by a manifest once complete."""
-        from cpd_fast.data import collect_dataset
-        from cpd_fast.runio import write_json_atomic
-
         run, cfg = self.run, self.run.cfg
         beta = cfg.dagger_beta**r
         for t in self.new_ids:
@@ -104,9 +105,6 @@ class Rounds:
 
     def append(self, r: int) -> None:
         """Append round ``r``'s datasets to the run's windows and the phase's pools (every rank)."""
-        from cpd_fast.data import load_teacher_data
-        from cpd_fast.distill.windows import full_pool
-
         run = self.run
         for t in self.new_ids:
             raw = load_teacher_data([f"{self.namespace(r)}/{run.tasks[t]}-v0"], self.root)
@@ -114,9 +112,6 @@ class Rounds:
             self.pools[t] = full_pool(run.data, t)
 
     def begin(self, r: int) -> Any:
-        from cpd_fast import ddp
-        from cpd_fast.distill.windows import TaskSampler
-
         if self.run.main:
             self.collect(r)
         ddp.barrier(self.run.dist)
@@ -129,16 +124,12 @@ class Rounds:
 
     def save(self, r: int, state: dict) -> None:
         """The training state reached at boundary ``r`` (before its data is collected)."""
-        from cpd_fast.runio import save_torch_atomic
-
         if self.run.main:
             save_torch_atomic({"round": r, **state}, self.state_path())
 
     def resume(self) -> tuple[int, dict] | None:
         """``(round, state)`` of the last boundary reached by an interrupted phase; its earlier rounds'
         data is appended again (same order as the first time)."""
-        from cpd_fast.runio import load_torch_checked
-
         if not os.path.isfile(self.state_path()):
             return None
         redo = f"delete it and re-run: the phase restarts (the datasets under {self.root} are reused)"
@@ -154,7 +145,5 @@ class Rounds:
             self.append(r)
 
     def report(self) -> list[dict]:
-        from cpd_fast.runio import read_json
-
         return [read_json(self.manifest(r, self.run.tasks[t]), {}) for r in range(1, len(self.boundaries) + 1)
                 for t in self.new_ids]  # fmt: skip

@@ -35,12 +35,17 @@ import numpy as np
 import torch
 
 from cpd_fast import ddp
+from cpd_fast.data import ensure_dataset, load_teacher_data
 from cpd_fast.distill.config import RUNTIME_KEYS, DistillConfig
+from cpd_fast.distill.dagger import Rounds
 from cpd_fast.distill.methods import configure_phase, get_method, make_hook, phases_of
 from cpd_fast.distill.stats import replay_report, routing_shares, student_error
 from cpd_fast.distill.train import train_phase
 from cpd_fast.distill.windows import TaskSampler, WindowData, full_pool
-from cpd_fast.evalpool import TMP_PREFIX, EvalPool
+from cpd_fast.evalpool import TMP_PREFIX, EvalJob, EvalPool
+from cpd_fast.fidelity import collection_backends
+from cpd_fast.metrics import RunResult, matrix_to_json
+from cpd_fast.replay import ReplaySet, select_replay
 from cpd_fast.runio import (
     Ledger,
     RunLock,
@@ -51,6 +56,8 @@ from cpd_fast.runio import (
     save_torch_atomic,
     write_json_atomic,
 )
+from cpd_fast.student import Student
+from cpd_fast.teachers.gate import record_success, teacher_specs, trained_teachers
 
 __all__ = ["DistillRun", "collect_task_data", "run_distill"]
 
@@ -65,9 +72,6 @@ def phase_seed(seed: int, stage: int, tag: str) -> int:
 def collect_task_data(cfg: DistillConfig, task: str, root: str, spec: Any, backend: str) -> float:
     """``task``'s teacher dataset under ``root`` (collected unless one with the same settings is there) and
     its teacher's official success on ``cfg.eval_goals`` goals (recorded with it, measured once)."""
-    from cpd_fast.data import ensure_dataset
-    from cpd_fast.teachers.gate import record_success
-
     ensure_dataset(
         task, root, lambda: spec.make(task), spec.name(task), episodes=cfg.episodes_per_task,
         noise_std=cfg.noise_std, seed=cfg.seed, max_episode_steps=cfg.max_episode_steps,
@@ -175,10 +179,6 @@ class DistillRun:
 
     def prepare_data(self) -> dict[str, float]:
         """Collect each task's dataset and record its teacher's success; load every transition as windows."""
-        from cpd_fast.data import load_teacher_data
-        from cpd_fast.fidelity import collection_backends
-        from cpd_fast.teachers.gate import teacher_specs, trained_teachers
-
         cfg = self.cfg
         specs = self.specs = teacher_specs(cfg.teachers, self.tasks)
         # every trained teacher loads now (DAgger queries them in training), each to collect in its simulator
@@ -207,8 +207,6 @@ class DistillRun:
     def build_student(self) -> Any:
         """The student as it was born (a checkpoint restores growth): growing methods start with the first
         stage's experts, the others with the capacity a growing method reaches at the end."""
-        from cpd_fast.student import Student
-
         cfg = self.cfg
         torch.manual_seed(cfg.seed)
         if self.method.grows:
@@ -240,8 +238,6 @@ class DistillRun:
         first: bool,
     ) -> None:
         """One phase: restored from its checkpoint when the ledger has it, else trained and checkpointed."""
-        from cpd_fast.distill.dagger import Rounds
-
         cfg, name = self.cfg, f"stage{s}/{phase}"
         ckpt = self.path("checkpoints", f"stage{s}-{phase}.pt")
         base, self.global_step = self.global_step, self.global_step + steps
@@ -290,8 +286,6 @@ class DistillRun:
 
     def select_replay(self, s: int, new_ids: list[int]) -> None:
         """The replay memory of the stage's tasks (rank 0 selects; every rank loads it)."""
-        from cpd_fast.replay import ReplaySet, select_replay
-
         cfg, data, path = self.cfg, self.data, self.path("replay", f"stage{s}.pt")
         if self.main and f"stage{s}/replay" not in self.ledger:
             t0 = time.perf_counter()
@@ -317,8 +311,6 @@ class DistillRun:
         """Official-protocol success of every task seen so far, in every evaluation mode. A finished stage
         re-run with more ``eval_modes`` evaluates only the missing ones (the student holds this stage's
         final weights here: skipped phases load their checkpoints)."""
-        from cpd_fast.evalpool import EvalJob
-
         cfg, path, name = self.cfg, self.path("eval", f"stage{s}.json"), f"stage{s}/eval"
         rows = read_json(path, {}) if name in self.ledger else {}
         missing = [m for m in cfg.eval_modes if m not in rows]
@@ -362,8 +354,6 @@ class DistillRun:
         return self.prior_time + time.perf_counter() - self.t_start
 
     def result(self, wall: float, complete: bool) -> Any:
-        from cpd_fast.metrics import RunResult, matrix_to_json
-
         cfg, main_mode = self.cfg, self.cfg.eval_modes[0]
         stage_of = {t: i for i, st in enumerate(self.stages) for t in st}
         return RunResult(

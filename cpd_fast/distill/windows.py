@@ -3,7 +3,7 @@
 **Sampling.** A batch draws tasks uniformly among those trained in the stage (the stage's tasks plus
 replayed ones), then one window uniformly within the task's pool, so a replayed task weighs as much as
 a new one however few transitions are stored for it. Each window gives a target per position (the
-teacher's mean at every real observation of the window; see ``Student.losses``).
+teacher's mean at every real observation of the window; see :mod:`cpd_fast.student.loss`).
 """
 
 from __future__ import annotations
