@@ -98,8 +98,8 @@ class DemoConfig:
     # started from, beside what it ends at (0: not measured)
     clone_goals: NonNegativeInt = 50
     # keep the observation normaliser at the demonstrations' statistics during RL. Refreshed with every
-    # rollout (False, the behaviour before the field existed), it shifts the clone's inputs: on lever-pull-v3
-    # by up to 1 std on demonstration states within 8 updates, and the clone's success falls with it
+    # rollout (False, the behaviour before the field existed), it moves the clone's inputs away from the
+    # states it was fitted on, and the clone's success falls with it (lever-pull-v3: bench/teachers.md)
     freeze_obs_norm: Bool = False
 
     def to_dict(self) -> dict[str, Any]:

@@ -40,8 +40,9 @@ class TeacherRecord:
 
     Attributes:
         task: Meta-World task name.
-        source: teacher source in use: ``"ppo"``, ``"scripted"`` or ``"checkpoint"``.
-        path: checkpoint path (``None`` for scripted).
+        source: teacher source in use: ``"ppo"``, ``"scripted"``, ``"checkpoint"`` or ``"zoo"``.
+        path: checkpoint path (``None`` for scripted; for ``"zoo"`` the zoo's name or directory in a run's
+            record, the policy file in the zoo's own).
         success_rate: official success in [0, 1] of the teacher in ``source``/``path`` (None: not measured).
         protocol: ``"official"`` (50 goals) or ``"official-subset"`` (fewer goals, for quick runs only).
         passed: ``success_rate >= threshold``.
