@@ -22,7 +22,7 @@ import os
 
 import torch
 
-from cpd_fast.fidelity import KNOWN_BAD_ENVPOOL
+from cpd_fast.envs import KNOWN_BAD_ENVPOOL
 from cpd_fast.runio import read_json, write_json_atomic
 from cpd_fast.teachers.curve import train_measured
 from cpd_fast.teachers.ppo import RECIPES, recipe_config

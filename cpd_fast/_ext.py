@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import importlib
 
+import torch  # noqa: F401  (loads libc10/libtorch, which cpd_fast._C links against)
+
 REBUILD_HINT = (
     "Rebuild it against the torch you have installed:\n"
     '    pip install --no-build-isolation -e ".[dev]"\n'
@@ -17,8 +19,6 @@ class ExtensionError(ImportError):
 
 def load():
     """Import cpd_fast._C once; raise ExtensionError with rebuild instructions if it fails."""
-    import torch  # noqa: F401  (loads libc10/libtorch, which _C links against)
-
     try:
         return importlib.import_module("cpd_fast._C")
     except ImportError as err:  # missing .so, or an ABI mismatch with the installed torch

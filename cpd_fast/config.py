@@ -13,26 +13,22 @@ stand for tuples and mappings for nested configs.
 Why pydantic: it validates plain dataclasses (``dataclasses.asdict``/``replace``/``fields`` keep working),
 it is already in the environment through Ray, and its structured errors (``loc``, ``msg``, ``input``) turn
 into the one-line messages the ``cpd`` command prints (:func:`describe`); tyro/draccus would also generate
-the CLI but take over argument parsing and error formatting, which ``cpd`` already owns.
+the CLI but take over argument parsing and error formatting, which ``cpd`` already owns. The flags
+``cpd distill`` generates from a config class are in :mod:`cpd_fast.cli.flags`.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import functools
 import os
 import re
-import types
-import typing
-from collections.abc import Iterable
 from typing import Annotated, Any
 
 import yaml
 from pydantic import ConfigDict, Field, Strict, ValidationError
 from pydantic.dataclasses import dataclass as _pydantic_dataclass
 
-from cpd_fast import errors
 from cpd_fast.errors import describe
 
 __all__ = [
@@ -49,10 +45,8 @@ __all__ = [
     "PositiveInt",
     "Seed",
     "Str",
-    "add_config_flags",
     "config_class",
     "describe",
-    "flag_values",
     "from_mapping",
     "load_yaml",
     "merge",
@@ -75,23 +69,6 @@ OpenFraction = Annotated[float, Strict(), Field(gt=0, lt=1, allow_inf_nan=False)
 PositiveFraction = Annotated[float, Strict(), Field(gt=0, le=1, allow_inf_nan=False)]
 Bool = Annotated[bool, Strict()]
 Str = Annotated[str, Strict()]
-
-
-def _flag_type(hint: Any) -> Any:
-    """The argparse ``type`` of a config field's type (:mod:`cpd_fast.errors`), so a bad number on the
-    command line is a usage error before anything runs; ranges it does not cover are the schema's."""
-    args = [a for a in typing.get_args(hint) if a is not type(None)] if typing.get_origin(hint) in (
-        typing.Union, types.UnionType) else [hint]  # fmt: skip
-    table = ((PositiveInt, errors.positive_int), (NonNegativeInt, errors.nonnegative_int),
-             (Seed, errors.seed), (Int, errors.integer), (PositiveFloat, errors.positive_float),
-             (NonNegativeFloat, errors.nonnegative_float), (Fraction, errors.fraction),
-             (PositiveFraction, errors.positive_float), (OpenFraction, errors.positive_float),
-             (Float, errors.finite_float))  # fmt: skip
-    for alias, parse in table:
-        if len(args) == 1 and args[0] is alias:
-            return parse
-    kind, _ = _base(hint)
-    return {int: errors.integer, float: errors.finite_float}.get(kind)
 
 
 def config_class(cls: type) -> type:
@@ -140,87 +117,6 @@ def from_mapping(cls: type, data: Any, where: str, names: dict[str, str] | None 
         return validate.validate_python(data)  # what the constructor runs, with the raw error kept
     except ValidationError as err:
         raise ValueError(describe(err, where, names)) from None
-
-
-# ----------------------------------------------------------------------------- flags from a dataclass
-
-
-def _base(hint: Any) -> tuple[Any, bool]:
-    """(the scalar or container type behind Annotated/Optional, whether None is allowed)."""
-    while typing.get_origin(hint) is Annotated:
-        hint = typing.get_args(hint)[0]
-    origin = typing.get_origin(hint)
-    if origin in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(hint) if a is not type(None)]
-        inner, _ = _base(args[0]) if len(args) == 1 else (Any, False)
-        return inner, True
-    return hint, False
-
-
-def add_config_flags(
-    parser: argparse.ArgumentParser,
-    cls: type,
-    *,
-    skip: Iterable[str] = (),
-    aliases: dict[str, str] | None = None,
-    helps: dict[str, str] | None = None,
-    choices: dict[str, Iterable[str]] | None = None,
-    dest_prefix: str = "cfg_",
-) -> dict[str, str]:
-    """One flag per field of config dataclass ``cls`` (``--steps-per-stage``; ``--no-NAME`` for a bool
-    that defaults to true, ``--NAME`` for one that defaults to false); returns ``{field: flag}``.
-
-    Defaults are ``None`` (argparse's "not given"), so :func:`flag_values` keeps only what the user set and
-    the dataclass supplies the rest; the values are validated when the config is built. ``aliases`` maps a
-    field to its historical flag name (``episodes_per_task`` → ``--episodes``).
-    """
-    aliases, helps, choices = aliases or {}, helps or {}, choices or {}
-    hints = typing.get_type_hints(cls, include_extras=True)
-    defaults = cls()
-    made: dict[str, str] = {}
-    for f in dataclasses.fields(cls):
-        if not f.init or f.name in set(skip) or dataclasses.is_dataclass(_base(hints[f.name])[0]):
-            continue
-        kind, _ = _base(hints[f.name])
-        flag = "--" + aliases.get(f.name, f.name).replace("_", "-")
-        default = getattr(defaults, f.name)
-        help_text = helps.get(f.name, f.metadata.get("help", ""))
-        kw: dict[str, Any] = {"dest": dest_prefix + f.name, "default": None}
-        if kind is not bool:
-            kw["metavar"] = f.name.upper()
-        if kind is bool:
-            if default:
-                flag = "--no-" + aliases.get(f.name, f.name).replace("_", "-")
-                parser.add_argument(flag, action="store_false", help=help_text, **kw)
-            else:
-                parser.add_argument(flag, action="store_true", help=help_text, **kw)
-            made[f.name] = flag
-            continue
-        origin = typing.get_origin(kind)
-        if origin in (list, tuple):
-            item = _base(typing.get_args(kind)[0])[0]
-            kw["nargs"] = "+"
-            kind = item
-        if kind in (int, float):
-            kw["type"] = _flag_type(hints[f.name])
-        if f.name in choices:
-            kw["choices"] = list(choices[f.name])
-        shown = default if not isinstance(default, tuple | list) else " ".join(map(str, default))
-        kw["help"] = f"{help_text} (default: {shown})" if help_text else f"default: {shown}"
-        kw["help"] = kw["help"].replace("%", "%%")
-        parser.add_argument(flag, **kw)
-        made[f.name] = flag
-    return made
-
-
-def flag_values(args: argparse.Namespace, fields: Iterable[str], dest_prefix: str = "cfg_") -> dict[str, Any]:
-    """The fields the user set on the command line (see :func:`add_config_flags`)."""
-    out = {}
-    for name in fields:
-        v = getattr(args, dest_prefix + name)
-        if v is not None:
-            out[name] = v
-    return out
 
 
 # ----------------------------------------------------------------------------- config layering

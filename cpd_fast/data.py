@@ -18,16 +18,23 @@ Auto-reset transitions of the vectorised env are never stored (their action is i
 from __future__ import annotations
 
 import contextlib
+import glob
+import json
 import os
 import warnings
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import gymnasium as gym
+import minari
 import numpy as np
+import torch
+from minari.data_collector import EpisodeBuffer
 
 from cpd_fast.envs import ACT_DIM, MAX_EPISODE_STEPS, OBS_DIM, make_vec_env
 from cpd_fast.errors import require_int
+from cpd_fast.runio import CorruptFileError, file_sha256, read_json, write_json_atomic
 from cpd_fast.tasks import MT50, validate_task
 
 __all__ = [
@@ -43,7 +50,7 @@ DEFAULT_NAMESPACE = "cpd"
 
 
 def dataset_id(task: str, namespace: str = DEFAULT_NAMESPACE, version: int = 0) -> str:
-    """Minari id of ``task``'s dataset: ``"cpd/reach-v3-v0"``."""
+    """Minari id of ``task``'s dataset: ``"cpd/reach-v3-v0"`` (``ValueError`` for an unknown task)."""
     return f"{namespace}/{validate_task(task)}-v{version}"
 
 
@@ -104,10 +111,7 @@ def collect_dataset(
         the dataset id (load it with :func:`load_teacher_data`, or ``minari.load_dataset`` with
         ``MINARI_DATASETS_PATH=root``).
     """
-    import gymnasium as gym
-    import minari
-
-    task = validate_task(task)
+    ds_id = dataset_id(task, namespace)  # checks the task name
     require_int("episodes", episodes)
     require_int("num_envs", num_envs)
     if isinstance(max_episode_steps, bool) or not isinstance(max_episode_steps, int):
@@ -116,7 +120,6 @@ def collect_dataset(
         raise ValueError(f"max_episode_steps must be in 1..{MAX_EPISODE_STEPS}, got {max_episode_steps}")
     if not isinstance(noise_std, int | float) or not noise_std >= 0 or not np.isfinite(noise_std):
         raise ValueError(f"noise_std must be a finite number >= 0, got {noise_std!r}")
-    ds_id = dataset_id(task, namespace)
     rng = np.random.default_rng(seed)
 
     with _datasets_root(root):
@@ -151,8 +154,6 @@ def _rollout_episodes(
 ) -> list[Any]:  # fmt: skip
     """``episodes`` whole episodes of ``teacher`` (noisy actions, mean targets) on ``n`` envs side by side,
     as Minari ``EpisodeBuffer``s in completion order."""
-    from minari.data_collector import EpisodeBuffer
-
     task_id = MT50.index(task)
     L = max_episode_steps
     # Per-env episode buffers, filled one time step at a time (vectorised over envs).
@@ -259,9 +260,6 @@ def load_teacher_data(
 
     Each episode's arrays are read whole and concatenated once — no per-step Python loop.
     """
-    import minari
-    import torch
-
     if isinstance(ids_or_tasks, str):
         raise TypeError(
             f"ids_or_tasks must be a list of task names or dataset ids, not a str: [{ids_or_tasks!r}]"
@@ -325,10 +323,6 @@ def load_teacher_data(
 
 def dataset_files(root: str | os.PathLike, task: str, namespace: str = DEFAULT_NAMESPACE) -> dict[str, str]:
     """``{path relative to root: sha256}`` of the files of ``task``'s Minari dataset under ``root``."""
-    import glob
-
-    from cpd_fast.runio import file_sha256
-
     root = os.fspath(root)
     top = os.path.join(root, dataset_id(task, namespace))
     paths = sorted(p for p in glob.glob(os.path.join(top, "**", "*"), recursive=True) if os.path.isfile(p))
@@ -341,10 +335,6 @@ def verify_dataset_files(manifest_path: str | os.PathLike) -> int:
     Raises:
         CorruptFileError: naming the missing or damaged file, or the manifest itself, and how to recover.
     """
-    import json
-
-    from cpd_fast.runio import CorruptFileError, file_sha256
-
     manifest_path = os.fspath(manifest_path)
     root = os.path.dirname(manifest_path)
     try:
@@ -384,8 +374,6 @@ def ensure_dataset(
     ``make_teacher()`` builds the teacher (called only when the data must be collected).
     Returns the manifest (the teacher's success is added by :func:`cpd_fast.teachers.gate.record_success`).
     """
-    from cpd_fast.runio import read_json, write_json_atomic
-
     spec = {"teacher": teacher_name, "episodes": episodes, "noise_std": noise_std, "seed": seed,
             "max_episode_steps": max_episode_steps, "backend": backend, "eval_goals": eval_goals}  # fmt: skip
     manifest_path = os.path.join(root, f"{task}.collected.json")

@@ -237,8 +237,8 @@ def _max_diag(x: torch.Tensor, kernel: str, q: torch.Tensor | None) -> float:
 
 
 # Plain greedy streams the whole N x k Cholesky factor at every pick; while that factor stays near
-# the cache it beats lazy greedy's heap, beyond it lazy greedy's fewer reads win (bench/README.md:
-# N=10k, k=1k f32 (40 MB) greedy 1.7x faster; N=50k, k=1k (200 MB) lazy 1.4x faster).
+# the cache it beats lazy greedy's heap, beyond it lazy greedy's fewer reads win (measured in
+# bench/README.md, bench/bench_dpp.py).
 _LAZY_FROM_FACTOR_BYTES = 64 << 20
 
 

@@ -9,8 +9,8 @@ Meta-World v3 task, each with its own goal:
 
 * ``backend="envpool"`` — envpool's native C++ Meta-World v3 (``MetaWorld/<CamelName>-v3``), built with
   ``partially_observable=False`` so the goal is in the observation (envpool's default hides it).
-  Goals are drawn from the task's continuous range on every reset. Fast (several thousand steps/s on
-  2 cores), but not bit-identical to Meta-World: see :mod:`cpd_fast.fidelity`.
+  Goals are drawn from the task's continuous range on every reset. Fast (``bench/env_steps.py``), but
+  not bit-identical to Meta-World: see :mod:`cpd_fast.fidelity`.
 * ``backend="gymnasium"`` — Meta-World's own Python envs (``gym.make("Meta-World/MT1", ...)``), one per
   sub-env, each seeded differently (``seed + i``) so that each draws its own 50-goal set and its own
   goal sequence. ``gym.make_vec("Meta-World/MT1")`` would give every sub-env the same goal.
@@ -29,6 +29,9 @@ Both backends expose exactly the same conventions:
   observation with ``reward = 0``, ``terminated = truncated = False``, ``success = 0`` and
   ``info["autoreset"][i] = True``. Rollout code must drop those transitions.
 
+Which backend a task's data comes from: :func:`collection_backends` (envpool, except where a fidelity
+report of :mod:`cpd_fast.fidelity`, the known mismatches or a teacher's own simulator say otherwise).
+
 Official envs
 -------------
 
@@ -42,6 +45,9 @@ from __future__ import annotations
 
 import copy
 import functools
+import json
+import os
+from collections.abc import Mapping
 from typing import Any
 
 import gymnasium as gym
@@ -60,11 +66,14 @@ except ImportError:  # envpool has wheels for Linux x86_64 only; the gymnasium b
 __all__ = [
     "ACT_DIM",
     "BACKENDS",
+    "KNOWN_BAD_ENVPOOL",
     "MAX_EPISODE_STEPS",
     "OBS_DIM",
     "EnvCache",
     "VecEnv",
+    "collection_backends",
     "envpool_task_id",
+    "load_backend_choices",
     "make_vec_env",
     "official_env",
 ]
@@ -73,6 +82,9 @@ OBS_DIM = 39
 ACT_DIM = 4
 MAX_EPISODE_STEPS = 500  # Meta-World's max_path_length; its envs refuse to step past it
 BACKENDS = ("envpool", "gymnasium")
+# Tasks whose scripted expert fails under envpool 1.2.5 (DESIGN.md §3): collect them with gymnasium when no
+# fidelity report (cpd_fast.fidelity) was made.
+KNOWN_BAD_ENVPOOL = {"dial-turn-v3": "gymnasium"}
 
 
 def envpool_task_id(task: str) -> str:
@@ -273,6 +285,38 @@ def _make_gymnasium(task: str, num_envs: int, seed: int, max_episode_steps: int)
         [lambda i=i: make_one(i) for i in range(num_envs)],
         autoreset_mode=gym.vector.AutoresetMode.NEXT_STEP,
     )
+
+
+def load_backend_choices(path: str) -> dict[str, str]:
+    """Read ``{task: backend}`` back from a report written by :func:`cpd_fast.fidelity.save_report`
+    (``cpd envs check --out``)."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no fidelity report at {path!r}; write one with `cpd envs check --out FILE`")
+    with open(path) as f:
+        try:
+            payload = json.load(f)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path!r} is not JSON ({err}); re-run `cpd envs check --out {path}`") from err
+    if not isinstance(payload, dict) or not isinstance(payload.get("backend"), dict):
+        raise ValueError(f"{path!r} is not a `cpd envs check` report (no 'backend' table)")
+    return dict(payload["backend"])
+
+
+def collection_backends(report: str | None, teachers: Mapping[str, Any] | None = None) -> dict[str, str]:
+    """``{task: backend}`` for collection and training: from a fidelity report, else the known mismatches
+    (:data:`KNOWN_BAD_ENVPOOL`); tasks not listed use envpool.
+
+    A trained teacher in ``teachers`` (``{task: teacher}``) collects in the simulator it was trained in (its
+    ``trained_in``), whatever the report says: a policy can lean on details of a simulator that the scripted
+    expert the report runs does not (a lever-pull-v3 policy trained under envpool fails under Meta-World's
+    envs, where the scripted expert passes both: bench/teachers.md).
+    """
+    backends = load_backend_choices(report) if report else dict(KNOWN_BAD_ENVPOOL)
+    for task, teacher in (teachers or {}).items():
+        trained_in = getattr(teacher, "trained_in", None)
+        if trained_in is not None:
+            backends[task] = trained_in
+    return backends
 
 
 # ----------------------------------------------------------------------------- official envs

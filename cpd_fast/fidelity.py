@@ -9,27 +9,28 @@ scripted expert under both backends and pick, per task, the backend to train it 
 * gymnasium (Meta-World's envs) if it fails under envpool but passes under gymnasium, with a warning;
 * envpool, flagged ``"unverified"``, if the expert fails under both (the gate cannot tell).
 
-CLI: ``cpd envs check [--suite mt25] [--tasks ...] [--episodes N] [--out FILE.json]``.
+The report (:func:`save_report`) is read back where envs are built, by
+:func:`cpd_fast.envs.collection_backends` (re-exported here, with :data:`~cpd_fast.envs.KNOWN_BAD_ENVPOOL`
+and :func:`~cpd_fast.envs.load_backend_choices`).
+
+CLI: ``cpd envs check [--suite mt25] [--tasks ...] [--episodes N] [--out FILE.json]``
+(:mod:`cpd_fast.cli.envs`).
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import logging
-import os
 import time
-from collections.abc import Mapping
 from dataclasses import asdict, dataclass
-from typing import Any
 
+from cpd_fast.envs import KNOWN_BAD_ENVPOOL, collection_backends, load_backend_choices
+from cpd_fast.evaluation import evaluate_monitoring
 from cpd_fast.runio import write_json_atomic
 from cpd_fast.tasks import resolve_tasks
 
 __all__ = [
     "KNOWN_BAD_ENVPOOL",
     "FidelityRow",
-    "add_cli",
     "backend_choices",
     "check_fidelity",
     "collection_backends",
@@ -41,9 +42,6 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 DEFAULT_PASS_THRESHOLD = 0.8
-# Tasks whose scripted expert fails under envpool 1.2.5 (DESIGN.md §3): collect them with gymnasium when no
-# fidelity report was made.
-KNOWN_BAD_ENVPOOL = {"dial-turn-v3": "gymnasium"}
 
 
 @dataclass
@@ -102,7 +100,8 @@ def check_fidelity(
     Returns:
         one :class:`FidelityRow` per task, in suite order.
     """
-    from cpd_fast.evaluation import evaluate_monitoring
+    # not at the top while cpd_fast.teachers.provide imports this module (an import circle through
+    # cpd_fast/teachers/__init__.py); it can move there once provide imports cpd_fast.envs instead
     from cpd_fast.teachers.scripted import ScriptedExpert
 
     if episodes <= 0:
@@ -156,97 +155,3 @@ def save_report(rows: list[FidelityRow], path: str, **settings: object) -> None:
         path,
         {"settings": settings, "rows": [asdict(r) for r in rows], "backend": backend_choices(rows)},
     )
-
-
-def load_backend_choices(path: str) -> dict[str, str]:
-    """Read ``{task: backend}`` back from a report written by :func:`save_report` / ``cpd envs check``."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"no fidelity report at {path!r}; write one with `cpd envs check --out FILE`")
-    with open(path) as f:
-        try:
-            payload = json.load(f)
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{path!r} is not JSON ({err}); re-run `cpd envs check --out {path}`") from err
-    if not isinstance(payload, dict) or not isinstance(payload.get("backend"), dict):
-        raise ValueError(f"{path!r} is not a `cpd envs check` report (no 'backend' table)")
-    return dict(payload["backend"])
-
-
-def collection_backends(report: str | None, teachers: Mapping[str, Any] | None = None) -> dict[str, str]:
-    """``{task: backend}`` for collection and training: from a fidelity report, else the known mismatches
-    (:data:`KNOWN_BAD_ENVPOOL`); tasks not listed use envpool.
-
-    A trained teacher in ``teachers`` (``{task: teacher}``) collects in the simulator it was trained in (its
-    ``trained_in``), whatever the report says: a policy can lean on details of a simulator that the scripted
-    expert the report runs does not (measured: a lever-pull-v3 policy trained under envpool succeeds in 10
-    of 30 episodes there and in none under Meta-World's envs, where the scripted expert passes both).
-    """
-    backends = load_backend_choices(report) if report else dict(KNOWN_BAD_ENVPOOL)
-    for task, teacher in (teachers or {}).items():
-        trained_in = getattr(teacher, "trained_in", None)
-        if trained_in is not None:
-            backends[task] = trained_in
-    return backends
-
-
-def add_cli(subparsers: argparse._SubParsersAction) -> None:
-    """Register ``cpd envs check`` on the top-level ``cpd`` subparsers."""
-    from cpd_fast.errors import fraction, positive_int, seed
-
-    envs = subparsers.add_parser("envs", help="environment utilities (fidelity check)")
-    envs_sub = envs.add_subparsers(dest="envs_command", metavar="ENVS_COMMAND", required=True)
-    check = envs_sub.add_parser(
-        "check",
-        help="run scripted experts under envpool and Meta-World's envs; pick a backend per task",
-        description="Runs each task's scripted Meta-World expert under both env backends, prints success "
-        "side by side and the backend chosen per task (gymnasium where envpool is unfaithful).",
-    )
-    check.add_argument("--suite", default="mt25", help="task suite: mt10, mt25, mt50, cw10 (default mt25)")
-    check.add_argument("--tasks", nargs="+", default=None, help="explicit -v3 task names (override --suite)")
-    check.add_argument(
-        "--episodes", type=positive_int, default=8, help="episodes per task and backend (default 8)"
-    )
-    check.add_argument(
-        "--num-envs", type=positive_int, default=8, help="episodes run side by side (default 8)"
-    )
-    check.add_argument("--seed", type=seed, default=0)
-    check.add_argument(
-        "--threshold", type=fraction, default=DEFAULT_PASS_THRESHOLD, help="success rate counted as a pass"
-    )
-    check.add_argument("--out", default=None, help="write the results as JSON here")
-    check.set_defaults(func=_cli_check)
-
-
-def _cli_check(args: argparse.Namespace) -> int:
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    task_list = resolve_tasks(args.tasks if args.tasks else args.suite)  # errors: one line (cli.main)
-    print(f"fidelity check: {len(task_list)} tasks, {args.episodes} episodes per task and backend")
-    print(_header())
-    rows = check_fidelity(
-        task_list,
-        episodes=args.episodes,
-        num_envs=args.num_envs,
-        seed=args.seed,
-        pass_threshold=args.threshold,
-        progress=True,
-    )
-    print()
-    print(format_table(rows))
-    switched = [r.task for r in rows if r.backend == "gymnasium"]
-    print(
-        f"\n{len(rows) - len(switched)} tasks on envpool, {len(switched)} on gymnasium:",
-        ", ".join(switched) or "-",
-    )
-    if args.out:
-        save_report(
-            rows,
-            args.out,
-            tasks=task_list,
-            episodes=args.episodes,
-            num_envs=args.num_envs,
-            seed=args.seed,
-            threshold=args.threshold,
-            date=time.strftime("%Y-%m-%d"),
-        )
-        print(f"wrote {args.out}")
-    return 0

@@ -34,6 +34,7 @@ from typing import Any
 import numpy as np
 
 from cpd_fast.errors import require_int
+from cpd_fast.runio import write_json_atomic
 
 __all__ = [
     "RunMetrics",
@@ -295,8 +296,6 @@ class RunResult:
         return cls(**d)
 
     def save(self, path: str | os.PathLike) -> None:
-        from cpd_fast.runio import write_json_atomic
-
         write_json_atomic(path, self.to_json())
 
     @classmethod

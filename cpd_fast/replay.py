@@ -27,6 +27,8 @@ from dataclasses import dataclass
 
 import torch
 
+from cpd_fast.dpp import greedy_map
+
 __all__ = [
     "REPLAY_SELECTIONS",
     "ReplaySet",
@@ -130,8 +132,6 @@ def select_replay(
         quality: ``[N]`` positive per-transition weights (DPP only); a segment's quality is the mean over
             its steps (:func:`segment_quality` turns them into DPP weights).
     """
-    from cpd_fast.dpp import greedy_map
-
     if not 0.0 < fraction <= 1.0:
         raise ValueError(f"replay fraction must be in (0, 1], got {fraction}")
     if selection not in REPLAY_SELECTIONS:

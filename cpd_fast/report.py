@@ -17,12 +17,11 @@ Output in ``out_dir``:
 matplotlib is imported lazily and used through ``matplotlib.figure.Figure`` with the Agg canvas, so
 making a report never changes pyplot's global backend.
 
-CLI (registered by :func:`add_cli`): ``cpd report RUN_DIR_OR_RESULTS_JSON... [--out DIR]``.
+CLI: ``cpd report RUN_DIR_OR_RESULTS_JSON... [--out DIR]`` (:mod:`cpd_fast.cli.report`).
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import math
 import os
@@ -36,7 +35,7 @@ import numpy as np
 from cpd_fast.metrics import RunResult, matrix_from_json, summarize
 from cpd_fast.runio import atomic_path, write_json_atomic
 
-__all__ = ["add_cli", "format_table", "load_runs", "write_report"]
+__all__ = ["format_table", "load_runs", "write_report"]
 
 _TABLE_COLUMNS = ("relative_performance", "acc", "mean_forgetting", "bwt")
 
@@ -133,7 +132,16 @@ def _short(task: str) -> str:
     return task.removesuffix("-v3")
 
 
+def _figure(**kwargs: Any):
+    """A matplotlib ``Figure`` (no pyplot: no global state, no GUI backend)."""
+    # lazy: matplotlib takes a while to import and only the figures need it, not every `cpd` command
+    from matplotlib.figure import Figure
+
+    return Figure(**kwargs)
+
+
 def _save(fig, path: Path) -> Path:
+    # lazy: see _figure
     from matplotlib.backends.backend_agg import FigureCanvasAgg
 
     FigureCanvasAgg(fig)
@@ -144,12 +152,10 @@ def _save(fig, path: Path) -> Path:
 
 def plot_success_matrix(summary: dict, path: Path) -> Path:
     """Heatmap of the seed-mean R[stage, task], annotated, NaN (not seen yet) in grey."""
-    from matplotlib.figure import Figure
-
     R = np.array(summary["R_mean"], dtype=float)
     tasks = summary["tasks"]
     S, J = R.shape
-    fig = Figure(figsize=(max(6.0, 0.55 * J + 2.0), max(3.0, 0.6 * S + 2.2)))
+    fig = _figure(figsize=(max(6.0, 0.55 * J + 2.0), max(3.0, 0.6 * S + 2.2)))
     ax = fig.add_subplot()
     cmap = _cmap("viridis").with_extremes(bad="#d9d9d9")  # grey: task not seen yet
     im = ax.imshow(np.ma.masked_invalid(R), cmap=cmap, vmin=0.0, vmax=1.0, aspect="auto")
@@ -172,6 +178,7 @@ def plot_success_matrix(summary: dict, path: Path) -> Path:
 
 
 def _cmap(name: str):
+    # lazy: see _figure
     from matplotlib import colormaps
 
     return colormaps[name].copy()
@@ -194,10 +201,8 @@ def _grouped_bars(ax, tasks, series: list[tuple[str, list[float]]]) -> None:
 
 def plot_teacher_vs_student(summaries: Sequence[dict], path: Path) -> Path:
     """Per-task teacher success and each method's success after the last stage (seed means)."""
-    from matplotlib.figure import Figure
-
     tasks = summaries[0]["tasks"]
-    fig = Figure(figsize=(max(6.0, 0.45 * len(tasks) + 2.0), 4.0))
+    fig = _figure(figsize=(max(6.0, 0.45 * len(tasks) + 2.0), 4.0))
     ax = fig.add_subplot()
     teacher = summaries[0]["teacher_success_mean"]
     _grouped_bars(
@@ -212,14 +217,12 @@ def plot_teacher_vs_student(summaries: Sequence[dict], path: Path) -> Path:
 
 def plot_forgetting(summaries: Sequence[dict], path: Path) -> Path:
     """Per-task forgetting of each method (seed means); tasks of the last stage are left out."""
-    from matplotlib.figure import Figure
-
     last = max(summaries[0]["task_stage"])
     keep = [j for j, s in enumerate(summaries[0]["task_stage"]) if s < last] or list(
         range(len(summaries[0]["tasks"]))
     )
     tasks = [summaries[0]["tasks"][j] for j in keep]
-    fig = Figure(figsize=(max(6.0, 0.45 * len(tasks) + 2.0), 4.0))
+    fig = _figure(figsize=(max(6.0, 0.45 * len(tasks) + 2.0), 4.0))
     ax = fig.add_subplot()
     _grouped_bars(ax, tasks, [(s["method"], [s["forgetting_mean"][j] for j in keep]) for s in summaries])
     ax.axhline(0.0, color="black", linewidth=0.8)
@@ -287,37 +290,3 @@ def _json_safe(x: Any) -> Any:
     if isinstance(x, list | tuple):
         return [_json_safe(v) for v in x]
     return x
-
-
-def add_cli(subparsers: argparse._SubParsersAction) -> None:
-    """Register ``cpd report RUN_DIR... [--out DIR] [--stages N]`` on the top-level ``cpd`` subparsers."""
-    from cpd_fast.errors import positive_int
-
-    p = subparsers.add_parser(
-        "report",
-        help="figures and the results table from finished runs",
-        description="Aggregates runs (run directories with results.json, or results JSON files) by suite "
-        "and method: success-matrix heatmaps, teacher-vs-student and forgetting bars (PNG), and a "
-        "markdown results table with 90%% bootstrap CIs over seeds.",
-    )
-    p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run directories or results JSON files")
-    p.add_argument(
-        "--out", default=None, help="output directory (default: RUN_DIR/report for one run, else ./report)"
-    )
-    p.add_argument(
-        "--stages", type=positive_int, default=None,
-        help="report each run as of its first N stages (e.g. an MT25 run beside runs on its first 10 tasks)",
-    )  # fmt: skip
-    p.set_defaults(func=_cli_report)
-
-
-def _cli_report(args: argparse.Namespace) -> int:
-    out = args.out
-    if out is None:
-        one = Path(args.runs[0])
-        out = one / "report" if len(args.runs) == 1 and one.is_dir() else Path("report")
-    # a bad RUN_DIR: one-line error from cpd_fast.cli.main
-    paths = write_report(args.runs, out, stages=args.stages)
-    for p in paths:
-        print(p)
-    return 0

@@ -46,6 +46,9 @@ import threading
 from collections.abc import Iterable
 from typing import Any
 
+import torch
+from torch.utils.tensorboard import SummaryWriter
+
 __all__ = [
     "CorruptFileError",
     "Ledger",
@@ -109,8 +112,6 @@ def save_torch_atomic(obj: Any, path: str | os.PathLike) -> None:
     """``torch.save(obj, path)`` atomically, plus its checksum sidecar ``<path>.sha256``. Keep ``obj`` to
     tensors and plain containers/scalars so that ``torch.load(path, weights_only=True)`` can read it back
     (:func:`load_torch_checked` does, after verifying the checksum)."""
-    import torch
-
     sidecar = _sidecar(path)
     if os.path.exists(sidecar):
         os.remove(sidecar)  # never leave an old checksum next to a new file (see the module docstring)
@@ -174,8 +175,6 @@ def load_torch_checked(path: str | os.PathLike, recover: str | None = None, **kw
         FileNotFoundError: ``path`` does not exist.
         CorruptFileError: checksum mismatch, or the file does not parse (a truncated zip archive).
     """
-    import torch
-
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path} is missing; {recover or 're-run the step that writes it'}")
@@ -320,7 +319,7 @@ def check_same_config(
 
 
 class RunLogger:
-    """``metrics.jsonl`` always, TensorBoard events under ``tb/`` when asked for and installed.
+    """``metrics.jsonl`` always, TensorBoard events under ``tb/`` when asked for.
 
     ``log(step, record, prefix)`` appends ``{"step": step, **record}`` and writes every finite number as a
     scalar ``prefix + key``; ``event(record)`` appends a line that is not a scalar series.
@@ -331,12 +330,7 @@ class RunLogger:
         self.enabled = enabled
         self.writer = None
         if enabled and tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-
-                self.writer = SummaryWriter(os.path.join(os.fspath(run_dir), "tb"))
-            except ImportError:  # tensorboard not installed: the JSONL log is complete on its own
-                self.writer = None
+            self.writer = SummaryWriter(os.path.join(os.fspath(run_dir), "tb"))
 
     def log(self, step: int, record: dict[str, Any], prefix: str = "", **fields: Any) -> None:
         if not self.enabled:

@@ -13,9 +13,19 @@ Every local pool in the package (teacher training, :mod:`cpd_fast.distributed`; 
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import multiprocessing as mp
 import os
+import signal
+import sys
 from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from typing import Any
+
+import torch
+
+from cpd_fast.errors import require_int
 
 __all__ = [
     "THREAD_VARS",
@@ -55,8 +65,6 @@ def core_share(processes: int) -> int:
 
 def set_threads(threads: int) -> None:
     """This process's intra-op threads: torch's, and the variables libraries read when they start."""
-    import torch
-
     for var in THREAD_VARS:
         os.environ[var] = str(threads)
     torch.set_num_threads(threads)
@@ -64,10 +72,6 @@ def set_threads(threads: int) -> None:
 
 def die_with_parent() -> None:
     """Linux: ask the kernel to SIGTERM this worker when the process that spawned it dies."""
-    import ctypes
-    import signal
-    import sys
-
     if sys.platform.startswith("linux"):
         with contextlib.suppress(OSError, AttributeError):
             ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG = 1
@@ -103,12 +107,6 @@ def process_pool(workers: int, threads: int, then: Any = None, *args: Any) -> An
     """A ``ProcessPoolExecutor`` of ``workers`` spawned processes with ``threads`` threads each, whose
     initializer runs ``then(*args)`` after :func:`init_worker`'s set-up. Use it as a context manager or
     call ``shutdown()``; a worker that dies breaks the pool (``BrokenProcessPool``), as in the library."""
-    import multiprocessing as mp
-    from concurrent.futures import ProcessPoolExecutor
-    from concurrent.futures.process import BrokenProcessPool
-
-    from cpd_fast.errors import require_int
-
     require_int("workers", workers, minimum=1)
     require_int("threads", threads, minimum=1)
     with _thread_env(threads):

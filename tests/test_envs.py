@@ -141,7 +141,7 @@ KNOWN_ENVPOOL = "1.2.5"  # the envpool whose Meta-World fidelity was measured (R
 def fidelity_check(tmp_path_factory):
     """``cpd envs check`` on reach-v3 and dial-turn-v3: (report, report path, what it printed)."""
     pytest.importorskip("envpool")
-    from cpd_fast.fidelity import add_cli
+    from cpd_fast.cli.envs import add_cli
 
     parser = argparse.ArgumentParser(prog="cpd")
     add_cli(parser.add_subparsers(dest="command"))
@@ -157,7 +157,8 @@ def fidelity_check(tmp_path_factory):
 
 def test_fidelity_gate_and_cli(fidelity_check):
     """Any envpool version: each task's backend follows the rule from the rates measured on it."""
-    from cpd_fast.fidelity import _choose, load_backend_choices
+    from cpd_fast.envs import load_backend_choices
+    from cpd_fast.fidelity import _choose
 
     report, path, printed = fidelity_check
     rows = {r["task"]: r for r in report["rows"]}
@@ -178,7 +179,7 @@ def test_known_envpool_dial_turn_is_unfaithful(fidelity_check):
     """The behaviour known for envpool 1.2.5: its dial-turn-v3 fails the expert in every episode."""
     import envpool
 
-    from cpd_fast.fidelity import KNOWN_BAD_ENVPOOL, load_backend_choices
+    from cpd_fast.envs import KNOWN_BAD_ENVPOOL, load_backend_choices
 
     if envpool.__version__ != KNOWN_ENVPOOL:
         pytest.skip(
@@ -339,7 +340,7 @@ def test_a_trained_teacher_collects_in_the_simulator_it_was_trained_in(tmp_path)
 
     import torch
 
-    from cpd_fast.fidelity import collection_backends
+    from cpd_fast.envs import collection_backends
     from cpd_fast.teachers.checkpoint import CheckpointTeacher
     from cpd_fast.teachers.ppo import ActorCritic, PPOConfig, policy_payload
     from cpd_fast.teachers.scripted import ScriptedExpert

@@ -48,16 +48,16 @@ LAYERS: dict[str, int] = {
     # L2: task names, the one env factory
     "cpd_fast.tasks": 2,
     "cpd_fast.envs": 2,
-    # L3: evaluation (the official protocol), worker processes, metrics
+    # L3: evaluation (the official protocol), rollouts of any policy into datasets, worker processes, metrics
     "cpd_fast.evaluation": 3,
+    "cpd_fast.data": 3,  # below teachers: PPO with demonstrations records its demos with it
     "cpd_fast.workers": 3,
     "cpd_fast.metrics": 3,
     # L4: teachers (training jobs, the zoo, scripted experts, the gate, one entry point: provide)
     "cpd_fast.teachers": 4,
     "cpd_fast.distributed": 4,  # the teacher jobs' former home
     "cpd_fast.fidelity": 4,  # runs the scripted experts (teachers.scripted) under both env backends
-    # L5: teacher datasets, replay selection
-    "cpd_fast.data": 5,
+    # L5: replay selection
     "cpd_fast.replay": 5,
     # L6: the student model and its official evaluation (one task, or many in worker processes)
     "cpd_fast.student": 6,
@@ -172,12 +172,24 @@ def layer_of(module: str) -> int | None:
     return None
 
 
-def graph() -> dict[str, set[str]]:
-    """cpd_fast module -> the cpd_fast modules it imports (all imports, module-level and lazy)."""
+def packages_run_first(source: str, target: str) -> list[str]:
+    """The packages whose ``__init__`` importing ``target`` from ``source`` runs first: the target's parent
+    packages, except those ``source`` itself lives in (they are initialised before ``source`` runs)."""
+    parts = target.split(".")
+    parents = [".".join(parts[:n]) for n in range(1, len(parts))]
+    return [p for p in parents if p in MODULES and source != p and not source.startswith(p + ".")]
+
+
+def graph(with_packages: bool = False) -> dict[str, set[str]]:
+    """cpd_fast module -> the cpd_fast modules it imports (all imports, module-level and lazy); with
+    ``with_packages``, also the packages whose ``__init__`` those imports run (:func:`packages_run_first`),
+    as Python does: ``import cpd_fast.teachers.scripted`` runs ``cpd_fast/teachers/__init__.py`` first."""
     edges: dict[str, set[str]] = {m: set() for m in MODULES}
     for imp in all_imports():
         if internal(imp) and imp.target != imp.source and imp.target in MODULES:
             edges[imp.source].add(imp.target)
+            if with_packages:
+                edges[imp.source].update(packages_run_first(imp.source, imp.target))
     return edges
 
 
@@ -259,13 +271,23 @@ def test_every_module_has_a_layer():
 
 
 def test_no_import_circles():
-    edges = graph()
-    found = circles(edges)
+    """Counting the package ``__init__`` an import runs: a circle through one fails at run time as well,
+    depending on which module is imported first."""
+    found = circles(graph(with_packages=True))
     lines = []
     for component in found:
         inside = set(component)
         lines.append(" <-> ".join(component))
-        lines.extend(f"      {imp}" for imp in all_imports() if imp.source in inside and imp.target in inside)
+        for imp in all_imports():
+            if imp.source not in inside:
+                continue
+            if imp.target in inside:
+                lines.append(f"      {imp}")
+            lines.extend(
+                f"      {imp}, which runs {MODULES[package].relative_to(ROOT)} first"
+                for package in packages_run_first(imp.source, imp.target)
+                if package in inside and package != imp.target
+            )
     if found:
         title = f"import circles ({len(found)}), with the imports that close them:"
         pytest.fail("\n".join([title, *lines]), pytrace=False)
@@ -288,14 +310,23 @@ def test_imports_sit_at_module_top_except_lazy_optional_dependencies():
     _fail_on("imports inside functions (move them to the module top; only LAZY entries may stay)", hidden)
 
 
+def comment_above(lines: list[str], line: int) -> str:
+    """The comment on 1-based ``line`` and the comment lines right above it, joined."""
+    found = [lines[line - 1].partition("#")[2]]
+    above = line - 2
+    while above >= 0 and lines[above].lstrip().startswith("#"):
+        found.insert(0, lines[above].lstrip()[1:])
+        above -= 1
+    return " ".join(text.strip() for text in found)
+
+
 def test_every_lazy_import_is_marked_with_its_reason():
-    """A lazy import keeps a ``# lazy: <why>`` comment on its line or the line above, for the reader."""
+    """A lazy import keeps a ``# lazy: <why>`` comment on its line or right above it, for the reader."""
     unmarked = []
     for imp in all_imports():
         if imp.lazy and lazy_reason(imp.target) is not None:
             lines = MODULES[imp.source].read_text().splitlines()
-            near = lines[max(0, imp.line - 2) : imp.line]
-            if not any("# lazy:" in line for line in near):
+            if "lazy:" not in comment_above(lines, imp.line):
                 unmarked.append(str(imp))
     _fail_on("lazy imports without a `# lazy: <why>` comment", unmarked)
 
@@ -334,6 +365,11 @@ def test_import_cpd_fast_loads_no_rl_stack_and_no_lazy_dependency():
 # ----------------------------------------------------------------------------- the checks can fail
 
 
+def test_an_import_runs_its_parent_packages_but_not_its_own():
+    assert packages_run_first("cpd_fast.fidelity", "cpd_fast.teachers.scripted") == ["cpd_fast.teachers"]
+    assert packages_run_first("cpd_fast.moe.layer", "cpd_fast.moe.experts") == []
+
+
 def test_circles_finds_a_two_module_circle_and_ignores_a_chain():
     assert circles({"a": {"b"}, "b": {"a"}, "c": {"a"}}) == [["a", "b"]]
     assert circles({"a": {"b"}, "b": {"c"}, "c": set()}) == []
@@ -344,6 +380,12 @@ def test_layer_of_takes_the_longest_prefix():
     assert layer_of("cpd_fast.teachers.cli") == LAYERS["cpd_fast.cli"]
     assert layer_of("cpd_fast.student.adapters") < layer_of("cpd_fast.student.model")
     assert layer_of("numpy") is None
+
+
+def test_comment_above_reads_a_comment_block_and_the_line_itself():
+    lines = ["x = 1", "# lazy: one", "# two", "import a  # three"]
+    assert comment_above(lines, 4) == "lazy: one two three"
+    assert comment_above(["x = 1", "import a"], 2) == ""
 
 
 def test_walk_sees_imports_inside_functions_and_methods():

@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from cpd_fast.cli.report import add_cli
 from cpd_fast.metrics import RunResult, bootstrap_ci, compute_metrics
-from cpd_fast.report import add_cli, write_report
+from cpd_fast.report import write_report
 from cpd_fast.tasks import stages
 
 TASKS = [t for stage in stages("mt10", 5) for t in stage]  # 2 stages x 5 tasks

@@ -12,6 +12,10 @@ import sys
 
 import pytest
 
+import cpd_fast.distill.run as distill_run
+import cpd_fast.pipeline.steps as pipeline_steps
+import cpd_fast.teachers.provide as provide
+from cpd_fast import cli
 from cpd_fast.runio import (
     CorruptFileError,
     Ledger,
@@ -105,8 +109,6 @@ def test_lock_is_reentrant_in_one_process_and_released(tmp_path):
     ids=["cpd run", "cpd distill", "cpd teachers train"],
 )
 def test_second_process_is_refused_at_once_then_takes_over_a_dead_holder(held, argv, capsys, monkeypatch):
-    from cpd_fast import cli
-
     run, proc = held
     before = sorted(os.listdir(run))
     code = cli.main([a.format(run=run) for a in argv])
@@ -117,16 +119,12 @@ def test_second_process_is_refused_at_once_then_takes_over_a_dead_holder(held, a
     # the holder dies without cleaning up (SIGKILL): its flock went with it, the next process takes over
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    import cpd_fast.distill.run as distill_run
-    import cpd_fast.distributed as distributed
-    import cpd_fast.pipeline as pipeline
-
     calls = []
-    monkeypatch.setattr(pipeline.Pipeline, "run", lambda self: calls.append("run") or {})
-    monkeypatch.setattr(pipeline, "print_summary", lambda *a: None)
+    monkeypatch.setattr(pipeline_steps.Pipeline, "run", lambda self: calls.append("run") or {})
+    monkeypatch.setattr(pipeline_steps, "print_summary", lambda *a: None)
     monkeypatch.setattr(distill_run.DistillRun, "run", lambda self: calls.append("distill") or _Result())
     monkeypatch.setattr(
-        distributed, "run_jobs", lambda jobs, **kw: calls.append("jobs") or [_job(j) for j in jobs]
+        provide, "run_jobs", lambda jobs, **kw: calls.append("jobs") or [_job(j) for j in jobs]
     )
     assert cli.main([a.format(run=run) for a in argv]) == 0
     assert calls and f"pid {os.getpid()} " in (run / ".lock").read_text()

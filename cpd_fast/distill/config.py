@@ -23,8 +23,10 @@ from cpd_fast.config import (
     config_class,
     from_mapping,
 )
-from cpd_fast.distill.methods import get_method
+from cpd_fast.distill.methods import METHOD_FIELDS, get_method
 from cpd_fast.student import StudentConfig
+from cpd_fast.tasks import SUITES, stages
+from cpd_fast.workers import available_cores, core_share
 
 __all__ = ["EVAL_MODES", "RUNTIME_KEYS", "DistillConfig"]
 
@@ -36,7 +38,8 @@ _DAGGER_FIELDS = ("dagger_rounds", "dagger_episodes", "dagger_beta")  # read onl
 
 
 def _cpu_student() -> StudentConfig:
-    # Sized for the CPU budget: ~0.085 s per step of 256 windows on one busy core (d_model 256 costs 4.5x).
+    # Sized for the CPU budget (step times in bench/README.md, bench/bench_student.py; d_model 256 costs
+    # several times as much).
     return StudentConfig(
         d_model=128, n_heads=4, n_layers=2, d_ff=256, expert_hidden=256, task_encoder_hidden=128
     )
@@ -76,8 +79,7 @@ class DistillConfig:
     collect_envs: PositiveInt = 10
     max_episode_steps: PositiveInt = 500
     # training
-    # 4000 fits the hour: the full MT25 cpd run (both eval modes) took 46.7 min on one of 2 cores
-    # (26 min training, 20.5 min evaluation; bench/mt25_default)
+    # 4000: the full MT25 cpd run (both eval modes) fits the hour on one of 2 cores (bench/mt25_default)
     steps_per_stage: PositiveInt = 4000
     batch_size: PositiveInt = 256
     lr: PositiveFloat = 5e-4
@@ -155,14 +157,10 @@ class DistillConfig:
 
     def thread_count(self, processes: int = 1) -> int:
         """``threads`` resolved for one of ``processes`` processes sharing the cores (0: torch's default)."""
-        from cpd_fast.workers import core_share
-
         return self.threads if self.threads is not None else core_share(processes)
 
     def eval_worker_count(self) -> int:
         """``eval_workers`` resolved: None gives one worker per core on a CPU run with two or more cores."""
-        from cpd_fast.workers import available_cores
-
         if self.eval_workers is not None:
             return self.eval_workers
         cores = available_cores()
@@ -170,8 +168,6 @@ class DistillConfig:
 
     def stage_tasks(self) -> list[list[str]]:
         """The run's tasks, stage by stage."""
-        from cpd_fast.tasks import stages
-
         return stages(self.tasks if self.tasks else self.suite, self.tasks_per_stage)
 
     def task_list_name(self) -> str:
@@ -180,8 +176,6 @@ class DistillConfig:
             return self.name
         if not self.tasks:
             return self.suite
-        from cpd_fast.tasks import SUITES
-
         suite = SUITES.get(self.suite, ())
         n = len(self.tasks)
         return f"{self.suite}[:{n}]" if list(suite[:n]) == list(self.tasks) else "custom"
@@ -233,8 +227,6 @@ class DistillConfig:
 
     def unused(self, keys: list[str]) -> list[str]:
         """Those of ``keys`` (fields set by the user) that this run's method does not read."""
-        from cpd_fast.distill.methods import METHOD_FIELDS
-
         uses = get_method(self.method).uses()
         if self.dagger:
             uses = uses | set(_DAGGER_FIELDS)
