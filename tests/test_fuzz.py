@@ -56,17 +56,18 @@ def _reached(*args, **kwargs):
     raise Reached
 
 
-# (module, attribute) where each command's real work starts; validation happens before these
+# (module, attribute) where each command's real work starts, as the CLI module that calls it names it (a
+# stub on the defining module would not reach a name the CLI imported); validation happens before these
 HEAVY = [
-    ("cpd_fast.distill.run", "run_distill"),  # cpd distill
+    ("cpd_fast.cli.distill", "run_distill"),  # cpd distill
     ("cpd_fast.teachers.jobs", "_run_local"),  # cpd teachers train (after train_teachers' checks)
     ("cpd_fast.teachers.jobs", "_run_ray"),  # ... after check_ray_address
-    ("cpd_fast.data", "collect_dataset"),  # cpd teachers collect (after every teacher loaded)
-    ("cpd_fast.teachers.gate", "evaluate_teacher"),  # cpd teachers eval
-    ("cpd_fast.teachers.zoo", "add_teacher"),  # cpd teachers export
-    ("cpd_fast.fidelity", "check_fidelity"),  # cpd envs check
-    ("cpd_fast.demo", "dpp_demo"),  # cpd dpp-demo
-    ("cpd_fast.pipeline", "run_pipeline"),  # cpd run
+    ("cpd_fast.cli.teachers", "collect_dataset"),  # cpd teachers collect (after every teacher loaded)
+    ("cpd_fast.cli.teachers", "evaluate_teacher"),  # cpd teachers eval
+    ("cpd_fast.cli.teachers", "add_teacher"),  # cpd teachers export
+    ("cpd_fast.cli.envs", "check_fidelity"),  # cpd envs check
+    ("cpd_fast.cli.demo", "dpp_demo"),  # cpd dpp-demo
+    ("cpd_fast.cli.run", "run_pipeline"),  # cpd run
 ]
 
 
@@ -74,12 +75,8 @@ HEAVY = [
 def stubbed_cli(tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp:
         for module, name in HEAVY:
-            try:
-                mod = importlib.import_module(module)
-            except ImportError:  # cpd run not in this checkout: its command is not registered either
-                assert module == "cpd_fast.pipeline"
-                continue
-            mp.setattr(mod, name, _reached)  # raising=True: a renamed entry point fails here, loudly
+            # raising=True: a renamed entry point fails here, loudly
+            mp.setattr(importlib.import_module(module), name, _reached)
         cwd = tmp_path_factory.mktemp("cwd")
         mp.chdir(cwd)  # relative paths from the fuzzer (and default run dirs) land in a scratch dir
         yield cwd
