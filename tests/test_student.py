@@ -300,7 +300,9 @@ def test_set_frozen_freezes_exactly_the_named_groups():
     with pytest.raises(ValueError, match="unknown parameter group"):
         s.set_frozen({"trunk": None})
     with pytest.raises(ValueError, match="takes no index"):
-        s.set_frozen({"head": [0]})
+        s.set_frozen({"experts": None, "head": [0]})
+    assert frozen == {id(p) for p in s.parameters() if not p.requires_grad}  # a refused set changes nothing
+    assert not s.moe.frozen_mask.any()
 
 
 def test_state_dict_round_trip_across_growth():

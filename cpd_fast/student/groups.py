@@ -36,7 +36,7 @@ from torch import nn
 __all__ = ["GROUPS", "parameter_group", "set_frozen"]
 
 GROUPS = ("shared", "task_encoder", "head", "gate", "experts", "adapters", "prototypes", "conditioning")
-INDEXED = {"experts": "expert", "adapters": "task", "prototypes": "task", "conditioning": "task"}
+INDEXED = ("experts", "adapters", "prototypes", "conditioning")  # by expert id (experts), else by task id
 
 
 def parameter_group(student: nn.Module, name: str, index: Iterable[int] | None = None) -> list[nn.Parameter]:
@@ -79,6 +79,9 @@ def set_frozen(student: nn.Module, frozen: Mapping[str, Iterable[int] | None]) -
     unknown = sorted(set(frozen) - set(GROUPS))
     if unknown:
         raise ValueError(f"unknown parameter groups {unknown}; groups: {', '.join(GROUPS)}")
+    for name, index in frozen.items():
+        if index is not None and name not in INDEXED:
+            raise ValueError(f"parameter group {name!r} takes no index")
     moe = student.moe
     # everything trains ...
     for name in ("shared", "head", "task_encoder"):
@@ -94,10 +97,9 @@ def set_frozen(student: nn.Module, frozen: Mapping[str, Iterable[int] | None]) -
             moe.freeze_experts(list(range(moe.num_experts)) if part is None else part)
         elif name == "gate":
             moe.freeze_gate()
-        elif name in ("prototypes", "conditioning"):
-            tasks = set(range(student.num_tasks)) if part is None else set(part)
-            setattr(student, f"frozen_{name}", tasks)
-        elif part is not None and name not in INDEXED:
-            raise ValueError(f"parameter group {name!r} takes no index")
+        elif name == "prototypes":
+            student.frozen_prototypes = set(range(student.num_tasks)) if part is None else set(part)
+        elif name == "conditioning":
+            student.frozen_conditioning = set(range(student.num_tasks)) if part is None else set(part)
         else:
             _set_trainable(parameter_group(student, name, part), False)
