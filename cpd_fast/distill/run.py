@@ -42,8 +42,8 @@ from cpd_fast.distill.methods import configure_phase, get_method, make_hook, pha
 from cpd_fast.distill.stats import replay_report, routing_shares, student_error
 from cpd_fast.distill.train import train_phase
 from cpd_fast.distill.windows import TaskSampler, WindowData, full_pool
+from cpd_fast.envs import collection_backends
 from cpd_fast.evalpool import TMP_PREFIX, EvalJob, EvalPool
-from cpd_fast.fidelity import collection_backends
 from cpd_fast.metrics import RunResult, matrix_to_json
 from cpd_fast.replay import ReplaySet, select_replay
 from cpd_fast.runio import (
