@@ -1,7 +1,8 @@
 """Worker processes on this machine: how many cores there are, and pools whose workers share them well.
 
-Every local pool in the package (teacher training, :mod:`cpd_fast.distributed`; evaluation,
-:mod:`cpd_fast.evalpool`; methods side by side, :mod:`cpd_fast.pipeline`) is made here, so all of them:
+Every local pool in the package (teacher training, :mod:`cpd_fast.teachers.jobs`; evaluation,
+:mod:`cpd_fast.evalpool`; methods side by side, :mod:`cpd_fast.pipeline.parallel`) is made here, so all of
+them:
 
 * start workers by ``spawn`` (torch's and envpool's threads do not survive ``fork``);
 * cap each worker's intra-op threads (``torch.set_num_threads`` and ``OMP/MKL/OPENBLAS_NUM_THREADS``)

@@ -23,10 +23,15 @@ DAGGER = dict(dagger=True, dagger_rounds=2, dagger_episodes=2, dagger_beta=0.5)
 
 @pytest.fixture(scope="module")
 def dagger_run(tmp_path_factory):
+    # a module fixture runs outside the per-test _one_thread fixture: set and restore the count itself
+    n = torch.get_num_threads()
     torch.set_num_threads(1)
-    run_dir = tmp_path_factory.mktemp("dagger") / "cpd"
-    cfg = tiny_config(**DAGGER)
-    return cfg, run_dir, run_distill(cfg, run_dir)
+    try:
+        run_dir = tmp_path_factory.mktemp("dagger") / "cpd"
+        cfg = tiny_config(**DAGGER)
+        yield cfg, run_dir, run_distill(cfg, run_dir)
+    finally:
+        torch.set_num_threads(n)
 
 
 def test_rounds_collect_student_driven_data_labelled_by_the_teacher(dagger_run):

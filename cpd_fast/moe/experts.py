@@ -18,8 +18,9 @@ Impl = Literal["auto", "segments", "segments_loop", "grouped_mm", "autograd"]
 IMPLS = ("auto", "segments", "segments_loop", "grouped_mm", "autograd")
 # Rows per segment are padded to a multiple of this for bf16/fp16 F.grouped_mm on CPU. There each segment
 # is a oneDNN matmul whose kernel is generated for its exact shape and cached (1,024 shapes by default);
-# segment sizes follow the routing, so nearly every step brought new ones: MT25 stage 0 spent ~12 of its
-# ~39 ms per training step creating kernels. Padded, a segment has at most N/64 + 1 sizes.
+# segment sizes follow the routing, so nearly every step brought new ones, and MT25 training spent a large
+# share of its steps creating kernels (commit 460c62b, bench/mt25_speed3). Padded, a segment has at most
+# N/64 + 1 sizes.
 SEGMENT_QUANTUM = 64
 
 

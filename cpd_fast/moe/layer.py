@@ -27,7 +27,6 @@ from __future__ import annotations
 import math
 import numbers
 import os
-import weakref
 from typing import Any, Literal
 
 import torch
@@ -36,14 +35,13 @@ from torch import nn
 from cpd_fast.errors import require_int
 
 from .experts import ACTIVATIONS, experts_torch
-from .optim import OptimizerLink, swap_parameters
+from .optim import REPLACED_TAG, AttachesOptimizers
 from .router import Router, RouterStats, Routing, fixed_route, load_balancing_loss, router_stats
 
 Activation = Literal["gelu", "relu", "silu"]
 Backend = Literal["auto", "triton", "torch"]
 BACKENDS = ("auto", "triton", "torch")
 _SLOTS = ("w1", "b1", "w2", "b2", "gate.weight", "gate.bias")
-_REPLACED_TAG = "_cpd_moe_replaced"  # set on a parameter when growth replaces it: (layer token, slot)
 
 
 def _is_int(v: Any) -> bool:
@@ -74,7 +72,77 @@ def _check_finite(name: str, t: torch.Tensor) -> None:
         raise ValueError(f"{name} contains NaN or Inf")
 
 
-class MoELayer(nn.Module):
+def _check_arguments(
+    d_model: Any, d_hidden: Any, num_experts: Any, top_k: Any, activation: Any, backend: Any,
+    new_expert_gate_bias: Any, aux_loss_weight: Any, device: Any, dtype: Any,
+) -> tuple[int, int, int, int]:  # fmt: skip
+    """:class:`MoELayer`'s arguments checked (``ValueError``/``TypeError`` naming the bad one); returns
+    ``(d_model, d_hidden, num_experts, top_k)`` as ints."""
+    d_model, d_hidden, num_experts = (
+        require_int(n, v)
+        for n, v in (("d_model", d_model), ("d_hidden", d_hidden), ("num_experts", num_experts))
+    )
+    if not _is_int(top_k) or not 1 <= top_k <= num_experts:
+        raise ValueError(f"top_k must satisfy 1 <= top_k <= num_experts={num_experts}, got {top_k!r}")
+    top_k = int(top_k)
+    if not isinstance(activation, str) or activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {tuple(ACTIVATIONS)}, got {activation!r}")
+    if not isinstance(backend, str) or backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    _finite("new_expert_gate_bias", new_expert_gate_bias)
+    if _finite("aux_loss_weight", aux_loss_weight) < 0:
+        raise ValueError(f"aux_loss_weight must be >= 0, got {aux_loss_weight!r}")
+    if dtype is not None and (not isinstance(dtype, torch.dtype) or not dtype.is_floating_point):
+        raise TypeError(f"dtype must be a floating-point torch.dtype (or None), got {dtype!r}")
+    _check_device(device)
+    return d_model, d_hidden, num_experts, top_k
+
+
+def _check_input(x: Any, param: torch.Tensor) -> None:
+    """``x`` fits the layer whose ``w1`` is ``param``: a tensor ``[..., d_model]`` of its dtype and device."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() < 1 or x.shape[-1] != param.shape[2]:
+        raise ValueError(f"x must have shape [..., {param.shape[2]}], got {tuple(x.shape)}")
+    if x.dtype != param.dtype:
+        raise TypeError(f"x has dtype {x.dtype} but the layer's parameters are {param.dtype}")
+    if x.device != param.device:
+        raise ValueError(f"x is on {x.device} but the layer's parameters are on {param.device}")
+
+
+def _check_experts(experts: Any, x: torch.Tensor) -> None:
+    """``experts`` of :meth:`MoELayer.forward`: a tensor ``[..., k]`` over the leading dims of ``x``."""
+    lead = x.shape[:-1]
+    ok = isinstance(experts, torch.Tensor) and experts.dim() == x.dim()
+    if not ok or experts.shape[:-1] != lead:
+        got = tuple(experts.shape) if isinstance(experts, torch.Tensor) else type(experts).__name__
+        raise ValueError(
+            f"experts must be an int64 tensor [{', '.join(map(str, lead))}, k] (the leading dims of "
+            f"x), got {got}"
+        )
+
+
+def _expert_indices(indices: Any, num_experts: int) -> list[int]:
+    """``indices`` (an int or ints, negative from the end) as indices in ``[0, num_experts)``."""
+    idx = [indices] if isinstance(indices, int) else list(indices)
+    for i in idx:
+        if not isinstance(i, int) or not -num_experts <= i < num_experts:
+            raise IndexError(f"expert index {i!r} out of range for {num_experts} experts")
+    return [i % num_experts for i in idx]
+
+
+@torch.no_grad()
+def _init_experts(w1: Any, b1: Any, w2: Any, b2: Any, rows: slice) -> None:
+    """nn.Linear's default init of the experts' ``rows``, expert by expert: U(-1/sqrt(fan_in), 1/sqrt(fan_in))
+    (``b1``/``b2`` None: no biases)."""
+    for w, b in ((w1, b1), (w2, b2)):
+        bound = 1.0 / math.sqrt(w.shape[2])
+        w[rows].uniform_(-bound, bound)
+        if b is not None:
+            b[rows].uniform_(-bound, bound)
+
+
+class MoELayer(AttachesOptimizers, nn.Module):
     """Top-k Mixture-of-Experts FFN whose experts can be added, frozen and unfrozen at run time.
 
     Input ``[..., d_model]`` → output ``[..., d_model]``. After each forward: ``router_stats``
@@ -111,23 +179,10 @@ class MoELayer(nn.Module):
         dtype: torch.dtype | None = None,
     ):
         super().__init__()
-        d_model, d_hidden, num_experts = (
-            require_int(n, v)
-            for n, v in (("d_model", d_model), ("d_hidden", d_hidden), ("num_experts", num_experts))
-        )
-        if not _is_int(top_k) or not 1 <= top_k <= num_experts:
-            raise ValueError(f"top_k must satisfy 1 <= top_k <= num_experts={num_experts}, got {top_k!r}")
-        top_k = int(top_k)
-        if not isinstance(activation, str) or activation not in ACTIVATIONS:
-            raise ValueError(f"activation must be one of {tuple(ACTIVATIONS)}, got {activation!r}")
-        if not isinstance(backend, str) or backend not in BACKENDS:
-            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-        _finite("new_expert_gate_bias", new_expert_gate_bias)
-        if _finite("aux_loss_weight", aux_loss_weight) < 0:
-            raise ValueError(f"aux_loss_weight must be >= 0, got {aux_loss_weight!r}")
-        if dtype is not None and (not isinstance(dtype, torch.dtype) or not dtype.is_floating_point):
-            raise TypeError(f"dtype must be a floating-point torch.dtype (or None), got {dtype!r}")
-        _check_device(device)
+        d_model, d_hidden, num_experts, top_k = _check_arguments(
+            d_model, d_hidden, num_experts, top_k, activation, backend, new_expert_gate_bias, aux_loss_weight,
+            device, dtype,
+        )  # fmt: skip
         self.d_model, self.d_hidden, self.top_k = d_model, d_hidden, top_k
         self.activation, self.backend, self.normalize_topk = activation, backend, normalize_topk
         self.new_expert_gate_bias = float(new_expert_gate_bias)
@@ -138,7 +193,7 @@ class MoELayer(nn.Module):
         self.w2 = nn.Parameter(torch.empty(num_experts, d_model, d_hidden, **factory))
         self.b1 = nn.Parameter(torch.empty(num_experts, d_hidden, **factory)) if bias else None
         self.b2 = nn.Parameter(torch.empty(num_experts, d_model, **factory)) if bias else None
-        self._init_experts(slice(None))
+        _init_experts(self.w1, self.b1, self.w2, self.b2, slice(None))
         self.gate = Router(d_model, num_experts, **factory)
         self.register_buffer("frozen_mask", torch.zeros(num_experts, dtype=torch.bool, device=device), False)
         self.register_buffer(
@@ -148,22 +203,6 @@ class MoELayer(nn.Module):
         self.router_stats: RouterStats | None = None
         self._always: torch.Tensor | None = None  # experts routed for every token (always_route)
         self._frozen_idx: torch.Tensor | None = None
-        self._init_links()
-
-    def _init_links(self) -> None:
-        # token: identifies this layer in the tags of parameters it replaced; links: attached optimizers
-        self._token = object()
-        self._links: weakref.WeakKeyDictionary[torch.optim.Optimizer, OptimizerLink] = (
-            weakref.WeakKeyDictionary()
-        )
-
-    def __getstate__(self) -> dict:  # copies and pickles start unattached, with their own token
-        state = self.__dict__.copy()
-        del state["_token"], state["_links"]
-        return state
-
-    def __setstate__(self, state: dict) -> None:
-        super().__setstate__(state)
         self._init_links()
 
     # -- sizes ---------------------------------------------------------------------------------
@@ -187,15 +226,6 @@ class MoELayer(nn.Module):
             f"top_k={self.top_k}, activation={self.activation!r}, backend={self.backend!r}"
         )
 
-    @torch.no_grad()
-    def _init_experts(self, rows: slice) -> None:
-        # nn.Linear's default init, expert by expert: U(-1/sqrt(fan_in), 1/sqrt(fan_in))
-        for w, b in ((self.w1, self.b1), (self.w2, self.b2)):
-            bound = 1.0 / math.sqrt(w.shape[2])
-            w[rows].uniform_(-bound, bound)
-            if b is not None:
-                b[rows].uniform_(-bound, bound)
-
     # -- forward -------------------------------------------------------------------------------
 
     def _resolve_backend(self, x: torch.Tensor) -> str:
@@ -210,26 +240,13 @@ class MoELayer(nn.Module):
         experts instead of the gate's top-k, each weighted 1/k (an id < 0 is an empty slot: it adds
         nothing). The gate is not consulted, so ``aux_loss`` is zero and the gate gets no gradient.
         """
-        if not isinstance(x, torch.Tensor):
-            raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
-        if x.dim() < 1 or x.shape[-1] != self.d_model:
-            raise ValueError(f"x must have shape [..., {self.d_model}], got {tuple(x.shape)}")
-        if x.dtype != self.w1.dtype:
-            raise TypeError(f"x has dtype {x.dtype} but the layer's parameters are {self.w1.dtype}")
-        if x.device != self.w1.device:
-            raise ValueError(f"x is on {x.device} but the layer's parameters are on {self.w1.device}")
+        _check_input(x, self.w1)
         if self.check_finite:
             _check_finite("x", x)
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.d_model)
         if experts is not None:
-            ok = isinstance(experts, torch.Tensor) and experts.dim() == x.dim()
-            if not ok or experts.shape[:-1] != lead:
-                got = tuple(experts.shape) if isinstance(experts, torch.Tensor) else type(experts).__name__
-                raise ValueError(
-                    f"experts must be an int64 tensor [{', '.join(map(str, lead))}, k] (the leading dims of "
-                    f"x), got {got}"
-                )
+            _check_experts(experts, x)
             r = fixed_route(experts.reshape(x2.shape[0], -1).to(x.device), self.num_experts, x.dtype)
             stats = self.router_stats = router_stats(r)
         else:
@@ -260,49 +277,15 @@ class MoELayer(nn.Module):
                 "backend='triton' needs a CUDA tensor (or TRITON_INTERPRET=1 set before importing the "
                 "kernels, for CPU testing); use backend='torch' or 'auto' on CPU"
             )
+        # lazy: the kernels import triton, absent on CPU-only and non-Linux installs; TRITON_INTERPRET is read
+        # when they are first imported
         from cpd_fast.kernels.moe_experts import TritonExperts
 
         return TritonExperts.apply(
             x2.contiguous(), *w, r.topk_p, r.order, r.offs, self.frozen_mask, self.activation,
         )  # fmt: skip
 
-    # -- optimizers ----------------------------------------------------------------------------
-
-    def attach(self, optimizer: torch.optim.Optimizer) -> OptimizerLink:
-        """Make ``optimizer`` keep frozen rows bit-identical and follow growth; returns the handle.
-
-        Registers a step pre-hook and post-hook on this optimizer only. Idempotent: attaching the
-        same optimizer again returns the same :class:`OptimizerLink`; ``link.remove()`` detaches.
-        The layer holds attached optimizers weakly (a discarded optimizer is not kept alive).
-        """
-        if not isinstance(optimizer, torch.optim.Optimizer):
-            raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
-        link = self._links.get(optimizer)
-        if link is None:
-            link = self._links[optimizer] = OptimizerLink(self, optimizer)
-        return link
-
-    @property
-    def attached_optimizers(self) -> list[torch.optim.Optimizer]:
-        return list(self._links.keys())
-
-    def update_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
-        """Move ``optimizer`` onto the current parameters and :meth:`attach` it.
-
-        Parameters of earlier generations (replaced by :meth:`add_experts`, one or more growths ago)
-        are swapped for the current ones. Per-parameter state shaped like the old parameter (Adam's
-        moments) is zero-padded for the new rows, so existing experts keep their moments exactly;
-        scalar state (``step``) is kept. The alternative is to rebuild the optimizer over
-        ``model.parameters()`` and attach that one.
-        """
-        self.attach(optimizer)
-        swap_parameters(optimizer, self._successor)
-
-    def _successor(self, p: torch.Tensor) -> torch.Tensor | None:
-        tag = getattr(p, _REPLACED_TAG, None)
-        if tag is None or tag[0] is not self._token:
-            return None
-        return self._slot(tag[1])
+    # -- parameter slots (replaced by bigger ones on growth; see AttachesOptimizers) -------------
 
     def _slot(self, slot: str) -> nn.Parameter | None:
         owner, name = (self.gate, slot[5:]) if slot.startswith("gate.") else (self, slot)
@@ -311,12 +294,8 @@ class MoELayer(nn.Module):
     def _replace(self, slot: str, new: torch.Tensor) -> None:
         owner, name = (self.gate, slot[5:]) if slot.startswith("gate.") else (self, slot)
         old = getattr(owner, name)
-        setattr(old, _REPLACED_TAG, (self._token, slot))  # lets update_optimizer find its successor
+        setattr(old, REPLACED_TAG, (self._token, slot))  # lets update_optimizer find its successor
         setattr(owner, name, nn.Parameter(new, requires_grad=old.requires_grad))
-
-    def _sync_attached(self) -> None:
-        for opt in list(self._links.keys()):
-            swap_parameters(opt, self._successor)
 
     # -- growth --------------------------------------------------------------------------------
 
@@ -340,7 +319,7 @@ class MoELayer(nn.Module):
         for slot in ("w1", "b1", "w2", "b2"):
             if self._slot(slot) is not None:
                 self._replace(slot, grow(self._slot(slot)))
-        self._init_experts(slice(E, None))
+        _init_experts(self.w1, self.b1, self.w2, self.b2, slice(E, None))
         gw = torch.cat([self.gate.weight.detach(), self.gate.weight.new_zeros(n, self.d_model)])
         gbias = torch.cat([self.gate.bias.detach(), self.gate.bias.new_full((n,), gb)])
         self._replace("gate.weight", gw)
@@ -374,13 +353,6 @@ class MoELayer(nn.Module):
 
     # -- freezing ------------------------------------------------------------------------------
 
-    def _expert_indices(self, indices) -> list[int]:
-        idx = [indices] if isinstance(indices, int) else list(indices)
-        for i in idx:
-            if not isinstance(i, int) or not -self.num_experts <= i < self.num_experts:
-                raise IndexError(f"expert index {i!r} out of range for {self.num_experts} experts")
-        return [i % self.num_experts for i in idx]
-
     def _refresh_frozen(self) -> None:
         ids = self.frozen_mask.nonzero().squeeze(1).tolist()
         self._frozen_idx = torch.tensor(ids, dtype=torch.long, device=self.w1.device) if ids else None
@@ -398,11 +370,11 @@ class MoELayer(nn.Module):
 
     def freeze_experts(self, indices) -> None:
         """Freeze experts: exactly zero gradient rows; attached optimizers leave their rows unchanged."""
-        self.frozen_mask[self._expert_indices(indices)] = True
+        self.frozen_mask[_expert_indices(indices, self.num_experts)] = True
         self._refresh_frozen()
 
     def unfreeze_experts(self, indices) -> None:
-        self.frozen_mask[self._expert_indices(indices)] = False
+        self.frozen_mask[_expert_indices(indices, self.num_experts)] = False
         self._refresh_frozen()
 
     def freeze_gate(self) -> None:

@@ -4,7 +4,8 @@
 experts' rows (and a frozen gate) of the parameters this optimizer holds, and a step post-hook
 writes them back, so weight decay and momentum from before the freeze cannot move them. Hooks are
 registered on that optimizer only (``Optimizer.register_step_pre_hook``), never globally.
-:func:`swap_parameters` moves an optimizer from old parameters to their grown replacements.
+:func:`swap_parameters` moves an optimizer from old parameters to their grown replacements, and
+:class:`AttachesOptimizers` is the layer's side of both.
 """
 
 from __future__ import annotations
@@ -14,6 +15,10 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+
+__all__ = ["REPLACED_TAG", "AttachesOptimizers", "OptimizerLink", "pad_state", "swap_parameters"]
+
+REPLACED_TAG = "_cpd_moe_replaced"  # set on a parameter when growth replaces it: (layer token, slot)
 
 
 class OptimizerLink:
@@ -94,3 +99,70 @@ def swap_parameters(
                 optimizer.state[new] = {key: pad_state(v, p, new) for key, v in state.items()}
             swapped += 1
     return swapped
+
+
+class AttachesOptimizers:
+    """The optimizers of a module whose parameters growth replaces by bigger ones (the MoE layer):
+    :meth:`attach` links an optimizer (an :class:`OptimizerLink`, held weakly), :meth:`update_optimizer`
+    and :meth:`_sync_attached` move optimizers onto the successors of the parameters they hold.
+
+    The module provides ``_slot(slot)`` (its current parameter of a slot), tags each parameter it replaces
+    with :data:`REPLACED_TAG` ``= (self._token, slot)``, provides ``_frozen_values(held)`` for the links,
+    and calls :meth:`_init_links` in its constructor.
+    """
+
+    def _init_links(self) -> None:
+        # token: identifies this layer in the tags of parameters it replaced; links: attached optimizers
+        self._token = object()
+        self._links: weakref.WeakKeyDictionary[torch.optim.Optimizer, OptimizerLink] = (
+            weakref.WeakKeyDictionary()
+        )
+
+    def __getstate__(self) -> dict:  # copies and pickles start unattached, with their own token
+        state = self.__dict__.copy()
+        del state["_token"], state["_links"]
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        self._init_links()
+
+    def attach(self, optimizer: torch.optim.Optimizer) -> OptimizerLink:
+        """Make ``optimizer`` keep frozen rows bit-identical and follow growth; returns the handle.
+
+        Registers a step pre-hook and post-hook on this optimizer only. Idempotent: attaching the
+        same optimizer again returns the same :class:`OptimizerLink`; ``link.remove()`` detaches.
+        The layer holds attached optimizers weakly (a discarded optimizer is not kept alive).
+        """
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+        link = self._links.get(optimizer)
+        if link is None:
+            link = self._links[optimizer] = OptimizerLink(self, optimizer)
+        return link
+
+    @property
+    def attached_optimizers(self) -> list[torch.optim.Optimizer]:
+        return list(self._links.keys())
+
+    def update_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
+        """Move ``optimizer`` onto the current parameters and :meth:`attach` it.
+
+        Parameters of earlier generations (replaced by the layer's growth, one or more growths ago)
+        are swapped for the current ones. Per-parameter state shaped like the old parameter (Adam's
+        moments) is zero-padded for the new rows, so existing experts keep their moments exactly;
+        scalar state (``step``) is kept. The alternative is to rebuild the optimizer over
+        ``model.parameters()`` and attach that one.
+        """
+        self.attach(optimizer)
+        swap_parameters(optimizer, self._successor)
+
+    def _successor(self, p: torch.Tensor) -> torch.Tensor | None:
+        tag = getattr(p, REPLACED_TAG, None)
+        if tag is None or tag[0] is not self._token:
+            return None
+        return self._slot(tag[1])
+
+    def _sync_attached(self) -> None:
+        for opt in list(self._links.keys()):
+            swap_parameters(opt, self._successor)
