@@ -5,7 +5,7 @@ expert solves ``dial-turn-v3`` in every episode under Meta-World's envs but in n
 1.2.5. Teachers trained in a wrong simulator are useless, so before training we run each task's
 scripted expert under both backends and pick, per task, the backend to train it with:
 
-* envpool if the expert passes there (success >= ``pass_threshold``) — it is several times faster;
+* envpool if the expert passes there (success >= ``pass_threshold``) — it is faster (``bench/env_steps.py``);
 * gymnasium (Meta-World's envs) if it fails under envpool but passes under gymnasium, with a warning;
 * envpool, flagged ``"unverified"``, if the expert fails under both (the gate cannot tell).
 
@@ -27,6 +27,7 @@ from cpd_fast.envs import KNOWN_BAD_ENVPOOL, collection_backends, load_backend_c
 from cpd_fast.evaluation import evaluate_monitoring
 from cpd_fast.runio import write_json_atomic
 from cpd_fast.tasks import resolve_tasks
+from cpd_fast.teachers.scripted import ScriptedExpert
 
 __all__ = [
     "KNOWN_BAD_ENVPOOL",
@@ -100,10 +101,6 @@ def check_fidelity(
     Returns:
         one :class:`FidelityRow` per task, in suite order.
     """
-    # not at the top while cpd_fast.teachers.provide imports this module (an import circle through
-    # cpd_fast/teachers/__init__.py); it can move there once provide imports cpd_fast.envs instead
-    from cpd_fast.teachers.scripted import ScriptedExpert
-
     if episodes <= 0:
         raise ValueError(f"episodes must be positive, got {episodes}")
     rows = []
