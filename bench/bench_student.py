@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 from cpd_fast.distill import DistillConfig
+from cpd_fast.distill.rows import squared_error_of_trained_rows
 from cpd_fast.student import Student
 
 
@@ -65,7 +66,10 @@ def student_step(s: Student, batch: tuple, use_prototype=None, clip: float | Non
     params = [p for p in s.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4, fused=True)
     s.moe.attach(opt)
-    kw = {} if use_prototype is None else {"update_prototypes": False, "use_prototype": use_prototype}
+    # as train_phase computes it: the windows that train nothing are left out of the forward pass
+    kw = {"squared_error_fn": squared_error_of_trained_rows}
+    if use_prototype is not None:
+        kw.update(update_prototypes=False, use_prototype=use_prototype)
 
     def step(bf16: bool) -> None:
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):

@@ -43,7 +43,6 @@ LAYERS: dict[str, int] = {
     "cpd_fast.moe": 1,
     "cpd_fast.kernels": 1,
     "cpd_fast.dpp": 1,
-    "cpd_fast.adapters": 1,
     "cpd_fast.student.adapters": 1,
     # L2: task names, the one env factory
     "cpd_fast.tasks": 2,
@@ -55,7 +54,6 @@ LAYERS: dict[str, int] = {
     "cpd_fast.metrics": 3,
     # L4: teachers (training jobs, the zoo, scripted experts, the gate, one entry point: provide)
     "cpd_fast.teachers": 4,
-    "cpd_fast.distributed": 4,  # the teacher jobs' former home
     "cpd_fast.fidelity": 4,  # runs the scripted experts (teachers.scripted) under both env backends
     # L5: replay selection
     "cpd_fast.replay": 5,
@@ -74,8 +72,6 @@ LAYERS: dict[str, int] = {
     "cpd_fast.demo": 9,
     # L10: the command line (all argparse)
     "cpd_fast.cli": 10,
-    "cpd_fast.teachers.cli": 10,
-    "cpd_fast.distill.cli": 10,
 }
 
 # Kernel modules (with their submodules) and the package itself: what a GPU machine without the RL stack
@@ -377,7 +373,7 @@ def test_circles_finds_a_two_module_circle_and_ignores_a_chain():
 
 def test_layer_of_takes_the_longest_prefix():
     assert layer_of("cpd_fast.teachers.zoo") == LAYERS["cpd_fast.teachers"]
-    assert layer_of("cpd_fast.teachers.cli") == LAYERS["cpd_fast.cli"]
+    assert layer_of("cpd_fast.cli.teachers") == LAYERS["cpd_fast.cli"]
     assert layer_of("cpd_fast.student.adapters") < layer_of("cpd_fast.student.model")
     assert layer_of("numpy") is None
 

@@ -1,6 +1,7 @@
 """Continual distillation: stages of tasks distilled into one growing student.
 
-Read in module order, the data path of one run (``cpd distill``; ``cpd run`` calls the same code)::
+Read in module order, the data path of one run (``cpd distill``, :mod:`cpd_fast.cli.distill`; ``cpd run``
+calls the same code)::
 
     config.py   DistillConfig: every number the run uses (saved first as RUN/config.json)
     methods.py  the method table (cpd, finetune, ewc, online-ewc, replay, static-moe, joint): what grows,
@@ -10,7 +11,6 @@ Read in module order, the data path of one run (``cpd distill``; ``cpd run`` cal
     rows.py     a speed-up: the windows that train nothing are left out of the forward pass
     run.py      the stage loop: data → grow → phases → replay selection → evaluation → results
     stats.py    routing shares and the replay budget recorded with the results
-    cli.py      ``cpd distill``: flags generated from DistillConfig
 
 The model is :mod:`cpd_fast.student` (it knows nothing of training loops or process groups), teachers and
 their datasets are :mod:`cpd_fast.teachers` / :mod:`cpd_fast.data`, replay selection
