@@ -116,7 +116,7 @@ class PackNet:
     def view(self, model: nn.Module, stage: int) -> dict[str, torch.Tensor]:
         """The state dict of stage ``stage``'s network: weights owned by later stages zeroed."""
         self._check_stage(stage)
-        state = {k: v.clone() for k, v in model.state_dict().items()}
+        state = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in model.state_dict().items()}
         for name, _, owner in self._weights(model):
             state[name] = torch.where(owner <= stage, state[name], torch.zeros_like(state[name]))
         return state

@@ -32,6 +32,7 @@ from typing import Any
 
 import numpy as np
 
+from cpd_fast.distill.config import isolating
 from cpd_fast.metrics import RunResult, matrix_from_json, summarize
 from cpd_fast.runio import atomic_path, write_json_atomic
 
@@ -58,21 +59,32 @@ def load_runs(result_paths: Iterable[str | os.PathLike], stages: int | None = No
 
 
 MODE_LABELS = {"prototype": "task id"}
+# the task-id mode of a configuration whose old tasks cannot change given their id (isolates_tasks)
+ORACLE_LABEL = "oracle task id (isolation)"
 
 
-def _mode_label(method: str, mode: str) -> str:
-    return method if mode == "inferred" else f"{method} [{MODE_LABELS.get(mode, mode)}]"
+def _mode_label(method: str, mode: str, isolation: bool = False) -> str:
+    if mode == "inferred":
+        return method
+    return f"{method} [{ORACLE_LABEL if isolation and mode == 'prototype' else MODE_LABELS.get(mode, mode)}]"
+
+
+def _isolation(run: RunResult) -> bool:
+    """Recorded by the run; derived from its config for results written before it was recorded."""
+    if "isolates_tasks" in run.extra:
+        return bool(run.extra["isolates_tasks"])
+    return isolating(run.extra.get("config", {}))
 
 
 def _with_eval_modes(run: RunResult) -> list[RunResult]:
     """The run, plus one pseudo-run per extra evaluation mode (e.g. ``cpd [task id]``: the same student
     evaluated with its task's prototype instead of the inferred embedding), so each mode gets its row."""
-    main = run.extra.get("eval_mode", "inferred")
-    out = [dataclasses.replace(run, method=_mode_label(run.method, main))]
+    main, iso = run.extra.get("eval_mode", "inferred"), _isolation(run)
+    out = [dataclasses.replace(run, method=_mode_label(run.method, main, iso))]
     for mode, matrix in run.extra.get("success_matrix_modes", {}).items():
         out.append(
             dataclasses.replace(
-                run, method=_mode_label(run.method, mode), success_matrix=matrix_from_json(matrix),
+                run, method=_mode_label(run.method, mode, iso), success_matrix=matrix_from_json(matrix),
                 extra={**run.extra, "eval_mode": mode, "success_matrix_modes": {}},
             )
         )  # fmt: skip
@@ -269,7 +281,10 @@ def write_report(
         "at an earlier stage minus final success, per task, averaged. BWT: final minus end-of-own-stage "
         "success, averaged over tasks before the last stage. Rows marked [task id]: the student is given "
         "the task id, which selects the task's learned prototype embedding; unmarked rows give no task id "
-        "(the embedding is inferred from the observation history).",
+        "(the embedding is inferred from the observation history). Rows marked [oracle task id "
+        "(isolation)]: the task id selects a part of the network that nothing after the task's stage "
+        "changes (parameter isolation), so nothing can be forgotten by construction: an upper bound chosen "
+        "by an oracle, not a continual-learning result.",
         "",
     ]
     md_path = out / "results.md"

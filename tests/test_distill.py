@@ -24,6 +24,7 @@ from cpd_fast.distill import (
     train_phase,
 )
 from cpd_fast.distill.windows import full_pool
+from cpd_fast.packnet import PackNet
 from cpd_fast.student import Student, StudentConfig
 from cpd_fast.teachers.gate import teacher_specs
 
@@ -172,7 +173,9 @@ def test_windows_pad_at_history_start():
 
 def test_config_errors():
     with pytest.raises(ValueError, match="unknown method"):
-        tiny_config(method="packnet")
+        tiny_config(method="pack-net")
+    with pytest.raises(ValueError, match="no task-free evaluation"):
+        tiny_config(method="packnet")  # the default eval_modes include the task-free one
     with pytest.raises(ValueError, match="budget"):
         tiny_config(budget=0)
     with pytest.raises(ValueError, match="unknown Meta-World"):
@@ -301,6 +304,43 @@ def test_baselines_run(tiny_run, tmp_path, method):
     assert R.shape == ((1, 4) if method == "joint" else (2, 4))
     assert r.extra["num_experts"] == 4  # fixed capacity: one expert per task of the whole suite
     assert (r.extra["replay"]["stored_transitions"] > 0) == (method == "replay")
+
+
+def test_settings_that_do_not_act_are_recorded_inactive():
+    """With task-routed experts the gate is never consulted: its settings are recorded as inactive, and the
+    task-id mode is an oracle's (parameter isolation)."""
+    routed = tiny_config(student=StudentConfig(**{**TINY, "expert_routing": "task"}))
+    assert routed.inactive() == [
+        "student.top_k", "student.aux_loss_weight", "gate_bias", "phase2", "phase1_fraction",
+        "route_new_experts",
+    ]  # fmt: skip
+    assert routed.isolates_tasks
+    assert tiny_config().inactive() == [] and not tiny_config().isolates_tasks
+    assert not tiny_config(freeze_shared=False, student=routed.student).isolates_tasks
+    assert tiny_config(method="packnet", eval_modes=("prototype",)).isolates_tasks
+
+
+def test_packnet_keeps_each_stage_network_bit_for_bit(tiny_run, tmp_path):
+    """PackNet in a run: a stage but the last trains, prunes and retrains; at the next stage the earlier
+    stage's view (its entries, later ones zeroed) is exactly the network that stage ended with, so its
+    tasks (evaluated with the task id) succeed as they did."""
+    _, run_dir, _ = tiny_run
+    cfg = tiny_config(method="packnet", data_dir=str(run_dir / "datasets"), eval_modes=("prototype",))
+    assert phases_of(cfg, 0) == [("train", 30), ("retrain", 10)] and phases_of(cfg, 1) == [("train", 40)]
+    r = run_distill(cfg, tmp_path / "pn")
+    assert r.method == "packnet (2 episodes/task)" and r.extra["eval_mode"] == "prototype"
+    ckpt = tmp_path / "pn" / "checkpoints"
+    end0 = torch.load(ckpt / "stage0-retrain.pt", weights_only=True)
+    end1 = torch.load(ckpt / "stage1-train.pt", weights_only=True)
+    student = Student.from_state_dict(end1["student"])
+    packnet = PackNet(student, num_stages=2)
+    packnet.load_state_dict(end1["packnet"])
+    view = packnet.view(student, 0)
+    names = [n for n, _ in student.named_parameters()]
+    assert all(torch.equal(view[n], end0["student"][n]) for n in names)
+    assert any(not torch.equal(end1["student"][n], end0["student"][n]) for n in names)  # stage 1 learnt
+    R = np.array(r.R)
+    np.testing.assert_array_equal(R[1, :2], R[0, :2])  # stage 0's tasks: nothing forgotten
 
 
 def test_error_weighted_replay_in_a_run(tiny_run, tmp_path):

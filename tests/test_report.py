@@ -105,3 +105,30 @@ def test_first_stages_sets_a_long_run_beside_prefix_runs(tmp_path):
     written = write_report([tmp_path / "r.json"], tmp_path / "rep", stages=2)
     md = (tmp_path / "rep" / "results.md").read_text()
     assert "## mt25[:2]" in md and "| cpd [task id] |" in md and len(written) >= 4
+
+
+@pytest.mark.parametrize(
+    ("routing", "method", "label"),
+    [
+        ("task", "cpd", "oracle task id (isolation)"),
+        ("gate", "cpd", "task id"),
+        ("task", "finetune", "task id"),
+    ],
+)
+def test_task_id_rows_of_isolating_configurations_are_labelled_oracle(tmp_path, routing, method, label):
+    """Task-routed cpd (frozen shared layers) cannot change an old task given its id: its task-id row is an
+    oracle's, labelled so; the label is derived from the saved config when the run did not record it."""
+    config = {"method": method, "freeze_shared": True, "student": {"expert_routing": routing}}
+    R = fake_R(0).tolist()
+    for recorded in (True, False):
+        extra = {"eval_mode": "inferred", "success_matrix_modes": {"prototype": R}, "config": config}
+        if recorded:
+            extra["isolates_tasks"] = routing == "task" and method == "cpd"
+        run = tmp_path / f"{recorded}" / "run"
+        RunResult(
+            suite="mt10", method=method, seed=0, tasks=TASKS, task_stage=STAGE, success_matrix=R,
+            teacher_success=TEACHER, wall_time_s=1.0, extra=extra,
+        ).save(run / "results.json")  # fmt: skip
+        write_report([run], tmp_path / f"{recorded}" / "out")
+        md = (tmp_path / f"{recorded}" / "out" / "results.md").read_text()
+        assert f"| {method} [{label}] |" in md

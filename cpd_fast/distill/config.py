@@ -28,7 +28,7 @@ from cpd_fast.student import StudentConfig
 from cpd_fast.tasks import SUITES, stages
 from cpd_fast.workers import available_cores, core_share
 
-__all__ = ["EVAL_MODES", "RUNTIME_KEYS", "DistillConfig"]
+__all__ = ["EVAL_MODES", "RUNTIME_KEYS", "DistillConfig", "isolating"]
 
 EVAL_MODES = ("inferred", "prototype")
 # keys that change how a run executes, not what it computes: a resumed run may change them (eval_modes
@@ -52,6 +52,16 @@ def _over_cpu_student(value: object) -> object:
 # a mapping (YAML, --set student.KEY=V, a partial config) sets fields of the default student, the one
 # _cpu_student() gives, not of StudentConfig() (a d_model-256, 3-block model no run here was sized for)
 DefaultStudent = Annotated[StudentConfig, BeforeValidator(_over_cpu_student)]
+
+
+def isolating(config: dict) -> bool:
+    """:attr:`DistillConfig.isolates_tasks` of a saved config (``config.json``, ``results.json``'s
+    ``extra["config"]``): also readable for runs whose configs predate a field."""
+    method = get_method(config.get("method", "cpd"))
+    if method.isolation:
+        return True
+    routed = config.get("student", {}).get("expert_routing", "gate") == "task"
+    return routed and method.grows and method.freezes_shared and bool(config.get("freeze_shared", True))
 
 
 @config_class
@@ -123,6 +133,8 @@ class DistillConfig:
     ewc_gamma: Fraction = 0.9
     fisher_batches: PositiveInt = 200  # the sign-trick estimate's relative noise is ~sqrt(2 / fisher_batches)
     fisher_batch_size: PositiveInt = 8
+    # PackNet: share of a stage's steps spent retraining the entries its pruning kept (cpd_fast.packnet)
+    packnet_retrain_fraction: OpenFraction = 0.25
     # evaluation
     eval_goals: PositiveInt = 50
     eval_envs: PositiveInt = 25
@@ -149,6 +161,12 @@ class DistillConfig:
         self.eval_modes = tuple(self.eval_modes)
         if not self.eval_modes or len(set(self.eval_modes)) != len(self.eval_modes):
             raise ValueError(f"eval_modes must be a non-empty subset of {EVAL_MODES}, got {self.eval_modes}")
+        if get_method(self.method).isolation and "inferred" in self.eval_modes:
+            raise ValueError(
+                f"{self.method} evaluates each task with its stage's subnetwork, which only the task id "
+                "picks: it has no task-free evaluation; set eval_modes to [prototype] (--eval-modes "
+                "prototype, or --set distill.eval_modes=[prototype])"
+            )
         self.student.new_expert_gate_bias = float(self.gate_bias)
 
     @property
@@ -202,6 +220,8 @@ class DistillConfig:
             ("replay_fraction", lambda v: f"replay {100 * v:g}%"),
             ("replay_quality", lambda v: f"{v}-weighted replay"),
             ("ewc_lambda", lambda v: f"lambda {v:g}"),
+            ("ewc_gamma", lambda v: f"gamma {v:g}"),
+            ("packnet_retrain_fraction", lambda v: f"retrain {100 * v:g}%"),
         ):
             if key == "replay_selection" and key in uses and self.selection != get_method(self.method).replay:
                 notes.append(f"{self.selection} replay")
@@ -224,6 +244,25 @@ class DistillConfig:
         if self.dagger:  # any method
             notes.append(f"DAgger {self.dagger_rounds}x{self.dagger_episodes} beta {self.dagger_beta:g}")
         return self.method + (f" ({', '.join(notes)})" if notes else "")
+
+    @property
+    def isolates_tasks(self) -> bool:
+        """Whether, given its task id, an old task's output cannot change after its stage (parameter
+        isolation: PackNet, or a growing method with task-routed experts and frozen shared layers, where
+        everything an old task reads stays frozen). Its task-id results are then those of an **oracle task
+        id** choosing the isolated part: an upper bound, not a continual-learning result."""
+        return isolating(self.to_dict())
+
+    def inactive(self) -> list[str]:
+        """Settings (dotted keys) this configuration records but never acts on: with task-routed experts the
+        gate is never consulted, so the learned router's top-k, cold-start bias, load-balancing loss and
+        Phase 1/2 split do nothing. Results record them as inactive (``extra["inactive_settings"]``)."""
+        method, out = get_method(self.method), []
+        if self.student.expert_routing == "task":
+            out += ["student.top_k", "student.aux_loss_weight"]
+            if method.expert_phases:
+                out += ["gate_bias", "phase2", "phase1_fraction", "route_new_experts"]
+        return out
 
     def unused(self, keys: list[str]) -> list[str]:
         """Those of ``keys`` (fields set by the user) that this run's method does not read."""

@@ -15,6 +15,8 @@ finetune     fixed  train                        all train                      
 ewc          fixed  train (+ EWC penalty)        all train (+ EWC penalty)                     none
 online-ewc   fixed  train (+ online-EWC penalty) all train (+ online-EWC penalty)              none
 joint        fixed  one stage with every task, all parameters, the total step budget           —
+packnet      fixed  weights: per-stage owners (:mod:`cpd_fast.packnet`): train, prune, retrain;     none
+                    biases and norms: stage 0 only. Needs the task id at test time
 ============ ====== ============================ ============================================ ==========
 
 Fixed-capacity methods get ``num_tasks · experts_per_task`` experts from the start, the capacity cpd
@@ -22,6 +24,12 @@ reaches at the end. The task encoder trains throughout (see :mod:`cpd_fast.stude
 freezes is named by parameter group (:func:`frozen_groups`). A new method is one :class:`Method` entry in
 :data:`METHODS` (plus, at most, one hook such as :class:`EWCHook`); nothing else in the package tells
 methods apart.
+
+**PackNet** (``packnet``) isolates parameters by pruning: every weight entry belongs to the stage that kept
+it, a stage trains only the entries no earlier stage kept, and a task is evaluated with its stage's
+subnetwork (:meth:`cpd_fast.packnet.PackNet.view`), which only its task id can pick: it has no task-free
+evaluation (``eval_modes`` must be ``[prototype]``). A stage but the last trains in two phases, ``train``
+then, after the pruning, ``retrain`` (``packnet_retrain_fraction`` of the stage's steps).
 """
 
 from __future__ import annotations
@@ -33,11 +41,15 @@ import torch
 
 from cpd_fast.distill.windows import TaskSampler
 from cpd_fast.ewc import EWCPenalty, diagonal_fisher
+from cpd_fast.packnet import PackNet
+from cpd_fast.student import Student
 
 __all__ = [
     "METHODS",
     "EWCHook",
     "Method",
+    "MethodHook",
+    "PackNetHook",
     "configure_phase",
     "frozen_groups",
     "get_method",
@@ -60,6 +72,7 @@ class Method:
         replay: default replay selection (``"dpp"``, ``"uniform"``) or None for no replay memory.
         penalty: ``"ewc"`` / ``"online-ewc"``: an :class:`EWCHook` consolidates after every stage.
         joint: one stage with every task and the total step budget (the upper bound).
+        isolation: ``"packnet"``: parameter isolation by pruning (a :class:`PackNetHook`); needs the task id.
     """
 
     name: str
@@ -69,6 +82,7 @@ class Method:
     replay: str | None = None
     penalty: str | None = None
     joint: bool = False
+    isolation: str | None = None
 
     def uses(self) -> set[str]:
         """The method-specific :class:`~cpd_fast.distill.config.DistillConfig` fields this method reads."""
@@ -83,6 +97,8 @@ class Method:
             used |= {"ewc_lambda", "fisher_batches", "fisher_batch_size"}
         if self.penalty == "online-ewc":
             used.add("ewc_gamma")
+        if self.isolation == "packnet":
+            used.add("packnet_retrain_fraction")
         return used
 
 
@@ -96,6 +112,7 @@ METHODS: dict[str, Method] = {
         Method("replay", replay="uniform"),
         Method("static-moe", freezes_shared=True, replay="dpp"),
         Method("joint", joint=True),
+        Method("packnet", isolation="packnet"),
     )
 }
 # every method-specific field (the union of Method.uses): one a method does not read is reported unused
@@ -117,6 +134,9 @@ def phases_of(cfg: Any, stage: int) -> list[tuple[str, int]]:
     if method.expert_phases and stage > 0 and cfg.phase2 and not task_routed(cfg):
         n1 = max(1, round(n * cfg.phase1_fraction))
         return [("phase1", n1), ("phase2", max(1, n - n1))]
+    if method.isolation == "packnet" and stage < len(cfg.stage_tasks()) - 1 and n > 1:
+        n2 = min(n - 1, max(1, round(n * cfg.packnet_retrain_fraction)))
+        return [("train", n - n2), ("retrain", n2)]  # the pruning between them
     return [("train", n)]
 
 
@@ -184,8 +204,46 @@ def configure_phase(
         student.moe.always_route(new_experts)
 
 
-class EWCHook:
+class MethodHook:
+    """What a method with its own state adds to the stage loop (:mod:`cpd_fast.distill.run`); each step
+    is a no-op here. ``key`` names its state in the phase checkpoints."""
+
+    key = "hook"
+    stage_networks = False  # True: a task is evaluated with its stage's network (stage_student)
+
+    def begin_phase(self, student: Any, stage: int, phase: str) -> None:
+        """After :func:`configure_phase`: the method's own trainable set."""
+
+    def attach(self, student: Any, optimizer: torch.optim.Optimizer) -> Any:
+        """A handle (``.remove()``) that confines ``optimizer``'s steps, or None."""
+        return None
+
+    def loss(self, student: Any) -> torch.Tensor | None:
+        """A term added to the training loss, or None."""
+        return None
+
+    def end_phase(self, student: Any, stage: int, phase: str) -> None:
+        """After a phase trained, before its checkpoint."""
+
+    def end_of_stage(self, student: Any, data: Any, pools: dict, gen: torch.Generator) -> None:
+        """After a stage's last phase, before its checkpoint (``pools``: the stage's tasks' windows)."""
+
+    def stage_student(self, student: Any, stage: int) -> Any:
+        """The network a task of ``stage`` is evaluated with (the student itself, unless the method keeps
+        one per stage)."""
+        return student
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+
+class EWCHook(MethodHook):
     """The penalty methods' one hook: the EWC penalty in the loss, consolidated after every stage."""
+
+    key = "ewc"
 
     def __init__(self, cfg: Any) -> None:
         method = get_method(cfg.method)
@@ -217,6 +275,44 @@ class EWCHook:
         self.penalty.load_state_dict(state)
 
 
-def make_hook(cfg: Any) -> EWCHook | None:
-    """The method's hook, if it has one."""
-    return EWCHook(cfg) if get_method(cfg.method).penalty is not None else None
+class PackNetHook(MethodHook):
+    """PackNet's hook (:mod:`cpd_fast.packnet`): each phase trains the entries its stage owns, the ``train``
+    phase of a stage but the last ends with the pruning, and a task is evaluated with its stage's view."""
+
+    key = "packnet"
+    stage_networks = True
+
+    def __init__(self, cfg: Any, student: Any) -> None:
+        self.packnet = PackNet(student, num_stages=len(cfg.stage_tasks()))
+        self.stage = 0
+
+    def begin_phase(self, student: Any, stage: int, phase: str) -> None:
+        self.stage = stage
+        self.packnet.set_trainable(student, stage)
+
+    def attach(self, student: Any, optimizer: torch.optim.Optimizer) -> Any:
+        return self.packnet.attach(student, optimizer, self.stage)
+
+    def end_phase(self, student: Any, stage: int, phase: str) -> None:
+        if phase == "train" and stage < self.packnet.num_stages - 1:
+            self.packnet.prune(student, stage)
+
+    def stage_student(self, student: Any, stage: int) -> Any:
+        net = Student.from_state_dict(self.packnet.view(student, stage))
+        return net.to(student.prototypes.device).eval()
+
+    def state_dict(self) -> dict:
+        return self.packnet.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.packnet.load_state_dict(state)
+
+
+def make_hook(cfg: Any, student: Any) -> MethodHook | None:
+    """The method's hook, if it has one (``student``: as it was born)."""
+    method = get_method(cfg.method)
+    if method.penalty is not None:
+        return EWCHook(cfg)
+    if method.isolation == "packnet":
+        return PackNetHook(cfg, student)
+    return None

@@ -147,7 +147,7 @@ class DistillRun:
                         "emulated and slower than fp32")  # fmt: skip
         self.teacher_success = self.prepare_data()
         self.student = self.build_student()
-        self.hook = make_hook(self.cfg)  # EWC / online EWC; None for the other methods
+        self.hook = make_hook(self.cfg, self.student)  # EWC, online EWC, PackNet; None for the others
         # the evaluation envs (and worker processes) live as long as the run: every stage, both modes
         with (
             RunLogger(self.run_dir, self.cfg.tensorboard, enabled=self.main) as self.logger,
@@ -250,13 +250,15 @@ class DistillRun:
             state = load_torch_checked(ckpt, redo, map_location=cfg.device)
             self.student.load_state_dict(state["student"])
             if self.hook is not None:
-                self.hook.load_state_dict(state["ewc"])
+                self.hook.load_state_dict(state[self.hook.key])
             if rounds is not None:  # its data, appended again in the order the first run appended it
                 rounds.replay_finished()
                 self.dagger[s] = rounds.report()
             return
         t0 = time.perf_counter()
         configure_phase(self.student, cfg, s, phase, new_experts, new_ids)
+        if self.hook is not None:
+            self.hook.begin_phase(self.student, s, phase)
         gen = torch.Generator().manual_seed(phase_seed(cfg.seed, s, phase))
 
         def log(it: int, rec: dict) -> None:
@@ -269,13 +271,15 @@ class DistillRun:
         if rounds is not None:
             self.dagger[s] = rounds.report()
         self.student.moe.always_route([])  # a training aid only: evaluation and routing stats use top-k
+        if self.hook is not None:
+            self.hook.end_phase(self.student, s, phase)
         if self.hook is not None and last:
             fgen = torch.Generator().manual_seed(phase_seed(cfg.seed, s, "fisher"))
             pools = {t: full_pool(self.data, t) for t in new_ids}
             self.hook.end_of_stage(self.student, self.data, pools, fgen)
         payload = {"student": self.student.state_dict()}
         if self.hook is not None:
-            payload["ewc"] = self.hook.state_dict()
+            payload[self.hook.key] = self.hook.state_dict()
         if self.main:
             save_torch_atomic(payload, ckpt)
             self.logger.event({"step": self.global_step, "phase": name, "summary": summary})
@@ -319,11 +323,7 @@ class DistillRun:
             self.student.eval()
             rows.update({m: {} for m in missing})
             keys = [(t, m) for t in self.seen for m in missing]
-            results = self.evaluator.evaluate(
-                self.student, [EvalJob(self.tasks[t], None if m == "inferred" else t) for t, m in keys],
-                num_goals=cfg.eval_goals, num_envs=cfg.eval_envs, max_episode_steps=cfg.eval_max_steps,
-            )  # fmt: skip
-            for (t, m), r in zip(keys, results, strict=True):
+            for (t, m), r in zip(keys, self.evaluate_jobs(keys), strict=True):
                 rows[m][self.tasks[t]] = r.success_rate
                 self.eval_env_steps += int(r.episode_lengths.sum())
                 self.logger.scalars(s, {f"success_{m}/{self.tasks[t]}": r.success_rate})
@@ -336,6 +336,27 @@ class DistillRun:
         for m in cfg.eval_modes:
             for t, v in self.rows[m].items():
                 self.R_modes[m][s, self.task_index[t]] = v
+
+    def evaluate_jobs(self, keys: list[tuple[int, str]]) -> list[Any]:
+        """Official results of ``keys`` ((task id, mode) pairs), in order. A method that keeps one network
+        per stage (:attr:`MethodHook.stage_networks`: PackNet) evaluates each task with its stage's."""
+        cfg = self.cfg
+        per_stage = self.hook is not None and self.hook.stage_networks
+        stage_of = {self.task_index[t]: i for i, st in enumerate(self.stages) for t in st}
+        groups: dict[int, list[int]] = {}
+        for i, (t, _) in enumerate(keys):
+            groups.setdefault(stage_of[t] if per_stage else 0, []).append(i)
+        out: list[Any] = [None] * len(keys)
+        for stage, idx in groups.items():
+            net = self.hook.stage_student(self.student, stage) if per_stage else self.student
+            jobs = [EvalJob(self.tasks[t], None if m == "inferred" else t) for t, m in (keys[i] for i in idx)]
+            results = self.evaluator.evaluate(
+                net, jobs, num_goals=cfg.eval_goals, num_envs=cfg.eval_envs,
+                max_episode_steps=cfg.eval_max_steps,
+            )  # fmt: skip
+            for i, r in zip(idx, results, strict=True):
+                out[i] = r
+        return out
 
     def record(self, s: int) -> None:
         """After each stage: timing, the results so far, and the stage's line in metrics.jsonl."""
@@ -361,6 +382,7 @@ class DistillRun:
             task_stage=[stage_of[t] for t in self.tasks], success_matrix=self.R_modes[main_mode].tolist(),
             teacher_success=[self.teacher_success[t] for t in self.tasks], wall_time_s=wall,
             extra={"complete": complete, "eval_mode": main_mode,
+                   "isolates_tasks": cfg.isolates_tasks, "inactive_settings": cfg.inactive(),
                    "success_matrix_modes": {
                        m: matrix_to_json(M) for m, M in self.R_modes.items() if m != main_mode
                    },

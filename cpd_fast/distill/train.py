@@ -73,13 +73,15 @@ def lr_factor(cfg: Any, it: int, steps: int) -> float:
 class _Phase:
     """What one phase trains with: the trainable parameters, AdamW, its LR schedule and the loss module."""
 
-    def __init__(self, student: nn.Module, steps: int, cfg: Any, dist: Any) -> None:
+    def __init__(self, student: nn.Module, steps: int, cfg: Any, dist: Any, hook: Any = None) -> None:
         self.device = torch.device(cfg.device)
         self.params = [p for p in student.parameters() if p.requires_grad]
         # fused: one kernel for every parameter's update (CPU and CUDA), not a Python loop over tensors
         fused = self.device.type in FUSED_ADAM
         self.opt = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused)
         self.guard = student.moe.attach(self.opt)  # frozen expert rows stay bit-identical through AdamW
+        # the method's own confinement of the steps (PackNet: the entries this stage owns)
+        self.hook_guard = hook.attach(student, self.opt) if hook is not None else None
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda it: lr_factor(cfg, it, steps))
         student.train()
         # rebuilt per phase: growth and freezing change the parameters DDP synchronises
@@ -143,14 +145,15 @@ def train_phase(
 ) -> dict[str, float]:
     """``steps`` AdamW steps on task-balanced windows; returns the mean of the last 10% of losses.
 
-    ``hook``: the method's hook (:class:`~cpd_fast.distill.methods.EWCHook`): its ``loss(student)`` is added.
+    ``hook``: the method's hook (:class:`~cpd_fast.distill.methods.MethodHook`): its ``loss(student)`` is
+    added and ``attach(student, optimizer)`` confines the steps.
     ``log(it, record)`` is called every 50 steps and at the last. ``dist``: data-parallel
     (:mod:`cpd_fast.ddp`): every rank draws the same global batch from ``gen`` and trains on its slice.
     ``rounds``: DAgger rounds (:class:`cpd_fast.distill.dagger.Rounds`): at each of its ``boundaries`` the
     training state is saved, ``rounds.begin(r)`` adds round ``r``'s data and gives the new sampler; an
     interrupted phase resumes from the last boundary it reached (one optimizer and LR schedule throughout).
     """
-    phase = _Phase(student, steps, cfg, dist)
+    phase = _Phase(student, steps, cfg, dist, hook)
     tail: list[dict[str, float]] = []
     first_it, pending = 0, []
     if rounds is not None:
@@ -180,4 +183,6 @@ def train_phase(
                 bar.set_postfix(mse=f"{rec['mse']:.4f}")
     finally:
         phase.guard.remove()
+        if phase.hook_guard is not None:
+            phase.hook_guard.remove()
     return {k: float(np.mean([r[k] for r in tail])) for k in tail[0]}
