@@ -39,12 +39,18 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--ray-address", default=None, help="existing Ray cluster ('auto', 'ray://host:port')")
     p.add_argument("--methods", nargs="+", choices=list(METHODS), default=None, metavar="METHOD",
                    help=f"methods to distil with ({', '.join(METHODS)})")  # fmt: skip
-    p.add_argument("--seed", type=int, default=None)
+    seeds = p.add_mutually_exclusive_group()
+    seeds.add_argument("--seed", type=int, default=None)
+    seeds.add_argument("--seeds", type=int, nargs="+", default=None, metavar="SEED",
+                       help="one run per seed, one after another, in RUN_DIR/s<SEED>")  # fmt: skip
     p.add_argument("--device", choices=("cpu", "cuda"), default=None)
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
                    help="override a config key, e.g. distill.steps_per_stage=500")  # fmt: skip
     p.add_argument(
-        "--out", default=None, metavar="RUN_DIR", help="run directory (default runs/<preset>_s<seed>)"
+        "--out",
+        default=None,
+        metavar="RUN_DIR",
+        help="run directory (default runs/<preset>_s<seed>; with --seeds, runs/<preset>)",
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
@@ -52,16 +58,27 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _cli_run(args: argparse.Namespace) -> int:
+    if args.seeds is None:
+        return _run_one(args, args.seed, args.out)
+    if len(set(args.seeds)) != len(args.seeds):
+        raise ValueError(f"--seeds lists a seed twice: {' '.join(map(str, args.seeds))}")
+    root = args.out or os.path.join("runs", args.preset or "quick")
+    for s in args.seeds:
+        _run_one(args, s, os.path.join(root, f"s{s}"))
+    return 0
+
+
+def _run_one(args: argparse.Namespace, seed: int | None, out: str | None) -> int:
     overrides = parse_set(args.overrides)
     given = merge(overrides, {"ray_address": args.ray_address})
     flags = {"teachers": args.teachers, "backend": args.backend, "ray_address": args.ray_address,
-             "methods": args.methods, "seed": args.seed, "device": args.device,
+             "methods": args.methods, "seed": seed, "device": args.device,
              "progress": False if args.no_progress else None}  # fmt: skip
     if args.ray_address and args.backend is None:
         flags["backend"] = "ray"  # an address only makes sense for the Ray backend
     overrides = merge(overrides, {k: v for k, v in flags.items() if v is not None})
     base = None
-    saved = os.path.join(args.out, "config.yaml") if args.out else None
+    saved = os.path.join(out, "config.yaml") if out else None
     if saved and os.path.isfile(saved) and not args.preset and not args.config:
         base = load_yaml(saved)  # `cpd run --out RUN` resumes RUN with its own config
     cfg = resolve_config(args.preset, args.config, overrides, base=base)
@@ -77,5 +94,5 @@ def _cli_run(args: argparse.Namespace) -> int:
     if args.print_config:
         print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
         return 0
-    run_pipeline(cfg, args.out or os.path.join("runs", f"{cfg.preset}_s{cfg.seed}"))
+    run_pipeline(cfg, out or os.path.join("runs", f"{cfg.preset}_s{cfg.seed}"))
     return 0

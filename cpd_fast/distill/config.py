@@ -28,12 +28,15 @@ from cpd_fast.student import StudentConfig
 from cpd_fast.tasks import SUITES, stages
 from cpd_fast.workers import available_cores, core_share
 
-__all__ = ["EVAL_MODES", "RUNTIME_KEYS", "DistillConfig", "isolating"]
+__all__ = ["ADDED_FIELDS", "EVAL_MODES", "RUNTIME_KEYS", "DistillConfig", "isolating"]
 
 EVAL_MODES = ("inferred", "prototype")
 # keys that change how a run executes, not what it computes: a resumed run may change them (eval_modes
 # may grow: a finished run evaluates just the added modes)
 RUNTIME_KEYS = ("progress", "tensorboard", "threads", "device", "eval_modes", "eval_workers")
+# fields added after runs were made with this config, at the value those runs behaved with: a resumed run
+# whose saved config predates a field reads it as this value
+ADDED_FIELDS = {"packnet_retrain_fraction": 0.25}
 _DAGGER_FIELDS = ("dagger_rounds", "dagger_episodes", "dagger_beta")  # read only with dagger on
 
 

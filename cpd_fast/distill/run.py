@@ -36,7 +36,7 @@ import torch
 
 from cpd_fast import ddp
 from cpd_fast.data import ensure_dataset, load_teacher_data
-from cpd_fast.distill.config import RUNTIME_KEYS, DistillConfig
+from cpd_fast.distill.config import ADDED_FIELDS, RUNTIME_KEYS, DistillConfig
 from cpd_fast.distill.dagger import Rounds
 from cpd_fast.distill.methods import configure_phase, get_method, make_hook, phases_of
 from cpd_fast.distill.stats import replay_report, routing_shares, student_error
@@ -173,7 +173,8 @@ class DistillRun:
         """Write the resolved config first; a resumed run must match it (runtime-only keys aside)."""
         path, mine = self.path("config.json"), self.cfg.to_dict()
         if os.path.isfile(path):
-            check_same_config(read_json(path), mine, RUNTIME_KEYS, self.run_dir, "use a new --out")
+            saved = {**ADDED_FIELDS, **read_json(path)}
+            check_same_config(saved, mine, RUNTIME_KEYS, self.run_dir, "use a new --out")
         elif self.main:
             write_json_atomic(path, mine)
 

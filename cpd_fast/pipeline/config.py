@@ -51,11 +51,13 @@ __all__ = [
     "runtime_keys",
 ]
 
-PRESETS = ("quick", "mt10", "mt25", "mt25-plus")  # cpd_fast/presets/<name>.yaml
+PRESETS = ("quick", "mt10", "mt25", "mt25-plus", "mt25-study")  # cpd_fast/presets/<name>.yaml
 # DistillConfig fields the pipeline sets itself (from the top level, or per step)
 _OWNED = ("suite", "tasks", "tasks_per_stage", "method", "teachers", "fidelity", "seed", "device", "data_dir",
           "progress")  # fmt: skip
 _PPO_OWNED = ("seed", "device")  # PPOConfig fields set from the top level
+# DistillConfig fields that say what the teacher data is (collected once per run, shared by its methods)
+DATA_FIELDS = ("episodes_per_task", "noise_std", "collect_envs", "max_episode_steps")
 # keys that change how a run executes, not what it computes: they may differ on resume
 _RUNTIME = (
     "device",
@@ -113,6 +115,9 @@ class PipelineConfig:
     gate: GateSettings = field(default_factory=GateSettings)
     ppo: dict[Str, Any] = field(default_factory=dict)  # PPOConfig fields (resolved when teachers == ppo)
     distill: dict[Str, Any] = field(default_factory=dict)  # DistillConfig fields (resolved)
+    # DistillConfig fields of one method over ``distill`` (e.g. a tuned ewc_lambda, PackNet's eval_modes);
+    # not the data's: the methods of a run share its datasets. Left out of config.yaml when empty
+    per_method: dict[Str, dict[Str, Any]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not self.suite and not self.tasks:
@@ -139,17 +144,35 @@ class PipelineConfig:
                     f"set {', '.join(owned)} at the top level of the config, not under {section}"
                 )
         self.task_list()  # known tasks that split into equal stages
+        self._check_per_method()
         # resolve (and so validate) the two nested configs: every number the run uses ends up in config.yaml
-        self.distill = _strip(self.distill_config(self.methods[0]).to_dict(), _OWNED)
+        self.distill = _strip(self.distill_config(self.methods[0], own=False).to_dict(), _OWNED)
+        for m in self.per_method:
+            self.distill_config(m)  # each method's own settings are valid too
         ppo = _strip(self.ppo_config().to_dict(), _PPO_OWNED)  # validated even when unused
         if self.teachers == "ppo":
             self.ppo = ppo
         if self.gate.eval_goals is None:
             self.gate.eval_goals = self.distill["eval_goals"]
 
-    def distill_config(self, method: str, run_dir: str = "", fidelity: str | None = None) -> DistillConfig:
-        """The :class:`~cpd_fast.distill.config.DistillConfig` of one method of this run."""
-        d = dict(self.distill)
+    def _check_per_method(self) -> None:
+        for method, fields in self.per_method.items():
+            if method not in self.methods:
+                raise ValueError(f"per_method.{method}: {method} is not among this run's methods "
+                                 f"({' '.join(self.methods)})")  # fmt: skip
+            shared = sorted(set(fields) & (set(_OWNED) | set(DATA_FIELDS)))
+            if shared:
+                raise ValueError(
+                    f"per_method.{method} sets {', '.join(shared)}: the methods of a run share its teachers "
+                    "and datasets; set it for the whole run (top level or distill), or run it separately"
+                )
+
+    def distill_config(
+        self, method: str, run_dir: str = "", fidelity: str | None = None, own: bool = True
+    ) -> DistillConfig:
+        """The :class:`~cpd_fast.distill.config.DistillConfig` of one method of this run (``own``: with its
+        ``per_method`` settings)."""
+        d = {**self.distill, **(self.per_method.get(method, {}) if own else {})}
         d["name"] = d.get("name") or self.suite or self.preset  # the report's title for the tasks
         d.update(
             suite=self.suite or "custom", tasks=self.tasks, tasks_per_stage=self.tasks_per_stage,
@@ -181,6 +204,8 @@ class PipelineConfig:
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
+        if not d["per_method"]:
+            del d["per_method"]  # configs that use none read as they always did
         return json.loads(json.dumps(d))  # plain lists/dicts (tuples -> lists): YAML- and compare-friendly
 
     @classmethod
