@@ -8,6 +8,7 @@ import dataclasses
 import pytest
 
 import cpd_fast.cli.distill
+import cpd_fast.cli.run
 import cpd_fast.cli.teachers
 from cpd_fast import cli
 from cpd_fast.cli import build_parser
@@ -142,3 +143,28 @@ def test_teachers_train_ppo_settings_reach_the_config(monkeypatch, tmp_path):
     cfg = seen["cfg"]
     assert (cfg.learning_rate, cfg.target_kl, cfg.backend) == (1e-4, 0.02, "gymnasium")
     assert cfg.num_envs == RECIPES["metaworld"]["num_envs"]  # the recipe's other settings stay
+
+
+def test_per_method_settings_reach_their_method_only():
+    cfg = resolve_config("mt25-study")
+    assert cfg.distill_config("packnet").eval_modes == ("prototype",)
+    assert cfg.distill_config("cpd").eval_modes == ("inferred", "prototype")
+    assert "per_method" in cfg.to_dict() and "per_method" not in resolve_config("quick").to_dict()
+    tuned = resolve_config("quick", overrides={"per_method": {"finetune": {"lr": 1e-4}}})
+    assert tuned.distill_config("finetune").lr == 1e-4 and tuned.distill_config("cpd").lr == 5e-4
+    with pytest.raises(ValueError, match="share its teachers and datasets"):
+        resolve_config("quick", overrides={"per_method": {"cpd": {"episodes_per_task": 3}}})
+    with pytest.raises(ValueError, match="ewc is not among this run's methods"):
+        resolve_config("quick", overrides={"per_method": {"ewc": {"ewc_lambda": 10.0}}})
+    with pytest.raises(ValueError, match="no task-free evaluation"):
+        resolve_config("mt25-study", overrides={"per_method": {"packnet": {"eval_modes": ["inferred"]}}})
+
+
+def test_run_with_seeds_makes_one_run_per_seed(monkeypatch, tmp_path):
+    made = []
+    monkeypatch.setattr(cpd_fast.cli.run, "run_pipeline", lambda cfg, out: made.append((cfg.seed, out)))
+    assert cli.main(["run", "--preset", "quick", "--seeds", "3", "1", "--out", str(tmp_path)]) == 0
+    assert made == [(3, str(tmp_path / "s3")), (1, str(tmp_path / "s1"))]
+    with pytest.raises(SystemExit):  # one of --seed / --seeds
+        cli.main(["run", "--seed", "0", "--seeds", "1"])
+    assert cli.main(["run", "--seeds", "2", "2"]) == 2  # a seed twice: a one-line error
