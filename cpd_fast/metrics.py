@@ -47,6 +47,7 @@ __all__ = [
     "matrix_from_json",
     "matrix_to_json",
     "relative_performance",
+    "seen_success",
     "stage_of_tasks",
     "summarize",
 ]
@@ -361,7 +362,24 @@ def summarize(
         out["teacher_success_mean"] = _nanmean0(
             np.array([r.teacher_success for r in runs], dtype=float)
         ).tolist()
+    out["seen_success_by_stage"] = _seen_success_by_stage(runs, level, n_boot, seed)
     return out
+
+
+def seen_success(R: Any, task_stage: Any) -> np.ndarray:
+    """Per stage s, the mean of ``R[s, j]`` over the tasks introduced by then (``task_stage[j] <= s``):
+    the curve continual-learning papers plot, ``[stages]``."""
+    R = _as_matrix(R)
+    s = _as_stages(task_stage, R)
+    with np.errstate(all="ignore"):
+        return np.array([np.nanmean(R[i, s <= i]) if (s <= i).any() else np.nan for i in range(R.shape[0])])
+
+
+def _seen_success_by_stage(runs: list, level: float, n_boot: int, seed: int) -> dict[str, list[float]]:
+    """:func:`seen_success` per stage: mean and bootstrap CI over the runs (seeds)."""
+    curves = np.array([seen_success(r.R, r.task_stage) for r in runs])  # [runs, stages]
+    stats = [bootstrap_ci(curves[:, i].tolist(), level, n_boot, seed) for i in range(curves.shape[1])]
+    return {k: [float(st[i]) for st in stats] for i, k in enumerate(("mean", "low", "high"))}
 
 
 def _nanmean0(a: np.ndarray) -> np.ndarray:

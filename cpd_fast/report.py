@@ -162,6 +162,30 @@ def _save(fig, path: Path) -> Path:
     return path
 
 
+def plot_stage_curve(summaries: Sequence[dict], path: Path, level: float = 0.9) -> Path:
+    """Mean success over the tasks seen so far after each stage, per method (seed means), with the
+    bootstrap CI over seeds as a band where a method has several; the legend sits outside the data."""
+    fig = _figure(figsize=(8.5, 4.2))
+    ax = fig.add_subplot()
+    colors = _cmap("tab10")
+    for i, s in enumerate(summaries):
+        c = s["seen_success_by_stage"]
+        x = np.arange(1, len(c["mean"]) + 1)
+        n = f"{s['n']} seeds" if s["n"] > 1 else f"seed {s['seeds'][0]}"
+        ax.plot(x, c["mean"], marker="o", color=colors(i % 10), label=f"{s['method']} ({n})")
+        if s["n"] > 1:
+            ax.fill_between(x, c["low"], c["high"], color=colors(i % 10), alpha=0.2, linewidth=0)
+    ax.set_xticks(x)
+    ax.set_ylim(0, 1.02)
+    ax.set_xlabel("after stage")
+    ax.set_ylabel("mean success over the tasks seen so far")
+    several = any(s["n"] > 1 for s in summaries)
+    bands = f"; bands: {round(100 * level)}% bootstrap CI over seeds" if several else ""
+    ax.set_title(f"{summaries[0]['suite']}: success on the tasks seen so far{bands}", fontsize=10)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
+    return _save(fig, path)
+
+
 def plot_success_matrix(summary: dict, path: Path) -> Path:
     """Heatmap of the seed-mean R[stage, task], annotated, NaN (not seen yet) in grey."""
     R = np.array(summary["R_mean"], dtype=float)
@@ -274,6 +298,7 @@ def write_report(
             )
         written.append(plot_teacher_vs_student(summaries, out / f"{_slug(suite)}_teacher_vs_student.png"))
         written.append(plot_forgetting(summaries, out / f"{_slug(suite)}_forgetting.png"))
+        written.append(plot_stage_curve(summaries, out / f"{_slug(suite)}_stage_curve.png", level))
         md += [f"## {suite}", "", format_table(summaries, level), ""]
     md += [
         "Relative performance: mean over tasks of student / teacher success after the last stage (tasks "

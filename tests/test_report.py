@@ -1,5 +1,6 @@
 """Report: figures and the markdown results table from fake runs (two seeds of one method)."""
 
+import json
 import math
 
 import numpy as np
@@ -41,6 +42,7 @@ def test_write_report_from_two_seeds(tmp_path):
     names = sorted(p.name for p in paths)
     assert names == sorted([
         "mt10_cpd_success_matrix.png", "mt10_teacher_vs_student.png", "mt10_forgetting.png",
+        "mt10_stage_curve.png",
         "results.md", "summary.json",
     ])  # fmt: skip
     for p in paths:
@@ -132,3 +134,21 @@ def test_task_id_rows_of_isolating_configurations_are_labelled_oracle(tmp_path, 
         write_report([run], tmp_path / f"{recorded}" / "out")
         md = (tmp_path / f"{recorded}" / "out" / "results.md").read_text()
         assert f"| {method} [{label}] |" in md
+
+
+def test_seen_success_curve_is_the_mean_over_tasks_seen_so_far_with_a_ci_over_seeds(tmp_path):
+    paths, per_seed = [], []
+    for seed in (0, 1, 2):
+        R = fake_R(0)
+        R[1, 5:] -= 0.1 * seed  # the second stage's tasks: lower in later seeds
+        per_seed.append([np.mean(R[0, :5]), np.mean(R[1])])
+        RunResult(
+            suite="mt10", method="cpd", seed=seed, tasks=TASKS, task_stage=STAGE, success_matrix=R.tolist(),
+            teacher_success=TEACHER, wall_time_s=1.0,
+        ).save(tmp_path / f"r{seed}" / "results.json")  # fmt: skip
+        paths.append(tmp_path / f"r{seed}")
+    write_report(paths, tmp_path / "out")
+    curve = json.loads((tmp_path / "out" / "summary.json").read_text())["mt10"][0]["seen_success_by_stage"]
+    np.testing.assert_allclose(curve["mean"], np.mean(per_seed, axis=0))
+    assert curve["low"][0] == curve["high"][0] == curve["mean"][0]  # stage 0: the same in every seed
+    assert curve["low"][1] < curve["mean"][1] < curve["high"][1]
