@@ -43,7 +43,7 @@ def test_unknown_key_is_refused_naming_it_and_the_known_ones():
         ({"budget": float("nan")}, "budget: input should be a finite number, got nan"),
         ({"ewc_gamma": 1.5}, "ewc_gamma: input should be less than or equal to 1, got 1.5"),
         ({"eval_modes": ["oracle"]}, "eval_modes.0: input should be 'inferred' or 'prototype', got 'oracle'"),
-        ({"method": "packnet"}, "unknown method 'packnet'; choose one of cpd, finetune"),
+        ({"method": "pack-net"}, "unknown method 'pack-net'; choose one of cpd, finetune"),
     ],
 )
 def test_bad_values_are_one_line_errors(values, message):
