@@ -40,15 +40,18 @@ def truncate(src: str, dst: str, stage: int) -> None:
             if later(os.path.basename(p)):
                 os.remove(p)
     ledger = os.path.join(dst, "progress.json")
+    if not os.path.isfile(ledger):  # nothing finished yet: the copy starts from the beginning
+        return
     steps = json.load(open(ledger))["steps"]
     json.dump({"steps": {k: v for k, v in steps.items() if not later(k)}}, open(ledger, "w"), indent=2)
 
 
 def stop_after(dst: str, stage: int) -> None:
     """Kill this process group once stage ``stage``'s evaluation is in the ledger."""
+    ledger = os.path.join(dst, "progress.json")
     while True:
-        with open(os.path.join(dst, "progress.json")) as f:
-            if f"stage{stage}/eval" in json.load(f)["steps"]:
+        with open(ledger) if os.path.isfile(ledger) else open(os.devnull) as f:
+            if f"stage{stage}/eval" in (json.loads(f.read() or "{}").get("steps", {})):
                 print(f"stage {stage} evaluated: stopping", flush=True)
                 os.killpg(os.getpgid(0), signal.SIGKILL)
         time.sleep(2)
@@ -62,7 +65,8 @@ def main() -> None:
     args = ap.parse_args()
     truncate(args.src, args.dst, args.stage)
     cfg = DistillConfig.from_dict(json.load(open(os.path.join(args.dst, "config.json"))))
-    os.setpgrp()  # the evaluation workers go down with this process
+    if os.getpgid(0) != os.getpid():
+        os.setpgrp()  # the evaluation workers go down with this process
     threading.Thread(target=stop_after, args=(args.dst, args.stage), daemon=True).start()
     run_distill(cfg, args.dst)
 
