@@ -31,6 +31,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+import time
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from typing import Any
@@ -142,11 +143,18 @@ def _evaluate_task(student: Any, jobs: list[EvalJob], cache: EnvCache, settings:
 
 
 def _worker_jobs(path: str, jobs: list[EvalJob], settings: dict[str, int]) -> list[EvalResult]:
+    """``jobs`` in this worker; each result's ``meta["worker_cpu_s"]`` is its equal share of the CPU time
+    this worker spent on the call (loading the student included), for the parent to add up."""
+    c0 = time.process_time()
     if _WORKER["path"] != path:  # a new student (one per call): load it once per worker
         state = torch.load(path, map_location="cpu", weights_only=True)
         _WORKER["student"] = Student.from_state_dict(state).eval()
         _WORKER["path"] = path
-    return _evaluate_task(_WORKER["student"], jobs, _WORKER["cache"], settings)
+    results = _evaluate_task(_WORKER["student"], jobs, _WORKER["cache"], settings)
+    share = (time.process_time() - c0) / len(results)
+    for r in results:
+        r.meta["worker_cpu_s"] = share
+    return results
 
 
 def by_task(jobs: list[EvalJob]) -> list[list[int]]:

@@ -311,7 +311,17 @@ class RunResult:
 
 # ----------------------------------------------------------------------------- aggregation
 
-_SCALARS = ("relative_performance", "acc", "mean_forgetting", "bwt", "wall_time_s")
+_SCALARS = ("relative_performance", "acc", "mean_forgetting", "bwt", "wall_time_s", "cpu_time_s")
+
+
+def _scalar(run: RunResult, m: RunMetrics, name: str) -> float:
+    """One run's value of a summarized scalar (CPU time: NaN where the run did not record it)."""
+    if name == "wall_time_s":
+        return run.wall_time_s
+    if name == "cpu_time_s":
+        v = run.extra.get("cpu_time_s")
+        return math.nan if v is None else float(v)
+    return getattr(m, name)
 
 
 def summarize(
@@ -321,7 +331,8 @@ def summarize(
 
     Returns ``{"suite", "method", "seeds", "n", "tasks", "<metric>": {"mean", "low", "high", "values"},
     "final_success_mean": [J], "forgetting_mean": [J], "R_mean": [[...]], "teacher_success_mean": [J]}``
-    for metric in relative_performance, acc, mean_forgetting, bwt, wall_time_s. All runs must share
+    for metric in relative_performance, acc, mean_forgetting, bwt, wall_time_s, cpu_time_s (the distillation's
+    CPU seconds, evaluation workers included; NaN for runs that did not record it). All runs must share
     suite, method, tasks and task stages.
     """
     runs = list(runs)
@@ -348,10 +359,9 @@ def summarize(
         "task_stage": list(first.task_stage),
     }
     for name in _SCALARS:
-        vals = [
-            r.wall_time_s if name == "wall_time_s" else getattr(m, name)
-            for r, m in zip(runs, metrics, strict=True)
-        ]
+        vals = [_scalar(r, m, name) for r, m in zip(runs, metrics, strict=True)]
+        if name == "cpu_time_s" and any(math.isnan(v) for v in vals):
+            vals = [math.nan] * len(vals)  # a mean over the seeds that recorded it would mislabel n
         mean, lo, hi = bootstrap_ci(vals, level, n_boot, seed)
         out[name] = {"mean": mean, "low": lo, "high": hi, "values": [float(v) for v in vals]}
     with np.errstate(all="ignore"):  # all-NaN columns (tasks never forgotten-measurable) stay NaN quietly

@@ -11,7 +11,8 @@ Output in ``out_dir``:
 * ``<suite>_teacher_vs_student.png``: per task, teacher success and each method's final success;
 * ``<suite>_forgetting.png``: per task forgetting of each method (tasks of the last stage have none);
 * ``results.md``: one table per suite, method | seeds | relative performance | ACC | mean forgetting |
-  BWT | wall time, with ``[low, high]`` CIs when a method has several seeds (the README's results table);
+  BWT | wall time | CPU time (the distillation, evaluation workers included; "–" where a run did not
+  record it), with ``[low, high]`` CIs when a method has several seeds (the README's results table);
 * ``summary.json``: the aggregated numbers behind the table and figures.
 
 matplotlib is imported lazily and used through ``matplotlib.figure.Figure`` with the Agg canvas, so
@@ -123,14 +124,16 @@ def format_table(summaries: Sequence[dict[str, Any]], level: float = 0.9) -> str
     """Markdown results table of one suite's per-method summaries (from ``metrics.summarize``)."""
     lines = [
         "| method | seeds | relative performance (%) | ACC (%) | mean forgetting (%) | BWT (%) "
-        "| wall time (min) |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        "| wall time (min) | CPU time (min) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for s in summaries:
         n = s["n"]
         cells = [_fmt_pct(s[c], n) for c in _TABLE_COLUMNS]
         lines.append(
-            f"| {s['method']} | {n} | " + " | ".join(cells) + f" | {_fmt_minutes(s['wall_time_s'], n)} |"
+            f"| {s['method']} | {n} | "
+            + " | ".join(cells)
+            + f" | {_fmt_minutes(s['wall_time_s'], n)} | {_fmt_minutes(s['cpu_time_s'], n)} |"
         )
     if any(s["n"] > 1 for s in summaries):
         lines += ["", f"Mean over seeds [{round(100 * level)}% percentile-bootstrap CI over seeds]."]

@@ -17,6 +17,7 @@ import contextlib
 import ctypes
 import multiprocessing as mp
 import os
+import resource
 import signal
 import sys
 from collections.abc import Iterator
@@ -32,6 +33,7 @@ __all__ = [
     "THREAD_VARS",
     "available_cores",
     "core_share",
+    "cpu_seconds",
     "die_with_parent",
     "init_worker",
     "process_pool",
@@ -62,6 +64,13 @@ def available_cores() -> int:
 def core_share(processes: int) -> int:
     """Threads for one of ``processes`` processes sharing this machine's cores (at least 1)."""
     return max(1, available_cores() // processes)
+
+
+def cpu_seconds() -> float:
+    """CPU seconds (user + system) of this process and of its child processes that have ended and been
+    waited for (a pool's workers count once the pool is shut down)."""
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
 
 
 def set_threads(threads: int) -> None:

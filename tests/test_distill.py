@@ -224,6 +224,10 @@ def test_tiny_run_end_to_end(tiny_run, tmp_path):
     assert R_proto.shape == R.shape and not np.isnan(R_proto[1]).any()
     assert set(on_disk.extra["time_s"]) == {"data", "train", "replay", "eval"}
     assert on_disk.extra["time_s"]["train"] > 0 and on_disk.extra["time_s"]["eval"] > 0
+    # CPU time per clock key, this process's (the tiny run evaluates in it), summed in cpu_time_s
+    timing = json.load(open(run_dir / "timing.json"))
+    assert set(timing["cpu"]) == set(timing["clock"]) and timing["cpu"]["train"] > 0
+    assert on_disk.extra["cpu_time_s"] == pytest.approx(sum(timing["cpu"].values()), abs=0.1)
     written = write_report([run_dir], tmp_path / "report")
     assert (tmp_path / "report" / "results.md").is_file() and len(written) >= 4
     assert "| cpd (2 episodes/task) [task id] |" in (tmp_path / "report" / "results.md").read_text()
@@ -414,6 +418,41 @@ def test_last_position_loss_is_the_last_term_of_the_all_position_loss():
     assert DistillConfig(loss_positions="last").label == "cpd (last-position loss)"
     with pytest.raises(ValueError, match="loss_positions"):
         tiny_config(loss_positions="first")
+
+
+def test_routing_is_recorded_at_the_newborn_experts_birth_and_after_phase1(tiny_run):
+    from cpd_fast.distill.stats import newborn_shares
+    from cpd_fast.metrics import RunResult
+
+    run = RunResult.load(tiny_run[1])
+    within = run.extra["routing_within_stage"]
+    assert list(within) == ["1"] and list(within["1"]) == ["birth", "phase1"]  # phase2 is the stage's end
+    assert all(len(v) == 4 for m in within["1"].values() for v in m.values())  # 4 experts, all 4 tasks
+    rows = newborn_shares(run)
+    assert [(r["stage"], r["moment"]) for r in rows] == [(1, "birth"), (1, "phase1"), (1, "end")]
+    assert rows[0]["newborn_experts"] == [2, 3]
+    # born with gate bias -5: no token of any task is routed to them before they train
+    assert rows[0]["new_tasks"] == 0 and rows[0]["old_tasks"] == 0
+
+
+def test_newborn_shares_of_a_known_record():
+    from cpd_fast.distill.stats import newborn_shares
+    from cpd_fast.metrics import RunResult
+
+    end = {
+        "0": {"a": [0.5, 0.5], "b": [0.5, 0.5]},
+        "1": {"a": [0.5, 0.3, 0.2, 0], "b": [0.5, 0.5, 0, 0], "c": [0, 0, 0.5, 0.5], "d": [0.1, 0.1, 0.8, 0]},
+    }
+    birth = {"a": [0.5, 0.5, 0, 0], "b": [0.5, 0.5, 0, 0], "c": [0.4, 0.6, 0, 0], "d": [1, 0, 0, 0]}
+    run = RunResult(suite="s", method="cpd", seed=0, tasks=list("abcd"), task_stage=[0, 0, 1, 1],
+                    success_matrix=[[1, 1, None, None], [1, 1, 1, 1]], teacher_success=[1] * 4,
+                    wall_time_s=1.0,
+                    extra={"routing": end, "routing_within_stage": {"1": {"birth": birth}}})  # fmt: skip
+    rows = newborn_shares(run)
+    assert [(r["moment"], r["new_tasks"], r["old_tasks"]) for r in rows] == [
+        ("birth", 0.0, 0.0),
+        ("end", pytest.approx(0.9), pytest.approx(0.1)),
+    ]
 
 
 def test_last_position_run_trains(tiny_run, tmp_path):

@@ -100,6 +100,8 @@ def test_a_changed_student_is_reloaded(student):
         a = pool.evaluate(student, JOBS[:1], **SETTINGS)[0]
         b = pool.evaluate(zeroed, JOBS[:1], **SETTINGS)[0]
     assert a.successes.any() and not b.successes.any()
+    # each result carries its share of the worker's CPU time, for the run's CPU record
+    assert a.meta["worker_cpu_s"] > 0 and b.meta["worker_cpu_s"] > 0
 
 
 def test_bad_input_and_job_errors(student):

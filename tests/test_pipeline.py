@@ -224,6 +224,13 @@ def test_kill_and_resume_matches_uninterrupted(tiny_config, uninterrupted, tmp_p
         )
         _assert_identical(a, b, f"{method}/{last}")
     assert os.path.isfile(os.path.join(out, "report", "results.md"))
+    # CPU time: each pipeline step's, and each method's across the kill (its record resumed with it)
+    with open(os.path.join(out, "pipeline.json")) as f:
+        steps = json.load(f)["steps"]
+    assert steps["collect"]["cpu_s"] > 0 and steps["fidelity"]["cpu_s"] > 0
+    for method in TINY["methods"]:
+        with open(os.path.join(out, "methods", method, "results.json")) as f:
+            assert json.load(f)["extra"]["cpu_time_s"] > 0
 
 
 def test_methods_side_by_side_compute_what_one_after_another_does(tiny_config, uninterrupted, tmp_path):

@@ -24,13 +24,14 @@ def fake_R(seed: int) -> np.ndarray:
     return R
 
 
-def write_runs(tmp_path):
+def write_runs(tmp_path, cpu=(None, None)):
     paths = []
     for seed in (0, 1):
         run_dir = tmp_path / f"run{seed}"
         RunResult(
             suite="mt10", method="cpd", seed=seed, tasks=TASKS, task_stage=STAGE,
             success_matrix=fake_R(seed).tolist(), teacher_success=TEACHER, wall_time_s=600.0 * (seed + 1),
+            extra={"cpu_time_s": cpu[seed]},
         ).save(run_dir / "results.json")  # fmt: skip
         paths.append(run_dir)
     return paths
@@ -63,6 +64,16 @@ def test_write_report_from_two_seeds(tmp_path):
     assert f"{100 * acc_mean:.1f} [{100 * acc_lo:.1f}, {100 * acc_hi:.1f}]" in row
     assert f"{100 * rel_mean:.1f} [" in row and f"{100 * bwt_mean:.1f} [" in row
     assert "| 2 |" in row and "15.0 [10.0, 20.0]" in row  # wall time 10 and 20 min
+    assert row.endswith("| – |")  # no CPU time recorded
+
+
+@pytest.mark.parametrize("cpu", [(1200.0, 2400.0), (1200.0, None)])
+def test_cpu_time_column(tmp_path, cpu):
+    write_report(write_runs(tmp_path, cpu), tmp_path / "out")
+    md = (tmp_path / "out" / "results.md").read_text()
+    row = next(line for line in md.splitlines() if line.startswith("| cpd |"))
+    # both seeds recorded it: mean and CI; one did not: unknown, not the other seed's figure as a mean of 2
+    assert row.endswith("| 30.0 [20.0, 40.0] |" if cpu[1] else "| – |")
     # hand check of ACC: seed 0 final row mean = 7.4 / 10; seed 1 the same (−0.1 and +0.1 cancel)
     assert f"{100 * 0.74:.1f} [" in row
 

@@ -112,15 +112,31 @@ class DistillRun:
         timing = read_json(self.path("timing.json"), {})
         self.prior_time = float(timing.get("wall_time_s", 0.0))
         self.clock = {"data": 0.0, "train": 0.0, "replay": 0.0, "eval": 0.0, **timing.get("clock", {})}
+        # CPU seconds per clock key: this process's, plus the evaluation workers' on their jobs (None: a
+        # run resumed from a timing.json older than this record, whose earlier CPU time is unknown)
+        cpu = timing.get("cpu", {} if not timing else None)
+        self.cpu = None if cpu is None else {k: 0.0 for k in self.clock} | cpu
         # env steps the official evaluations took (episodes end at success): the work behind clock["eval"]
         self.eval_env_steps = int(timing.get("eval_env_steps", 0))
         self.t_start = time.perf_counter()
         self.replay: dict[int, Any] = {}
+        # expert routing shares (stats.routing_shares) of every seen task: at the end of each stage, and
+        # within it at the new experts' birth and after each phase but the last
         self.routing: dict[int, dict[str, list[float]]] = {}
+        self.routing_within: dict[int, dict[str, dict[str, list[float]]]] = {}
         self.seen: list[int] = []
         self.dagger: dict[int, list[dict]] = {}  # stage -> DAgger rounds' records
         self.global_step = 0
         self.R_modes = {m: np.full((len(self.stages), len(self.tasks)), np.nan) for m in cfg.eval_modes}
+
+    @contextlib.contextmanager
+    def timed(self, key: str) -> Any:
+        """Adds the block's wall time to ``clock[key]`` and this process's CPU time to ``cpu[key]``."""
+        t0, c0 = time.perf_counter(), time.process_time()
+        yield
+        self.clock[key] += time.perf_counter() - t0
+        if self.cpu is not None:
+            self.cpu[key] += time.process_time() - c0
 
     def eval_workers(self) -> int:
         """Evaluation worker processes: none on the ranks that do not evaluate, never more than jobs."""
@@ -157,9 +173,13 @@ class DistillRun:
                 new_ids = [self.task_index[t] for t in stage]
                 new_experts = self.grow(s, stage)
                 phases = phases_of(self.cfg, s)
+                if s > 0 and new_experts:
+                    self.record_routing(s, "birth", new_ids)
                 for phase, steps in phases:
-                    self.train(s, phase, steps, new_ids, new_experts, last=phase == phases[-1][0],
-                               first=phase == phases[0][0])  # fmt: skip
+                    last = phase == phases[-1][0]
+                    self.train(s, phase, steps, new_ids, new_experts, last=last, first=phase == phases[0][0])
+                    if s > 0 and new_experts and not last:
+                        self.record_routing(s, phase, new_ids)
                 self.seen += new_ids
                 self.routing[s] = routing_shares(self.student, self.data, self.seen, self.cfg.device)
                 if self.cfg.selection is not None and not self.method.joint:
@@ -169,6 +189,13 @@ class DistillRun:
         return self.result(self.wall(), complete=True)
 
     # ---- steps
+    def record_routing(self, s: int, moment: str, new_ids: list[int]) -> None:
+        """Routing shares of the old and the new tasks within stage ``s`` (newborn experts: the cold-start
+        gate bias at ``"birth"``, then after each phase). Recomputed on resume: a finished phase loads its
+        checkpoint, and the grown student is the previous stage's plus the seeded new experts."""
+        shares = routing_shares(self.student, self.data, self.seen + new_ids, self.cfg.device)
+        self.routing_within.setdefault(s, {})[moment] = shares
+
     def check_config(self) -> None:
         """Write the resolved config first; a resumed run must match it (runtime-only keys aside)."""
         path, mine = self.path("config.json"), self.cfg.to_dict()
@@ -188,12 +215,11 @@ class DistillRun:
         ts_path = self.path("teacher_success.json")
         success: dict[str, float] = read_json(ts_path, {})
         for task in self.tasks if self.main else []:  # the other ranks read rank 0's files after the barrier
-            t0 = time.perf_counter()
-            value = collect_task_data(cfg, task, root, specs[task], backends.get(task, "envpool"))
-            if task not in success:
-                success[task] = value
-                write_json_atomic(ts_path, success)
-            self.clock["data"] += time.perf_counter() - t0
+            with self.timed("data"):
+                value = collect_task_data(cfg, task, root, specs[task], backends.get(task, "envpool"))
+                if task not in success:
+                    success[task] = value
+                    write_json_atomic(ts_path, success)
         if self.dist is not None:
             ddp.barrier(self.dist)
             success = read_json(ts_path)
@@ -256,7 +282,15 @@ class DistillRun:
                 rounds.replay_finished()
                 self.dagger[s] = rounds.report()
             return
-        t0 = time.perf_counter()
+        with self.timed("train"):
+            self.fit(s, phase, steps, new_ids, new_experts, last, base, pools, rounds)
+
+    def fit(
+        self, s: int, phase: str, steps: int, new_ids: list[int], new_experts: list[int], last: bool,
+        base: int, pools: dict[int, Any], rounds: Rounds | None,
+    ) -> None:  # fmt: skip
+        """Train one phase from the student as it is, then checkpoint it and mark it in the ledger."""
+        cfg, name = self.cfg, f"stage{s}/{phase}"
         configure_phase(self.student, cfg, s, phase, new_experts, new_ids)
         if self.hook is not None:
             self.hook.begin_phase(self.student, s, phase)
@@ -282,32 +316,30 @@ class DistillRun:
         if self.hook is not None:
             payload[self.hook.key] = self.hook.state_dict()
         if self.main:
-            save_torch_atomic(payload, ckpt)
+            save_torch_atomic(payload, self.path("checkpoints", f"stage{s}-{phase}.pt"))
             self.logger.event({"step": self.global_step, "phase": name, "summary": summary})
             self.ledger.mark(name)
             if rounds is not None and os.path.isfile(rounds.state_path()):
                 os.remove(rounds.state_path())  # the phase is done: its mid-phase resume state is not needed
-        self.clock["train"] += time.perf_counter() - t0
 
     def select_replay(self, s: int, new_ids: list[int]) -> None:
         """The replay memory of the stage's tasks (rank 0 selects; every rank loads it)."""
         cfg, data, path = self.cfg, self.data, self.path("replay", f"stage{s}.pt")
         if self.main and f"stage{s}/replay" not in self.ledger:
-            t0 = time.perf_counter()
-            sets = {}
-            for t in new_ids:
-                rows = data.task_rows(t)
-                quality = None
-                if cfg.replay_quality == "error" and cfg.selection == "dpp":
-                    quality = student_error(self.student, data, rows, cfg.device)
-                sets[t] = select_replay(
-                    data.obs[rows], data.target[rows], data.step[rows], data.episode[rows], rows,
-                    fraction=cfg.replay_fraction, segment_len=cfg.segment_len, selection=cfg.selection,
-                    seed=phase_seed(cfg.seed, s, f"replay{t}"), quality=quality,
-                )  # fmt: skip
-            save_torch_atomic({str(t): r.to_dict() for t, r in sets.items()}, path)
-            self.ledger.mark(f"stage{s}/replay")
-            self.clock["replay"] += time.perf_counter() - t0
+            with self.timed("replay"):
+                sets = {}
+                for t in new_ids:
+                    rows = data.task_rows(t)
+                    quality = None
+                    if cfg.replay_quality == "error" and cfg.selection == "dpp":
+                        quality = student_error(self.student, data, rows, cfg.device)
+                    sets[t] = select_replay(
+                        data.obs[rows], data.target[rows], data.step[rows], data.episode[rows], rows,
+                        fraction=cfg.replay_fraction, segment_len=cfg.segment_len, selection=cfg.selection,
+                        seed=phase_seed(cfg.seed, s, f"replay{t}"), quality=quality,
+                    )  # fmt: skip
+                save_torch_atomic({str(t): r.to_dict() for t, r in sets.items()}, path)
+                self.ledger.mark(f"stage{s}/replay")
         ddp.barrier(self.dist)
         loaded = load_torch_checked(path, f"delete {self.run_dir} and re-run: the run restarts")
         self.replay.update({int(t): ReplaySet.from_dict(d) for t, d in loaded.items()})
@@ -320,18 +352,19 @@ class DistillRun:
         rows = read_json(path, {}) if name in self.ledger else {}
         missing = [m for m in cfg.eval_modes if m not in rows]
         if self.main and (name not in self.ledger or missing):
-            t0 = time.perf_counter()
-            self.student.eval()
-            rows.update({m: {} for m in missing})
-            keys = [(t, m) for t in self.seen for m in missing]
-            for (t, m), r in zip(keys, self.evaluate_jobs(keys), strict=True):
-                rows[m][self.tasks[t]] = r.success_rate
-                self.eval_env_steps += int(r.episode_lengths.sum())
-                self.logger.scalars(s, {f"success_{m}/{self.tasks[t]}": r.success_rate})
-            write_json_atomic(path, rows)
-            if name not in self.ledger:
-                self.ledger.mark(name)
-            self.clock["eval"] += time.perf_counter() - t0
+            with self.timed("eval"):
+                self.student.eval()
+                rows.update({m: {} for m in missing})
+                keys = [(t, m) for t in self.seen for m in missing]
+                for (t, m), r in zip(keys, self.evaluate_jobs(keys), strict=True):
+                    rows[m][self.tasks[t]] = r.success_rate
+                    self.eval_env_steps += int(r.episode_lengths.sum())
+                    if self.cpu is not None:  # worker processes' CPU time (this process's is timed)
+                        self.cpu["eval"] += r.meta.get("worker_cpu_s", 0.0)
+                    self.logger.scalars(s, {f"success_{m}/{self.tasks[t]}": r.success_rate})
+                write_json_atomic(path, rows)
+                if name not in self.ledger:
+                    self.ledger.mark(name)
         ddp.barrier(self.dist)
         self.rows = read_json(path)
         for m in cfg.eval_modes:
@@ -366,7 +399,8 @@ class DistillRun:
         wall = self.wall()
         write_json_atomic(
             self.path("timing.json"),
-            {"wall_time_s": wall, "clock": self.clock, "eval_env_steps": self.eval_env_steps},
+            {"wall_time_s": wall, "clock": self.clock, "eval_env_steps": self.eval_env_steps}
+            | ({} if self.cpu is None else {"cpu": self.cpu}),
         )
         self.result(wall, s == len(self.stages) - 1).save(self.path("results.json"))
         self.logger.event({"stage": s, "success": self.rows, "wall_time_s": wall})
@@ -392,7 +426,10 @@ class DistillRun:
                    "config": cfg.to_dict(), "replay": replay_report(self.replay, self.data),
                    "num_experts": self.student.num_experts, "budget_steps_per_stage": cfg.stage_steps,
                    "dagger": {str(k): v for k, v in self.dagger.items()},
-                   "routing": {str(k): v for k, v in self.routing.items()}},
+                   "routing": {str(k): v for k, v in self.routing.items()},
+                   "routing_within_stage": {str(k): v for k, v in self.routing_within.items()},
+                   "cpu_s": None if self.cpu is None else {k: round(v, 1) for k, v in self.cpu.items()},
+                   "cpu_time_s": None if self.cpu is None else round(sum(self.cpu.values()), 1)},
         )  # fmt: skip
 
 

@@ -8,7 +8,7 @@ import torch
 
 from cpd_fast.distill.windows import TaskSampler, WindowData, full_pool
 
-__all__ = ["replay_report", "routing_shares", "student_error"]
+__all__ = ["newborn_shares", "replay_report", "routing_shares", "student_error"]
 
 
 @torch.no_grad()
@@ -30,6 +30,32 @@ def routing_shares(student: Any, data: WindowData, seen: list[int], device: str)
         out[data.tasks[t]] = [round(float(c), 4) for c in counts / counts.sum()]
     student.train(was)
     return out
+
+
+def newborn_shares(result: Any) -> list[dict[str, Any]]:
+    """How much of the old and of the new tasks' routing goes to each stage's newborn experts (the cold-start
+    gate bias's Mechanism 2, arXiv 2601.22475): one row per stage ≥ 1 and moment (``"birth"``, after each
+    phase but the last, ``"end"`` of the stage), from a :class:`cpd_fast.metrics.RunResult` of a growing
+    method. ``new_tasks`` / ``old_tasks``: the mean over those tasks of the routing share their windows give
+    the experts born in that stage (``routing_shares``); runs older than the within-stage record give only
+    ``"end"`` rows."""
+    end, within = result.extra.get("routing", {}), result.extra.get("routing_within_stage", {})
+    stage_tasks: dict[int, list[str]] = {}
+    for t, st in zip(result.tasks, result.task_stage, strict=True):
+        stage_tasks.setdefault(st, []).append(t)
+    rows = []
+    for s in range(1, len(end)):
+        born = range(len(next(iter(end[str(s - 1)].values()))), len(next(iter(end[str(s)].values()))))
+        moments = {**within.get(str(s), {}), "end": end[str(s)]}
+        for moment, shares in moments.items():
+            row: dict[str, Any] = {"stage": s, "moment": moment, "newborn_experts": list(born)}
+            for key, tasks in (
+                ("new_tasks", stage_tasks[s]),
+                ("old_tasks", [t for o in range(s) for t in stage_tasks[o]]),
+            ):
+                row[key] = sum(sum(shares[t][e] for e in born) for t in tasks) / len(tasks)
+            rows.append(row)
+    return rows
 
 
 def replay_report(replay: dict[int, Any], data: WindowData) -> dict:

@@ -44,6 +44,7 @@ from cpd_fast.runio import Ledger, RunLock, read_json
 from cpd_fast.teachers.gate import teacher_specs, trained_teachers
 from cpd_fast.teachers.jobs import check_ray_address
 from cpd_fast.teachers.provide import check_zoo, provide
+from cpd_fast.workers import cpu_seconds
 
 __all__ = ["STATE_FILE", "Pipeline", "run_pipeline"]
 
@@ -98,9 +99,10 @@ class Pipeline:
                 self._distill_side_by_side(group, head)
                 continue
             self.console.print(f"{head}: {describe_step(self.cfg, name)}")
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), cpu_seconds()
             record = fn() or {}
             record["time_s"] = round(time.perf_counter() - t0, 1)
+            record["cpu_s"] = round(cpu_seconds() - c0, 1)  # this process's and its ended children's
             self.state.mark(name, record)
             self.console.print(f"    [green]done[/green] in {record['time_s']:.1f} s")
         return self.state.steps
