@@ -156,6 +156,29 @@ def test_a_run_killed_mid_chunk_is_still_measured_every_every_steps(tmp_path):
     train_ppo(TASK, cfg, tmp_path, stop_after_updates=1, tensorboard=False)  # killed after 1 update
     curve = train_measured(TASK, cfg, tmp_path, every=384, stop_at=2.0, goals=1, eval_envs=1)
     assert [p["env_steps"] for p in curve["points"]] == [384, 768, 1024]
+    # each measured policy is kept: the teacher at that point of its curve, loadable like any teacher
+    import torch
+
+    for p in curve["points"]:
+        assert p["snapshot"] == f"snapshots/policy-{p['env_steps']}.pt"
+        assert load_policy(str(tmp_path / p["snapshot"])).task == TASK
+    last = torch.load(tmp_path / curve["points"][-1]["snapshot"], weights_only=False)
+    final = torch.load(curve["policy_path"], weights_only=False)
+    assert last["state_dict"].keys() == final["state_dict"].keys()
+    assert all(torch.equal(v, final["state_dict"][k]) for k, v in last["state_dict"].items())
+    # `until` stops early on the same schedule: the first two points of the same curve, bit for bit
+    train_ppo(TASK, cfg, tmp_path / "early", stop_after_updates=1, tensorboard=False)  # the same kill
+    early = train_measured(
+        TASK, cfg, tmp_path / "early", every=384, stop_at=2.0, goals=1, eval_envs=1, until=700
+    )
+    assert [p["env_steps"] for p in early["points"]] == [384, 768]
+    again = torch.load(tmp_path / "early" / early["points"][1]["snapshot"], weights_only=False)["state_dict"]
+    assert all(
+        torch.equal(v, again[k])
+        for k, v in torch.load(tmp_path / curve["points"][1]["snapshot"], weights_only=False)[
+            "state_dict"
+        ].items()
+    )
 
 
 def test_gate_on_fail_demos_records_the_algorithm_and_the_expert_bar(tmp_path):

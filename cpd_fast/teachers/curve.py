@@ -7,10 +7,12 @@ early), and after each chunk measures the current policy with Meta-World's offic
 (:func:`cpd_fast.teachers.records.evaluate_teacher`: ``goals`` of the 50 fixed goals, one episode each).
 It stops at the first measurement ``>= stop_at`` or at the budget, and writes the policy it measured
 last as ``policy.pt``. The curve goes to ``curve.json``; re-running resumes from the checkpoint and the
-curve (a run killed mid-chunk repeats that chunk from its last checkpoint).
+curve (a run killed mid-chunk repeats that chunk from its last checkpoint). Every measured policy is kept
+as ``snapshots/policy-<env steps>.pt``: the teacher at each point of its curve, e.g. to distil from a
+deliberately weaker one (``cpd teachers export`` puts one in a zoo).
 
 ``curve.json``: ``{"task", "config", "every", "stop_at", "goals", "points": [{"env_steps", "success",
-"wall_s", "train_s", "steps_per_s"}], "steps_to_target", "algorithm", "protocol"}``.
+"wall_s", "train_s", "steps_per_s", "snapshot"}], "steps_to_target", "algorithm", "protocol"}``.
 """
 
 from __future__ import annotations
@@ -27,9 +29,10 @@ from cpd_fast.runio import check_same_config, load_torch_checked, read_json, wri
 from cpd_fast.teachers.ppo import export_policy, load_policy, train_ppo
 from cpd_fast.teachers.records import evaluate_teacher
 
-__all__ = ["CURVE_JSON", "train_measured"]
+__all__ = ["CURVE_JSON", "SNAPSHOTS", "train_measured"]
 
 CURVE_JSON = "curve.json"
+SNAPSHOTS = "snapshots"  # run_dir/snapshots/policy-<env steps>.pt: the policy of each measured point
 log = logging.getLogger(__name__)
 
 
@@ -46,6 +49,7 @@ def train_measured(
     trainer: Callable[..., Any] | None = None,
     algorithm: str = "ppo",
     progress: bool = False,
+    until: int | None = None,
 ) -> dict[str, Any]:
     """Train ``task`` into ``run_dir`` until its official success reaches ``stop_at`` or ``cfg.total_steps``.
 
@@ -57,11 +61,15 @@ def train_measured(
         curve_path: where the curve lives (default ``run_dir/curve.json``).
         trainer: ``train_ppo``-like callable (default :func:`~cpd_fast.teachers.ppo.train_ppo`).
         algorithm: what ``trainer`` is, recorded in the curve (``"ppo"``, ``"ppo+demos"``).
+        until: stop once this many env steps are measured, on the whole budget's schedule all the same
+            (the teacher as it was at that point of a full run, e.g. for its snapshots); ``None``: the budget.
 
     Returns:
         the curve (as written), with ``policy_path``.
     """
     require_int("every", every)
+    if until is not None:
+        require_int("until", until)
     if not stop_at >= 0.0:  # NaN too
         raise ValueError(f"stop_at must be a success rate >= 0, got {stop_at}")
     trainer = trainer or train_ppo
@@ -83,7 +91,7 @@ def train_measured(
     trained = False
     while not reached():
         done = curve["points"][-1]["env_steps"] if curve["points"] else 0
-        if done >= cfg.total_steps:
+        if done >= min(cfg.total_steps, until or cfg.total_steps):
             break
         # up to the next measurement point: a run killed mid-chunk resumes from its last checkpoint and is
         # still measured every `every` steps, not `every` steps after wherever it was killed
@@ -95,9 +103,11 @@ def train_measured(
         train_s, trained = time.perf_counter() - t0, True
         measured = evaluate_teacher(load_policy(ckpt), task, num_goals=goals, num_envs=eval_envs)
         success, curve["protocol"] = measured["success_rate"], measured["protocol"]
+        snapshot = os.path.join(SNAPSHOTS, f"policy-{result.global_step}.pt")  # the teacher measured here
+        export_policy(ckpt, os.path.join(run_dir, snapshot))
         curve["points"].append({
             "env_steps": result.global_step, "success": success, "wall_s": round(time.perf_counter() - t0, 1),
-            "train_s": round(train_s, 1), "steps_per_s": round(result.steps_per_s, 1),
+            "train_s": round(train_s, 1), "steps_per_s": round(result.steps_per_s, 1), "snapshot": snapshot,
         })  # fmt: skip
         log.info("%s: %d env steps, official success %.2f (%s)", task, result.global_step, success, path)
         if success >= stop_at and curve["steps_to_target"] is None:
