@@ -24,6 +24,7 @@ from cpd_fast.distill import (
     train_phase,
 )
 from cpd_fast.distill.windows import full_pool
+from cpd_fast.errors import UserError
 from cpd_fast.packnet import PackNet
 from cpd_fast.student import Student, StudentConfig
 from cpd_fast.teachers.gate import teacher_specs
@@ -453,6 +454,53 @@ def test_newborn_shares_of_a_known_record():
         ("birth", 0.0, 0.0),
         ("end", pytest.approx(0.9), pytest.approx(0.1)),
     ]
+
+
+def test_a_forked_ewc_grid_point_computes_what_a_full_run_does(tmp_path):
+    """λ acts from stage 1 on: the λ = 1000 point forked from the λ = 1 run's stage 0 gives the λ = 1000
+    run's stage-1 checkpoint and results bit for bit; a field outside `differ` is refused."""
+    from cpd_fast.distill.fork import fork_stages
+    from cpd_fast.metrics import RunResult
+
+    data = str(tmp_path / "data")
+    lam1, lam3 = (tiny_config(method="ewc", ewc_lambda=lam, data_dir=data) for lam in (1.0, 1e3))
+    run_distill(lam1, tmp_path / "l1")
+    run_distill(lam3, tmp_path / "l3")
+    fork_stages(tmp_path / "l1", lam3, tmp_path / "fork", stages=1, differ=["ewc_lambda"])
+    assert not (tmp_path / "fork" / "checkpoints" / "stage1-train.pt").exists()
+    run_distill(lam3, tmp_path / "fork")
+    a, b = (
+        torch.load(tmp_path / r / "checkpoints" / "stage1-train.pt", weights_only=True)
+        for r in ("l3", "fork")
+    )
+    assert a["ewc"]["lam"] == b["ewc"]["lam"] == 1e3
+    flat = lambda d, p="": [
+        x for k, v in d.items() for x in (flat(v, p + k + ".") if isinstance(v, dict) else [(p + k, v)])
+    ]
+    pairs = list(zip(flat(a["student"]), flat(b["student"]), strict=True))
+    assert all(
+        ka == kb and (torch.equal(va, vb) if torch.is_tensor(va) else va == vb)
+        for (ka, va), (kb, vb) in pairs
+    )
+    full, forked = RunResult.load(tmp_path / "l3"), RunResult.load(tmp_path / "fork")
+    assert forked.success_matrix == full.success_matrix
+    assert forked.extra["forked_from"]["differ"] == {"ewc_lambda": [1.0, 1e3]}
+    # on two stages online EWC trains what EWC does: the same one term in stage 1's penalty (γ would first
+    # act on the next stage's); only the terms consolidated after the last stage differ
+    run_distill(
+        tiny_config(method="online-ewc", ewc_lambda=1e3, ewc_gamma=0.5, data_dir=data), tmp_path / "o3"
+    )
+    c = torch.load(tmp_path / "o3" / "checkpoints" / "stage1-train.pt", weights_only=True)
+    assert RunResult.load(tmp_path / "o3").success_matrix == full.success_matrix
+    pairs = list(zip(flat(a["student"]), flat(c["student"]), strict=True))
+    assert all(torch.equal(va, vb) if torch.is_tensor(va) else va == vb for (_, va), (_, vb) in pairs)
+    with pytest.raises(UserError, match="ewc_gamma"):
+        fork_stages(tmp_path / "l1", tiny_config(method="ewc", ewc_gamma=0.5, data_dir=data), tmp_path / "f2",
+                    stages=1, differ=["ewc_lambda"])  # fmt: skip
+    with pytest.raises(UserError, match="already holds a run"):
+        fork_stages(tmp_path / "l1", lam3, tmp_path / "fork", stages=1, differ=["ewc_lambda"])
+    with pytest.raises(UserError, match="not finished"):
+        fork_stages(tmp_path / "l1", lam3, tmp_path / "f3", stages=3, differ=["ewc_lambda"])
 
 
 def test_last_position_run_trains(tiny_run, tmp_path):

@@ -1,13 +1,19 @@
-"""The EWC / online-EWC tuning grid of the MT25 study (issue 29): MT25's first two stages (10 tasks), the
-zoo's RL teachers, seed 0, the study's settings (bf16, default budget, both evaluation modes), one run per
-grid point on one shared set of teacher data:
+"""The EWC / online-EWC tuning grids of the MT25 study (issue 29): the zoo's RL teachers, seed 0, the study's
+settings (bf16, default budget, both evaluation modes), one shared set of teacher data:
 
-    python bench/mt25_study/ewc_grid.py --out runs/ewc_grid        # resumable: finished points are skipped
-    cpd report runs/ewc_grid/runs/* --out bench/mt25_study/ewc_grid
+    python bench/mt25_study/ewc_grid.py --out runs/ewc_grid              # resumable: finished points skip
+    cpd report runs/ewc_grid/lambda/* --out bench/mt25_study/ewc_grid/lambda
+    cpd report runs/ewc_grid/gamma/* --out bench/mt25_study/ewc_grid/gamma
 
-EWC: lambda in {1, 10, 1e2, 1e3, 1e4, 1e5}; online EWC: the same lambdas x gamma in {0.9, 0.99}. The
-chosen values (best task-free relative performance; ties: less forgetting) go to the mt25-study preset's
-``per_method``.
+* **λ** on MT25's first two stages (10 tasks): λ ∈ {1, 10, 1e2, 1e3, 1e4, 1e5}. On two stages online EWC
+  computes exactly what EWC does — its one consolidated term after stage 0 is EWC's, and γ first scales
+  an old Fisher at the second consolidation, after the last stage — so this grid serves both.
+* **γ** of online EWC on the first three stages (15 tasks), where it acts in stage 2: γ ∈ {0.9, 0.99} at
+  the two best λ of the first grid (best task-free relative performance; ties: less forgetting).
+
+Points share what they compute alike (:mod:`cpd_fast.distill.fork`, tested bit for bit): stage 0 (no
+penalty yet) is run once per grid, and a γ = 0.99 point starts from the γ = 0.9 point's first two stages.
+Each run's ``fork.json`` says where its first stages came from.
 """
 
 from __future__ import annotations
@@ -16,43 +22,80 @@ import argparse
 import os
 
 from cpd_fast.distill.config import DistillConfig
+from cpd_fast.distill.fork import fork_stages
 from cpd_fast.distill.run import run_distill
 from cpd_fast.fidelity import check_fidelity, save_report
+from cpd_fast.metrics import RunResult
 from cpd_fast.tasks import SUITES
 
 LAMBDAS = (1.0, 10.0, 1e2, 1e3, 1e4, 1e5)
 GAMMAS = (0.9, 0.99)
 
 
-def grid() -> list[tuple[str, dict]]:
-    """``(name, DistillConfig fields)`` of every grid point, EWC first."""
-    points = [(f"ewc-l{lam:g}", {"method": "ewc", "ewc_lambda": lam}) for lam in LAMBDAS]
-    points += [
-        (f"online-ewc-l{lam:g}-g{g:g}", {"method": "online-ewc", "ewc_lambda": lam, "ewc_gamma": g})
-        for lam in LAMBDAS
-        for g in GAMMAS
-    ]
-    return points
+def config(out: str, n_tasks: int, **fields) -> DistillConfig:
+    return DistillConfig(
+        suite="mt25", tasks=list(SUITES["mt25"][:n_tasks]), tasks_per_stage=5, teachers="zoo",
+        fidelity=os.path.join(out, "fidelity.json"), seed=0, precision="bf16",
+        data_dir=os.path.join(out, "data"), progress=False, threads=1, eval_workers=1, **fields,
+    )  # fmt: skip
+
+
+def run_point(cfg: DistillConfig, run_dir: str, base: str | None, stages: int, differ: list[str]) -> None:
+    """Run one grid point, forked from ``base``'s first ``stages`` stages when it is a new run."""
+    if base is not None and not os.path.isfile(os.path.join(run_dir, "config.json")):
+        fork_stages(base, cfg, run_dir, stages=stages, differ=differ)
+    run_distill(cfg, run_dir)
+
+
+def lambda_grid(out: str) -> list[str]:
+    dirs = []
+    for lam in LAMBDAS:
+        d = os.path.join(out, "lambda", f"ewc-l{lam:g}")
+        base = dirs[0] if dirs else None
+        run_point(config(out, 10, method="ewc", ewc_lambda=lam), d, base, 1, ["ewc_lambda"])
+        dirs.append(d)
+    return dirs
+
+
+def best(dirs: list[str], n: int) -> list[float]:
+    """The ``n`` best λ: task-free relative performance, then less forgetting."""
+
+    def key(run: RunResult) -> tuple[float, float]:
+        m = run.metrics()
+        return -m.relative_performance, m.mean_forgetting
+
+    runs = sorted((RunResult.load(d) for d in dirs), key=key)
+    return [r.extra["config"]["ewc_lambda"] for r in runs[:n]]
+
+
+def gamma_grid(out: str, lambdas: list[float]) -> None:
+    first = None
+    for lam in lambdas:
+        lam_base = None
+        for gamma in GAMMAS:
+            d = os.path.join(out, "gamma", f"online-ewc-l{lam:g}-g{gamma:g}")
+            cfg = config(out, 15, method="online-ewc", ewc_lambda=lam, ewc_gamma=gamma)
+            if lam_base is not None:  # the same λ: stages 0-1 are this λ's (γ acts from stage 2)
+                run_point(cfg, d, lam_base, 2, ["ewc_gamma"])
+            else:  # stage 0 is every point's (no penalty before it)
+                run_point(cfg, d, first, 1, ["ewc_lambda", "ewc_gamma"])
+                lam_base = d
+            first = first or d
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", required=True)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--only", nargs="+", default=None, help="grid point names to run (default: all)")
+    ap.add_argument("--lambdas", type=float, nargs="+", default=None, help="γ grid's λ (default: the 2 best)")
     args = ap.parse_args()
-    tasks = list(SUITES["mt25"][:10])
     fidelity = os.path.join(args.out, "fidelity.json")
-    if not os.path.isfile(fidelity):  # the env backend of each task, measured once for the whole grid
-        save_report(check_fidelity(tasks, seed=args.seed), fidelity, episodes=8, seed=args.seed)
-    for name, fields in grid():
-        if args.only and name not in args.only:
-            continue
-        cfg = DistillConfig(
-            suite="mt25", tasks=tasks, tasks_per_stage=5, teachers="zoo", fidelity=fidelity, seed=args.seed,
-            precision="bf16", data_dir=os.path.join(args.out, "data"), progress=False, **fields,
-        )  # fmt: skip
-        run_distill(cfg, os.path.join(args.out, "runs", name))
+    if not os.path.isfile(fidelity):  # the env backend of each task, measured once for both grids
+        tasks = list(SUITES["mt25"][:15])
+        save_report(check_fidelity(tasks, seed=0), fidelity, episodes=8, seed=0)
+    dirs = lambda_grid(args.out)
+    lambdas = args.lambdas or best(dirs, 2)
+    print(f"gamma grid at lambda {lambdas}")
+    gamma_grid(args.out, lambdas)
 
 
 if __name__ == "__main__":

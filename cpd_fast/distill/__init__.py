@@ -11,6 +11,7 @@ calls the same code)::
     rows.py     a speed-up: the windows that train nothing are left out of the forward pass
     run.py      the stage loop: data → grow → phases → replay selection → evaluation → results
     stats.py    routing shares and the replay budget recorded with the results
+    fork.py     a run started from another run's finished first stages (grid points that share them)
 
 The model is :mod:`cpd_fast.student` (it knows nothing of training loops or process groups), teachers and
 their datasets are :mod:`cpd_fast.teachers` / :mod:`cpd_fast.data`, replay selection

@@ -272,7 +272,10 @@ class EWCHook(MethodHook):
         return self.penalty.state_dict()
 
     def load_state_dict(self, state: dict) -> None:
+        """The consolidated terms of the checkpoint; λ and γ stay the run's own (a resumed run's equal the
+        checkpoint's; a run forked from another grid point keeps its own: cpd_fast.distill.fork)."""
         self.penalty.load_state_dict(state)
+        self.penalty.lam, self.penalty.gamma = float(self.cfg.ewc_lambda), float(self.cfg.ewc_gamma)
 
 
 class PackNetHook(MethodHook):

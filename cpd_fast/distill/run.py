@@ -38,6 +38,7 @@ from cpd_fast import ddp
 from cpd_fast.data import ensure_dataset, load_teacher_data
 from cpd_fast.distill.config import ADDED_FIELDS, RUNTIME_KEYS, DistillConfig
 from cpd_fast.distill.dagger import Rounds
+from cpd_fast.distill.fork import FORK_FILE
 from cpd_fast.distill.methods import configure_phase, get_method, make_hook, phases_of
 from cpd_fast.distill.stats import replay_report, routing_shares, student_error
 from cpd_fast.distill.train import train_phase
@@ -429,7 +430,8 @@ class DistillRun:
                    "routing": {str(k): v for k, v in self.routing.items()},
                    "routing_within_stage": {str(k): v for k, v in self.routing_within.items()},
                    "cpu_s": None if self.cpu is None else {k: round(v, 1) for k, v in self.cpu.items()},
-                   "cpu_time_s": None if self.cpu is None else round(sum(self.cpu.values()), 1)},
+                   "cpu_time_s": None if self.cpu is None else round(sum(self.cpu.values()), 1),
+                   "forked_from": read_json(self.path(FORK_FILE), None)},
         )  # fmt: skip
 
 
