@@ -349,6 +349,13 @@ def summarize(
             raise ValueError(
                 "summarize: runs differ in suite, method, tasks or task stages; group them first"
             )
+    seeds = [r.seed for r in runs]
+    if len(set(seeds)) < len(seeds):
+        again = sorted({s for s in seeds if seeds.count(s) > 1})
+        raise ValueError(
+            f"summarize: {first.method!r} on {first.suite} has seed(s) {again} more than once: runs with one "
+            "label (another teacher zoo, gate or code?) would pool as if they were seeds; report them apart"
+        )
     metrics = [r.metrics() for r in runs]
     out: dict[str, Any] = {
         "suite": first.suite,

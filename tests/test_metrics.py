@@ -141,6 +141,9 @@ def test_summarize_over_seeds():
         summarize([make_run(0, R6), make_run(1, R6, method="ewc")])
     with pytest.raises(ValueError, match="at least one"):
         summarize([])
+    # two runs of one seed under one label (another zoo, another gate) are not two seeds
+    with pytest.raises(ValueError, match=r"seed\(s\) \[0\] more than once"):
+        summarize([make_run(0, R6), make_run(0, R_b)])
 
 
 def test_bad_inputs():
