@@ -12,11 +12,10 @@ import pytest
 from cpd_fast.report import write_report
 
 BENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench")
-DIRS = sorted(
-    d
-    for d in glob.glob(os.path.join(BENCH, "*"))
-    if os.path.isfile(os.path.join(d, "summary.json"))
-    and glob.glob(os.path.join(d, "runs", "*", "results.json"))
+DIRS = sorted(  # bench/<dir>, and nested report directories such as bench/mt25_study/ewc_grid/lambda
+    os.path.dirname(p)
+    for p in glob.glob(os.path.join(BENCH, "**", "summary.json"), recursive=True)
+    if glob.glob(os.path.join(os.path.dirname(p), "runs", "*", "results.json"))
 )
 
 
@@ -24,7 +23,7 @@ def test_there_are_committed_bench_runs():
     assert DIRS, "no bench/<dir>/runs/*/results.json committed beside a summary.json"
 
 
-@pytest.mark.parametrize("bench_dir", DIRS, ids=os.path.basename)
+@pytest.mark.parametrize("bench_dir", DIRS, ids=lambda d: os.path.relpath(d, BENCH))
 def test_report_regenerates_the_committed_summary(bench_dir, tmp_path):
     runs = sorted(glob.glob(os.path.join(bench_dir, "runs", "*")))
     options = {}
