@@ -168,3 +168,24 @@ def test_run_with_seeds_makes_one_run_per_seed(monkeypatch, tmp_path):
     with pytest.raises(SystemExit):  # one of --seed / --seeds
         cli.main(["run", "--seed", "0", "--seeds", "1"])
     assert cli.main(["run", "--seeds", "2", "2"]) == 2  # a seed twice: a one-line error
+
+
+def test_the_task_list_is_named_by_what_it_is():
+    """A preset's name titles its own task list only: MT25's first ten tasks under the mt25 preset are MT10,
+    not "mt25" (results and reports group by this name)."""
+    from cpd_fast.pipeline.config import load_preset
+    from cpd_fast.tasks import SUITES
+
+    quick = load_preset("quick")["tasks"]
+    assert (
+        PipelineConfig(preset="quick", tasks=quick, tasks_per_stage=2).distill_config("cpd").task_list_name()
+        == "quick"
+    )
+    first10 = PipelineConfig(preset="mt25", tasks=list(SUITES["mt25"][:10]))
+    assert first10.distill_config("cpd").task_list_name() == "mt10"
+    assert PipelineConfig(preset="mt25", suite="mt25").distill_config("cpd").task_list_name() == "mt25"
+    two = PipelineConfig(preset="quick", tasks=["reach-v3", "push-v3"], tasks_per_stage=1)
+    assert two.distill_config("cpd").task_list_name() == "mt10[:2]"
+    other = PipelineConfig(preset="quick", tasks=["push-v3", "reach-v3"], tasks_per_stage=1)
+    assert other.distill_config("cpd").task_list_name() == "custom"
+    assert DistillConfig(suite="mt25", tasks=list(SUITES["mt25"][:10])).task_list_name() == "mt25[:10]"

@@ -192,14 +192,19 @@ class DistillConfig:
         return stages(self.tasks if self.tasks else self.suite, self.tasks_per_stage)
 
     def task_list_name(self) -> str:
-        """``name``, else the suite, ``"mt25[:10]"`` for a list that is a suite's first tasks, or "custom"."""
+        """``name``, else the suite, ``"mt25[:10]"`` for a list that is a suite's first tasks (with no suite
+        given: any known suite's, e.g. ``"mt10"``), or "custom"."""
         if self.name:
             return self.name
         if not self.tasks:
             return self.suite
-        suite = SUITES.get(self.suite, ())
-        n = len(self.tasks)
-        return f"{self.suite}[:{n}]" if list(suite[:n]) == list(self.tasks) else "custom"
+        n, tasks = len(self.tasks), list(self.tasks)
+        if self.suite in SUITES:
+            return f"{self.suite}[:{n}]" if list(SUITES[self.suite][:n]) == tasks else "custom"
+        for name, suite in SUITES.items():  # no suite given: a known suite, or the first tasks of one
+            if list(suite[:n]) == tasks:
+                return name if n == len(suite) else f"{name}[:{n}]"
+        return "custom"
 
     @property
     def selection(self) -> str | None:

@@ -173,7 +173,10 @@ class PipelineConfig:
         """The :class:`~cpd_fast.distill.config.DistillConfig` of one method of this run (``own``: with its
         ``per_method`` settings)."""
         d = {**self.distill, **(self.per_method.get(method, {}) if own else {})}
-        d["name"] = d.get("name") or self.suite or self.preset  # the report's title for the tasks
+        # the report's title for the tasks: the suite, or the preset's name when the tasks are the preset's
+        # own (None: DistillConfig names the list, e.g. "mt10" for MT25's first ten)
+        own = self.tasks is None or self.tasks == load_preset(self.preset).get("tasks")
+        d["name"] = d.get("name") or self.suite or (self.preset if own else None)
         d.update(
             suite=self.suite or "custom", tasks=self.tasks, tasks_per_stage=self.tasks_per_stage,
             method=method, teachers=run_dir or "scripted", fidelity=fidelity, seed=self.seed,
