@@ -14,7 +14,8 @@ from cpd_fast.cli import main
 from cpd_fast.errors import UserError
 from cpd_fast.teachers.base import make_teacher
 from cpd_fast.teachers.gate import teacher_specs
-from cpd_fast.teachers.zoo import shipped_zoos, zoo_dir, zoo_records, zoo_teacher
+from cpd_fast.teachers.records import load_teachers_json
+from cpd_fast.teachers.zoo import add_behaviour, shipped_zoos, zoo_dir, zoo_records, zoo_teacher
 
 REFERENCE = os.path.join(os.path.dirname(__file__), "data", "zoo_mt25_reference.npz")
 
@@ -172,3 +173,28 @@ def test_mt25_run_from_the_zoo_reaches_distillation_without_training(tmp_path):
     manifest = json.load(open(out / "datasets" / f"{tasks[0]}.collected.json"))
     assert manifest["spec"]["teacher"] == f"zoo:mt25/{tasks[0]}"
     assert (out / "methods" / "cpd" / "results.json").is_file()
+
+
+def test_a_behaviour_acts_for_another_task(small_zoo):
+    """add_behaviour: the small zoo's reach teacher acts for pick-place (its record points at reach's file,
+    success measured on pick-place); the teacher a run gets for pick-place computes reach's actions."""
+    zoo, task, _ = small_zoo
+    assert task == "reach-v3"
+    rec = add_behaviour(zoo, "pick-place-v3", task, why="test", eval_goals=2, eval_envs=2)
+    assert (rec.task, rec.acts_as, rec.path, rec.protocol) == (
+        "pick-place-v3",
+        task,
+        "reach-v3.pt",
+        "official-subset",
+    )
+    assert rec.success_rate is not None and rec.history[0]["why"] == "test"
+    assert load_teachers_json(zoo)["pick-place-v3"] == rec  # round trip
+    doc = json.load(open(zoo / "teachers.json"))
+    assert doc["teachers"]["pick-place-v3"]["acts_as"] == task
+    assert "acts_as" not in doc["teachers"][task]  # a teacher of its own writes no acts_as
+    obs = np.random.default_rng(0).standard_normal((4, 39)).astype(np.float32)
+    np.testing.assert_array_equal(
+        zoo_teacher("pick-place-v3", zoo).action_mean(obs), zoo_teacher(task, zoo).action_mean(obs)
+    )
+    with pytest.raises(UserError, match="no teacher of its own for pick-place-v3"):
+        add_behaviour(zoo, "push-v3", "pick-place-v3", why="a behaviour of a behaviour", eval_goals=2)

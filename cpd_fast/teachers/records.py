@@ -54,6 +54,9 @@ class TeacherRecord:
         history: every attempt: ``{"source", "path", "success_rate", "total_steps", "wall_time_s", ...}``.
         algorithm: what made the teacher in use: ``"ppo"``, ``"ppo+demos"`` or ``"scripted"``.
         env_steps / wall_time_s: its training cost (env steps incl. demonstrations and warm-up; seconds).
+        acts_as: the task whose policy acts for this task (None: its own). Set where tasks a task-free
+            student cannot tell apart get one behaviour, their group's best (:func:`cpd_fast.teachers.zoo.
+            add_behaviour`); written to ``teachers.json`` only when set.
     """
 
     task: str
@@ -70,6 +73,14 @@ class TeacherRecord:
     algorithm: str | None = None
     env_steps: int | None = None
     wall_time_s: float | None = None
+    acts_as: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        """The record as ``teachers.json`` holds it (``acts_as`` only when set: files stay as they were)."""
+        d = dataclasses.asdict(self)
+        if d["acts_as"] is None:
+            del d["acts_as"]
+        return d
 
 
 def passes(success_rate: float | None, threshold: float) -> bool:
@@ -100,9 +111,7 @@ def write_teachers_json(
 ) -> str:
     """Write ``run_dir/teachers.json`` (atomically): ``{"settings": ..., "teachers": {task: record}}``."""
     path = os.path.join(os.fspath(run_dir), TEACHERS_JSON)
-    write_json_atomic(
-        path, {"settings": settings, "teachers": {t: dataclasses.asdict(r) for t, r in records.items()}}
-    )
+    write_json_atomic(path, {"settings": settings, "teachers": {t: r.to_json() for t, r in records.items()}})
     return path
 
 

@@ -10,6 +10,8 @@ The package ships ``mt25`` under ``cpd_fast/zoo/``; a zoo is named by that name 
 * :func:`zoo_teacher` (= ``make_teacher("zoo", task, path="mt25")``) loads one teacher;
 * :func:`add_teacher` (= ``cpd teachers export``) exports a trained checkpoint into a zoo, measures it
   with the official protocol and records it;
+* :func:`add_behaviour` makes another task's teacher act for a task (``acts_as``): for tasks a task-free
+  student cannot tell apart, one behaviour that does well on all of them (``bench/task_free/``);
 * ``cpd teachers eval --zoo mt25`` re-measures a whole zoo.
 
 Every failure is one line naming the file and the remedy: an unknown zoo, a task the zoo lacks, a file
@@ -35,6 +37,7 @@ from cpd_fast.teachers.records import TeacherRecord, bar, evaluate_teacher, load
 __all__ = [
     "DEFAULT_ZOO",
     "ZOO_SOURCE",
+    "add_behaviour",
     "add_teacher",
     "missing_message",
     "shipped_zoos",
@@ -111,7 +114,7 @@ def zoo_teacher(task: str, zoo: str | os.PathLike = DEFAULT_ZOO, device: str = "
         raise UserError(missing_message(path, records, [task]))
     file = os.path.join(os.path.dirname(path), rec.path)
     try:
-        return CheckpointTeacher(file, task=task, device=device, remedy=_REINSTALL)
+        return CheckpointTeacher(file, task=rec.acts_as or task, device=device, remedy=_REINSTALL)
     except FileNotFoundError:
         raise UserError(f"zoo teacher file {file} is missing; {_REINSTALL}") from None
     except CorruptFileError as err:
@@ -171,17 +174,49 @@ def add_teacher(
         algorithm=prov.pop("algorithm", "ppo"), env_steps=prov.pop("env_steps", payload["global_step"]),
         wall_time_s=prov.pop("wall_time_s", None), history=[{**prov, **measured_at}],
     )  # fmt: skip
-    path = os.path.join(zoo, "teachers.json")
     fresh = {
         "zoo": os.path.basename(os.path.abspath(zoo)),
         "eval_goals": eval_goals,
         "protocol": measured["protocol"],
     }
-    doc = read_json(path, {"settings": fresh, "teachers": {}})
-    doc["teachers"][task] = dataclasses.asdict(rec)
+    _write_record(zoo, rec, fresh)
+    return rec
+
+
+def add_behaviour(
+    zoo: str | os.PathLike, task: str, acting: str, *, why: str, eval_goals: int = 50, eval_envs: int = 10
+) -> TeacherRecord:
+    """Make ``zoo``'s teacher of ``acting`` act for ``task`` too: the record of ``task`` points at the
+    policy file of ``acting`` (``acts_as``), with its official success measured on ``task`` (``eval_goals``
+    goals) and ``why`` (e.g. the cross-success measurement that chose it) in its history. No bar applies
+    here: the run's quality gate judges the measured success like any teacher's."""
+    task, acting = validate_task(task), validate_task(acting)
+    zoo = os.fspath(zoo)
+    _, records = zoo_records(zoo)
+    src = records.get(acting)
+    if src is None or not src.used or src.acts_as:
+        raise UserError(f"{zoo} holds no teacher of its own for {acting}")
+    file = os.path.join(zoo, src.path)
+    measured = evaluate_teacher(CheckpointTeacher(file, task=acting), task, num_goals=eval_goals,
+                                num_envs=eval_envs)  # fmt: skip
+    rec = dataclasses.replace(
+        src, task=task, success_rate=measured["success_rate"], protocol=measured["protocol"], passed=True,
+        status="ok", flagged=False, acts_as=acting,
+        history=[{"acts_as": acting, "why": why, "successes": "".join(map(str, measured["successes"])),
+                  "sha256": file_sha256(file), "date": time.strftime("%Y-%m-%d")}],
+    )  # fmt: skip
+    _write_record(zoo, rec, {"zoo": os.path.basename(os.path.abspath(zoo)), "eval_goals": eval_goals,
+                             "protocol": measured["protocol"]})  # fmt: skip
+    return rec
+
+
+def _write_record(zoo: str, rec: TeacherRecord, fresh_settings: dict[str, Any]) -> None:
+    """Put ``rec`` into ``zoo/teachers.json`` (made with ``fresh_settings`` if new), tasks in suite order."""
+    path = os.path.join(zoo, "teachers.json")
+    doc = read_json(path, {"settings": fresh_settings, "teachers": {}})
+    doc["teachers"][rec.task] = rec.to_json()
     doc["teachers"] = dict(sorted(doc["teachers"].items(), key=lambda kv: _order(kv[0])))
     write_json_atomic(path, doc)
-    return rec
 
 
 def _order(task: str) -> tuple[int, int, str]:
