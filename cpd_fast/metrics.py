@@ -264,6 +264,17 @@ class RunResult:
     def R(self) -> np.ndarray:
         return _as_matrix(self.success_matrix)
 
+    def matrix(self, mode: str) -> np.ndarray:
+        """The success matrix of evaluation mode ``mode`` (``"inferred"``: no task id; ``"prototype"``: the
+        task id), whichever of the run's matrices holds it; ValueError if the run did not evaluate it."""
+        if self.extra.get("eval_mode") == mode:
+            return self.R
+        modes = self.extra.get("success_matrix_modes", {})
+        if mode not in modes:
+            have = [m for m in [self.extra.get("eval_mode"), *modes] if m]
+            raise ValueError(f"the run was not evaluated in mode {mode!r} (it has: {', '.join(have)})")
+        return _as_matrix(matrix_from_json(modes[mode]))
+
     def metrics(self, min_teacher_success: float = 0.0) -> RunMetrics:
         return compute_metrics(self.R, self.teacher_success, self.task_stage, min_teacher_success)
 

@@ -34,6 +34,7 @@ import numpy as np
 
 from cpd_fast.envs import official_env
 from cpd_fast.evaluation import evaluate_official, official_goals
+from cpd_fast.metrics import RunResult
 from cpd_fast.tasks import resolve_tasks
 from cpd_fast.teachers.base import make_teacher
 from cpd_fast.teachers.zoo import zoo_records
@@ -169,9 +170,9 @@ def student_success(runs: list[str], tasks: list[str]) -> dict[str, np.ndarray]:
     for r in runs:
         found = [os.path.join(d, "results.json") for d, _, files in os.walk(r) if "results.json" in files]
         for f in found if os.path.isdir(r) else [r]:
-            res = json.load(open(f))
-            mat = np.asarray(res["extra"]["success_matrix_modes"]["inferred"], dtype=float)
-            order = [res["tasks"].index(t) for t in tasks]
+            res = RunResult.load(f)
+            mat = res.matrix("inferred")
+            order = [res.tasks.index(t) for t in tasks]
             out[os.path.relpath(f)] = mat[-1][order]
     return out
 

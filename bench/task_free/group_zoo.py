@@ -6,8 +6,9 @@ teacher (from ``bench/task_free/ceiling.json``) acts for every task of the group
 
 The zoo is a copy of the shipped ``mt25`` zoo; each grouped task whose best behaviour is another task's
 teacher gets a record with ``acts_as`` (:func:`cpd_fast.teachers.zoo.add_behaviour`), its official success
-measured on the task. The yardstick of the runs stays the shipped zoo's own teachers (``bench/task_free/
-compare.py``): a behaviour that does worse than a task's own teacher on it costs the student.
+measured on the task. The yardstick of a run from it must stay the shipped zoo's own teachers (a behaviour
+that does worse than a task's own teacher on it costs the student): ``ceiling.py --runs`` sets the runs'
+per-task success beside the shipped teachers'.
 """
 
 from __future__ import annotations

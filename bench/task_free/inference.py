@@ -28,6 +28,7 @@ import torch
 from cpd_fast.envs import MAX_EPISODE_STEPS
 from cpd_fast.evalpool import StudentPolicy
 from cpd_fast.evaluation import evaluate_official
+from cpd_fast.metrics import RunResult
 from cpd_fast.student import Student
 
 BINS = [0, 1, 2, 4, 8, 16, 32, 64, 128, 256, MAX_EPISODE_STEPS]  # episode-position bins: [lo, hi)
@@ -108,8 +109,7 @@ def cell(percent: float, diagonal: bool) -> str:
 def report(rec: dict, run: str, out: str) -> str:
     tasks = rec["tasks"]
     short = [t.removesuffix("-v3") for t in tasks]
-    results = json.load(open(os.path.join(run, "results.json")))
-    R = np.asarray(results["extra"]["success_matrix_modes"]["inferred"], dtype=float)
+    R = RunResult.load(os.path.join(run, "results.json")).matrix("inferred")
     lines = [f"# Task inference of `{run}` on its own episodes", "",
              f"`python bench/task_free/inference.py {run} --out {out}`", ""]  # fmt: skip
     mismatch = []
