@@ -186,7 +186,8 @@ def report(rec: dict, out: str, runs: list[str]) -> str:
     ratio, chosen = ceiling(X, comps)
     short = [t.removesuffix("-v3") for t in tasks]
     runs_args = f" --report-only --runs {' '.join(runs)}" if runs else ""
-    lines = [f"# The task-free ceiling on MT25 (`python bench/task_free/ceiling.py --out {out}{runs_args}`)", "",
+    command = f"python bench/task_free/ceiling.py --out {out}{runs_args}"
+    lines = [f"# The task-free ceiling on MT25 (`{command}`)", "",
              f"Starts: {rec['starts'][tasks[0]]['n']} per task (goal seeds {rec['goal_seeds']}); overlap "
              f"tolerance {rec['tol']}; groups join tasks with O >= {rec['group_at']} either way.", "",
              f"**Task-free ceiling with one teacher behaviour per ambiguity group: {100 * ratio.mean():.1f}% "
