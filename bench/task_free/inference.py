@@ -111,7 +111,8 @@ def report(rec: dict, run: str, out: str) -> str:
     short = [t.removesuffix("-v3") for t in tasks]
     R = RunResult.load(os.path.join(run, "results.json")).matrix("inferred")
     lines = [f"# Task inference of `{run}` on its own episodes", "",
-             f"`python bench/task_free/inference.py {run} --out {out}`", ""]  # fmt: skip
+             f"Measured from the stage checkpoints of `{rec['run']}`; this page: `python "
+             f"bench/task_free/inference.py {run} --out {out} --report-only`.", ""]  # fmt: skip
     mismatch = []
     acc_rows = []
     for s, per_task in sorted(rec["stages"].items(), key=lambda kv: int(kv[0])):
