@@ -4,7 +4,8 @@
   :func:`load_balancing_loss`.
 * :mod:`.experts`: the routed experts in plain PyTorch (:class:`SegmentExperts`,
   :func:`experts_torch`) and the naive :func:`experts_loop_reference` oracle.
-* :mod:`.layer`: :class:`MoELayer` (growth, freezing, checkpoints); :mod:`.optim`: attaching an
+* :mod:`.layer`: :class:`MoELayer` (growth, checkpoints, drop-in ``nn.Module`` behaviour); :mod:`.freezing`:
+  frozen experts and gate, kept still under every ``torch.optim`` optimizer; :mod:`.optim`: attaching an
   optimizer (:class:`OptimizerLink`). The Triton backend lives in ``cpd_fast.kernels.moe_experts``.
 """
 

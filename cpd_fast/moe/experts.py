@@ -14,8 +14,8 @@ import torch
 import torch.nn.functional as F
 
 ACTIVATIONS = {"gelu": F.gelu, "relu": F.relu, "silu": F.silu}
-Impl = Literal["auto", "segments", "segments_loop", "grouped_mm", "autograd"]
-IMPLS = ("auto", "segments", "segments_loop", "grouped_mm", "autograd")
+Impl = Literal["auto", "segments", "segments_loop", "grouped_mm", "dense", "autograd"]
+IMPLS = ("auto", "segments", "segments_loop", "grouped_mm", "dense", "autograd")
 # Rows per segment are padded to a multiple of this for bf16/fp16 F.grouped_mm on CPU. There each segment
 # is a oneDNN matmul whose kernel is generated for its exact shape and cached (1,024 shapes by default);
 # segment sizes follow the routing, so nearly every step brought new ones, and MT25 training spent a large
@@ -249,17 +249,23 @@ def experts_torch(
       ``segments_loop``: the same Function with one ``torch.mm`` per non-empty segment.
     * ``grouped_mm``: ``F.grouped_mm`` on the sorted rows under plain autograd (no host sync, so
       torch.compile keeps one graph; bf16 only under compile).
+    * ``dense``: every expert on every token, weighted by its gate weight (zero off the top-k) under
+      plain autograd: E/k times the arithmetic, but no host sync and no data-dependent shape, so
+      torch.compile traces it in one graph in any dtype.
     * ``autograd``: per-segment GEMMs under plain autograd (the former formulation: every slice
       ``w1[e]`` gets a full-size zero gradient, so backward is quadratic in E). Baseline only.
-    * ``auto``: grouped_mm under torch.compile for bf16 where it applies, segments otherwise.
+    * ``auto``: under torch.compile grouped_mm for bf16 where it applies, else dense (``segments``
+      syncs with the host, a graph break that ``fullgraph=True`` refuses); segments in eager mode.
     """
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
     d = x.shape[1]
     gmm_ok = grouped_mm_ok(x, d, w1.shape[1])
     if impl == "auto":
-        compiled_bf16 = torch.compiler.is_compiling() and x.dtype == torch.bfloat16
-        impl = "grouped_mm" if compiled_bf16 and gmm_ok else "segments"
+        if torch.compiler.is_compiling():
+            impl = "grouped_mm" if x.dtype == torch.bfloat16 and gmm_ok else "dense"
+        else:
+            impl = "segments"
     if impl in ("segments", "segments_loop"):
         grouped = impl == "segments" and gmm_ok and x.shape[0] > 0
         return _segment_experts(x, w1, b1, w2, b2, r, activation, frozen, grouped)
@@ -269,8 +275,10 @@ def experts_torch(
             b1 = _ZeroFrozenRows.apply(b1, frozen)
         if b2 is not None:
             b2 = _ZeroFrozenRows.apply(b2, frozen)
-    k = r.topk_e.shape[1]
     act = ACTIVATIONS[activation]
+    if impl == "dense":
+        return _dense_experts(x, w1, b1, w2, b2, r, act)
+    k = r.topk_e.shape[1]
     tok = r.order // k
     xs = x.index_select(0, tok)  # index_select: its backward (index_add) is faster than x[tok]'s
     p = r.topk_p.reshape(-1)[r.order]
@@ -295,6 +303,20 @@ def experts_torch(
             segs.append(h @ w2[e].T if b2 is None else torch.addmm(b2[e], h, w2[e].T))
         ys = torch.cat(segs) if segs else xs.new_zeros(0, d)
     return torch.zeros_like(x).index_add(0, tok, ys * p[:, None].to(ys.dtype))
+
+
+def _dense_experts(x, w1, b1, w2, b2, r, act) -> torch.Tensor:
+    """``impl="dense"`` of :func:`experts_torch`: ``[E, N, ·]`` expert outputs mixed by the ``[N, E]`` gate
+    weights (an expert off a token's top-k weighs zero, so it adds nothing to outputs or gradients)."""
+    gates = torch.zeros(x.shape[0], w1.shape[0], dtype=x.dtype, device=x.device)
+    gates = gates.scatter_add(1, r.topk_e, r.topk_p.to(x.dtype))
+    z = torch.einsum("nd,ehd->enh", x, w1)
+    if b1 is not None:
+        z = z + b1[:, None]
+    y = torch.einsum("enh,edh->end", act(z), w2)
+    if b2 is not None:
+        y = y + b2[:, None]
+    return torch.einsum("end,ne->nd", y, gates)
 
 
 def experts_loop_reference(x, w1, b1, w2, b2, topk_p, topk_e, activation: str) -> torch.Tensor:

@@ -7,13 +7,19 @@ Expert e is ``act(x @ w1[e].T + b1[e]) @ w2[e].T + b2[e]``; the output is
 renormalised unless ``normalize_topk``), so every gate logit, a dormant new expert's included, gets
 gradient.
 
-Freezing contract (:meth:`MoELayer.freeze_experts`, :meth:`MoELayer.freeze_gate`): frozen experts'
-rows of ``w1/b1/w2/b2`` always get exactly zero gradient, and a frozen gate gets none
-(``requires_grad=False``). Zero gradient alone does not keep a row still under weight decay or
-momentum carried from before the freeze, so a trainer must **attach** its optimizer:
-``layer.attach(opt)`` (or ``layer.update_optimizer(opt)``). An attached optimizer's ``step`` leaves
-frozen rows and a frozen gate bit-identical (its own step pre/post hooks save and restore them).
-Nothing is global: optimizers that are not attached run none of this layer's code.
+Freezing contract (:meth:`MoELayer.freeze_experts`, :meth:`MoELayer.freeze_gate`;
+:mod:`cpd_fast.moe.freezing`): frozen experts' rows of ``w1/b1/w2/b2`` always get exactly zero gradient,
+a frozen gate gets none (``requires_grad=False``), and no ``torch.optim`` optimizer's ``step`` moves
+them (weight decay and momentum from before the freeze included): an optimizer attached with
+``layer.attach(opt)`` saves and restores them with its own step hooks, any other one through a pair of
+global step hooks registered when something first freezes.
+
+A drop-in FFN: ``copy.deepcopy`` and pickling work at any time (``aux_loss`` and ``router_stats``, the
+last forward's outputs, are not copied: a copy starts as a layer that has not run forward); under
+``torch.autocast`` the experts compute in, and the output comes out in, the autocast dtype, as with
+``nn.Linear``; ``torch.compile(fullgraph=True)`` traces it (:func:`~cpd_fast.moe.experts.experts_torch`);
+``to_empty`` after meta-device init gives a layer with nothing frozen (then ``load_state_dict`` or
+:meth:`MoELayer.reset_parameters`).
 
 Growth (:meth:`MoELayer.add_experts`) replaces the stacked parameters by bigger ones. Attached
 optimizers are moved to the new parameters at once, their per-parameter state (Adam's moments)
@@ -35,6 +41,7 @@ from torch import nn
 from cpd_fast.errors import require_int
 
 from .experts import ACTIVATIONS, experts_torch
+from .freezing import FreezesExperts
 from .optim import REPLACED_TAG, AttachesOptimizers
 from .router import Router, RouterStats, Routing, fixed_route, load_balancing_loss, router_stats
 
@@ -42,6 +49,7 @@ Activation = Literal["gelu", "relu", "silu"]
 Backend = Literal["auto", "triton", "torch"]
 BACKENDS = ("auto", "triton", "torch")
 _SLOTS = ("w1", "b1", "w2", "b2", "gate.weight", "gate.bias")
+_AUTOCAST_ELIGIBLE = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def _is_int(v: Any) -> bool:
@@ -98,13 +106,25 @@ def _check_arguments(
     return d_model, d_hidden, num_experts, top_k
 
 
+def _autocast_dtype(x: torch.Tensor, param: torch.Tensor) -> torch.dtype | None:
+    """The dtype ``torch.autocast`` runs ``nn.Linear(x)`` in on x's device, or None where it does not apply
+    (autocast off, or float64 input or parameters, which autocast leaves alone)."""
+    dev = x.device.type
+    if dev not in ("cpu", "cuda") or not torch.is_autocast_enabled(dev):
+        return None
+    if x.dtype not in _AUTOCAST_ELIGIBLE or param.dtype not in _AUTOCAST_ELIGIBLE:
+        return None
+    return torch.get_autocast_dtype(dev)
+
+
 def _check_input(x: Any, param: torch.Tensor) -> None:
-    """``x`` fits the layer whose ``w1`` is ``param``: a tensor ``[..., d_model]`` of its dtype and device."""
+    """``x`` fits the layer whose ``w1`` is ``param``: a tensor ``[..., d_model]`` on its device, of its dtype
+    (any float16/bfloat16/float32 under ``torch.autocast``, as ``nn.Linear`` accepts)."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
     if x.dim() < 1 or x.shape[-1] != param.shape[2]:
         raise ValueError(f"x must have shape [..., {param.shape[2]}], got {tuple(x.shape)}")
-    if x.dtype != param.dtype:
+    if x.dtype != param.dtype and _autocast_dtype(x, param) is None:
         raise TypeError(f"x has dtype {x.dtype} but the layer's parameters are {param.dtype}")
     if x.device != param.device:
         raise ValueError(f"x is on {x.device} but the layer's parameters are on {param.device}")
@@ -122,15 +142,6 @@ def _check_experts(experts: Any, x: torch.Tensor) -> None:
         )
 
 
-def _expert_indices(indices: Any, num_experts: int) -> list[int]:
-    """``indices`` (an int or ints, negative from the end) as indices in ``[0, num_experts)``."""
-    idx = [indices] if isinstance(indices, int) else list(indices)
-    for i in idx:
-        if not isinstance(i, int) or not -num_experts <= i < num_experts:
-            raise IndexError(f"expert index {i!r} out of range for {num_experts} experts")
-    return [i % num_experts for i in idx]
-
-
 @torch.no_grad()
 def _init_experts(w1: Any, b1: Any, w2: Any, b2: Any, rows: slice) -> None:
     """nn.Linear's default init of the experts' ``rows``, expert by expert: U(-1/sqrt(fan_in), 1/sqrt(fan_in))
@@ -142,7 +153,7 @@ def _init_experts(w1: Any, b1: Any, w2: Any, b2: Any, rows: slice) -> None:
             b[rows].uniform_(-bound, bound)
 
 
-class MoELayer(AttachesOptimizers, nn.Module):
+class MoELayer(FreezesExperts, AttachesOptimizers, nn.Module):
     """Top-k Mixture-of-Experts FFN whose experts can be added, frozen and unfrozen at run time.
 
     Input ``[..., d_model]`` → output ``[..., d_model]``. After each forward: ``router_stats``
@@ -201,7 +212,8 @@ class MoELayer(AttachesOptimizers, nn.Module):
         )
         self.aux_loss: torch.Tensor | None = None
         self.router_stats: RouterStats | None = None
-        self._always: torch.Tensor | None = None  # experts routed for every token (always_route)
+        self._always_ids: tuple[int, ...] = ()  # experts routed for every token (always_route) ...
+        self._always: torch.Tensor | None = None  # ... and as a tensor on the parameters' device
         self._frozen_idx: torch.Tensor | None = None
         self._init_links()
 
@@ -212,13 +224,9 @@ class MoELayer(AttachesOptimizers, nn.Module):
         return self.w1.shape[0]
 
     @property
-    def gate_frozen(self) -> bool:
-        return not self.gate.weight.requires_grad
-
-    @property
     def always_routed(self) -> list[int]:
         """The experts set by :meth:`always_route` (empty when none)."""
-        return [] if self._always is None else self._always.tolist()
+        return list(self._always_ids)
 
     def extra_repr(self) -> str:
         return (
@@ -259,9 +267,9 @@ class MoELayer(AttachesOptimizers, nn.Module):
         else:
             self.aux_loss = stats.probs.sum() * 0.0
         self.tokens_per_expert = r.counts.detach()
-        # under torch.autocast the experts compute in its dtype, as nn.Linear does (the casts' backward
-        # brings the gradients back to the parameters' dtype)
-        dt = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+        # under torch.autocast the experts compute in its dtype and so does the output, as with nn.Linear
+        # (the casts' backward brings the gradients back to the parameters' dtype)
+        dt = _autocast_dtype(x, self.w1) or x.dtype
         w = tuple(None if p is None else p.to(dt) for p in (self.w1, self.b1, self.w2, self.b2))
         x2, r = x2.to(dt), r._replace(topk_p=r.topk_p.to(dt))
         if self._resolve_backend(x) == "triton":
@@ -269,7 +277,8 @@ class MoELayer(AttachesOptimizers, nn.Module):
         else:
             frozen = self.frozen_mask if self._frozen_idx is not None else None
             out = experts_torch(x2, *w, r, self.activation, frozen=frozen)
-        return out.to(x.dtype).reshape(*lead, self.d_model)
+        # .to(dt): under CUDA autocast the Triton path's sum over slots comes out float32
+        return out.to(dt).reshape(*lead, self.d_model)
 
     def _triton_experts(self, x2: torch.Tensor, w: tuple[torch.Tensor, ...], r: Routing) -> torch.Tensor:
         if not x2.is_cuda and os.environ.get("TRITON_INTERPRET", "0") != "1":
@@ -349,43 +358,37 @@ class MoELayer(AttachesOptimizers, nn.Module):
             raise ValueError(
                 f"always-routed experts leave {self.num_experts - len(idx)} experts for top_k={self.top_k}"
             )
+        self._always_ids = tuple(idx)
         self._always = torch.tensor(idx, dtype=torch.int64, device=self.w1.device) if idx else None
 
-    # -- freezing ------------------------------------------------------------------------------
+    # -- copies, devices, init (a drop-in nn.Module) ---------------------------------------------
 
-    def _refresh_frozen(self) -> None:
-        ids = self.frozen_mask.nonzero().squeeze(1).tolist()
-        self._frozen_idx = torch.tensor(ids, dtype=torch.long, device=self.w1.device) if ids else None
+    def __getstate__(self) -> dict:
+        # the last forward's outputs hold its autograd graph, which deepcopy and pickle refuse: a copy
+        # starts as a layer that has not run forward
+        return {**super().__getstate__(), "aux_loss": None, "router_stats": None}
 
-    def _frozen_values(self, held: set[int]) -> list[tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]]:
-        """(param, rows or None for all, saved values) for an attached optimizer holding ``held``."""
-        out = []
-        if self._frozen_idx is not None:
-            for p in (self.w1, self.b1, self.w2, self.b2):
-                if p is not None and id(p) in held:
-                    out.append((p, self._frozen_idx, p.detach().index_select(0, self._frozen_idx)))
-        if self.gate_frozen:
-            out += [(p, None, p.detach().clone()) for p in self.gate.parameters() if id(p) in held]
-        return out
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        self._refresh_frozen()  # a frozen copy is guarded too
 
-    def freeze_experts(self, indices) -> None:
-        """Freeze experts: exactly zero gradient rows; attached optimizers leave their rows unchanged."""
-        self.frozen_mask[_expert_indices(indices, self.num_experts)] = True
+    def _apply(self, fn, recurse=True):
+        # .to(), .cuda(), to_empty(), ...: the index tensors that are not buffers follow the parameters
+        was_meta = self.w1.is_meta
+        super()._apply(fn, recurse)
+        if was_meta and not self.w1.is_meta:
+            # to_empty from meta leaves the buffers uninitialised; a meta layer has nothing frozen, no counts
+            self.frozen_mask.zero_()
+            self.tokens_per_expert.zero_()
+        dev = self.w1.device
+        self._always = torch.tensor(self._always_ids, device=dev) if self._always_ids else None
         self._refresh_frozen()
+        return self
 
-    def unfreeze_experts(self, indices) -> None:
-        self.frozen_mask[_expert_indices(indices, self.num_experts)] = False
-        self._refresh_frozen()
-
-    def freeze_gate(self) -> None:
-        """The gate stops receiving gradient (``requires_grad=False``); attached optimizers keep it."""
-        for p in self.gate.parameters():
-            p.requires_grad_(False)
-            p.grad = None
-
-    def unfreeze_gate(self) -> None:
-        for p in self.gate.parameters():
-            p.requires_grad_(True)
+    def reset_parameters(self) -> None:
+        """Initialise every expert and the gate as in a new layer of this size (``nn.Linear``'s init)."""
+        _init_experts(self.w1, self.b1, self.w2, self.b2, slice(None))
+        self.gate.reset_parameters()
 
     # -- checkpoints ---------------------------------------------------------------------------
 

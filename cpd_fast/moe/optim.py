@@ -2,8 +2,10 @@
 
 :class:`OptimizerLink` is what :meth:`MoELayer.attach` returns: a step pre-hook saves the frozen
 experts' rows (and a frozen gate) of the parameters this optimizer holds, and a step post-hook
-writes them back, so weight decay and momentum from before the freeze cannot move them. Hooks are
-registered on that optimizer only (``Optimizer.register_step_pre_hook``), never globally.
+writes them back, so weight decay and momentum from before the freeze cannot move them; and the
+optimizer follows the layer's growth. Its hooks are registered on that optimizer only
+(``Optimizer.register_step_pre_hook``); optimizers that are not attached keep frozen rows still through
+the global hooks of :mod:`cpd_fast.moe.freezing`, but do not follow growth.
 :func:`swap_parameters` moves an optimizer from old parameters to their grown replacements, and
 :class:`AttachesOptimizers` is the layer's side of both.
 """
@@ -16,6 +18,8 @@ from typing import Any
 
 import torch
 
+from .freezing import Saved, restore_rows
+
 __all__ = ["REPLACED_TAG", "AttachesOptimizers", "OptimizerLink", "pad_state", "swap_parameters"]
 
 REPLACED_TAG = "_cpd_moe_replaced"  # set on a parameter when growth replaces it: (layer token, slot)
@@ -27,7 +31,7 @@ class OptimizerLink:
     def __init__(self, layer: Any, optimizer: torch.optim.Optimizer) -> None:
         self._layer = weakref.ref(layer)  # the optimizer's hooks must not keep the layer alive
         self._optimizer = weakref.ref(optimizer)
-        self._saved: list[tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]] = []
+        self._saved: Saved = []
         self._handles = [
             optimizer.register_step_pre_hook(self._before_step),
             optimizer.register_step_post_hook(self._after_step),
@@ -44,17 +48,13 @@ class OptimizerLink:
         held = {id(p) for g in optimizer.param_groups for p in g["params"]}
         self._saved = layer._frozen_values(held)
 
-    @torch.no_grad()
     def _after_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         saved, self._saved = self._saved, []
-        for param, idx, values in saved:
-            if idx is None:
-                param.copy_(values)
-            else:
-                param.index_copy_(0, idx, values)
+        restore_rows(saved)
 
     def remove(self) -> None:
-        """Remove the hooks; the optimizer no longer protects frozen rows or follows growth."""
+        """Remove the hooks: the optimizer stops following growth (the global guard of
+        :mod:`cpd_fast.moe.freezing` still keeps frozen rows still)."""
         for h in self._handles:
             h.remove()
         self._handles = []
