@@ -10,18 +10,66 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
 from typing import NoReturn
 
 from cpd_fast import __version__
-from cpd_fast.cli.demo import add_cli as add_demo_cli
-from cpd_fast.cli.distill import add_cli as add_distill_cli
-from cpd_fast.cli.envs import add_cli as add_envs_cli
-from cpd_fast.cli.report import add_cli as add_report_cli
-from cpd_fast.cli.run import add_cli as add_run_cli
-from cpd_fast.cli.teachers import add_cli as add_teachers_cli
-from cpd_fast.errors import format_error, printable, require_device
+from cpd_fast.errors import UserError, format_error, printable, require_device
 
-__all__ = ["build_parser", "main"]
+__all__ = ["RL_EXTRA", "build_parser", "main"]
+
+# The pipeline's dependencies, by import name: the [rl] extra. A core install (torch, numpy, triton: the model
+# and its kernels) lacks them; a command whose module needs one is still listed, and says what to install.
+RL_EXTRA = frozenset({"gymnasium", "metaworld", "envpool", "minari", "mujoco", "h5py", "tensorboard",
+                      "pydantic", "yaml", "rich", "tqdm", "matplotlib", "packaging"})  # fmt: skip
+INSTALL_RL = 'pip install "cpd_fast[rl]"'
+
+
+def _needs_rl(command: str, err: ModuleNotFoundError) -> Callable:
+    """The ``add_cli`` of ``command``, whose module could not be imported for want of the [rl] extra: the
+    command (with any arguments) fails with one line saying what to install. Any other missing module is
+    re-raised."""
+    if (err.name or "").split(".")[0] not in RL_EXTRA:
+        raise err
+    message = f"needs the pipeline's dependencies, not installed here (no module {err.name!r}): {INSTALL_RL}"
+
+    def fail(args: argparse.Namespace) -> int:
+        raise UserError(message)
+
+    def add_cli(subparsers) -> None:
+        # no options of its own ("\0" prefixes none): every argument after the command is taken as it is
+        p = subparsers.add_parser(command, help=f"(needs {INSTALL_RL})", add_help=False, prefix_chars="\0")
+        p.add_argument("args", nargs=argparse.REMAINDER)
+        p.set_defaults(func=fail)
+
+    return add_cli
+
+
+# each command's module imports what it runs: under a core install those of the pipeline fail to import
+try:
+    from cpd_fast.cli.demo import add_cli as add_demo_cli
+except ModuleNotFoundError as err:
+    add_demo_cli = _needs_rl("dpp-demo", err)
+try:
+    from cpd_fast.cli.envs import add_cli as add_envs_cli
+except ModuleNotFoundError as err:
+    add_envs_cli = _needs_rl("envs", err)
+try:
+    from cpd_fast.cli.teachers import add_cli as add_teachers_cli
+except ModuleNotFoundError as err:
+    add_teachers_cli = _needs_rl("teachers", err)
+try:
+    from cpd_fast.cli.distill import add_cli as add_distill_cli
+except ModuleNotFoundError as err:
+    add_distill_cli = _needs_rl("distill", err)
+try:
+    from cpd_fast.cli.report import add_cli as add_report_cli
+except ModuleNotFoundError as err:
+    add_report_cli = _needs_rl("report", err)
+try:
+    from cpd_fast.cli.run import add_cli as add_run_cli
+except ModuleNotFoundError as err:
+    add_run_cli = _needs_rl("run", err)
 
 
 class _Parser(argparse.ArgumentParser):
