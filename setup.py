@@ -18,7 +18,7 @@ except ImportError:  # pragma: no cover - exercised only on a machine without to
     sys.exit(
         "cpd_fast compiles against your installed torch, which was not found.\n"
         "Install torch first (CPU example: pip install torch==2.13.0), then build without isolation:\n"
-        '    pip install --no-build-isolation -e ".[dev]"'
+        '    pip install --no-build-isolation -e ".[rl,dev]"'
     )
 
 HERE = os.path.dirname(os.path.abspath(__file__))

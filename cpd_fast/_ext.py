@@ -8,7 +8,7 @@ import torch  # noqa: F401  (loads libc10/libtorch, which cpd_fast._C links agai
 
 REBUILD_HINT = (
     "Rebuild it against the torch you have installed:\n"
-    '    pip install --no-build-isolation -e ".[dev]"\n'
+    '    pip install --no-build-isolation -e ".[rl,dev]"\n'
     "(install torch first; add FORCE_CUDA=1 to build the CUDA kernels on a machine without a GPU)."
 )
 
