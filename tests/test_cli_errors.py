@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
+import enum
 import os
 import shutil
 import subprocess
@@ -53,8 +55,9 @@ def cpd(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
     return subprocess.run([*cmd, *args], capture_output=True, text=True, timeout=timeout)
 
 
-def _parser_with(option: str) -> list[list[str]]:
-    """Subcommand paths (``["distill"]``, ``["teachers", "train"]``) whose parser has ``option``."""
+def _options() -> list[tuple[list[str], argparse.ArgumentParser, argparse.Action]]:
+    """(subcommand path such as ``["teachers", "train"]``, its parser, the action) for every option and
+    argument of every command."""
     found = []
 
     def walk(parser: argparse.ArgumentParser, path: list[str]) -> None:
@@ -62,11 +65,16 @@ def _parser_with(option: str) -> list[list[str]]:
             if isinstance(action, argparse._SubParsersAction):
                 for name, sub in action.choices.items():
                     walk(sub, [*path, name])
-            elif option in action.option_strings:
-                found.append(path)
+            else:
+                found.append((path, parser, action))
 
     walk(build_parser(), [])
     return found
+
+
+def _parser_with(option: str) -> list[list[str]]:
+    """Subcommand paths (``["distill"]``, ``["teachers", "train"]``) whose parser has ``option``."""
+    return [path for path, _, action in _options() if option in action.option_strings]
 
 
 # ----------------------------------------------------------------------------- unknown names
@@ -419,4 +427,107 @@ def test_teachers_train_refuses_bad_ppo_settings_before_training(tmp_path, capsy
     for item in ppo:
         argv += ["--ppo", item]
     assert_one_line(argv, capsys, "cpd teachers train:", *fragments)
+    assert not (tmp_path / "r").exists()
+
+
+# ----------------------------------------------------------------------------- choices
+
+
+def _choice_options() -> list[tuple[list[str], argparse.ArgumentParser, argparse.Action]]:
+    """:func:`_options` with a fixed set of values (argparse ``choices``)."""
+    return [(p, parser, a) for p, parser, a in _options() if a.choices is not None and a.option_strings]
+
+
+CHOICE_OPTIONS = [(path, action.option_strings[-1]) for path, _, action in _choice_options()]
+
+
+def test_every_option_with_choices_lists_them_in_its_help(monkeypatch):
+    """``cpd distill --help`` once showed ``--method METHOD  default: cpd``: the choices were there but the
+    help hid them. Every option's own help block (its name and text) lists every choice."""
+    monkeypatch.setenv("COLUMNS", "400")  # no line wrapping inside a choice (online-ewc)
+    options = _choice_options()
+    assert {
+        ("distill", "--method"),
+        ("distill", "--precision"),
+        ("distill", "--eval-modes"),
+        ("run", "--methods"),
+        ("run", "--preset"),
+        ("teachers train", "--on-fail"),
+        ("teachers train", "--recipe"),
+    } <= {(" ".join(p), a.option_strings[-1]) for p, _, a in options}
+    for path, parser, action in options:
+        formatter = parser._get_formatter()
+        formatter.add_argument(action)
+        text = formatter.format_help()
+        missing = [c for c in action.choices if str(getattr(c, "value", c)) not in text]
+        assert not missing, (path, action.option_strings, missing, text)
+
+
+@pytest.mark.parametrize(
+    ("path", "option"), CHOICE_OPTIONS, ids=[" ".join([*p, o]) for p, o in CHOICE_OPTIONS]
+)
+def test_a_bad_choice_is_one_line_naming_every_choice(path, option, capsys):
+    action = next(a for p, _, a in _choice_options() if p == path and a.option_strings[-1] == option)
+    line = assert_one_line([*path, option, "no-such-choice"], capsys, f"argument {option}", "no-such-choice",
+                           prog=f"cpd {' '.join(path)}:")  # fmt: skip
+    for choice in action.choices:
+        assert repr(str(getattr(choice, "value", choice))) in line, (choice, line)
+
+
+def test_config_fields_with_fixed_values_are_choice_options():
+    """Every Literal field of DistillConfig gets its values as choices from its type (a new one too), and
+    the plain-string fields checked against a fixed set get theirs."""
+    import typing
+
+    from cpd_fast.cli.flags import field_choices
+    from cpd_fast.distill.config import DistillConfig
+    from cpd_fast.distill.methods import METHODS
+
+    distill = {a.dest: a for p, _, a in _choice_options() if p == ["distill"]}
+    hints = typing.get_type_hints(DistillConfig, include_extras=True)
+    literal = {name: field_choices(hint) for name, hint in hints.items() if field_choices(hint)}
+    assert {"lr_schedule", "loss_positions", "precision", "replay_selection", "replay_quality",
+            "eval_modes"} <= set(literal)  # fmt: skip
+    for name, values in literal.items():
+        assert list(distill[f"cfg_{name}"].choices) == list(values), name
+    assert list(distill["cfg_method"].choices) == list(METHODS)
+    assert list(distill["cfg_device"].choices) == ["cpu", "cuda"]
+
+
+class _Colour(enum.Enum):
+    RED = "red"
+    BLUE = "blue"
+
+
+@dataclasses.dataclass
+class _EnumConfig:
+    colour: _Colour = _Colour.RED
+
+
+def test_enum_fields_become_choice_options(capsys):
+    from cpd_fast.cli.flags import add_config_flags, flag_values
+
+    parser = argparse.ArgumentParser(prog="t")
+    fields = add_config_flags(parser, _EnumConfig)
+    assert "one of: red, blue (default: red)" in " ".join(parser.format_help().split())
+    assert flag_values(parser.parse_args(["--colour", "blue"]), fields) == {"colour": _Colour.BLUE}
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--colour", "green"])
+    assert "invalid choice: 'green' (choose from 'red', 'blue')" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("argv", "fragments"),
+    [
+        (["distill", "--set", "lr_schedule=cosin"], ("--lr-schedule", "'cosine' or 'constant'", "'cosin'")),
+        (["distill", "--set", "student.expert_routing=gated"], ("expert_routing must be one of", "'task'")),
+        (["distill", "--set", "method=pack-net"], ("unknown method 'pack-net'; choose one of cpd",)),
+        (["run", "--set", "gate.on_fail=ignore", "--print-config"], ("unknown gate.on_fail 'ignore'",
+                                                                       "retrain, demos, scripted, exclude")),
+        (["run", "--set", "distill.precision=fp16", "--print-config"], ("'fp32' or 'bf16'", "'fp16'")),
+    ],
+)  # fmt: skip
+def test_a_bad_value_of_a_key_with_choices_names_them(argv, fragments, tmp_path, capsys):
+    out = ["--out", str(tmp_path / "r")] if argv[0] == "distill" else []
+    assert_one_line([*argv, *out], capsys, *fragments)
     assert not (tmp_path / "r").exists()

@@ -4,8 +4,10 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 
 import pytest
+import yaml
 
 import cpd_fast.cli.distill
 import cpd_fast.cli.run
@@ -16,6 +18,7 @@ from cpd_fast.config import from_mapping, parse_set
 from cpd_fast.distill.config import DistillConfig
 from cpd_fast.errors import format_error
 from cpd_fast.pipeline import PipelineConfig, resolve_config
+from cpd_fast.pipeline.config import inactive_given
 from cpd_fast.teachers.ppo import RECIPES
 
 
@@ -189,3 +192,123 @@ def test_the_task_list_is_named_by_what_it_is():
     other = PipelineConfig(preset="quick", tasks=["push-v3", "reach-v3"], tasks_per_stage=1)
     assert other.distill_config("cpd").task_list_name() == "custom"
     assert DistillConfig(suite="mt25", tasks=list(SUITES["mt25"][:10])).task_list_name() == "mt25[:10]"
+
+
+# ----------------------------------------------------------------------------- settings that do not act
+
+ROUTED = ["--set", "student.expert_routing=task"]
+
+
+@pytest.mark.parametrize(
+    ("argv", "line"),
+    [
+        (
+            [*ROUTED, "--gate-bias", "-3"],
+            "cpd distill: --gate-bias does nothing in this run: the experts are task-routed "
+            "(student.expert_routing=task) and the gate never consulted, so a new expert's gate bias is "
+            "never read; drop it",
+        ),
+        (
+            [*ROUTED, "--set", "student.top_k=1"],
+            "cpd distill: --set student.top_k does nothing in this run: the experts are task-routed "
+            "(student.expert_routing=task) and the gate never consulted, so no top-k choice is made; drop it",
+        ),
+        (
+            [*ROUTED, "--no-phase2", "--set", "student.aux_loss_weight=0.1"],
+            "cpd distill: --set student.aux_loss_weight, --no-phase2 do nothing in this run: the experts are "
+            "task-routed (student.expert_routing=task) and the gate never consulted (--set "
+            "student.aux_loss_weight: there is no load-balancing loss; --no-phase2: a stage trains in one "
+            "phase, with no Phase 1/2 split); drop them",
+        ),
+        (
+            ["--method", "replay", "--replay-quality", "error"],
+            "cpd distill: --replay-quality does nothing in this run: replay is selected uniformly "
+            "(replay_selection=uniform), so there is no DPP selection for the error to weight; drop it",
+        ),
+    ],
+)
+def test_distill_refuses_a_setting_that_would_not_act(argv, line, tmp_path, capsys):
+    """``--gate-bias -3`` with task-routed experts once ran and recorded gate_bias -3: it is refused, by
+    name and with why, before anything is written (as a flag the method does not read is)."""
+    out = tmp_path / "r"
+    code = cli.main(["distill", "--tasks", "reach-v3", "push-v3", *argv, "--out", str(out)])
+    assert (code, capsys.readouterr().err.strip()) == (2, line)
+    assert not out.exists()
+
+
+def test_distill_runs_settings_that_act(monkeypatch, tmp_path):
+    seen = []
+    monkeypatch.setattr(
+        cpd_fast.cli.distill, "run_distill", lambda cfg, out, data_parallel=None: seen.append(cfg)
+    )
+    base = ["distill", "--tasks", "reach-v3", "push-v3", "--out", str(tmp_path / "r")]
+    for argv in (
+        ["--gate-bias", "-3", "--no-phase2"],  # the gate routes: they act
+        [*ROUTED, "--set", "student.adapter_rank=4", "--lr", "1e-3"],  # task routing, nothing inactive set
+        ["--method", "replay", "--replay-selection", "dpp", "--replay-quality", "error"],
+    ):
+        with pytest.raises(AttributeError):  # the stub returns None, which has no metrics(): it ran
+            cli.main(["--debug", *base, *argv])
+    assert [c.gate_bias for c in seen] == [-3.0, -5.0, -5.0]
+    # left at their defaults, the inactive ones are recorded as inactive and left out of the label
+    assert seen[1].inactive() == ["student.top_k", "student.aux_loss_weight", "gate_bias", "phase2",
+                                  "phase1_fraction", "route_new_experts"]  # fmt: skip
+
+
+def test_inactive_settings_are_recorded_beside_their_values_and_left_out_of_the_label():
+    routed = DistillConfig(student={"expert_routing": "task"}, gate_bias=-3.0, phase2=False)  # from Python
+    assert routed.label == "cpd (task-routed experts)"  # not "gate bias -3, no phase 2"
+    assert DistillConfig(gate_bias=-3.0).label == "cpd (gate bias -3)"  # the gate routes: it acts
+    record = routed.to_record()
+    assert record["inactive_settings"] == routed.inactive() and record["gate_bias"] == -3.0
+    assert DistillConfig.from_dict(record) == routed
+    assert DistillConfig(method="replay", replay_quality="error").label == "replay"
+    # top_k sizes a student whose first stage has fewer task experts than top_k: then it acts
+    one = DistillConfig(tasks=["reach-v3", "push-v3"], tasks_per_stage=1, student={"expert_routing": "task"})
+    assert (
+        "student.top_k" not in one.inactive() and "student.top_k" in one.replace(tasks_per_stage=2).inactive()
+    )
+
+
+def test_run_refuses_a_setting_that_would_act_in_no_method(tmp_path, capsys):
+    with pytest.raises(ValueError) as info:
+        resolve_config("mt25-plus", overrides={"distill": {"gate_bias": -3.0}})
+    assert str(info.value) == (
+        "distill.gate_bias does nothing in this run: the experts are task-routed "
+        "(student.expert_routing=task) and the gate never consulted, so a new expert's gate bias is never "
+        "read; drop it"
+    )
+    with pytest.raises(ValueError, match=r"per_method.cpd.route_new_experts does nothing in this run"):
+        resolve_config("mt25-plus", overrides={"per_method": {"cpd": {"route_new_experts": False}}})
+    code = cli.main(["run", "--preset", "mt25-plus", "--set", "distill.phase2=false", "--print-config"])
+    err = capsys.readouterr().err.strip()
+    assert (
+        code == 2 and err.startswith("cpd run: distill.phase2 does nothing in this run") and "\n" not in err
+    )
+    # acts in one of the methods: kept (cpd under the gate; finetune does not read it, which only warns)
+    resolve_config("quick", overrides={"distill": {"gate_bias": -3.0}})
+    assert resolve_config("mt25-plus", overrides={"methods": ["cpd", "replay"],
+                                                  "distill": {"replay_quality": "error"}})  # fmt: skip
+
+
+def test_presets_set_nothing_that_would_not_act_and_a_run_config_file_still_loads(tmp_path):
+    """A preset is held to the rule (every key it sets must act); a ``--config`` file only for values
+    other than the default, since a run's own config.yaml lists every value."""
+    from cpd_fast.pipeline import PRESETS
+
+    for name in PRESETS:
+        resolve_config(name)
+    full = resolve_config("mt25-plus").to_dict()  # as config.yaml holds it: gate_bias -5.0, top_k 2, ...
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(full))
+    assert resolve_config(config_file=str(path)).to_dict() == full
+    full["distill"]["gate_bias"] = -3.0
+    path.write_text(yaml.safe_dump(full))
+    with pytest.raises(
+        ValueError, match=rf"distill.gate_bias \(set in {re.escape(str(path))}\) does nothing"
+    ):
+        resolve_config(config_file=str(path))
+    # a preset that set one would be refused, naming the preset
+    layer = {"preset": "p", "distill": {"gate_bias": -5.0}}  # at its default: a preset is held to the rule
+    refusal = inactive_given(resolve_config("mt25-plus"), [(layer, " (set by the preset p)", True)])
+    assert refusal.startswith("distill.gate_bias (set by the preset p) does nothing in this run: the experts")

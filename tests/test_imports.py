@@ -44,6 +44,9 @@ LAYERS: dict[str, int] = {
     "cpd_fast.kernels": 1,
     "cpd_fast.dpp": 1,
     "cpd_fast.student.adapters": 1,
+    # what made a result (git commit, library versions, CPU): reads the package's __version__, so it sits
+    # beside the package itself; distill (results.json) and the pipeline (pipeline.json) record it
+    "cpd_fast.provenance": 1,
     # L2: task names, the one env factory
     "cpd_fast.tasks": 2,
     "cpd_fast.envs": 2,

@@ -3,7 +3,11 @@
 Every :class:`~cpd_fast.distill.config.DistillConfig` field is a flag, generated from the dataclass
 (``--steps-per-stage``, ``--no-freeze-shared``, ...), so a new field is one line there; the student's
 fields are set with ``--set student.d_model=192`` (values parsed as YAML). A flag the chosen method does not
-read (``--ewc-lambda`` with ``--method cpd``) is refused: it would be silently ignored.
+read (``--ewc-lambda`` with ``--method cpd``) is refused: it would be silently ignored. So is a setting that
+does not act in this run (``--gate-bias`` with task-routed experts,
+:meth:`~cpd_fast.distill.config.DistillConfig.inactive_reasons`): it would be recorded as if it had.
+Every flag with a fixed set of values lists them in ``--help`` (a ``Literal`` field's, or ``choices``
+below) and refuses another with one line naming them.
 """
 
 from __future__ import annotations
@@ -13,15 +17,18 @@ import os
 
 from cpd_fast.cli.flags import add_config_flags, flag_values
 from cpd_fast.config import from_mapping, merge, parse_set
-from cpd_fast.distill.config import EVAL_MODES, DistillConfig
+from cpd_fast.distill.config import DistillConfig, inactive_refusal
 from cpd_fast.distill.methods import METHODS
 from cpd_fast.distill.run import run_distill
+from cpd_fast.moe import BACKENDS as MOE_BACKENDS
+from cpd_fast.student.config import EXPERT_ROUTINGS, TASK_CONDITIONINGS
+from cpd_fast.tasks import SUITES
 
-__all__ = ["add_cli"]
+__all__ = ["add_cli", "student_choices"]
 
 _ALIASES = {"episodes_per_task": "episodes"}  # historical flag names
 _HELP = {
-    "suite": "mt10 | mt25 | mt50 | cw10",
+    "suite": f"task suite, one of: {', '.join(SUITES)} (or one -v3 task's name)",
     "tasks": "explicit task list (overrides --suite's tasks)",
     "tasks_per_stage": "tasks per stage (default 5, or 2 with --tasks)",
     "teachers": "'scripted', 'zoo' (the shipped RL teachers; 'zoo:NAME_OR_DIR' for another zoo) or a "
@@ -61,14 +68,15 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
         "seen task after each stage (Meta-World's official protocol) and writes RUN_DIR/results.json. A "
         "killed run resumes from its last finished phase when re-run with the same arguments.",
     )
+    # the Literal fields (lr_schedule, precision, eval_modes, ...) get their choices from their type; these
+    # are plain strings checked against a fixed set when the config is built
     fields = add_config_flags(
         p, DistillConfig, skip=("student",), aliases=_ALIASES, helps=_HELP,
-        choices={"method": METHODS, "device": ("cpu", "cuda"), "eval_modes": EVAL_MODES,
-                 "replay_selection": ("dpp", "uniform"), "lr_schedule": ("cosine", "constant"),
-                 "precision": ("fp32", "bf16")},
+        choices={"method": METHODS, "device": ("cpu", "cuda")},
     )  # fmt: skip
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
-                   help="any config key, dotted for the student: --set student.d_model=192")  # fmt: skip
+                   help="any config key, dotted for the student: --set student.d_model=192; the student's "
+                   "keys with fixed choices: " + student_choices())  # fmt: skip
     p.add_argument(
         "--ddp", action="store_true",
         help="data-parallel training over the processes torchrun starts (automatic under torchrun): "
@@ -78,10 +86,27 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_cli_distill, config_fields=fields)
 
 
+def student_choices(prefix: str = "student.") -> str:
+    """The student's fields with a fixed set of values (set with ``--set student.KEY=VALUE``; a plain
+    dataclass, checked by its ``__post_init__``), for ``--set``'s help."""
+    fixed = (("expert_routing", EXPERT_ROUTINGS), ("task_conditioning", TASK_CONDITIONINGS),
+             ("moe_backend", MOE_BACKENDS))  # fmt: skip
+    return "; ".join(f"{prefix}{k} ({' | '.join(v)})" for k, v in fixed)
+
+
+def _dotted(values: dict, prefix: str = "") -> list[str]:
+    """The dotted keys of the leaves of ``values``: ``{"student": {"top_k": 1}}`` -> ``["student.top_k"]``."""
+    out = []
+    for k, v in values.items():
+        out += _dotted(v, f"{prefix}{k}.") if isinstance(v, dict) and v else [f"{prefix}{k}"]
+    return out
+
+
 def _cli_distill(args: argparse.Namespace) -> int:
     # bad values raise ValueError/FileNotFoundError: cpd_fast.cli.main prints them as one line (exit 2)
     given = flag_values(args, args.config_fields)
     values = merge(parse_set(args.overrides), given)
+    named = {k: args.config_fields[k] if k in given else f"--set {k}" for k in _dotted(values)}  # user's
     values.setdefault("tasks_per_stage", 2 if values.get("tasks") else 5)
     if "eval_modes" in values:
         values["eval_modes"] = tuple(values["eval_modes"])
@@ -91,6 +116,9 @@ def _cli_distill(args: argparse.Namespace) -> int:
     if unused:
         shown = ", ".join(flags[k] for k in unused)
         raise ValueError(f"{shown}: not used by --method {cfg.method} (it would be ignored); drop it")
+    refusal = inactive_refusal(cfg, named)  # set by the user, and it would not act
+    if refusal:
+        raise ValueError(refusal)
     result = run_distill(cfg, args.out, data_parallel=True if args.ddp else None)
     if int(os.environ.get("RANK", "0")) != 0:  # data-parallel: rank 0 reports
         return 0

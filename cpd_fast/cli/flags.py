@@ -1,11 +1,16 @@
 """Command-line flags generated from a config dataclass (``cpd distill``'s, from
 :class:`~cpd_fast.distill.config.DistillConfig`): one flag per field, typed by the field's type, so a new
-field is a new flag and a bad number is a usage error before anything runs."""
+field is a new flag and a bad number is a usage error before anything runs.
+
+A field with a fixed set of values (a ``Literal`` or an ``Enum``, or ``choices`` given for a plain string
+checked against a fixed set) lists them in ``--help`` (``one of: cpd, finetune, ...``) and refuses another
+value with argparse's one line naming them (``invalid choice: 'x' (choose from ...)``)."""
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import enum
 import types
 import typing
 from collections.abc import Iterable
@@ -34,7 +39,7 @@ from cpd_fast.config import (
     Seed,
 )
 
-__all__ = ["add_config_flags", "flag_values"]
+__all__ = ["add_config_flags", "choice_keys", "field_choices", "flag_values"]
 
 
 def _flag_type(hint: Any) -> Any:
@@ -66,6 +71,49 @@ def _base(hint: Any) -> tuple[Any, bool]:
     return hint, False
 
 
+def field_choices(hint: Any) -> tuple[Any, ...] | None:
+    """The fixed values a config field of type ``hint`` takes (a ``Literal``'s, an ``Enum``'s members; for a
+    list, tuple or Optional, its item's), or None."""
+    kind, _ = _base(hint)
+    if typing.get_origin(kind) in (list, tuple):
+        kind = _base(typing.get_args(kind)[0])[0]
+    if typing.get_origin(kind) is typing.Literal:
+        return typing.get_args(kind)
+    if isinstance(kind, type) and issubclass(kind, enum.Enum):
+        return tuple(kind)
+    return None
+
+
+def choice_keys(cls: type, prefix: str = "") -> str:
+    """``"KEY (a | b); ..."`` for every field of config dataclass ``cls`` with fixed values
+    (:func:`field_choices`), for the help of an option that sets keys (``--set``, ``--ppo``)."""
+    hints = typing.get_type_hints(cls, include_extras=True)
+    out = []
+    for f in dataclasses.fields(cls):
+        allowed = field_choices(hints[f.name]) if f.init else None
+        if allowed:
+            out.append(f"{prefix}{f.name} ({' | '.join(map(_shown, allowed))})")
+    return "; ".join(out)
+
+
+def _enum_type(kind: type[enum.Enum]) -> Any:
+    """An argparse ``type`` reading an ``Enum`` member by its value, refusing others by name."""
+
+    def parse(text: str) -> enum.Enum:
+        for member in kind:
+            if str(member.value) == text:
+                return member
+        shown = ", ".join(repr(str(m.value)) for m in kind)
+        raise argparse.ArgumentTypeError(f"invalid choice: {text!r} (choose from {shown})")
+
+    parse.__name__ = kind.__name__
+    return parse
+
+
+def _shown(value: Any) -> str:
+    return str(value.value) if isinstance(value, enum.Enum) else str(value)
+
+
 def add_config_flags(
     parser: argparse.ArgumentParser,
     cls: type,
@@ -81,7 +129,9 @@ def add_config_flags(
 
     Defaults are ``None`` (argparse's "not given"), so :func:`flag_values` keeps only what the user set and
     the dataclass supplies the rest; the values are validated when the config is built. ``aliases`` maps a
-    field to its historical flag name (``episodes_per_task`` → ``--episodes``).
+    field to its historical flag name (``episodes_per_task`` → ``--episodes``). ``choices`` gives the fixed
+    values of a plain-string field; a ``Literal`` or ``Enum`` field's come from its type
+    (:func:`field_choices`). Either way ``--help`` lists them.
     """
     aliases, helps, choices = aliases or {}, helps or {}, choices or {}
     hints = typing.get_type_hints(cls, include_extras=True)
@@ -112,9 +162,14 @@ def add_config_flags(
             kind = item
         if kind in (int, float):
             kw["type"] = _flag_type(hints[f.name])
-        if f.name in choices:
-            kw["choices"] = list(choices[f.name])
-        shown = default if not isinstance(default, tuple | list) else " ".join(map(str, default))
+        allowed = list(choices[f.name]) if f.name in choices else list(field_choices(hints[f.name]) or ())
+        if allowed and isinstance(allowed[0], enum.Enum):
+            kw["type"] = _enum_type(type(allowed[0]))
+        if allowed:
+            kw["choices"] = allowed
+            listed = f"{'any' if 'nargs' in kw else 'one'} of: {', '.join(map(_shown, allowed))}"
+            help_text = f"{help_text}; {listed}" if help_text else listed
+        shown = _shown(default) if not isinstance(default, tuple | list) else " ".join(map(_shown, default))
         kw["help"] = f"{help_text} (default: {shown})" if help_text else f"default: {shown}"
         kw["help"] = kw["help"].replace("%", "%%")
         parser.add_argument(flag, **kw)

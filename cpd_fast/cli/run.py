@@ -8,9 +8,13 @@ import os
 
 import yaml
 
+from cpd_fast.cli.distill import student_choices
+from cpd_fast.cli.flags import choice_keys
 from cpd_fast.config import load_yaml, merge, parse_set
+from cpd_fast.distill.config import DistillConfig
 from cpd_fast.distill.methods import METHODS
 from cpd_fast.pipeline import PRESETS, resolve_config, run_pipeline
+from cpd_fast.teachers.gate import ON_FAIL
 from cpd_fast.teachers.jobs import BACKENDS
 from cpd_fast.teachers.provide import SOURCES
 
@@ -44,8 +48,11 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
     seeds.add_argument("--seeds", type=int, nargs="+", default=None, metavar="SEED",
                        help="one run per seed, one after another, in RUN_DIR/s<SEED>")  # fmt: skip
     p.add_argument("--device", choices=("cpu", "cuda"), default=None)
+    fixed = "; ".join([f"gate.on_fail ({' | '.join(ON_FAIL)})", choice_keys(DistillConfig, "distill."),
+                       student_choices("distill.student.")])  # fmt: skip
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
-                   help="override a config key, e.g. distill.steps_per_stage=500")  # fmt: skip
+                   help="override a config key, e.g. distill.steps_per_stage=500; keys with fixed "
+                   f"choices (besides the flags above): {fixed}")  # fmt: skip
     p.add_argument(
         "--out",
         default=None,

@@ -19,12 +19,13 @@ from cpd_fast.cli.checks import (
     positive_int,
     seed,
 )
+from cpd_fast.cli.flags import choice_keys
 from cpd_fast.config import from_mapping, parse_set
 from cpd_fast.data import collect_dataset
 from cpd_fast.errors import UserError
 from cpd_fast.fidelity import collection_backends
 from cpd_fast.runio import RunLock, read_json, write_json_atomic
-from cpd_fast.tasks import resolve_tasks
+from cpd_fast.tasks import SUITES, resolve_tasks
 from cpd_fast.teachers.base import make_teacher
 from cpd_fast.teachers.demos import DemoConfig
 from cpd_fast.teachers.gate import DEFAULT_THRESHOLD, ON_FAIL, evaluate_teacher, usable_teachers
@@ -95,7 +96,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     train.add_argument("--ppo", action="append", default=[], metavar="KEY=VALUE",
                        help="a PPOConfig field on top of the recipe, e.g. --ppo learning_rate=1e-4 "
                        "--ppo target_kl=0.02 --ppo backend=gymnasium (the simulator of every task "
-                       "trained)")  # fmt: skip
+                       f"trained); keys with fixed choices: {choice_keys(PPOConfig)}")  # fmt: skip
     train.add_argument("--demo", action="append", default=[], metavar="KEY=VALUE",
                        help="a DemoConfig field for ppo+demos (and --on-fail demos), e.g. "
                        "--demo bc_coef=0.5")  # fmt: skip
@@ -178,7 +179,8 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
 
 
 def _add_task_args(p: argparse.ArgumentParser, default_suite: str | None = "mt25") -> None:
-    p.add_argument("--suite", default=default_suite, help="task suite: mt10, mt25, mt50, cw10")
+    p.add_argument("--suite", default=default_suite,
+                   help=f"task suite, one of: {', '.join(SUITES)} (or one -v3 task's name)")  # fmt: skip
     p.add_argument("--tasks", nargs="+", default=None, help="explicit -v3 task names (override --suite)")
 
 

@@ -28,7 +28,16 @@ from cpd_fast.student import StudentConfig
 from cpd_fast.tasks import SUITES, stages
 from cpd_fast.workers import available_cores, core_share
 
-__all__ = ["ADDED_FIELDS", "EVAL_MODES", "RUNTIME_KEYS", "DistillConfig", "isolating"]
+__all__ = [
+    "ADDED_FIELDS",
+    "EVAL_MODES",
+    "INACTIVE_KEY",
+    "RUNTIME_KEYS",
+    "DistillConfig",
+    "config_values",
+    "inactive_refusal",
+    "isolating",
+]
 
 EVAL_MODES = ("inferred", "prototype")
 # keys that change how a run executes, not what it computes: a resumed run may change them (eval_modes
@@ -38,6 +47,8 @@ RUNTIME_KEYS = ("progress", "tensorboard", "threads", "device", "eval_modes", "e
 # whose saved config predates a field reads it as this value
 ADDED_FIELDS = {"packnet_retrain_fraction": 0.25}
 _DAGGER_FIELDS = ("dagger_rounds", "dagger_episodes", "dagger_beta")  # read only with dagger on
+# config.json's list of the settings that do not act (DistillConfig.inactive_reasons), beside the values
+INACTIVE_KEY = "inactive_settings"
 
 
 def _cpu_student() -> StudentConfig:
@@ -55,6 +66,31 @@ def _over_cpu_student(value: object) -> object:
 # a mapping (YAML, --set student.KEY=V, a partial config) sets fields of the default student, the one
 # _cpu_student() gives, not of StudentConfig() (a d_model-256, 3-block model no run here was sized for)
 DefaultStudent = Annotated[StudentConfig, BeforeValidator(_over_cpu_student)]
+
+
+def config_values(saved: dict) -> dict:
+    """A saved config's values: ``config.json`` (:meth:`DistillConfig.to_record`) without the
+    ``inactive_settings`` list, which is derived from them."""
+    return {k: v for k, v in saved.items() if k != INACTIVE_KEY} if isinstance(saved, dict) else saved
+
+
+def inactive_refusal(cfg: DistillConfig, given: dict[str, str]) -> str | None:
+    """The one-line refusal of settings the user gave that do not act in run ``cfg`` (None: all act).
+
+    ``given``: ``{dotted key: how the user named it}`` (``{"gate_bias": "--gate-bias"}``,
+    ``{"student.top_k": "distill.student.top_k"}``)."""
+    parts = cfg._inactive()
+    hit = [k for k in given if k in parts]
+    if not hit:
+        return None
+    if len(hit) == 1:
+        cause, effect = parts[hit[0]]
+        return f"{given[hit[0]]} does nothing in this run: {cause}, so {effect}; drop it"
+    by_cause: dict[str, list[str]] = {}
+    for k in hit:
+        by_cause.setdefault(parts[k][0], []).append(f"{given[k]}: {parts[k][1]}")
+    why = "; ".join(f"{cause} ({'; '.join(effects)})" for cause, effects in by_cause.items())
+    return f"{', '.join(given[k] for k in hit)} do nothing in this run: {why}; drop them"
 
 
 def isolating(config: dict) -> bool:
@@ -216,8 +252,9 @@ class DistillConfig:
     def label(self) -> str:
         """The method's name in results and reports, with every ablation that differs from the default
         (``cpd`` / ``cpd (no shared freeze)`` / ...): runs group by it, so ablations never pool as seeds.
-        Only the fields the method reads count (:meth:`Method.uses`)."""
-        d, uses = DistillConfig(), get_method(self.method).uses()
+        Only the fields the method reads count (:meth:`Method.uses`), and of those only the ones that act
+        (:meth:`inactive_reasons`)."""
+        d, uses = DistillConfig(), get_method(self.method).uses() - set(self.inactive())
         notes = []
         for key, note in (
             ("freeze_shared", lambda v: None if v else "no shared freeze"),
@@ -261,16 +298,54 @@ class DistillConfig:
         id** choosing the isolated part: an upper bound, not a continual-learning result."""
         return isolating(self.to_dict())
 
-    def inactive(self) -> list[str]:
-        """Settings (dotted keys) this configuration records but never acts on: with task-routed experts the
-        gate is never consulted, so the learned router's top-k, cold-start bias, load-balancing loss and
-        Phase 1/2 split do nothing. Results record them as inactive (``extra["inactive_settings"]``)."""
-        method, out = get_method(self.method), []
+    def inactive_reasons(self) -> dict[str, str]:
+        """Settings (dotted keys) this configuration holds but never acts on, each with why.
+
+        With task-routed experts the gate is never consulted, so the learned router's top-k (unless it
+        sizes the student: a first stage with fewer task experts than ``top_k``), its load-balancing loss,
+        a new expert's gate bias and cpd's Phase 1/2 split do nothing; with uniform replay selection,
+        ``replay_quality`` (which weights DPP's selection) does nothing.
+
+        **How such a setting is recorded (one design for every one of them).** Its value is kept as it is
+        (the run is rebuilt and resumed from these values, and a resumed run compares them) and its key is
+        listed beside it as inactive: ``inactive_settings`` in ``RUN/config.json`` (:meth:`to_record`) and
+        ``extra["inactive_settings"]`` in ``results.json``; :attr:`label` leaves it out, so a report never
+        names a setting that did not act. Set explicitly (a ``cpd distill`` flag, ``--set``, a preset or a
+        ``cpd run --config`` file that gives it another value than its default), it is refused before
+        anything runs (:func:`inactive_refusal`), as the method table refuses a flag its method does not
+        read.
+        """
+        return {key: f"{cause}, so {effect}" for key, (cause, effect) in self._inactive().items()}
+
+    def _inactive(self) -> dict[str, tuple[str, str]]:
+        """``{key: (why it cannot act, what it would have done)}``: :meth:`inactive_reasons`' parts."""
+        method, out = get_method(self.method), {}
         if self.student.expert_routing == "task":
-            out += ["student.top_k", "student.aux_loss_weight"]
+            routed = "the experts are task-routed (student.expert_routing=task) and the gate never consulted"
+            if self.student.top_k <= self._fewest_task_experts():
+                out["student.top_k"] = routed, "no top-k choice is made"
+            out["student.aux_loss_weight"] = routed, "there is no load-balancing loss"
             if method.expert_phases:
-                out += ["gate_bias", "phase2", "phase1_fraction", "route_new_experts"]
+                out["gate_bias"] = routed, "a new expert's gate bias is never read"
+                for key in ("phase2", "phase1_fraction"):
+                    out[key] = routed, "a stage trains in one phase, with no Phase 1/2 split"
+                out["route_new_experts"] = routed, "new experts are routed by their task"
+        if self.selection == "uniform":
+            uniform = "replay is selected uniformly (replay_selection=uniform)"
+            out["replay_quality"] = uniform, "there is no DPP selection for the error to weight"
         return out
+
+    def inactive(self) -> list[str]:
+        """The keys of :meth:`inactive_reasons`, in order."""
+        return list(self.inactive_reasons())
+
+    def _fewest_task_experts(self) -> int:
+        """Experts the student is born with for its tasks (growth only adds): the first stage's tasks for a
+        growing method, every task for the others (``top_k`` above it would raise the count)."""
+        method = get_method(self.method)
+        tasks = self.stage_tasks()
+        born = len(tasks[0]) if method.grows and not method.joint else sum(map(len, tasks))
+        return born * self.student.experts_per_task
 
     def unused(self, keys: list[str]) -> list[str]:
         """Those of ``keys`` (fields set by the user) that this run's method does not read."""
@@ -282,10 +357,15 @@ class DistillConfig:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    def to_record(self) -> dict:
+        """``RUN/config.json``: :meth:`to_dict` with the ``inactive_settings`` list beside the values (see
+        :meth:`inactive_reasons`); :func:`config_values` reads the values back."""
+        return {**self.to_dict(), INACTIVE_KEY: self.inactive()}
+
     @classmethod
     def from_dict(cls, d: dict) -> DistillConfig:
         """From a saved ``config.json`` (or any mapping); an unknown key is refused by name."""
-        return from_mapping(cls, d, "distill config")
+        return from_mapping(cls, config_values(d), "distill config")
 
     def replace(self, **changes: object) -> DistillConfig:
         return dataclasses.replace(self, **changes)

@@ -19,7 +19,7 @@ import re
 import shutil
 from collections.abc import Iterable
 
-from cpd_fast.distill.config import ADDED_FIELDS, DistillConfig
+from cpd_fast.distill.config import ADDED_FIELDS, DistillConfig, config_values
 from cpd_fast.errors import UserError
 from cpd_fast.runio import Ledger, read_json, write_json_atomic
 
@@ -41,7 +41,7 @@ def fork_stages(
     src, dst = os.fspath(src), os.fspath(dst)
     if os.path.exists(os.path.join(dst, "config.json")):
         raise UserError(f"{dst} already holds a run; fork into a new directory")
-    theirs = {**ADDED_FIELDS, **read_json(os.path.join(src, "config.json"))}
+    theirs = {**ADDED_FIELDS, **config_values(read_json(os.path.join(src, "config.json")))}
     mine, allowed = json.loads(json.dumps(cfg.to_dict())), set(differ)  # as config.json holds it
     odd = sorted(k for k in set(theirs) | set(mine) if theirs.get(k) != mine.get(k) and k not in allowed)
     if odd:

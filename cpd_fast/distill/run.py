@@ -36,7 +36,7 @@ import torch
 
 from cpd_fast import ddp
 from cpd_fast.data import ensure_dataset, load_teacher_data
-from cpd_fast.distill.config import ADDED_FIELDS, RUNTIME_KEYS, DistillConfig
+from cpd_fast.distill.config import ADDED_FIELDS, RUNTIME_KEYS, DistillConfig, config_values
 from cpd_fast.distill.dagger import Rounds
 from cpd_fast.distill.fork import FORK_FILE
 from cpd_fast.distill.methods import configure_phase, get_method, make_hook, phases_of
@@ -46,12 +46,14 @@ from cpd_fast.distill.windows import TaskSampler, WindowData, full_pool
 from cpd_fast.envs import collection_backends
 from cpd_fast.evalpool import TMP_PREFIX, EvalJob, EvalPool
 from cpd_fast.metrics import RunResult, matrix_to_json
+from cpd_fast.provenance import provenance
 from cpd_fast.replay import ReplaySet, select_replay
 from cpd_fast.runio import (
     Ledger,
     RunLock,
     RunLogger,
     check_same_config,
+    config_diff,
     load_torch_checked,
     read_json,
     save_torch_atomic,
@@ -60,7 +62,7 @@ from cpd_fast.runio import (
 from cpd_fast.student import Student
 from cpd_fast.teachers.gate import record_success, teacher_specs, trained_teachers
 
-__all__ = ["DistillRun", "collect_task_data", "run_distill"]
+__all__ = ["DistillRun", "collect_task_data", "finished_result", "run_distill"]
 
 
 log = logging.getLogger(__name__)
@@ -87,7 +89,12 @@ def run_distill(cfg: DistillConfig, run_dir: str | os.PathLike, data_parallel: b
 
     ``data_parallel``: train with DDP over the processes torchrun started (:mod:`cpd_fast.ddp`; default:
     when ``WORLD_SIZE > 1``). Rank 0 alone collects, evaluates and writes; every rank returns the result.
+    A finished run asked for again with the same config returns its stored result and writes nothing
+    (:func:`finished_result`).
     """
+    stored = finished_result(cfg, run_dir)
+    if stored is not None:
+        return stored
     dist = ddp.setup(cfg.device) if ddp.requested(data_parallel) else None
     try:
         if dist is not None and dist.device.type == "cuda":
@@ -97,6 +104,22 @@ def run_distill(cfg: DistillConfig, run_dir: str | os.PathLike, data_parallel: b
             return DistillRun(cfg, os.fspath(run_dir), dist).run()
     finally:
         ddp.teardown(dist)
+
+
+def finished_result(cfg: DistillConfig, run_dir: str | os.PathLike) -> RunResult | None:
+    """The stored result of ``run_dir`` when it is complete and was made with ``cfg`` (runtime-only keys
+    aside, but with the same ``eval_modes``: a run asked for more evaluates them); else None.
+
+    Read only: no lock is taken and no file is touched, so a re-run of a finished run leaves its
+    directory byte for byte as it was (its timing is not grown by the re-run's seconds)."""
+    saved = read_json(os.path.join(os.fspath(run_dir), "results.json"), None)
+    extra = saved.get("extra") if isinstance(saved, dict) else None
+    if not isinstance(extra, dict) or extra.get("complete") is not True or "config" not in extra:
+        return None
+    made, mine = {**ADDED_FIELDS, **config_values(extra["config"])}, cfg.to_dict()
+    if list(made.get("eval_modes", ())) != list(cfg.eval_modes) or config_diff(made, mine, RUNTIME_KEYS):
+        return None  # more evaluation to do, or another config: the run itself evaluates or refuses
+    return RunResult.from_json(saved)
 
 
 class DistillRun:
@@ -128,6 +151,13 @@ class DistillRun:
         self.seen: list[int] = []
         self.dagger: dict[int, list[dict]] = {}  # stage -> DAgger rounds' records
         self.global_step = 0
+        # what made this result: this invocation's record (set in run()) and the earlier ones of a
+        # resumed run (from its results.json), each once
+        self.provenance: dict[str, Any] = {}
+        stored = read_json(self.path("results.json"), {}).get("extra", {})
+        self.earlier_provenance = [
+            p for p in [*stored.get("earlier_provenance", []), stored.get("provenance")] if p
+        ]
         self.R_modes = {m: np.full((len(self.stages), len(self.tasks)), np.nan) for m in cfg.eval_modes}
 
     @contextlib.contextmanager
@@ -156,6 +186,7 @@ class DistillRun:
         threads = self.cfg.thread_count(local)
         if threads:
             torch.set_num_threads(threads)
+        self.provenance = provenance(self.cfg.device, self.cfg.precision)
         for stale in glob.glob(self.path(TMP_PREFIX + "*")) if self.main else []:  # a killed run's
             shutil.rmtree(stale, ignore_errors=True)
         self.check_config()
@@ -201,10 +232,10 @@ class DistillRun:
         """Write the resolved config first; a resumed run must match it (runtime-only keys aside)."""
         path, mine = self.path("config.json"), self.cfg.to_dict()
         if os.path.isfile(path):
-            saved = {**ADDED_FIELDS, **read_json(path)}
+            saved = {**ADDED_FIELDS, **config_values(read_json(path))}
             check_same_config(saved, mine, RUNTIME_KEYS, self.run_dir, "use a new --out")
         elif self.main:
-            write_json_atomic(path, mine)
+            write_json_atomic(path, self.cfg.to_record())  # the values, and which of them do not act
 
     def prepare_data(self) -> dict[str, float]:
         """Collect each task's dataset and record its teacher's success; load every transition as windows."""
@@ -431,7 +462,10 @@ class DistillRun:
                    "routing_within_stage": {str(k): v for k, v in self.routing_within.items()},
                    "cpu_s": None if self.cpu is None else {k: round(v, 1) for k, v in self.cpu.items()},
                    "cpu_time_s": None if self.cpu is None else round(sum(self.cpu.values()), 1),
-                   "forked_from": read_json(self.path(FORK_FILE), None)},
+                   "forked_from": read_json(self.path(FORK_FILE), None),
+                   "provenance": self.provenance,
+                   "earlier_provenance": [p for i, p in enumerate(self.earlier_provenance)
+                                          if p != self.provenance and p not in self.earlier_provenance[:i]]},
         )  # fmt: skip
 
 

@@ -5,6 +5,11 @@ A config is layered: preset, then ``--config FILE`` (a partial or a full config;
 anything else, values parsed as YAML). ``distill`` holds :class:`~cpd_fast.distill.config.DistillConfig`
 fields, ``ppo`` :class:`~cpd_fast.teachers.ppo.PPOConfig` fields; what a preset leaves out is their
 defaults, and the resolved config records every number, so a run states exactly what it did.
+
+A ``distill`` (or ``per_method``) setting that would act in none of the run's methods
+(:meth:`~cpd_fast.distill.config.DistillConfig.inactive_reasons`: ``gate_bias`` with task-routed experts)
+is refused when a preset or a flag sets it, or a ``--config`` file sets it to another value than its
+default (a run's own ``config.yaml`` lists every value, defaults included): :func:`inactive_given`.
 """
 
 from __future__ import annotations
@@ -31,7 +36,7 @@ from cpd_fast.config import (
     load_yaml,
     merge,
 )
-from cpd_fast.distill.config import DistillConfig
+from cpd_fast.distill.config import DistillConfig, inactive_refusal
 from cpd_fast.distill.methods import METHODS
 from cpd_fast.runio import config_diff as _config_diff
 from cpd_fast.tasks import resolve_tasks, stages
@@ -46,6 +51,7 @@ __all__ = [
     "GateSettings",
     "PipelineConfig",
     "config_diff",
+    "inactive_given",
     "load_preset",
     "resolve_config",
     "runtime_keys",
@@ -241,17 +247,62 @@ def resolve_config(
 ) -> PipelineConfig:
     """Preset (or ``base``, e.g. a run's saved config) <- ``config_file`` <- ``overrides``, validated.
 
-    The preset is ``preset``, else the config file's ``preset`` key, else ``quick``.
+    The preset is ``preset``, else the config file's ``preset`` key, else ``quick``. A setting that would
+    not act is refused (:func:`inactive_given`; ``base``, a run made already, is not checked).
     """
     file_d = load_yaml(config_file) if config_file else {}
+    preset_d: dict[str, Any] = {}
     if base is None:
-        base = load_preset(preset or file_d.get("preset") or "quick")
+        base = preset_d = load_preset(preset or file_d.get("preset") or "quick")
     elif preset:
-        base = load_preset(preset)
+        base = preset_d = load_preset(preset)
     d = merge(merge(base, file_d), overrides or {})
     if preset:
         d["preset"] = preset
-    return PipelineConfig.from_dict(d)
+    cfg = PipelineConfig.from_dict(d)
+    refusal = inactive_given(cfg, [
+        (preset_d, f" (set by the preset {preset_d.get('preset')})", True),
+        (file_d, f" (set in {config_file})", False),
+        (overrides or {}, "", True),
+    ])  # fmt: skip
+    if refusal:
+        raise ValueError(refusal)
+    return cfg
+
+
+def _leaves(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{dotted key: value}`` of the leaves of a nested mapping."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        out.update(_leaves(v, f"{prefix}{k}.") if isinstance(v, dict) and v else {f"{prefix}{k}": v})
+    return out
+
+
+def inactive_given(cfg: PipelineConfig, layers: list[tuple[dict[str, Any], str, bool]]) -> str | None:
+    """The one-line refusal of the ``distill`` / ``per_method`` settings the layers give that act in none
+    of the run's methods that read them (None: every one acts somewhere).
+
+    ``layers``: ``(a config layer, the note naming where it comes from, strict)``; a strict layer (a
+    preset, the flags) gives every key it holds, a lenient one (a ``--config`` file, which may be a run's
+    own config.yaml) only those whose value is not the default.
+    """
+    default = _leaves(json.loads(json.dumps(DistillConfig().to_dict())))
+    given: dict[tuple[str | None, str], str] = {}  # (per_method's method or None, key) -> its name
+    for layer, note, strict in layers:
+        sections = [(None, "distill", layer.get("distill"))]
+        sections += [(m, f"per_method.{m}", v) for m, v in (layer.get("per_method") or {}).items()]
+        for method, where, values in sections:
+            for key, value in _leaves(values if isinstance(values, dict) else {}).items():
+                if strict or json.loads(json.dumps(value)) != default.get(key):
+                    given[(method, key)] = f"{where}.{key}{note}"
+    for (method, key), name in given.items():
+        configs = [cfg.distill_config(m) for m in ([method] if method else cfg.methods)]
+        if any(key not in c.inactive() and not c.unused([key]) for c in configs):
+            continue  # it acts in one of the methods
+        idle = next((c for c in configs if key in c.inactive()), None)
+        if idle is not None:  # (read by no method at all: cpd_fast.cli.run warns about it)
+            return inactive_refusal(idle, {key: name})
+    return None
 
 
 def runtime_keys(saved: dict[str, Any], mine: dict[str, Any]) -> tuple[str, ...]:

@@ -48,10 +48,13 @@ def beside(config: dict[str, Any]) -> dict[str, Any]:
 
 
 def distill_method(config: dict[str, Any], method_dir: str) -> dict[str, Any]:
-    """One method's distillation (:func:`~cpd_fast.distill.run.run_distill`) and its headline metrics; a
+    """One method's distillation (:func:`~cpd_fast.distill.run.run_distill`), its headline metrics and
+    what made it (its results.json's provenance; None for a result older than that record); a
     module-level function so that a worker process can run it."""
-    m = run_distill(DistillConfig.from_dict(config), method_dir).metrics()
-    return {"acc": m.acc, "bwt": m.bwt, "forgetting": m.mean_forgetting, "relative": m.relative_performance}
+    result = run_distill(DistillConfig.from_dict(config), method_dir)
+    m = result.metrics()
+    return {"acc": m.acc, "bwt": m.bwt, "forgetting": m.mean_forgetting, "relative": m.relative_performance,
+            "provenance": result.extra.get("provenance")}  # fmt: skip
 
 
 def distill_side_by_side(

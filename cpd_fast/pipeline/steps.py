@@ -13,7 +13,10 @@ Steps, in order (each is skipped when a previous invocation finished it and its 
     report      RUN/report/             results.md, summary.json, heatmaps and bar charts
 
 Once a step runs, every later one runs too (cheaply: each skips its own finished work), so a redone step
-is never ignored downstream. Progress is recorded in ``RUN/pipeline.json`` (:class:`~cpd_fast.runio.Ledger`).
+is never ignored downstream. Progress is recorded in ``RUN/pipeline.json`` (:class:`~cpd_fast.runio.Ledger`),
+each step's record with what made it (``provenance``, :func:`cpd_fast.provenance.provenance`: a distillation's
+is its results.json's, the others' this process's, with ``precision`` None: they train no student), so a run
+resumed with other code says which steps which code made.
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ from cpd_fast.pipeline.parallel import (
     method_threads,
 )
 from cpd_fast.pipeline.rundir import CONFIG_FILE, prepare_run_dir, verify_run_dir
+from cpd_fast.provenance import provenance
 from cpd_fast.report import write_report
 from cpd_fast.runio import Ledger, RunLock, read_json
 from cpd_fast.teachers.gate import teacher_specs, trained_teachers
@@ -103,6 +107,8 @@ class Pipeline:
             record = fn() or {}
             record["time_s"] = round(time.perf_counter() - t0, 1)
             record["cpu_s"] = round(cpu_seconds() - c0, 1)  # this process's and its ended children's
+            if "provenance" not in record:  # (a distillation's comes with its result)
+                record["provenance"] = provenance(self.cfg.device, None)
             self.state.mark(name, record)
             self.console.print(f"    [green]done[/green] in {record['time_s']:.1f} s")
         return self.state.steps
