@@ -155,6 +155,10 @@ def test_per_method_settings_reach_their_method_only():
     assert "per_method" in cfg.to_dict() and "per_method" not in resolve_config("quick").to_dict()
     tuned = resolve_config("quick", overrides={"per_method": {"finetune": {"lr": 1e-4}}})
     assert tuned.distill_config("finetune").lr == 1e-4 and tuned.distill_config("cpd").lr == 5e-4
+    # a nested section merges key by key: one student field of one method keeps the preset's others
+    plus = resolve_config("mt25-plus", overrides={"per_method": {"cpd": {"student": {"adapter_rank": 4}}}})
+    student = plus.distill_config("cpd").student
+    assert student.adapter_rank == 4 and student.expert_routing == "task"
     with pytest.raises(ValueError, match="share its teachers and datasets"):
         resolve_config("quick", overrides={"per_method": {"cpd": {"episodes_per_task": 3}}})
     with pytest.raises(ValueError, match="ewc is not among this run's methods"):

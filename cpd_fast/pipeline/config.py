@@ -178,7 +178,7 @@ class PipelineConfig:
     ) -> DistillConfig:
         """The :class:`~cpd_fast.distill.config.DistillConfig` of one method of this run (``own``: with its
         ``per_method`` settings)."""
-        d = {**self.distill, **(self.per_method.get(method, {}) if own else {})}
+        d = merge(self.distill, self.per_method.get(method, {}) if own else {})  # nested: key by key
         # the report's title for the tasks: the suite, or the preset's name when the tasks are the preset's
         # own (None: DistillConfig names the list, e.g. "mt10" for MT25's first ten)
         own = self.tasks is None or self.tasks == load_preset(self.preset).get("tasks")
