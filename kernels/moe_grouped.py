@@ -19,33 +19,27 @@ without reading device memory; surplus programs exit at once.
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
+from .tuning import Tiles, dot_precision
+
 FWD1, FWD2, BWD_H, BWD_X = 0, 1, 2, 3
 ACTIVATIONS = {"gelu": 0, "relu": 1, "silu": 2}
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def _configs():
-    if INTERPRET:  # the interpreter is slow per program: one config, big-ish tiles
-        return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32})]
-    # Bounded list (no long first-call autotuning); 128x128 tiles reach tensor-core peak at LLM size,
-    # 64-row tiles waste less padding when an expert gets few tokens.
-    out = []
-    for bm, bn, bk, w, s in [
-        (128, 128, 64, 8, 3),
-        (128, 128, 32, 4, 4),
-        (128, 256, 64, 8, 3),
-        (64, 128, 64, 4, 4),
-        (64, 64, 64, 4, 3),
-        (128, 64, 64, 4, 4),
-    ]:
-        out.append(triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s))
-    return out
+# (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages), bounded lists (no long first-call autotuning). 128x128 tiles
+# reach tensor-core peak at LLM size, 64-row tiles waste less padding when an expert gets few tokens; the
+# FMA path (IEEE fp32) holds its operands in registers and takes small tiles. BWD_H's epilogue holds the H
+# and Z tiles next to the accumulator, where 128x128 tiles spill.
+TILES = Tiles(
+    names=("BLOCK_M", "BLOCK_N", "BLOCK_K"),
+    tensor_core=((128, 128, 64, 8, 3), (64, 128, 64, 8, 4), (128, 64, 64, 8, 4), (64, 64, 64, 4, 3)),
+    ieee=((64, 64, 16, 8, 3), (64, 64, 16, 4, 3), (32, 64, 16, 4, 3)),
+    interpret=(32, 32, 32),  # the interpreter is slow per program: one config, big-ish tiles
+    skip={("MODE", BWD_H): ((128, 128, 64, 8, 3),)},
+)
 
 
 @triton.jit
@@ -90,7 +84,12 @@ def find_tile(offs_ptr, E, pid_m, BLOCK_M: tl.constexpr):
     return expert, row0, row_end
 
 
-@triton.autotune(configs=_configs(), key=["K", "N", "MODE"], reset_to_zero=["dp_ptr"])
+@triton.autotune(
+    configs=TILES.configs(),
+    key=["K", "N", "MODE", "PREC"],
+    prune_configs_by={"early_config_prune": TILES.prune},
+    reset_to_zero=["dp_ptr"],
+)
 @triton.jit(do_not_specialize=["E", "M"])
 def _grouped_rows_kernel(
     a_ptr, a_idx_ptr, b_ptr, bias_ptr, p_ptr, out_row_ptr, out_ptr, out2_ptr, z_ptr, h_ptr, dp_ptr,
@@ -150,13 +149,6 @@ def _grouped_rows_kernel(
         tl.store(out_ptr + dst[:, None] * N + cols[None, :], acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-def _precision(dtype: torch.dtype) -> str:
-    # Match torch's matmul: fp32 uses TF32 only where torch would (allow_tf32), else IEEE fp32.
-    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
-        return "ieee"
-    return "tf32"
-
-
 def grouped_rows(
     mode: int,
     a: torch.Tensor,
@@ -208,7 +200,7 @@ def grouped_rows(
             h if h is not None else dummy, dp if dp is not None else dummy,
             offs, E, n_rows, K, N, a.stride(0), s_be, s_bk, s_bn,
             MODE=mode, ACT=ACTIVATIONS[activation], GATHER_A=a_idx is not None, HAS_BIAS=bias is not None,
-            PREC=_precision(dt),
+            PREC=dot_precision(dt),
         )  # fmt: skip
     if mode == FWD1:
         return out, out2

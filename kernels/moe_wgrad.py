@@ -16,25 +16,21 @@ import torch
 import triton
 import triton.language as tl
 
-from .moe_grouped import INTERPRET, _precision
+from .tuning import Tiles, dot_precision
+
+# (BLOCK_P, BLOCK_Q, BLOCK_R, warps, stages): the tensor-core paths' tiles and the FMA path's (IEEE fp32)
+# smaller ones, which keep the transposed A slice and the accumulator in registers.
+TILES = Tiles(
+    names=("BLOCK_P", "BLOCK_Q", "BLOCK_R"),
+    tensor_core=((128, 128, 64, 8, 3), (64, 128, 64, 8, 4), (128, 64, 32, 8, 4), (64, 64, 64, 4, 3)),
+    ieee=((64, 64, 16, 4, 3), (32, 64, 32, 4, 3), (32, 32, 32, 4, 3)),
+    interpret=(32, 32, 32),
+)
 
 
-def _configs():
-    if INTERPRET:
-        return [triton.Config({"BLOCK_P": 32, "BLOCK_Q": 32, "BLOCK_R": 32})]
-    return [
-        triton.Config({"BLOCK_P": bp, "BLOCK_Q": bq, "BLOCK_R": br}, num_warps=w, num_stages=s)
-        for bp, bq, br, w, s in [
-            (128, 128, 64, 8, 3),
-            (128, 128, 32, 4, 4),
-            (64, 128, 64, 4, 4),
-            (128, 64, 64, 4, 4),
-            (64, 64, 64, 4, 3),
-        ]
-    ]
-
-
-@triton.autotune(configs=_configs(), key=["P", "Q"])
+@triton.autotune(
+    configs=TILES.configs(), key=["P", "Q", "PREC"], prune_configs_by={"early_config_prune": TILES.prune}
+)
 @triton.jit(do_not_specialize=["E"])
 def _wgrad_kernel(
     a_ptr, a_idx_ptr, scale_ptr, b_ptr, b_idx_ptr, frozen_ptr, offs_ptr, dw_ptr, db_ptr,
@@ -124,7 +120,7 @@ def grouped_wgrad(
         b, b_idx if b_idx is not None else offs, frozen_u8, offs, dw, db if db is not None else dw,
         E, P, Q, a.stride(0), b.stride(0),
         GATHER_A=a_idx is not None, SCALE_A=scale is not None, GATHER_B=b_idx is not None,
-        HAS_BIAS=with_bias, PREC=_precision(a.dtype),
+        HAS_BIAS=with_bias, PREC=dot_precision(a.dtype),
     )  # fmt: skip
     return dw, db
 
