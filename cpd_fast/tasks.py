@@ -1,8 +1,10 @@
 """Meta-World task suites and their split into continual-learning stages.
 
 A *task* is a Meta-World v3 task name such as ``"reach-v3"``. A *suite* is an ordered list of tasks:
-``mt10``, ``mt25``, ``mt50`` (Meta-World's own ``MT10_V3`` / ``MT25_V3`` / ``MT50_V3`` order) and
-``cw10`` (Continual World's CW10 sequence renamed to v3), or any explicit list of task names.
+``mt10``, ``mt25`` (Meta-World's own ``MT10_V3`` / ``MT25_V3`` order), ``mt50`` (all 50 as a stream: MT25,
+then the other 25 in ``MT50_V3``'s order, :data:`MT50_STREAM`) and ``cw10`` (Continual World's CW10 sequence
+renamed to v3), or any explicit list of task names. :data:`MT50` is Meta-World's own ``MT50_V3`` order (the
+task index of datasets).
 
 The lists are hard-coded so that importing this module (and so the ``cpd`` CLI) never imports
 metaworld; ``tests/test_tasks.py`` checks them against metaworld's own dictionaries.
@@ -20,6 +22,7 @@ __all__ = [
     "MT10",
     "MT25",
     "MT50",
+    "MT50_STREAM",
     "SUITES",
     "resolve_tasks",
     "stages",
@@ -128,7 +131,12 @@ CW10: tuple[str, ...] = (
     "peg-unplug-side-v3",
 )
 
-SUITES: dict[str, tuple[str, ...]] = {"mt10": MT10, "mt25": MT25, "mt50": MT50, "cw10": CW10}
+# All 50 as a continual stream (``mt50``, 10 stages × 5): MT25 in its own order first (stages 0-4 are the
+# MT25 study), then the other 25 in MT50_V3's order (stages 5-9): an order nobody chose by hand, and one in
+# which MT50's first half is exactly MT25, so the two streams share their first five stages.
+MT50_STREAM: tuple[str, ...] = (*MT25, *(t for t in MT50 if t not in MT25))
+
+SUITES: dict[str, tuple[str, ...]] = {"mt10": MT10, "mt25": MT25, "mt50": MT50_STREAM, "cw10": CW10}
 
 _KNOWN_TASKS = frozenset(MT50)
 

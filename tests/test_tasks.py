@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from cpd_fast.tasks import CW10, MT10, MT25, MT50, SUITES, resolve_tasks, stages, validate_task
+from cpd_fast.tasks import CW10, MT10, MT25, MT50, MT50_STREAM, SUITES, resolve_tasks, stages, validate_task
 
 
 def test_hard_coded_lists_match_metaworld():
@@ -31,6 +31,14 @@ def test_suite_sizes_and_uniqueness():
         assert resolve_tasks(name) == list(SUITES[name])
     assert MT25[:10] == MT10
     assert MT25[-1] == "dial-turn-v3"
+
+
+def test_mt50_stream_is_mt25_then_the_other_25_in_mt50_order():
+    st = stages("mt50", 5)
+    assert len(st) == 10 and st[:5] == stages("mt25", 5)  # MT50's first half is the MT25 stream
+    rest = [t for s in st[5:] for t in s]
+    assert rest == [t for t in MT50 if t not in MT25] and set(MT50_STREAM) == set(MT50)
+    assert st[5] == ["assembly-v3", "bin-picking-v3", "box-close-v3", "button-press-v3", "coffee-push-v3"]
 
 
 def test_mt25_stages_are_five_by_five_in_order():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from types import SimpleNamespace
 
 import numpy as np
@@ -23,6 +24,7 @@ from cpd_fast.teachers.gate import load_teachers_json, usable_teachers
 from cpd_fast.teachers.ppo import train_ppo
 from cpd_fast.teachers.provide import provide, train_teachers
 from cpd_fast.teachers.scripted import ScriptedExpert
+from cpd_fast.teachers.zoo import zoo_records
 
 # One update of 8 envs x 16 steps: a deliberately under-trained teacher.
 UNDERTRAINED = tiny_ppo_config(total_steps=128)
@@ -121,17 +123,27 @@ def test_provide_scripted_measures_and_records(tmp_path):
 
 
 def test_provide_zoo_fills_a_gap_by_on_fail_and_refuses_one_it_would_train(tmp_path):
-    records = provide("zoo", ["reach-v3", "hammer-v3"], tmp_path / "run", gate_settings(on_fail="scripted"))
-    reach, hammer = records["reach-v3"], records["hammer-v3"]  # mt25 has no hammer-v3
-    assert (reach.source, reach.path, reach.status, reach.used) == ("zoo", "mt25", "ok", True)
+    shipped, _ = zoo_records()
+    zoo = tmp_path / "zoo"  # the shipped zoo's reach teacher alone: a zoo without hammer-v3
+    zoo.mkdir()
+    for name in ("reach-v3.pt", "reach-v3.pt.sha256"):
+        shutil.copy(os.path.join(os.path.dirname(shipped), name), zoo / name)
+    doc = json.load(open(shipped))
+    doc["teachers"] = {"reach-v3": doc["teachers"]["reach-v3"]}
+    json.dump(doc, open(zoo / "teachers.json", "w"))
+    records = provide(
+        "zoo", ["reach-v3", "hammer-v3"], tmp_path / "run", gate_settings(on_fail="scripted"), zoo=zoo
+    )
+    reach, hammer = records["reach-v3"], records["hammer-v3"]
+    assert (reach.source, reach.path, reach.status, reach.used) == ("zoo", str(zoo), "ok", True)
     assert reach.protocol == "official" and reach.threshold == 0.8
     assert hammer.source == "scripted" and hammer.flagged and hammer.path is None
     assert hammer.history[0]["source"] == "zoo" and hammer.history[1]["source"] == "scripted"
     settings = json.load(open(tmp_path / "run" / "teachers.json"))["settings"]
     assert settings["zoo"] == hammer.history[0]["missing_from"]
-    assert settings["zoo"].endswith(os.path.join("zoo", "mt25", "teachers.json"))
+    assert settings["zoo"] == str(zoo / "teachers.json")
     with pytest.raises(UserError, match=r"no teacher for hammer-v3.*gate.on_fail=retrain cannot train a zoo"):
-        provide("zoo", ["reach-v3", "hammer-v3"], tmp_path / "refused", gate_settings())
+        provide("zoo", ["reach-v3", "hammer-v3"], tmp_path / "refused", gate_settings(), zoo=zoo)
     with pytest.raises(UserError, match=r"holds reach-v3 below gate\.threshold 1; gate\.on_fail=demos"):
         provide("zoo", ["reach-v3"], tmp_path / "refused", gate_settings(threshold=1.0, on_fail="demos"))
     assert not (tmp_path / "refused" / "teachers.json").exists()

@@ -12,12 +12,21 @@ import torch
 
 from cpd_fast.cli import main
 from cpd_fast.errors import UserError
+from cpd_fast.evaluation import official_goals
+from cpd_fast.tasks import MT25, MT50
 from cpd_fast.teachers.base import make_teacher
 from cpd_fast.teachers.gate import teacher_specs
-from cpd_fast.teachers.records import load_teachers_json
-from cpd_fast.teachers.zoo import add_behaviour, shipped_zoos, zoo_dir, zoo_records, zoo_teacher
+from cpd_fast.teachers.records import evaluate_teacher, load_teachers_json
+from cpd_fast.teachers.zoo import (
+    add_behaviour,
+    measure_fresh_goals,
+    shipped_zoos,
+    zoo_dir,
+    zoo_records,
+    zoo_teacher,
+)
 
-REFERENCE = os.path.join(os.path.dirname(__file__), "data", "zoo_mt25_reference.npz")
+REFERENCE = os.path.join(os.path.dirname(__file__), "data", "zoo_reference.npz")
 
 
 def cpd(argv: list[str]) -> int:
@@ -27,14 +36,14 @@ def cpd(argv: list[str]) -> int:
         return exit_.code
 
 
-def test_mt25_zoo_is_shipped_and_complete_in_its_record():
-    assert "mt25" in shipped_zoos()
-    path, records = zoo_records("mt25")
+def test_the_zoo_is_shipped_and_complete_in_its_record():
+    assert "metaworld-v3" in shipped_zoos()
+    path, records = zoo_records("metaworld-v3")
     assert records, path
-    from cpd_fast.tasks import MT25
+    assert set(MT25) <= set(records)  # every MT25 task has a teacher
 
     for task, rec in records.items():
-        assert task in MT25 and rec.source == "zoo" and rec.used and rec.protocol == "official"
+        assert task in MT50 and rec.source == "zoo" and rec.used and rec.protocol == "official"
         assert rec.algorithm in ("ppo", "ppo+demos") and rec.env_steps > 0
         assert rec.success_rate >= 0.9 or rec.history[-1].get("scripted_success") is not None
         assert rec.history[-1]["command"].startswith("cpd teachers train --tasks " + task)
@@ -43,12 +52,12 @@ def test_mt25_zoo_is_shipped_and_complete_in_its_record():
 
 def test_every_shipped_teacher_matches_its_reference_actions_bit_for_bit():
     ref = np.load(REFERENCE)
-    _, records = zoo_records("mt25")
+    _, records = zoo_records("metaworld-v3")
     tasks = sorted(t for t, r in records.items() if r.used)
     have = sorted({k.split("/")[0] for k in ref.files})
     assert tasks == have, "regenerate with: python tests/data/make_zoo_reference.py"
     for task in tasks:
-        teacher = make_teacher("zoo", task)  # the default zoo is mt25
+        teacher = make_teacher("zoo", task)  # the default zoo is metaworld-v3
         out = teacher.action_mean(ref[f"{task}/obs"])
         assert out.dtype == np.float32 and out.shape == (32, 4)
         np.testing.assert_array_equal(out, ref[f"{task}/action"], err_msg=task)
@@ -56,7 +65,7 @@ def test_every_shipped_teacher_matches_its_reference_actions_bit_for_bit():
 
 
 def test_zoo_file_holds_the_actor_only():
-    path, records = zoo_records("mt25")
+    path, records = zoo_records("metaworld-v3")
     task, rec = next(iter(records.items()))
     payload = torch.load(os.path.join(os.path.dirname(path), rec.path), weights_only=True)
     assert payload["format"] == "cpd_fast.ppo_actor/1" and payload["task"] == task
@@ -65,12 +74,13 @@ def test_zoo_file_holds_the_actor_only():
 
 
 def test_teacher_specs_from_the_zoo_name_the_zoo():
-    _, records = zoo_records("mt25")
+    _, records = zoo_records("metaworld-v3")
     task = next(iter(records))
     spec = teacher_specs("zoo", [task])[task]
-    assert spec.source == "zoo" and spec.path == "mt25" and spec.goals == 50
-    assert spec.name(task) == f"zoo:mt25/{task}" and spec.success == records[task].success_rate
-    assert teacher_specs("zoo:mt25", [task])[task] == spec
+    assert spec.source == "zoo" and spec.path == "metaworld-v3" and spec.goals == 50
+    assert spec.name(task) == f"zoo:metaworld-v3/{task}" and spec.success == records[task].success_rate
+    assert teacher_specs("zoo:metaworld-v3", [task])[task] == spec
+    assert teacher_specs("zoo:mt25", [task])[task] == spec  # the zoo's former name resolves to it
 
 
 # ----------------------------------------------------------------------------- bad input
@@ -79,7 +89,7 @@ def test_teacher_specs_from_the_zoo_name_the_zoo():
 @pytest.fixture
 def small_zoo(tmp_path):
     """A copy of one shipped teacher as its own zoo directory."""
-    path, records = zoo_records("mt25")
+    path, records = zoo_records("metaworld-v3")
     task, rec = next(iter(records.items()))
     zoo = tmp_path / "zoo"
     zoo.mkdir()
@@ -93,7 +103,7 @@ def small_zoo(tmp_path):
 
 def test_unknown_zoo_and_missing_task(small_zoo, capsys):
     zoo, task, _ = small_zoo
-    with pytest.raises(UserError, match=r"no teacher zoo 'nosuch'.*shipped: .*mt25"):
+    with pytest.raises(UserError, match=r"no teacher zoo 'nosuch'.*shipped: .*metaworld-v3"):
         zoo_dir("nosuch")
     other = "push-wall-v3"
     with pytest.raises(
@@ -157,7 +167,7 @@ def test_run_with_a_zoo_gap_is_refused_before_anything_is_written(small_zoo, tmp
 
 def test_mt25_run_from_the_zoo_reaches_distillation_without_training(tmp_path):
     """`cpd run --preset mt25 --teachers zoo`, shrunk to two zoo tasks in two stages and a few steps."""
-    _, records = zoo_records("mt25")
+    _, records = zoo_records("metaworld-v3")
     tasks = [t for t, r in records.items() if r.used][:2]
     out = tmp_path / "run"
     tiny = ["distill.steps_per_stage=2", "distill.episodes_per_task=1", "distill.eval_goals=1",
@@ -171,7 +181,7 @@ def test_mt25_run_from_the_zoo_reaches_distillation_without_training(tmp_path):
     assert {t: r["source"] for t, r in gate["teachers"].items()} == dict.fromkeys(tasks, "zoo")
     assert not (out / "teachers").exists()  # nothing was trained
     manifest = json.load(open(out / "datasets" / f"{tasks[0]}.collected.json"))
-    assert manifest["spec"]["teacher"] == f"zoo:mt25/{tasks[0]}"
+    assert manifest["spec"]["teacher"] == f"zoo:metaworld-v3/{tasks[0]}"
     assert (out / "methods" / "cpd" / "results.json").is_file()
 
 
@@ -198,3 +208,37 @@ def test_a_behaviour_acts_for_another_task(small_zoo):
     )
     with pytest.raises(UserError, match="no teacher of its own for pick-place-v3"):
         add_behaviour(zoo, "push-v3", "pick-place-v3", why="a behaviour of a behaviour", eval_goals=2)
+
+
+def test_fresh_goals_are_measured_on_other_goal_sets_and_recorded(small_zoo, capsys):
+    """`cpd teachers eval --zoo Z --goal-seeds ... --record`: success on goal sets the teacher was not
+    selected on, stored as its record's fresh_goals with the measured file's checksum; the official set
+    is refused."""
+    zoo, task, file = small_zoo
+    before = load_teachers_json(zoo)[task]
+    fresh = measure_fresh_goals(zoo, task, (1, 2), eval_goals=3, eval_envs=3, record=False)
+    assert load_teachers_json(zoo)[task] == before  # not recorded
+    assert fresh["goal_seeds"] == [1, 2] and fresh["goals"] == 6 and len(fresh["success_rates"]) == 2
+    assert fresh["success_rate"] == pytest.approx(sum(fresh["success_rates"]) / 2, abs=1e-4)
+    direct = evaluate_teacher(zoo_teacher(task, zoo), task, num_goals=3, num_envs=3, goal_seed=2)
+    assert fresh["success_rates"][1] == direct["success_rate"]
+    assert official_goals(task, 1)[0] != official_goals(task, 0)[0]  # another goal set
+
+    assert cpd(["teachers", "eval", "--zoo", str(zoo), "--goal-seeds", "1", "2", "--goals", "3",
+                "--num-envs", "3", "--record"]) == 0  # fmt: skip
+    rec = load_teachers_json(zoo)[task]
+    assert {k: rec.fresh_goals[k] for k in ("goal_seeds", "success_rates")} == {
+        k: fresh[k] for k in ("goal_seeds", "success_rates")
+    }
+    assert rec.fresh_goals["sha256"] == open(f"{file}.sha256").read().split()[0]
+    capsys.readouterr()
+    for argv, why in [
+        (["--zoo", str(zoo), "--goal-seeds", "0", "1", "--record"], "not 0"),
+        (["--zoo", str(zoo), "--goal-seeds", "1", "1"], "distinct"),
+        (["--zoo", str(zoo), "--record"], "add --goal-seeds"),
+        (["--task", task, "--goal-seeds", "1"], "add --zoo"),
+    ]:
+        assert cpd(["teachers", "eval", *argv]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and why in err[0], err
+    assert load_teachers_json(zoo)[task] == rec  # nothing refused was written

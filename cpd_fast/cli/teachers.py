@@ -32,7 +32,14 @@ from cpd_fast.teachers.gate import DEFAULT_THRESHOLD, ON_FAIL, evaluate_teacher,
 from cpd_fast.teachers.jobs import BACKENDS
 from cpd_fast.teachers.ppo import RECIPES, PPOConfig, recipe_config
 from cpd_fast.teachers.provide import train_teachers
-from cpd_fast.teachers.zoo import add_teacher, zoo_records, zoo_teacher
+from cpd_fast.teachers.zoo import (
+    FRESH_GOAL_SEEDS,
+    add_teacher,
+    check_goal_seeds,
+    measure_fresh_goals,
+    zoo_records,
+    zoo_teacher,
+)
 
 __all__ = ["add_cli"]
 
@@ -122,7 +129,7 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
         "or optimizer), measures it with the official protocol and records it in ZOO/teachers.json with its "
         "provenance (from the run's curve.json / eval.json when given).",
     )
-    export.add_argument("--zoo", required=True, help="zoo directory (created), e.g. cpd_fast/zoo/mt25")
+    export.add_argument("--zoo", required=True, help="zoo directory (created), e.g. ZOO or cpd_fast/zoo/NAME")
     export.add_argument("--task", required=True)
     export.add_argument("--checkpoint", required=True, help="checkpoint.pt or policy.pt of the teacher")
     export.add_argument(
@@ -171,10 +178,19 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     ev.add_argument("--task", default=None, help="the task (with --zoo: only this one)")
     ev.add_argument("--checkpoint", default=None, help="policy.pt; omit with --source scripted")
     ev.add_argument("--source", choices=("checkpoint", "scripted"), default="checkpoint")
-    ev.add_argument("--zoo", default=None, help="re-measure a zoo's teachers (name, e.g. mt25, or directory)")
+    ev.add_argument("--zoo", default=None, help="re-measure a zoo's teachers (name or directory)")
     ev.add_argument("--out", default=None, help="with --zoo: write the measurements as JSON")
     ev.add_argument("--goals", type=positive_int, default=50)
     ev.add_argument("--num-envs", type=positive_int, default=10)
+    ev.add_argument(
+        "--goal-seeds", type=int, nargs="+", default=None, metavar="SEED",
+        help="with --zoo: measure on these MT1 goal sets (50 goals each) instead of the official one "
+        f"(seed 0), e.g. {' '.join(map(str, FRESH_GOAL_SEEDS))}: goals no teacher was selected on",
+    )  # fmt: skip
+    ev.add_argument(
+        "--record", action="store_true",
+        help="with --zoo --goal-seeds: store the result in the zoo's teachers.json (fresh_goals)",
+    )  # fmt: skip
     ev.set_defaults(func=_cli_eval)
 
 
@@ -317,7 +333,31 @@ def _cli_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _eval_fresh_goals(args: argparse.Namespace) -> int:
+    """``--zoo Z --goal-seeds ...``: each teacher on goal sets other than the one it was selected on."""
+    path, records = zoo_records(args.zoo)
+    tasks = [args.task] if args.task else [t for t, r in records.items() if r.used]
+    for t in tasks:
+        zoo_teacher(t, args.zoo)  # every file loads before anything runs
+    seeds = tuple(args.goal_seeds)
+    heads = " ".join(f"{'seed ' + str(s):>7}" for s in seeds)
+    print(f"{'task':<30} {'official':>8} {heads} {'mean':>6}")
+    out = {}
+    for t in tasks:
+        fresh = measure_fresh_goals(args.zoo, t, seeds, eval_goals=args.goals, eval_envs=args.num_envs,
+                                    record=args.record)  # fmt: skip
+        out[t] = {"official": records[t].success_rate, **fresh}
+        rates = " ".join(f"{r:>7.2f}" for r in fresh["success_rates"])
+        print(f"{t:<30} {records[t].success_rate:>8.2f} {rates} {fresh['success_rate']:>6.2f}", flush=True)
+    if args.out:
+        write_json_atomic(args.out, {"zoo": path, "goal_seeds": list(seeds), "teachers": out})
+    print(f"{len(tasks)} teachers of {path}" + (" (recorded as fresh_goals)" if args.record else ""))
+    return 0
+
+
 def _eval_zoo(args: argparse.Namespace) -> int:
+    if args.goal_seeds:
+        return _eval_fresh_goals(args)
     path, records = zoo_records(args.zoo)
     tasks = [args.task] if args.task else [t for t, r in records.items() if r.used]
     teachers = {t: zoo_teacher(t, args.zoo) for t in tasks}  # every file loads before anything runs
@@ -338,6 +378,13 @@ def _eval_zoo(args: argparse.Namespace) -> int:
 
 
 def _cli_eval(args: argparse.Namespace) -> int:
+    if (args.goal_seeds or args.record) and not args.zoo:
+        raise UserError("--goal-seeds / --record measure a zoo's teachers: add --zoo NAME")
+    if args.record and not args.goal_seeds:
+        seeds = " ".join(map(str, FRESH_GOAL_SEEDS))
+        raise UserError(f"--record stores fresh-goal results: add --goal-seeds, e.g. {seeds}")
+    if args.goal_seeds:
+        check_goal_seeds(args.goal_seeds, args.record)
     if args.zoo:
         if args.checkpoint or args.source != "checkpoint":
             raise UserError("--zoo measures the zoo's own teachers; drop --checkpoint / --source")

@@ -106,7 +106,7 @@ class PipelineConfig:
     tasks: list[Str] | None = None  # an explicit task list (then suite is ignored)
     tasks_per_stage: PositiveInt = 5
     teachers: Str = "scripted"  # scripted | ppo | zoo (trained RL teachers shipped with the package)
-    zoo: Str = "mt25"  # teachers == zoo: a shipped zoo's name or a zoo directory (cpd_fast.teachers.zoo)
+    zoo: Str = "metaworld-v3"  # teachers == zoo: a shipped zoo's name or a directory (cpd_fast.teachers.zoo)
     methods: list[Str] = field(default_factory=lambda: ["cpd"])
     seed: Seed = 0
     device: Str = "cpu"

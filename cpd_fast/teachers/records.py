@@ -57,6 +57,10 @@ class TeacherRecord:
         acts_as: the task whose policy acts for this task (None: its own). Set where tasks a task-free
             student cannot tell apart get one behaviour, their group's best (:func:`cpd_fast.teachers.zoo.
             add_behaviour`); written to ``teachers.json`` only when set.
+        fresh_goals: the teacher's success on goal sets it was not selected on (a teacher stopped at its
+            first measurement ≥ the bar on the official 50 goals reads high there): ``{"goal_seeds",
+            "success_rates", "success_rate" (their mean), "goals", "sha256", "date"}``
+            (:func:`cpd_fast.teachers.zoo.measure_fresh_goals`); written only when set.
     """
 
     task: str
@@ -74,12 +78,15 @@ class TeacherRecord:
     env_steps: int | None = None
     wall_time_s: float | None = None
     acts_as: str | None = None
+    fresh_goals: dict[str, Any] | None = None
 
     def to_json(self) -> dict[str, Any]:
-        """The record as ``teachers.json`` holds it (``acts_as`` only when set: files stay as they were)."""
+        """The record as ``teachers.json`` holds it (``acts_as`` / ``fresh_goals`` only when set: files stay
+        as they were)."""
         d = dataclasses.asdict(self)
-        if d["acts_as"] is None:
-            del d["acts_as"]
+        for key in ("acts_as", "fresh_goals"):
+            if d[key] is None:
+                del d[key]
         return d
 
 
@@ -95,10 +102,15 @@ def bar(summary: dict[str, Any], threshold: float) -> float:
     return threshold if expert is None else min(threshold, float(expert))
 
 
-def evaluate_teacher(teacher: Any, task: str, *, num_goals: int = 50, num_envs: int = 10) -> dict[str, Any]:
+def evaluate_teacher(
+    teacher: Any, task: str, *, num_goals: int = 50, num_envs: int = 10, goal_seed: int = 0
+) -> dict[str, Any]:
     """Official-protocol success of ``teacher.action_mean`` on ``task``: ``{"success_rate", "protocol",
-    "successes"}`` (``successes``: 0/1 per goal)."""
-    result = evaluate_official(teacher.action_mean, task, num_envs=num_envs, num_goals=num_goals)
+    "successes"}`` (``successes``: 0/1 per goal). ``goal_seed`` picks the 50-goal set (0: the official one,
+    the set teachers are selected on)."""
+    result = evaluate_official(
+        teacher.action_mean, task, num_envs=num_envs, num_goals=num_goals, goal_seed=goal_seed
+    )
     return {
         "success_rate": result.success_rate,
         "protocol": result.protocol,

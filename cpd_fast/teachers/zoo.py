@@ -5,14 +5,18 @@ record per task with ``source: "zoo"``, the policy file, its official success on
 algorithm that made it, its env steps, wall time, seed and the command that re-trains it) and one
 actor-only policy file per task (``<task>.pt`` + ``<task>.pt.sha256``: actor weights, observation
 normaliser and PPO config; no critic, no optimizer state — :func:`cpd_fast.teachers.ppo.export_policy`).
-The package ships ``mt25`` under ``cpd_fast/zoo/``; a zoo is named by that name or by its directory.
+The package ships one zoo, ``metaworld-v3``, under ``cpd_fast/zoo/``: a teacher per Meta-World v3 task it
+has one for, so ``--teachers zoo`` serves any suite (``mt10``, ``mt25``, ``mt50``, ``cw10``, a task list)
+whose tasks it covers; a zoo is named by that name (``mt25``, its name until 2026-12-07, still resolves to
+it) or by its directory. A record may also hold ``fresh_goals``: the teacher's success on goal sets it was not
+selected on (:func:`measure_fresh_goals`, ``cpd teachers eval --zoo Z --goal-seeds 1 2 3 --record``).
 
-* :func:`zoo_teacher` (= ``make_teacher("zoo", task, path="mt25")``) loads one teacher;
+* :func:`zoo_teacher` (= ``make_teacher("zoo", task)``) loads one teacher;
 * :func:`add_teacher` (= ``cpd teachers export``) exports a trained checkpoint into a zoo, measures it
   with the official protocol and records it;
 * :func:`add_behaviour` makes another task's teacher act for a task (``acts_as``): for tasks a task-free
   student cannot tell apart, one behaviour that does well on all of them (``bench/task_free/``);
-* ``cpd teachers eval --zoo mt25`` re-measures a whole zoo.
+* ``cpd teachers eval --zoo metaworld-v3`` re-measures a whole zoo.
 
 Every failure is one line naming the file and the remedy: an unknown zoo, a task the zoo lacks, a file
 whose bytes do not match its checksum or do not parse (truncated, corrupt), a policy whose observation or
@@ -35,10 +39,14 @@ from cpd_fast.teachers.ppo import export_policy
 from cpd_fast.teachers.records import TeacherRecord, bar, evaluate_teacher, load_teachers_json, passes
 
 __all__ = [
+    "ALIASES",
     "DEFAULT_ZOO",
+    "FRESH_GOAL_SEEDS",
     "ZOO_SOURCE",
     "add_behaviour",
     "add_teacher",
+    "check_goal_seeds",
+    "measure_fresh_goals",
     "missing_message",
     "shipped_zoos",
     "zoo_dir",
@@ -47,7 +55,8 @@ __all__ = [
     "zoo_teacher",
 ]
 
-DEFAULT_ZOO = "mt25"
+DEFAULT_ZOO = "metaworld-v3"
+ALIASES = {"mt25": DEFAULT_ZOO}  # the shipped zoo's former name, kept so older configs and scripts resolve
 ZOO_SOURCE = "zoo"  # TeacherRecord.source of a zoo teacher
 _REINSTALL = (
     "reinstall cpd_fast (pip install --force-reinstall cpd_fast) or re-export it with `cpd teachers export`"
@@ -71,6 +80,7 @@ def zoo_dir(zoo: str | os.PathLike = DEFAULT_ZOO) -> str:
     zoo = os.fspath(zoo)
     if os.path.isfile(os.path.join(zoo, "teachers.json")):
         return os.path.abspath(zoo)
+    zoo = ALIASES.get(zoo, zoo)
     if os.sep not in zoo and zoo in shipped_zoos():
         return os.path.join(_root(), zoo)
     shipped = ", ".join(shipped_zoos()) or "none"
@@ -208,6 +218,54 @@ def add_behaviour(
     _write_record(zoo, rec, {"zoo": os.path.basename(os.path.abspath(zoo)), "eval_goals": eval_goals,
                              "protocol": measured["protocol"]})  # fmt: skip
     return rec
+
+
+FRESH_GOAL_SEEDS = (1, 2, 3)  # MT1 goal seeds other than the official 0: three fresh 50-goal sets
+
+
+def check_goal_seeds(goal_seeds: Any, record: bool) -> tuple[int, ...]:
+    """``goal_seeds`` as ints: at least one, distinct, and (for a record) not 0, the official set."""
+    seeds = tuple(int(s) for s in goal_seeds)
+    if not seeds or len(set(seeds)) != len(seeds) or (record and 0 in seeds):
+        raise UserError(f"goal seeds must be distinct and, to be recorded, not 0 (the official set): {seeds}")
+    return seeds
+
+
+def measure_fresh_goals(
+    zoo: str | os.PathLike,
+    task: str,
+    goal_seeds: tuple[int, ...] = FRESH_GOAL_SEEDS,
+    *,
+    eval_goals: int = 50,
+    eval_envs: int = 10,
+    record: bool = True,
+) -> dict[str, Any]:
+    """``zoo``'s teacher of ``task`` on the goal sets of ``goal_seeds`` (the first ``eval_goals`` of each
+    set's 50): ``{"goal_seeds", "success_rates", "success_rate" (their mean), "goals", "sha256", "date"}``,
+    stored as its record's ``fresh_goals`` when ``record``.
+
+    A teacher kept at its first measurement at or above the bar on the official goals (seed 0) is measured
+    on the goals it was chosen on, so that figure reads high; a recorded measurement must be free of that
+    selection, so seed 0 is refused there."""
+    task, seeds = validate_task(task), check_goal_seeds(goal_seeds, record)
+    zoo = zoo_dir(zoo)
+    path, records = zoo_records(zoo)
+    rec = records.get(task)
+    if rec is None or not rec.used:
+        raise UserError(missing_message(path, records, [task]))
+    teacher = zoo_teacher(task, zoo)
+    rates = [
+        evaluate_teacher(teacher, task, num_goals=eval_goals, num_envs=eval_envs, goal_seed=s)["success_rate"]
+        for s in seeds
+    ]
+    fresh = {
+        "goal_seeds": list(seeds), "success_rates": rates, "success_rate": round(sum(rates) / len(rates), 4),
+        "goals": eval_goals * len(seeds), "sha256": file_sha256(os.path.join(zoo, rec.path)),
+        "date": time.strftime("%Y-%m-%d"),
+    }  # fmt: skip
+    if record:
+        _write_record(zoo, dataclasses.replace(rec, fresh_goals=fresh), {})
+    return fresh
 
 
 def _write_record(zoo: str, rec: TeacherRecord, fresh_settings: dict[str, Any]) -> None:
