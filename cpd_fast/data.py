@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import glob
+import hashlib
 import json
 import os
 import warnings
@@ -42,7 +43,9 @@ __all__ = [
     "collect_dataset",
     "dataset_files",
     "dataset_id",
+    "dataset_summary",
     "load_teacher_data",
+    "record_dataset",
     "verify_dataset_files",
 ]
 
@@ -327,6 +330,63 @@ def dataset_files(root: str | os.PathLike, task: str, namespace: str = DEFAULT_N
     top = os.path.join(root, dataset_id(task, namespace))
     paths = sorted(p for p in glob.glob(os.path.join(top, "**", "*"), recursive=True) if os.path.isfile(p))
     return {os.path.relpath(p, root): file_sha256(p) for p in paths}
+
+
+def dataset_summary(root: str | os.PathLike, task: str, namespace: str = DEFAULT_NAMESPACE) -> dict[str, Any]:
+    """What ``task``'s dataset under ``root`` holds: ``{"id", "episodes", "steps", "bytes", "success",
+    "content_sha256"}`` (``success``: the share of episodes in which the task succeeded).
+
+    ``content_sha256`` digests every episode's arrays in order (observations, actions, rewards,
+    terminations, truncations and the infos ``action_mean``, ``success``, ``task_id``, each with its dtype
+    and shape): two collections of the same data have the same digest whatever the files' metadata (HDF5
+    creation times, Minari's version), and any changed value changes it.
+    """
+    ds_id = dataset_id(task, namespace)
+    h, episodes, steps, succeeded = hashlib.sha256(), 0, 0, 0
+    with _datasets_root(root):
+        if ds_id not in minari.list_local_datasets():
+            raise FileNotFoundError(f"no Minari dataset {ds_id!r} under {os.fspath(root)!r}")
+        for ep in minari.load_dataset(ds_id).iterate_episodes():
+            arrays = [ep.observations, ep.actions, ep.rewards, ep.terminations, ep.truncations,
+                      ep.infos["action_mean"], ep.infos["success"], ep.infos["task_id"]]  # fmt: skip
+            for a in map(np.ascontiguousarray, arrays):
+                h.update(f"{a.dtype.str}{a.shape}".encode())
+                h.update(a.tobytes())
+            episodes, steps = episodes + 1, steps + len(ep.rewards)
+            succeeded += bool(np.asarray(ep.infos["success"]).any())
+    size = sum(
+        os.path.getsize(os.path.join(os.fspath(root), p)) for p in dataset_files(root, task, namespace)
+    )
+    return {"id": ds_id, "episodes": episodes, "steps": steps, "bytes": size,
+            "success": round(succeeded / max(episodes, 1), 4), "content_sha256": h.hexdigest()}  # fmt: skip
+
+
+def record_dataset(
+    manifest_path: str | os.PathLike, task: str, made_by: dict[str, Any], summary: dict
+) -> str:
+    """Enter ``task``'s dataset in a datasets manifest (``{"datasets": {task: {**made_by, **summary}}}``, a
+    file meant to be committed while the datasets are not) or verify it against its entry.
+
+    ``made_by``: what makes the data (teacher and its file's sha256, episodes, noise, seed, episode length,
+    env backend). An entry made the same way must hold the same ``content_sha256`` (:func:`dataset_summary`):
+    a regenerated dataset is identical or this raises ``ValueError`` naming both digests. Returns
+    ``"verified"``, ``"added"`` or ``"replaced"`` (made another way: the entry is rewritten).
+    """
+    manifest_path = os.fspath(manifest_path)
+    doc = read_json(manifest_path, {"datasets": {}})
+    old = doc["datasets"].get(task)
+    if old is not None and {k: old.get(k) for k in made_by} == made_by:
+        if old["content_sha256"] != summary["content_sha256"]:
+            raise ValueError(
+                f"{task}: the regenerated dataset differs from {manifest_path} (content sha256 "
+                f"{summary['content_sha256'][:12]}… against {old['content_sha256'][:12]}…) although it was "
+                "made the same way; float results can differ in the last bits on another CPU type"
+            )
+        return "verified"
+    doc["datasets"][task] = {**made_by, **summary}
+    doc["datasets"] = dict(sorted(doc["datasets"].items()))
+    write_json_atomic(manifest_path, doc)
+    return "added" if old is None else "replaced"
 
 
 def verify_dataset_files(manifest_path: str | os.PathLike) -> int:

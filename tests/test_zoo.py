@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from cpd_fast.cli import main
+from cpd_fast.data import load_teacher_data
 from cpd_fast.errors import UserError
 from cpd_fast.evaluation import official_goals
 from cpd_fast.tasks import MT25, MT50
@@ -242,3 +243,36 @@ def test_fresh_goals_are_measured_on_other_goal_sets_and_recorded(small_zoo, cap
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and why in err[0], err
     assert load_teachers_json(zoo)[task] == rec  # nothing refused was written
+
+
+def test_collect_from_a_zoo_records_and_verifies_a_datasets_manifest(small_zoo, tmp_path, capsys):
+    """`cpd teachers collect --zoo Z --manifest M`: a Minari dataset per task, entered in the manifest with
+    its size and content digest; collected again elsewhere it is verified identical; a manifest entry that
+    disagrees is one line naming both digests; a task the zoo lacks names the training command."""
+    zoo, task, _ = small_zoo
+    manifest = tmp_path / "datasets.json"
+    argv = ["teachers", "collect", "--zoo", str(zoo), "--tasks", task, "--episodes", "2", "--num-envs", "2",
+            "--max-episode-steps", "20", "--manifest", str(manifest)]  # fmt: skip
+    assert cpd([*argv, "--run-dir", str(tmp_path / "a")]) == 0
+    entry = json.load(open(manifest))["datasets"][task]
+    assert entry["teacher"] == f"zoo:{zoo}/{task}" and (entry["episodes"], entry["steps"]) == (2, 40)
+    assert entry["bytes"] > 0 and len(entry["content_sha256"]) == 64
+    assert "added" in capsys.readouterr().out
+    data = load_teacher_data([task], tmp_path / "a" / "datasets")  # what the digest covers, loaded back
+    assert len(data) == 40 and data.tasks == [task]
+
+    assert cpd([*argv, "--run-dir", str(tmp_path / "b")]) == 0  # regenerated elsewhere: the same data
+    assert "verified" in capsys.readouterr().out
+    assert json.load(open(manifest))["datasets"][task] == entry
+
+    doc = json.load(open(manifest))
+    doc["datasets"][task]["content_sha256"] = "0" * 64
+    json.dump(doc, open(manifest, "w"))
+    assert cpd([*argv, "--run-dir", str(tmp_path / "c")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "differs from" in err[0] and "000000000000" in err[0]
+
+    argv[argv.index(task)] = "push-wall-v3"
+    assert cpd([*argv, "--run-dir", str(tmp_path / "d")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no teacher for push-wall-v3" in err[0] and "cpd teachers train" in err[0]

@@ -21,22 +21,31 @@ from cpd_fast.cli.checks import (
 )
 from cpd_fast.cli.flags import choice_keys
 from cpd_fast.config import from_mapping, parse_set
-from cpd_fast.data import collect_dataset
+from cpd_fast.data import collect_dataset, dataset_summary, record_dataset
 from cpd_fast.errors import UserError
 from cpd_fast.fidelity import collection_backends
-from cpd_fast.runio import RunLock, read_json, write_json_atomic
+from cpd_fast.runio import RunLock, file_sha256, read_json, write_json_atomic
 from cpd_fast.tasks import SUITES, resolve_tasks
 from cpd_fast.teachers.base import make_teacher
 from cpd_fast.teachers.demos import DemoConfig
-from cpd_fast.teachers.gate import DEFAULT_THRESHOLD, ON_FAIL, evaluate_teacher, usable_teachers
+from cpd_fast.teachers.gate import (
+    DEFAULT_THRESHOLD,
+    ON_FAIL,
+    TeacherSpec,
+    evaluate_teacher,
+    teacher_specs,
+    usable_teachers,
+)
 from cpd_fast.teachers.jobs import BACKENDS
 from cpd_fast.teachers.ppo import RECIPES, PPOConfig, recipe_config
 from cpd_fast.teachers.provide import train_teachers
 from cpd_fast.teachers.zoo import (
+    DEFAULT_ZOO,
     FRESH_GOAL_SEEDS,
     add_teacher,
     check_goal_seeds,
     measure_fresh_goals,
+    zoo_dir,
     zoo_records,
     zoo_teacher,
 )
@@ -149,8 +158,11 @@ def _add_collect(sub: argparse._SubParsersAction) -> None:
     collect = sub.add_parser(
         "collect",
         help="roll out the gated teachers and store Minari datasets",
-        description="Rolls out each usable teacher from RUN_DIR/teachers.json (or --source scripted) and "
-        "writes one Minari dataset per task under RUN_DIR/datasets.",
+        description="Rolls out each usable teacher from RUN_DIR/teachers.json (or a teacher zoo, or the "
+        "scripted experts) and writes one Minari dataset per task under RUN_DIR/datasets (observations, "
+        "executed actions, teacher action means, rewards, successes; minari.load_dataset with "
+        "MINARI_DATASETS_PATH=RUN_DIR/datasets). --manifest records each dataset's size and content digest "
+        "in a file to commit, and verifies a regenerated dataset against it.",
     )
     _add_task_args(collect, default_suite=None)
     collect.add_argument("--run-dir", required=True)
@@ -160,6 +172,15 @@ def _add_collect(sub: argparse._SubParsersAction) -> None:
         default="gate",
         help="teachers from teachers.json (default) or the scripted experts",
     )
+    collect.add_argument(
+        "--zoo", nargs="?", const=DEFAULT_ZOO, default=None, metavar="ZOO",
+        help=f"the teachers of a zoo (name or directory; default {DEFAULT_ZOO}) instead of teachers.json",
+    )  # fmt: skip
+    collect.add_argument(
+        "--manifest", default=None, metavar="FILE",
+        help="datasets manifest (JSON): adds each task's episodes, steps, bytes and content sha256, or "
+        "verifies a dataset made the same way against its entry",
+    )  # fmt: skip
     collect.add_argument("--episodes", type=positive_int, default=50, help="episodes per task")
     collect.add_argument("--num-envs", type=positive_int, default=10)
     collect.add_argument(
@@ -259,49 +280,67 @@ def _cli_train(args: argparse.Namespace) -> int:
 
 
 def _cli_collect(args: argparse.Namespace) -> int:
-    usable = {}
-    if args.source == "gate":
+    if args.zoo is not None and args.source != "gate":
+        raise UserError("--zoo collects from the zoo's teachers; drop --source")
+    if args.zoo is not None:
+        _, records = zoo_records(args.zoo)
+        tasks = resolve_tasks(args.tasks or args.suite) if (args.tasks or args.suite) else list(records)
+        specs = teacher_specs(f"zoo:{args.zoo}", tasks)  # a task the zoo lacks: one line naming the command
+    elif args.source == "gate":
         usable = usable_teachers(args.run_dir)
         tasks = resolve_tasks(args.tasks or args.suite) if (args.tasks or args.suite) else list(usable)
         missing = [t for t in tasks if t not in usable]
         if missing:
             print(f"skipping tasks without a usable teacher (see teachers.json): {', '.join(missing)}")
         tasks = [t for t in tasks if t in usable]
+        specs = {t: TeacherSpec(usable[t].source, usable[t].path) for t in tasks}
     else:
         tasks = resolve_tasks(args.tasks or args.suite or "mt25")
+        specs = {t: TeacherSpec("scripted", None) for t in tasks}
     if not tasks:
         raise UserError(f"no usable teacher for the requested tasks in {args.run_dir}/teachers.json")
     collection_backends(args.fidelity)  # a missing or malformed report fails before the run is locked
     root = os.path.join(args.run_dir, "datasets")
     with RunLock(args.run_dir):  # one process writes a run directory at a time
-        _collect_all(args, tasks, usable, root)
+        _collect_all(args, specs, root)
     return 0
 
 
-def _collect_all(args: argparse.Namespace, tasks: list[str], usable: dict, root: str) -> None:
+def _teacher_sha256(spec: TeacherSpec, task: str) -> str | None:
+    """The sha256 of the file ``spec``'s teacher of ``task`` acts from (None: a scripted expert)."""
+    if spec.source == "zoo":
+        _, records = zoo_records(spec.path)
+        return file_sha256(os.path.join(zoo_dir(spec.path), records[task].path))
+    return file_sha256(spec.path) if spec.path else None
+
+
+def _collect_all(args: argparse.Namespace, specs: dict[str, TeacherSpec], root: str) -> None:
     # every teacher loads before any collection: a missing or mismatched checkpoint fails in seconds
-    teachers = {
-        t: make_teacher(usable[t].source, t, usable[t].path)
-        if args.source == "gate"
-        else make_teacher("scripted", t)
-        for t in tasks
-    }
+    teachers = {t: spec.make(t) for t, spec in specs.items()}
     backends = collection_backends(args.fidelity, teachers)  # a trained teacher: the simulator it trained in
     for task, teacher in teachers.items():
         t0 = time.perf_counter()
+        backend = backends.get(task, "envpool")
         ds = collect_dataset(
-            teacher,
-            task,
-            root,
-            episodes=args.episodes,
-            num_envs=args.num_envs,
-            noise_std=args.noise_std,
-            backend=backends.get(task, "envpool"),
-            seed=args.seed,
-            max_episode_steps=args.max_episode_steps,
-            overwrite=args.overwrite,
-        )
-        print(f"{task:<30} -> {ds} ({time.perf_counter() - t0:.1f} s)")
+            teacher, task, root, episodes=args.episodes, num_envs=args.num_envs, noise_std=args.noise_std,
+            backend=backend, seed=args.seed, max_episode_steps=args.max_episode_steps,
+            overwrite=args.overwrite, teacher_name=specs[task].name(task),
+        )  # fmt: skip
+        line = f"{task:<30} -> {ds} ({time.perf_counter() - t0:.1f} s)"
+        if args.manifest:
+            made_by = {
+                "teacher": specs[task].name(task), "teacher_sha256": _teacher_sha256(specs[task], task),
+                "episodes": args.episodes, "noise_std": args.noise_std, "seed": args.seed,
+                "max_episode_steps": args.max_episode_steps, "backend": backend,
+            }  # fmt: skip
+            summary = dataset_summary(root, task)
+            try:
+                verdict = record_dataset(args.manifest, task, made_by, summary)
+            except ValueError as err:
+                raise UserError(str(err)) from None
+            line += (f": {summary['episodes']} episodes, {summary['steps']} steps, "
+                     f"{summary['bytes'] / 2**20:.1f} MiB, {verdict} in {args.manifest}")  # fmt: skip
+        print(line, flush=True)
 
 
 def _cli_export(args: argparse.Namespace) -> int:
