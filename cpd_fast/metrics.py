@@ -78,13 +78,14 @@ def _as_stages(task_stage: Any, R: np.ndarray) -> np.ndarray:
 
 
 def stage_of_tasks(stages: Sequence[Sequence[str]]) -> dict[str, int]:
-    """Task → stage index map from a stage list such as ``cpd_fast.tasks.stages("mt25", 5)``."""
+    """Task → stage index map from a stage list such as ``cpd_fast.tasks.stages("mt25", 5)``: the last
+    stage that trains the task (a stream may revisit a task, ``cw20``; forgetting and BWT then count from
+    its last training). A task twice in one stage is refused."""
     out: dict[str, int] = {}
     for s, tasks in enumerate(stages):
-        for t in tasks:
-            if t in out:
-                raise ValueError(f"task {t!r} appears in more than one stage")
-            out[t] = s
+        if len(set(tasks)) != len(tasks):
+            raise ValueError(f"stage {s} holds a task twice: {list(tasks)}")
+        out.update(dict.fromkeys(tasks, s))
     return out
 
 

@@ -2,9 +2,9 @@
 
 A *task* is a Meta-World v3 task name such as ``"reach-v3"``. A *suite* is an ordered list of tasks:
 ``mt10``, ``mt25`` (Meta-World's own ``MT10_V3`` / ``MT25_V3`` order), ``mt50`` (all 50 as a stream: MT25,
-then the other 25 in ``MT50_V3``'s order, :data:`MT50_STREAM`) and ``cw10`` (Continual World's CW10 sequence
-renamed to v3), or any explicit list of task names. :data:`MT50` is Meta-World's own ``MT50_V3`` order (the
-task index of datasets).
+then the other 25 in ``MT50_V3``'s order, :data:`MT50_STREAM`), ``cw10`` (Continual World's CW10 sequence
+renamed to v3) and ``cw20`` (CW10 twice: every task revisited), or any explicit list of task names.
+:data:`MT50` is Meta-World's own ``MT50_V3`` order (the task index of datasets).
 
 The lists are hard-coded so that importing this module (and so the ``cpd`` CLI) never imports
 metaworld; ``tests/test_tasks.py`` checks them against metaworld's own dictionaries.
@@ -19,6 +19,7 @@ from cpd_fast.errors import require_int
 
 __all__ = [
     "CW10",
+    "CW20",
     "MT10",
     "MT25",
     "MT50",
@@ -136,7 +137,12 @@ CW10: tuple[str, ...] = (
 # which MT50's first half is exactly MT25, so the two streams share their first five stages.
 MT50_STREAM: tuple[str, ...] = (*MT25, *(t for t in MT50 if t not in MT25))
 
-SUITES: dict[str, tuple[str, ...]] = {"mt10": MT10, "mt25": MT25, "mt50": MT50_STREAM, "cw10": CW10}
+# Continual World CW20: CW10, then CW10 again (each task revisited once, in the same order).
+CW20: tuple[str, ...] = CW10 + CW10
+
+SUITES: dict[str, tuple[str, ...]] = {
+    "mt10": MT10, "mt25": MT25, "mt50": MT50_STREAM, "cw10": CW10, "cw20": CW20,
+}  # fmt: skip
 
 _KNOWN_TASKS = frozenset(MT50)
 
@@ -159,16 +165,20 @@ def validate_task(name: str) -> str:
     raise ValueError(f"unknown Meta-World v3 task {name!r}.{hint} (see cpd_fast.tasks.MT50 for all 50)")
 
 
-def resolve_tasks(suite: str | Sequence[str]) -> list[str]:
+def resolve_tasks(suite: str | Sequence[str], repeats: bool = False) -> list[str]:
     """Turn a suite name (``"mt25"``, case-insensitive) or an explicit list of task names into tasks.
 
-    A single task name (``"reach-v3"``) is accepted as a one-task suite. Duplicates are rejected
-    because a task must appear at most once in a continual sequence.
+    A single task name (``"reach-v3"``) is accepted as a one-task suite. By default the result is the
+    suite's distinct tasks in order of first appearance (what teachers, datasets and environments are made
+    for: ``cw20`` gives CW10's ten), and an explicit list naming a task twice is refused. With ``repeats``
+    the result is the stream as trained, revisits included (``cw20``: CW10 twice; an explicit list may
+    revisit a task too).
     """
     if isinstance(suite, str):
         key = suite.lower()
         if key in SUITES:
-            return list(SUITES[key])
+            tasks = list(SUITES[key])
+            return tasks if repeats else list(dict.fromkeys(tasks))
         if suite in _KNOWN_TASKS:
             return [suite]
         hint = _close_matches(key, list(SUITES)) or _close_matches(suite, MT50)
@@ -180,7 +190,7 @@ def resolve_tasks(suite: str | Sequence[str]) -> list[str]:
     if not tasks:
         raise ValueError("a suite needs at least one task")
     duplicates = sorted({t for t in tasks if tasks.count(t) > 1})
-    if duplicates:
+    if duplicates and not repeats:
         raise ValueError(f"duplicate tasks in suite: {', '.join(duplicates)}")
     return tasks
 
@@ -189,13 +199,21 @@ def stages(suite: str | Sequence[str], tasks_per_stage: int) -> list[list[str]]:
     """Split a suite into consecutive stages of ``tasks_per_stage`` tasks, keeping the suite's order.
 
     ``stages("mt25", 5)`` gives 5 stages of 5 tasks (stage s = tasks 5s..5s+4). The suite length must
-    be a multiple of ``tasks_per_stage`` so that every stage has the same size.
+    be a multiple of ``tasks_per_stage`` so that every stage has the same size. A task may return in a later
+    stage (``stages("cw20", 1)``: CW10, then CW10 again), not twice in one.
     """
-    tasks = resolve_tasks(suite)
+    tasks = resolve_tasks(suite, repeats=True)
     require_int("tasks_per_stage", tasks_per_stage)
     if len(tasks) % tasks_per_stage:
         raise ValueError(
             f"suite of {len(tasks)} tasks does not split into stages of {tasks_per_stage}; "
             f"choose a divisor of {len(tasks)}"
         )
-    return [tasks[i : i + tasks_per_stage] for i in range(0, len(tasks), tasks_per_stage)]
+    out = [tasks[i : i + tasks_per_stage] for i in range(0, len(tasks), tasks_per_stage)]
+    for s, stage in enumerate(out):
+        twice = sorted({t for t in stage if stage.count(t) > 1})
+        if twice:
+            raise ValueError(
+                f"stage {s} holds {', '.join(twice)} twice; a task may return in a later stage only"
+            )
+    return out

@@ -365,8 +365,8 @@ def test_executable_one_line_and_debug_traceback(tmp_path):
 
     r = cpd("distill", "--suite", "mt99", "--out", str(tmp_path / "d"))
     assert r.returncode == 2 and r.stderr.strip() == (
-        "cpd distill: unknown suite or task 'mt99'. Suites: mt10, mt25, mt50, cw10; or pass a list of -v3 "
-        "task names."
+        "cpd distill: unknown suite or task 'mt99'. Suites: mt10, mt25, mt50, cw10, cw20; or pass a list of "
+        "-v3 task names."
     )
     r = cpd("--debug", "distill", "--suite", "mt99", "--out", str(tmp_path / "d"))
     assert r.returncode != 0 and "Traceback (most recent call last)" in r.stderr

@@ -83,8 +83,9 @@ def test_compute_metrics_bundle():
 
 def test_stage_of_tasks_map_from_stages():
     assert stage_of_tasks([["a", "b"], ["c"]]) == {"a": 0, "b": 0, "c": 1}
-    with pytest.raises(ValueError, match="more than one stage"):
-        stage_of_tasks([["a"], ["a"]])
+    assert stage_of_tasks([["a"], ["b"], ["a"]]) == {"a": 2, "b": 1}  # a revisit: its last training
+    with pytest.raises(ValueError, match="stage 0 holds a task twice"):
+        stage_of_tasks([["a", "a"]])
     from cpd_fast.tasks import stages
 
     m = stage_of_tasks(stages("mt25", 5))

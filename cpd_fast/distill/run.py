@@ -6,7 +6,7 @@
     teachers (scripted or RUN/teachers.json) → dataset per task (Minari, shared via data_dir)
     teacher success per task (measured once, stored with its dataset) → RUN/teacher_success.json
     for stage s in stages:
-        grow (growing methods: one expert per new task)
+        grow (growing methods: one expert per new task; a revisited task (cw20) grows none and trains its own)
         for phase of the stage: configure what trains, train → checkpoints/stage{s}-{phase}.pt   (ledger)
         replay selection for the stage's tasks → replay/stage{s}.pt                              (ledger)
         evaluate every task seen so far → eval/stage{s}.json, results.json                        (ledger)
@@ -129,7 +129,8 @@ class DistillRun:
         self.cfg, self.run_dir, self.dist = cfg, run_dir, dist
         self.main = dist is None or dist.is_main  # the only process that writes the run directory
         self.method = get_method(cfg.method)
-        self.tasks = [t for s in cfg.stage_tasks() for t in s]
+        # the distinct tasks in order of first appearance (their ids); a stream may revisit a task (cw20)
+        self.tasks = list(dict.fromkeys(t for s in cfg.stage_tasks() for t in s))
         self.stages = [self.tasks] if self.method.joint else cfg.stage_tasks()
         self.task_index = {t: i for i, t in enumerate(self.tasks)}
         self.ledger = Ledger(self.path("progress.json"))
@@ -212,7 +213,7 @@ class DistillRun:
                     self.train(s, phase, steps, new_ids, new_experts, last=last, first=phase == phases[0][0])
                     if s > 0 and new_experts and not last:
                         self.record_routing(s, phase, new_ids)
-                self.seen += new_ids
+                self.seen += [t for t in new_ids if t not in self.seen]
                 self.routing[s] = routing_shares(self.student, self.data, self.seen, self.cfg.device)
                 if self.cfg.selection is not None and not self.method.joint:
                     self.select_replay(s, new_ids)
@@ -276,15 +277,18 @@ class DistillRun:
         return student.to(cfg.device)
 
     def grow(self, s: int, stage: list[str]) -> list[int]:
-        """Growing methods: one expert per new task (stage 0's are the ones it was born with)."""
+        """Growing methods: one expert per new task (stage 0's are the ones it was born with); the experts
+        the stage trains as its own: the new ones, and a revisited task's own (it grows nothing)."""
         if not self.method.grows:
             return []
         if s == 0:
             return list(range(self.student.num_experts))
         torch.manual_seed(phase_seed(self.cfg.seed, s, "grow"))
-        new = [e for _ in stage for e in self.student.add_task()]
+        ids = [self.task_index[t] for t in stage]
+        revisited = [e for i in ids if i < self.student.num_tasks for e in self.student.experts_of_task(i)]
+        new = [e for i in ids if i >= self.student.num_tasks for e in self.student.add_task()]
         self.student.to(self.cfg.device)
-        return new
+        return revisited + new
 
     def train(
         self,
@@ -300,8 +304,9 @@ class DistillRun:
         cfg, name = self.cfg, f"stage{s}/{phase}"
         ckpt = self.path("checkpoints", f"stage{s}-{phase}.pt")
         base, self.global_step = self.global_step, self.global_step + steps
+        # the stage's tasks train on all their data (a revisited task too), the others on their replay
         pools = {t: full_pool(self.data, t) for t in new_ids}
-        pools.update({t: (r.index, r.hist_start) for t, r in self.replay.items()})
+        pools.update({t: (r.index, r.hist_start) for t, r in self.replay.items() if t not in new_ids})
         # DAgger rounds in the phase that first trains the stage's new tasks
         rounds = Rounds(self, s, phase, steps, new_ids, pools) if cfg.dagger and first else None
         if name in self.ledger:
@@ -388,7 +393,7 @@ class DistillRun:
                 self.student.eval()
                 rows.update({m: {} for m in missing})
                 keys = [(t, m) for t in self.seen for m in missing]
-                for (t, m), r in zip(keys, self.evaluate_jobs(keys), strict=True):
+                for (t, m), r in zip(keys, self.evaluate_jobs(keys, s), strict=True):
                     rows[m][self.tasks[t]] = r.success_rate
                     self.eval_env_steps += int(r.episode_lengths.sum())
                     if self.cpu is not None:  # worker processes' CPU time (this process's is timed)
@@ -403,12 +408,13 @@ class DistillRun:
             for t, v in self.rows[m].items():
                 self.R_modes[m][s, self.task_index[t]] = v
 
-    def evaluate_jobs(self, keys: list[tuple[int, str]]) -> list[Any]:
-        """Official results of ``keys`` ((task id, mode) pairs), in order. A method that keeps one network
-        per stage (:attr:`MethodHook.stage_networks`: PackNet) evaluates each task with its stage's."""
+    def evaluate_jobs(self, keys: list[tuple[int, str]], s: int) -> list[Any]:
+        """Official results of ``keys`` ((task id, mode) pairs) after stage ``s``, in order. A method that
+        keeps one network per stage (:attr:`MethodHook.stage_networks`: PackNet) evaluates each task with
+        the network of the last stage so far that trained it."""
         cfg = self.cfg
         per_stage = self.hook is not None and self.hook.stage_networks
-        stage_of = {self.task_index[t]: i for i, st in enumerate(self.stages) for t in st}
+        stage_of = {self.task_index[t]: i for i, st in enumerate(self.stages[: s + 1]) for t in st}
         groups: dict[int, list[int]] = {}
         for i, (t, _) in enumerate(keys):
             groups.setdefault(stage_of[t] if per_stage else 0, []).append(i)
@@ -443,12 +449,12 @@ class DistillRun:
 
     def result(self, wall: float, complete: bool) -> Any:
         cfg, main_mode = self.cfg, self.cfg.eval_modes[0]
-        stage_of = {t: i for i, st in enumerate(self.stages) for t in st}
+        stage_of = {t: i for i, st in enumerate(self.stages) for t in st}  # a revisited task: its last
         return RunResult(
             suite=cfg.task_list_name(), method=cfg.label, seed=cfg.seed, tasks=self.tasks,
             task_stage=[stage_of[t] for t in self.tasks], success_matrix=self.R_modes[main_mode].tolist(),
             teacher_success=[self.teacher_success[t] for t in self.tasks], wall_time_s=wall,
-            extra={"complete": complete, "eval_mode": main_mode,
+            extra={"complete": complete, "eval_mode": main_mode, "stages": self.stages,
                    "isolates_tasks": cfg.isolates_tasks, "inactive_settings": cfg.inactive(),
                    "success_matrix_modes": {
                        m: matrix_to_json(M) for m, M in self.R_modes.items() if m != main_mode

@@ -40,12 +40,17 @@ def newborn_shares(result: Any) -> list[dict[str, Any]]:
     the experts born in that stage (``routing_shares``); runs older than the within-stage record give only
     ``"end"`` rows."""
     end, within = result.extra.get("routing", {}), result.extra.get("routing_within_stage", {})
-    stage_tasks: dict[int, list[str]] = {}
+    stage_tasks: dict[int, list[str]] = {}  # the tasks each stage introduces (a revisit introduces none)
+    first = {}
+    for s, stage in enumerate(result.extra.get("stages") or []):
+        first.update({t: s for t in stage if t not in first})
     for t, st in zip(result.tasks, result.task_stage, strict=True):
-        stage_tasks.setdefault(st, []).append(t)
+        stage_tasks.setdefault(first.get(t, st), []).append(t)
     rows = []
     for s in range(1, len(end)):
         born = range(len(next(iter(end[str(s - 1)].values()))), len(next(iter(end[str(s)].values()))))
+        if s not in stage_tasks:
+            continue  # no expert born: the stage only revisits tasks
         moments = {**within.get(str(s), {}), "end": end[str(s)]}
         for moment, shares in moments.items():
             row: dict[str, Any] = {"stage": s, "moment": moment, "newborn_experts": list(born)}

@@ -39,7 +39,7 @@ from cpd_fast.config import (
 from cpd_fast.distill.config import DistillConfig, inactive_refusal
 from cpd_fast.distill.methods import METHODS
 from cpd_fast.runio import config_diff as _config_diff
-from cpd_fast.tasks import resolve_tasks, stages
+from cpd_fast.tasks import stages
 from cpd_fast.teachers.gate import ON_FAIL
 from cpd_fast.teachers.jobs import BACKENDS
 from cpd_fast.teachers.ppo import PPOConfig
@@ -57,7 +57,8 @@ __all__ = [
     "runtime_keys",
 ]
 
-PRESETS = ("quick", "mt10", "mt25", "mt25-plus", "mt25-study")  # cpd_fast/presets/<name>.yaml
+# cpd_fast/presets/<name>.yaml
+PRESETS = ("quick", "mt10", "mt25", "mt25-plus", "mt25-study", "mt50", "cw10", "cw20")
 # DistillConfig fields the pipeline sets itself (from the top level, or per step)
 _OWNED = ("suite", "tasks", "tasks_per_stage", "method", "teachers", "fidelity", "seed", "device", "data_dir",
           "progress")  # fmt: skip
@@ -195,8 +196,9 @@ class PipelineConfig:
         return from_mapping(PPOConfig, {**self.ppo, "device": self.device, "seed": self.seed}, "ppo")
 
     def task_list(self) -> list[str]:
-        stages(self.tasks or self.suite, self.tasks_per_stage)  # validates the stage split
-        return resolve_tasks(self.tasks or self.suite)
+        """The run's distinct tasks in order of first appearance (a stream may revisit a task: cw20)."""
+        stream = stages(self.tasks or self.suite, self.tasks_per_stage)  # validates the stage split
+        return list(dict.fromkeys(t for stage in stream for t in stage))
 
     def unused_settings(self, given: dict[str, Any]) -> list[str]:
         """Settings the user gave (``given``: flags and --set keys) that this run does not use."""

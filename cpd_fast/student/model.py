@@ -316,6 +316,13 @@ class Student(PrototypeBank):
         )  # fmt: skip
         return torch.tanh(_full_precision(self.head(h))), z[:, -1]
 
+    def experts_of_task(self, task: int) -> list[int]:
+        """The experts task ``task`` owns (the layout of :func:`cpd_fast.student.routing.task_experts`)."""
+        require_int("task", task, 0)
+        if task >= self.num_tasks:
+            raise ValueError(f"task {task} is not one of this student's {self.num_tasks} tasks")
+        return self.task_experts(torch.tensor([task]), "last")[0].tolist()
+
     # -- growth ----------------------------------------------------------------------------------
 
     @torch.no_grad()
