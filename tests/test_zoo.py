@@ -276,3 +276,16 @@ def test_collect_from_a_zoo_records_and_verifies_a_datasets_manifest(small_zoo, 
     assert cpd([*argv, "--run-dir", str(tmp_path / "d")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "no teacher for push-wall-v3" in err[0] and "cpd teachers train" in err[0]
+
+
+def test_the_committed_zoo_table_is_the_zoos_record():
+    """bench/zoo_table.md (quoted in docs/teachers.md) is what `python bench/zoo_table.py` makes of the
+    shipped teachers.json: a teacher added or re-measured without regenerating it fails here."""
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run([sys.executable, os.path.join(root, "bench", "zoo_table.py"), "--out", "-"],
+                         capture_output=True, text=True, check=True, cwd=root).stdout  # fmt: skip
+    committed = open(os.path.join(root, "bench", "zoo_table.md"), encoding="utf-8").read()
+    assert committed.endswith(out), "regenerate with: python bench/zoo_table.py"
