@@ -37,6 +37,7 @@ __all__ = [
     "config_values",
     "inactive_refusal",
     "isolating",
+    "saved_config",
 ]
 
 EVAL_MODES = ("inferred", "prototype")
@@ -72,6 +73,13 @@ def config_values(saved: dict) -> dict:
     """A saved config's values: ``config.json`` (:meth:`DistillConfig.to_record`) without the
     ``inactive_settings`` list, which is derived from them."""
     return {k: v for k, v in saved.items() if k != INACTIVE_KEY} if isinstance(saved, dict) else saved
+
+
+def saved_config(saved: dict) -> dict:
+    """A saved config (``config.json``, a result's ``extra.config``) as this version compares it with a run's:
+    its values (:func:`config_values`), with each field added since at the value that reproduces what the run
+    did (:data:`ADDED_FIELDS`)."""
+    return {**ADDED_FIELDS, **config_values(saved)}
 
 
 def inactive_refusal(cfg: DistillConfig, given: dict[str, str]) -> str | None:

@@ -19,9 +19,9 @@ import re
 import shutil
 from collections.abc import Iterable
 
-from cpd_fast.distill.config import ADDED_FIELDS, DistillConfig, config_values
+from cpd_fast.distill.config import DistillConfig, saved_config
 from cpd_fast.errors import UserError
-from cpd_fast.runio import Ledger, read_json, write_json_atomic
+from cpd_fast.runio import Ledger, config_diff, read_json, write_json_atomic
 
 __all__ = ["FORK_FILE", "fork_stages"]
 
@@ -41,9 +41,9 @@ def fork_stages(
     src, dst = os.fspath(src), os.fspath(dst)
     if os.path.exists(os.path.join(dst, "config.json")):
         raise UserError(f"{dst} already holds a run; fork into a new directory")
-    theirs = {**ADDED_FIELDS, **config_values(read_json(os.path.join(src, "config.json")))}
+    theirs = saved_config(read_json(os.path.join(src, "config.json")))
     mine, allowed = json.loads(json.dumps(cfg.to_dict())), set(differ)  # as config.json holds it
-    odd = sorted(k for k in set(theirs) | set(mine) if theirs.get(k) != mine.get(k) and k not in allowed)
+    odd = config_diff(theirs, mine, allowed)
     if odd:
         raise UserError(
             f"cannot fork {src}: its config differs in {', '.join(odd)} (allowed: {sorted(allowed)})"

@@ -36,7 +36,7 @@ import torch
 
 from cpd_fast import ddp
 from cpd_fast.data import ensure_dataset, load_teacher_data
-from cpd_fast.distill.config import ADDED_FIELDS, RUNTIME_KEYS, DistillConfig, config_values
+from cpd_fast.distill.config import RUNTIME_KEYS, DistillConfig, saved_config
 from cpd_fast.distill.dagger import Rounds
 from cpd_fast.distill.fork import FORK_FILE
 from cpd_fast.distill.methods import configure_phase, get_method, make_hook, phases_of
@@ -116,7 +116,7 @@ def finished_result(cfg: DistillConfig, run_dir: str | os.PathLike) -> RunResult
     extra = saved.get("extra") if isinstance(saved, dict) else None
     if not isinstance(extra, dict) or extra.get("complete") is not True or "config" not in extra:
         return None
-    made, mine = {**ADDED_FIELDS, **config_values(extra["config"])}, cfg.to_dict()
+    made, mine = saved_config(extra["config"]), cfg.to_dict()
     if list(made.get("eval_modes", ())) != list(cfg.eval_modes) or config_diff(made, mine, RUNTIME_KEYS):
         return None  # more evaluation to do, or another config: the run itself evaluates or refuses
     return RunResult.from_json(saved)
@@ -233,7 +233,7 @@ class DistillRun:
         """Write the resolved config first; a resumed run must match it (runtime-only keys aside)."""
         path, mine = self.path("config.json"), self.cfg.to_dict()
         if os.path.isfile(path):
-            saved = {**ADDED_FIELDS, **config_values(read_json(path))}
+            saved = saved_config(read_json(path))
             check_same_config(saved, mine, RUNTIME_KEYS, self.run_dir, "use a new --out")
         elif self.main:
             write_json_atomic(path, self.cfg.to_record())  # the values, and which of them do not act
