@@ -44,6 +44,7 @@ __all__ = [
     "bwt",
     "compute_metrics",
     "forgetting",
+    "forward_transfer",
     "matrix_from_json",
     "matrix_to_json",
     "relative_performance",
@@ -144,6 +145,20 @@ def relative_performance(
     ratio = np.full(st.shape, np.nan)
     ratio[ok] = st[ok] / te[ok]
     return (float(ratio[ok].mean()) if ok.any() else math.nan), ratio
+
+
+def forward_transfer(R: Any, introduced: Any, R_ref: Any, introduced_ref: Any) -> np.ndarray:
+    """Per-task forward transfer ``[J]``: success on task j right after the stage that first trains it,
+    ``R[introduced[j], j]``, minus a from-scratch student's after the same budget on that task alone,
+    ``R_ref[introduced_ref[j], j]`` (the ``scratch`` method's run; tasks in the same order). Positive: what
+    the earlier tasks taught helped within the budget. Continual World compares the areas under the two
+    training curves; with one evaluation per stage this compares their ends. NaN where either is missing."""
+    R, R_ref = _as_matrix(R), _as_matrix(R_ref)
+    a, b = _as_stages(introduced, R), _as_stages(introduced_ref, R_ref)
+    if R.shape[1] != R_ref.shape[1]:
+        raise ValueError(f"the run has {R.shape[1]} tasks, the reference {R_ref.shape[1]}")
+    cols = np.arange(R.shape[1])
+    return R[a, cols] - R_ref[b, cols]
 
 
 @dataclass
@@ -265,6 +280,15 @@ class RunResult:
     def R(self) -> np.ndarray:
         return _as_matrix(self.success_matrix)
 
+    @property
+    def introduced(self) -> list[int]:
+        """The stage that first trains each task: ``task_stage`` (its last), unless the stream revisits
+        tasks (``extra["stages"]``, cw20)."""
+        first: dict[str, int] = {}
+        for s, stage in enumerate(self.extra.get("stages") or []):
+            first.update({t: s for t in stage if t not in first})
+        return [first.get(t, st) for t, st in zip(self.tasks, self.task_stage, strict=True)]
+
     def matrix(self, mode: str) -> np.ndarray:
         """The success matrix of evaluation mode ``mode`` (``"inferred"``: no task id; ``"prototype"``: the
         task id), whichever of the run's matrices holds it; ValueError if the run did not evaluate it."""
@@ -287,14 +311,19 @@ class RunResult:
         require_int("n", n)
         if self.R.shape[0] <= n:
             return self
-        keep = [j for j, st in enumerate(self.task_stage) if st < n]
+        keep = [j for j, st in enumerate(self.introduced) if st < n]
         cut = lambda M: [[M[i][j] for j in keep] for i in range(n)]
         modes = {m: cut(M) for m, M in self.extra.get("success_matrix_modes", {}).items()}
+        extra = {**self.extra, "success_matrix_modes": modes, "first_stages": n}
+        last = {self.tasks[j]: self.task_stage[j] for j in keep}
+        if self.extra.get("stages"):  # a revisited task's last training within the first n stages
+            extra["stages"] = self.extra["stages"][:n]
+            last = stage_of_tasks(extra["stages"])
         return RunResult(
             suite=f"{self.suite}[:{len(keep)}]", method=self.method, seed=self.seed,
-            tasks=[self.tasks[j] for j in keep], task_stage=[self.task_stage[j] for j in keep],
+            tasks=[self.tasks[j] for j in keep], task_stage=[last[self.tasks[j]] for j in keep],
             success_matrix=cut(self.R.tolist()), teacher_success=[self.teacher_success[j] for j in keep],
-            wall_time_s=math.nan, extra={**self.extra, "success_matrix_modes": modes, "first_stages": n},
+            wall_time_s=math.nan, extra=extra,
         )  # fmt: skip
 
     def to_json(self) -> dict:
@@ -337,7 +366,11 @@ def _scalar(run: RunResult, m: RunMetrics, name: str) -> float:
 
 
 def summarize(
-    runs: Iterable[RunResult], level: float = 0.9, n_boot: int = 10_000, seed: int = 0
+    runs: Iterable[RunResult],
+    level: float = 0.9,
+    n_boot: int = 10_000,
+    seed: int = 0,
+    reference: Sequence[RunResult] = (),
 ) -> dict[str, Any]:
     """Aggregate seeds of one (suite, method): per scalar metric its mean and bootstrap CI over seeds.
 
@@ -345,7 +378,9 @@ def summarize(
     "final_success_mean": [J], "forgetting_mean": [J], "R_mean": [[...]], "teacher_success_mean": [J]}``
     for metric in relative_performance, acc, mean_forgetting, bwt, wall_time_s, cpu_time_s (the distillation's
     CPU seconds, evaluation workers included; NaN for runs that did not record it). All runs must share
-    suite, method, tasks and task stages.
+    suite, method, tasks and task stages. With ``reference`` (the ``scratch`` method's runs on the same
+    tasks, in the same evaluation mode) also ``forward_transfer``: per run the mean over tasks of
+    :func:`forward_transfer` against the reference of its seed.
     """
     runs = list(runs)
     if not runs:
@@ -369,6 +404,12 @@ def summarize(
             "label (another teacher zoo, gate or code?) would pool as if they were seeds; report them apart"
         )
     metrics = [r.metrics() for r in runs]
+    if reference:
+        ft = [float(np.nanmean(_transfer(r, reference))) for r in runs]
+        mean, lo, hi = bootstrap_ci(ft, level, n_boot, seed)
+        extra_scalars = {"forward_transfer": {"mean": mean, "low": lo, "high": hi, "values": ft}}
+    else:
+        extra_scalars = {}
     out: dict[str, Any] = {
         "suite": first.suite,
         "method": first.method,
@@ -392,11 +433,23 @@ def summarize(
             np.array([r.teacher_success for r in runs], dtype=float)
         ).tolist()
     out["seen_success_by_stage"] = _seen_success_by_stage(runs, level, n_boot, seed)
-    return out
+    return {**out, **extra_scalars}
+
+
+def _transfer(run: RunResult, reference: Sequence[RunResult]) -> np.ndarray:
+    """Per-task forward transfer of ``run`` against the reference run of its seed (else the mean over
+    the references' seeds)."""
+    same = [r for r in reference if r.seed == run.seed] or list(reference)
+    for r in same:
+        if r.tasks != run.tasks:
+            raise ValueError(f"the reference run has tasks {r.tasks}, the run {run.tasks}")
+    with np.errstate(all="ignore"):
+        return np.nanmean([forward_transfer(run.R, run.introduced, r.R, r.introduced) for r in same], axis=0)
 
 
 def seen_success(R: Any, task_stage: Any) -> np.ndarray:
-    """Per stage s, the mean of ``R[s, j]`` over the tasks introduced by then (``task_stage[j] <= s``):
+    """Per stage s, the mean of ``R[s, j]`` over the tasks introduced by then (``task_stage[j] <= s``; pass
+    :attr:`RunResult.introduced` for a stream that revisits tasks):
     the curve continual-learning papers plot, ``[stages]``."""
     R = _as_matrix(R)
     s = _as_stages(task_stage, R)
@@ -406,7 +459,7 @@ def seen_success(R: Any, task_stage: Any) -> np.ndarray:
 
 def _seen_success_by_stage(runs: list, level: float, n_boot: int, seed: int) -> dict[str, list[float]]:
     """:func:`seen_success` per stage: mean and bootstrap CI over the runs (seeds)."""
-    curves = np.array([seen_success(r.R, r.task_stage) for r in runs])  # [runs, stages]
+    curves = np.array([seen_success(r.R, r.introduced) for r in runs])  # [runs, stages]
     stats = [bootstrap_ci(curves[:, i].tolist(), level, n_boot, seed) for i in range(curves.shape[1])]
     return {k: [float(st[i]) for st in stats] for i, k in enumerate(("mean", "low", "high"))}
 

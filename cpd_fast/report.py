@@ -121,15 +121,20 @@ def _fmt_minutes(stat: dict, n: int) -> str:
 
 
 def format_table(summaries: Sequence[dict[str, Any]], level: float = 0.9) -> str:
-    """Markdown results table of one suite's per-method summaries (from ``metrics.summarize``)."""
+    """Markdown results table of one suite's per-method summaries (from ``metrics.summarize``); a forward
+    transfer column where a ``scratch`` reference was reported beside them."""
+    ft = any("forward_transfer" in s for s in summaries)
+    columns = (*_TABLE_COLUMNS, "forward_transfer") if ft else _TABLE_COLUMNS
     lines = [
         "| method | seeds | relative performance (%) | ACC (%) | mean forgetting (%) | BWT (%) "
-        "| wall time (min) | CPU time (min) |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        + ("| forward transfer (%) " if ft else "")
+        + "| wall time (min) | CPU time (min) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|" + ("---:|" if ft else ""),
     ]
+    nan = {"mean": math.nan}
     for s in summaries:
         n = s["n"]
-        cells = [_fmt_pct(s[c], n) for c in _TABLE_COLUMNS]
+        cells = [_fmt_pct(s.get(c, nan), n) for c in columns]
         lines.append(
             f"| {s['method']} | {n} | "
             + " | ".join(cells)
@@ -287,9 +292,13 @@ def write_report(
     runs = load_runs(result_paths, stages)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    # the scratch method's runs are the reference of forward transfer, not rows of their own
+    reference = [r for r in runs if r.extra.get("reference")]
     by_suite: dict[str, list[dict]] = {}
-    for (suite, _), group in _group(runs).items():
-        by_suite.setdefault(suite, []).append(summarize(group, level=level))
+    for (suite, _), group in _group([r for r in runs if not r.extra.get("reference")]).items():
+        mode = group[0].extra.get("eval_mode", "inferred")
+        ref = [r for r in reference if r.suite == suite and r.extra.get("eval_mode", "inferred") == mode]
+        by_suite.setdefault(suite, []).append(summarize(group, level=level, reference=ref))
     written: list[Path] = []
     md = ["# Results", ""]
     for suite, summaries in by_suite.items():
@@ -315,6 +324,14 @@ def write_report(
         "by an oracle, not a continual-learning result.",
         "",
     ]
+    if reference:
+        md[-1:] = [
+            "Forward transfer: success on each task right after the stage that first trains it, minus the "
+            "`scratch` reference's (a fresh student trained on that stage's tasks alone with the same "
+            "budget), in success points, averaged over tasks; the reference of the same seed and "
+            "evaluation mode.",
+            "",
+        ]
     md_path = out / "results.md"
     with atomic_path(md_path) as tmp, open(tmp, "w") as f:
         f.write("\n".join(md))

@@ -10,8 +10,10 @@ from test_distill import TINY, _one_thread, tiny_config  # noqa: F401  (_one_thr
 
 from cpd_fast.distill import run_distill
 from cpd_fast.distill.methods import PackNetHook
-from cpd_fast.metrics import RunResult, compute_metrics, stage_of_tasks
-from cpd_fast.student import StudentConfig
+from cpd_fast.distill.run import phase_seed
+from cpd_fast.metrics import RunResult, compute_metrics, forward_transfer, stage_of_tasks, summarize
+from cpd_fast.report import write_report
+from cpd_fast.student import Student, StudentConfig
 from cpd_fast.tasks import CW10, CW20, resolve_tasks, stages
 
 STREAM = ["reach-v3", "drawer-close-v3", "reach-v3"]  # reach, then drawer-close, then reach again
@@ -78,3 +80,58 @@ def test_packnet_evaluates_a_task_with_the_network_of_its_latest_training_so_far
     # with 2's (its revisit), drawer-close with 1's. Before the fix, stage 1 asked for reach's stage 2.
     assert sorted(used) == [0, 0, 1, 1, 2]
     assert np.array(result.R).shape == (3, 2)
+
+
+# ----------------------------------------------------------------------------- forward transfer
+
+
+def _result(method, R, seed=0, mode="inferred", **extra):
+    tasks = ["reach-v3", "drawer-close-v3"]
+    return RunResult(
+        suite="s", method=method, seed=seed, tasks=tasks, task_stage=[0, 1], success_matrix=R,
+        teacher_success=[1.0, 1.0], wall_time_s=1.0, extra={"eval_mode": mode, **extra},
+    )  # fmt: skip
+
+
+def test_forward_transfer_against_the_scratch_reference_and_its_report_column(tmp_path):
+    nan = float("nan")
+    run = _result("cpd", [[0.8, nan], [0.7, 0.9]])
+    ref = _result("scratch", [[0.6, nan], [nan, 0.5]], reference="scratch")
+    np.testing.assert_allclose(forward_transfer(run.R, run.introduced, ref.R, ref.introduced), [0.2, 0.4])
+    s = summarize([run], reference=[ref])
+    assert s["forward_transfer"]["mean"] == pytest.approx(0.3)
+    assert "forward_transfer" not in summarize([run])  # no reference, no column
+    # seeds: each run against the reference of its own seed
+    run1, ref1 = (
+        _result("cpd", [[0.8, nan], [0.7, 0.7]], seed=1),
+        _result("scratch", [[0.8, nan], [nan, 0.7]], seed=1, reference="scratch"),
+    )
+    s = summarize([run, run1], reference=[ref, ref1])
+    assert s["forward_transfer"]["values"] == pytest.approx([0.3, 0.0])
+
+    paths = []
+    for i, r in enumerate((run, ref)):
+        paths.append(tmp_path / f"r{i}.json")
+        r.save(paths[-1])
+    write_report(paths, tmp_path / "report")
+    table = (tmp_path / "report" / "results.md").read_text()
+    assert "| forward transfer (%) |" in table and "| cpd | 1 |" in table
+    assert "| scratch |" not in table  # the reference is no row of its own
+    assert "30.0" in table.split("| cpd | 1 |")[1].splitlines()[0]
+
+
+def test_scratch_starts_every_stage_afresh_and_evaluates_only_its_stage(tmp_path):
+    cfg = tiny_config(tasks=["reach-v3", "drawer-close-v3"], tasks_per_stage=1, steps_per_stage=10,
+                      method="scratch")  # fmt: skip
+    result = run_distill(cfg, tmp_path / "run")
+    R = np.array(result.R)
+    assert result.extra["reference"] == "scratch" and R.shape == (2, 2)
+    assert not np.isnan(R[0, 0]) and not np.isnan(R[1, 1]) and np.isnan(R[0, 1]) and np.isnan(R[1, 0])
+    stage0 = torch.load(tmp_path / "run" / "checkpoints" / "stage0-train.pt", weights_only=True)["student"]
+    torch.manual_seed(phase_seed(cfg.seed, 1, "init"))
+    fresh = Student(cfg.student, num_tasks=2).state_dict()
+    stage1 = torch.load(tmp_path / "run" / "checkpoints" / "stage1-train.pt", weights_only=True)["student"]
+    # stage 1 trained from the fresh initialisation, not from stage 0's weights: its encoder's first
+    # weights moved less from the fresh ones than from stage 0's
+    key = next(k for k in stage1 if k.endswith("weight") and stage1[k].dim() == 2)
+    assert (stage1[key] - fresh[key]).norm() < (stage1[key] - stage0[key]).norm()

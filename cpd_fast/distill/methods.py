@@ -17,7 +17,14 @@ online-ewc   fixed  train (+ online-EWC penalty) all train (+ online-EWC penalty
 joint        fixed  one stage with every task, all parameters, the total step budget           —
 packnet      fixed  weights: per-stage owners (:mod:`cpd_fast.packnet`): train, prune, retrain;     none
                     biases and norms: stage 0 only. Needs the task id at test time
+scratch      fixed  every stage starts from a freshly initialised student and trains its tasks alone  none
 ============ ====== ============================ ============================================ ==========
+
+**scratch** is not a continual method but the reference of forward transfer (Continual World's: how much
+the earlier tasks help a new one within its budget, :func:`cpd_fast.metrics.forward_transfer`): each stage
+re-initialises the student (seeded per stage) and trains the stage's tasks with the stage's budget, and only
+the stage's tasks are evaluated (the others would measure an untrained network). ``cpd report`` uses its runs
+for the forward-transfer column and shows no row for them.
 
 Fixed-capacity methods get ``num_tasks · experts_per_task`` experts from the start, the capacity cpd
 reaches at the end. The task encoder trains throughout (see :mod:`cpd_fast.student.groups`). What a phase
@@ -73,6 +80,8 @@ class Method:
         penalty: ``"ewc"`` / ``"online-ewc"``: an :class:`EWCHook` consolidates after every stage.
         joint: one stage with every task and the total step budget (the upper bound).
         isolation: ``"packnet"``: parameter isolation by pruning (a :class:`PackNetHook`); needs the task id.
+        resets: a fresh student every stage, trained on the stage's tasks alone (``scratch``: the reference
+            of forward transfer, evaluated on the stage's tasks only).
     """
 
     name: str
@@ -83,6 +92,7 @@ class Method:
     penalty: str | None = None
     joint: bool = False
     isolation: str | None = None
+    resets: bool = False
 
     def uses(self) -> set[str]:
         """The method-specific :class:`~cpd_fast.distill.config.DistillConfig` fields this method reads."""
@@ -113,6 +123,7 @@ METHODS: dict[str, Method] = {
         Method("static-moe", freezes_shared=True, replay="dpp"),
         Method("joint", joint=True),
         Method("packnet", isolation="packnet"),
+        Method("scratch", resets=True),
     )
 }
 # every method-specific field (the union of Method.uses): one a method does not read is reported unused

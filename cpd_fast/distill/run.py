@@ -204,6 +204,8 @@ class DistillRun:
         ):
             for s, stage in enumerate(self.stages):
                 new_ids = [self.task_index[t] for t in stage]
+                if s > 0 and self.method.resets:  # scratch: a fresh student for every stage
+                    self.student = self.build_student(phase_seed(self.cfg.seed, s, "init"))
                 new_experts = self.grow(s, stage)
                 phases = phases_of(self.cfg, s)
                 if s > 0 and new_experts:
@@ -264,11 +266,12 @@ class DistillRun:
         self.data = WindowData(raw, cfg.student.history)
         return success
 
-    def build_student(self) -> Any:
+    def build_student(self, seed: int | None = None) -> Any:
         """The student as it was born (a checkpoint restores growth): growing methods start with the first
-        stage's experts, the others with the capacity a growing method reaches at the end."""
+        stage's experts, the others with the capacity a growing method reaches at the end. ``seed``: the
+        initialisation's (default the run's)."""
         cfg = self.cfg
-        torch.manual_seed(cfg.seed)
+        torch.manual_seed(cfg.seed if seed is None else seed)
         if self.method.grows:
             student = Student(cfg.student, num_tasks=len(self.stages[0]))
         else:
@@ -392,7 +395,9 @@ class DistillRun:
             with self.timed("eval"):
                 self.student.eval()
                 rows.update({m: {} for m in missing})
-                keys = [(t, m) for t in self.seen for m in missing]
+                # scratch: only the stage's tasks (an old one would measure a network never trained on it)
+                tasks = [self.task_index[t] for t in self.stages[s]] if self.method.resets else self.seen
+                keys = [(t, m) for t in tasks for m in missing]
                 for (t, m), r in zip(keys, self.evaluate_jobs(keys, s), strict=True):
                     rows[m][self.tasks[t]] = r.success_rate
                     self.eval_env_steps += int(r.episode_lengths.sum())
@@ -455,6 +460,7 @@ class DistillRun:
             task_stage=[stage_of[t] for t in self.tasks], success_matrix=self.R_modes[main_mode].tolist(),
             teacher_success=[self.teacher_success[t] for t in self.tasks], wall_time_s=wall,
             extra={"complete": complete, "eval_mode": main_mode, "stages": self.stages,
+                   "reference": "scratch" if self.method.resets else None,
                    "isolates_tasks": cfg.isolates_tasks, "inactive_settings": cfg.inactive(),
                    "success_matrix_modes": {
                        m: matrix_to_json(M) for m, M in self.R_modes.items() if m != main_mode
