@@ -12,8 +12,11 @@ settings (bf16, default budget, both evaluation modes), one shared set of teache
   the two best λ of the first grid (best task-free relative performance; ties: less forgetting).
 
 Points share what they compute alike (:mod:`cpd_fast.distill.fork`, tested bit for bit): stage 0 (no
-penalty yet) is run once per grid, and a γ = 0.99 point starts from the γ = 0.9 point's first two stages.
-Each run's ``fork.json`` says where its first stages came from.
+penalty yet) is run once per grid and every other point starts from it. Not more: γ scales the old Fisher
+in the consolidation at the end of stage 1, which the stage-1 checkpoint holds, so a γ point forked from
+another γ's first two stages would train stage 2 with the other γ's penalty (that happened once: the
+γ = 0.99 point forked so was bit-identical to γ = 0.9 and was discarded). Each run's ``fork.json`` says
+where its first stages came from.
 """
 
 from __future__ import annotations
@@ -71,15 +74,11 @@ def best(dirs: list[str], n: int) -> list[float]:
 def gamma_grid(out: str, lambdas: list[float]) -> None:
     first = None
     for lam in lambdas:
-        lam_base = None
         for gamma in GAMMAS:
             d = os.path.join(out, "gamma", f"online-ewc-l{lam:g}-g{gamma:g}")
             cfg = config(out, 15, method="online-ewc", ewc_lambda=lam, ewc_gamma=gamma)
-            if lam_base is not None:  # the same λ: stages 0-1 are this λ's (γ acts from stage 2)
-                run_point(cfg, d, lam_base, 2, ["ewc_gamma"])
-            else:  # stage 0 is every point's (no penalty before it)
-                run_point(cfg, d, first, 1, ["ewc_lambda", "ewc_gamma"])
-                lam_base = d
+            # stage 0 is every point's (no penalty before it); γ acts in the consolidation that ends stage 1
+            run_point(cfg, d, first, 1, ["ewc_lambda", "ewc_gamma"])
             first = first or d
 
 
