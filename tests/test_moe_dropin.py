@@ -8,6 +8,7 @@ init, and frozen experts that stay frozen under an optimizer nobody attached.
 from __future__ import annotations
 
 import copy
+import gc
 import io
 import pickle
 import socket
@@ -364,7 +365,13 @@ def _ddp_rank(rank: int, world: int, port: int, state: dict, x: torch.Tensor, g:
         grads = _grads(layer)
         opt = torch.optim.AdamW(model.parameters(), lr=0.1, weight_decay=0.5)
         opt.step()
-        return {"grads": grads, "params": {n: p.detach().clone() for n, p in layer.named_parameters()}}
+        out = {"grads": grads, "params": {n: p.detach().clone() for n, p in layer.named_parameters()}}
+        # The DDP reducer goes while the process group still has its registry's reference: dropped after
+        # destroy_process_group, the reducer's release was the group's last, and its destructor joined a gloo
+        # thread that waited for the GIL the releasing thread held (a deadlock seen once in CI)
+        del model, opt
+        gc.collect()
+        return out
     finally:
         dist.destroy_process_group()
 
