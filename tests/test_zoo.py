@@ -285,7 +285,8 @@ def test_the_committed_zoo_table_is_the_zoos_record():
     import sys
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}
     out = subprocess.run([sys.executable, os.path.join(root, "bench", "zoo_table.py"), "--out", "-"],
-                         capture_output=True, text=True, check=True, cwd=root).stdout  # fmt: skip
+                         capture_output=True, text=True, check=True, cwd=root, env=env).stdout  # fmt: skip
     committed = open(os.path.join(root, "bench", "zoo_table.md"), encoding="utf-8").read()
     assert committed.endswith(out), "regenerate with: python bench/zoo_table.py"
