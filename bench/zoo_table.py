@@ -40,8 +40,12 @@ def row(stage: int, task: str, r) -> list[str]:
         fresh = f"{f['success_rate']:.2f}; " + " / ".join(f"{x:.2f}" for x in f["success_rates"])
     elif f:
         fresh = "stale (measured another file)"
+    algorithm = f"{r.algorithm} (seed {h.get('seed', 0)})" + "".join(  # attempts below the gate before it
+        f" after {a['algorithm']} {a['total_steps'] / 1e6:.2f}M: {a['success_rate']:.2f}"
+        f" ({a['wall_time_s'] / 60:.0f} min)" for a in h.get("earlier_attempts", [])
+    )  # fmt: skip
     return [
-        str(stage), task, f"{r.algorithm} (seed {h.get('seed', 0)})", f"{r.env_steps / 1e6:.2f}M", wall,
+        str(stage), task, algorithm, f"{r.env_steps / 1e6:.2f}M", wall,
         f"**{r.success_rate:.2f}**", fresh, curve or "(not in the record; see bench/zoo_runs)",
     ]  # fmt: skip
 

@@ -119,6 +119,17 @@ def test_every_command_is_registered():
     assert ["run"] in _parser_with("--preset")
 
 
+def test_no_option_overwrites_the_parsers_own_destinations():
+    """A sub-command's option whose dest is the top-level ``command`` (or another level's sub-command) would
+    overwrite it: `cpd teachers export` without `--command` once printed the top-level help, did nothing."""
+    parsers = {id(p): p for _, p, _ in _options()}.values()
+    subs = [a for p in parsers for a in p._actions if isinstance(a, argparse._SubParsersAction)]
+    reserved = {"debug"} | {a.dest for a in subs}
+    assert {"command", "teachers_command"} <= reserved
+    clashes = [(path, a.dest) for path, _, a in _options() if path and a.dest in reserved]
+    assert clashes == []
+
+
 def test_unknown_preset(capsys):
     assert_one_line(["run", "--preset", "huge"], capsys, "cpd run: error: argument --preset", "'huge'")
 

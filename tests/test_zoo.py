@@ -290,3 +290,53 @@ def test_the_committed_zoo_table_is_the_zoos_record():
                          capture_output=True, text=True, check=True, cwd=root, env=env).stdout  # fmt: skip
     committed = open(os.path.join(root, "bench", "zoo_table.md"), encoding="utf-8").read()
     assert committed.endswith(out), "regenerate with: python bench/zoo_table.py"
+
+
+def test_export_from_a_training_runs_record_keeps_the_attempts_before_it(small_zoo, tmp_path, capsys):
+    """`cpd teachers export --record RUN/teachers.json`: the exported attempt's eval.json and curve.json give
+    its provenance, and the attempts below the gate before it (their env steps and wall time) are kept."""
+    _, task, file = small_zoo
+    run = tmp_path / "run"
+    attempt = run / "teachers" / task / "ppo-demos"
+    attempt.mkdir(parents=True)
+    shutil.copy(file, attempt / "policy.pt")
+    json.dump({"algorithm": "ppo+demos", "total_steps": 1000, "extra_env_steps": 20, "wall_time_s": 3.0,
+               "scripted_success": 1.0}, open(attempt / "eval.json", "w"))  # fmt: skip
+    json.dump({"points": [{"env_steps": 500, "success": 0.5}, {"env_steps": 1000, "success": 0.9}],
+               "config": {"seed": 7}}, open(attempt / "curve.json", "w"))  # fmt: skip
+    history = [{"path": f"runs/x/teachers/{task}/ppo/policy.pt", "algorithm": "ppo", "total_steps": 4000,
+                "success_rate": 0.0, "wall_time_s": 9.0},
+               {"path": f"runs/x/teachers/{task}/ppo-demos/policy.pt", "algorithm": "ppo+demos",
+                "total_steps": 1000, "success_rate": 0.9, "wall_time_s": 3.0}]  # fmt: skip
+    json.dump({"teachers": {task: {"history": history}}}, open(run / "teachers.json", "w"))
+    out = tmp_path / "zoo2"
+    argv = [
+        "teachers",
+        "export",
+        "--zoo",
+        str(out),
+        "--task",
+        task,
+        "--checkpoint",
+        str(attempt / "policy.pt"),
+        "--record",
+        str(run / "teachers.json"),
+        "--goals",
+        "3",
+        "--num-envs",
+        "3",
+        "--threshold",
+        "0",
+    ]
+    assert cpd(argv) == 0
+    rec = load_teachers_json(out)[task]
+    assert rec.algorithm == "ppo+demos" and rec.env_steps == 1020 and rec.wall_time_s == 3.0
+    prov = rec.history[0]
+    assert prov["earlier_attempts"] == [{"algorithm": "ppo", "total_steps": 4000, "success_rate": 0.0,
+                                         "wall_time_s": 9.0}]  # fmt: skip
+    assert prov["curve"] == [[500, 0.5], [1000, 0.9]] and prov["seed"] == 7
+    assert prov["scripted_success"] == 1.0
+    capsys.readouterr()
+    argv[argv.index("--task") + 1] = "push-v3" if task != "push-v3" else "reach-v3"
+    assert cpd(argv) == 2  # the run holds no such task
+    assert "has no record of" in capsys.readouterr().err

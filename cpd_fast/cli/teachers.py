@@ -144,9 +144,12 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
     export.add_argument(
         "--record",
         default=None,
-        help="the training's curve.json or eval.json (algorithm, env steps, wall time)",
+        help="the training's curve.json or eval.json (algorithm, env steps, wall time), or the run's "
+        "teachers.json (that, and the attempts before the exported one)",
     )
-    export.add_argument("--command", default=None, help="the command that re-trains this teacher")
+    export.add_argument(  # not dest "command": that is the top-level parser's sub-command
+        "--command", dest="retrain_command", default=None, help="the command that re-trains this teacher"
+    )
     export.add_argument("--threshold", type=fraction, default=0.9, help="the zoo's bar (official success)")
     export.add_argument("--goals", type=positive_int, default=50)
     export.add_argument("--num-envs", type=positive_int, default=10)
@@ -343,10 +346,28 @@ def _collect_all(args: argparse.Namespace, specs: dict[str, TeacherSpec], root: 
         print(line, flush=True)
 
 
+def _earlier_attempts(run: dict, task: str, checkpoint: str, where: str) -> list[dict]:
+    """The attempts of ``task`` in a `cpd teachers train` run's teachers.json before the one at ``checkpoint``
+    (e.g. plain PPO below the gate before PPO from demonstrations): their cost belongs to the teacher's."""
+    if task not in run["teachers"]:
+        raise UserError(f"{where} has no record of {task}")
+    tail = os.path.join(*os.path.normpath(os.path.abspath(checkpoint)).split(os.sep)[-2:])
+    history = run["teachers"][task].get("history", [])
+    if not any(os.path.normpath(h["path"]).endswith(tail) for h in history):
+        raise UserError(f"{where} has no attempt of {task} at {tail}: export with that run's own record")
+    return [{k: h.get(k) for k in ("algorithm", "total_steps", "success_rate", "wall_time_s")}
+            for h in history if not os.path.normpath(h["path"]).endswith(tail)]  # fmt: skip
+
+
 def _cli_export(args: argparse.Namespace) -> int:
     prov: dict = {"threshold": args.threshold}
     if args.record:
-        rec = read_json(args.record)
+        where = args.record
+        rec = read_json(where)
+        if "teachers" in rec:  # the training run's teachers.json: the exported attempt and the ones before it
+            prov["earlier_attempts"] = _earlier_attempts(rec, args.task, args.checkpoint, where)
+            where = os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)), "eval.json")
+            rec = read_json(where)
         if "points" in rec:  # curve.json (cpd_fast.teachers.curve or bench/ppo_recipes.py)
             last = rec["points"][-1]
             prov.update(algorithm=rec.get("algorithm", "ppo"), env_steps=last["env_steps"],
@@ -358,12 +379,12 @@ def _cli_export(args: argparse.Namespace) -> int:
                         env_steps=int(rec["total_steps"]) + int(rec.get("extra_env_steps") or 0),
                         wall_time_s=rec.get("wall_time_s"),
                         scripted_success=rec.get("scripted_success"))  # fmt: skip
-            curve = read_json(os.path.join(os.path.dirname(args.record), "curve.json"), None)
+            curve = read_json(os.path.join(os.path.dirname(where), "curve.json"), None)
             if curve is not None:
                 prov.update(curve=[[p["env_steps"], p["success"]] for p in curve["points"]],
                             seed=curve.get("config", {}).get("seed"))  # fmt: skip
-    if args.command:
-        prov["command"] = args.command
+    if args.retrain_command:
+        prov["command"] = args.retrain_command
     t0 = time.perf_counter()
     r = add_teacher(args.zoo, args.task, args.checkpoint, provenance=prov, eval_goals=args.goals,
                     eval_envs=args.num_envs)  # fmt: skip
