@@ -165,6 +165,9 @@ def test_missing_required_argument_is_one_line(capsys):
             "argument --retrain-factor: must be a finite number > 0",
         ),
         (["teachers", "train", "--workers", "0"], "argument --workers: must be a positive int"),
+        (["teachers", "train", "--give-up", "5:2"], "argument --give-up: SUCCESS must be in (0, 1]"),
+        (["teachers", "train", "--give-up", "0:0.1"], "argument --give-up: must be a positive int"),
+        (["teachers", "train", "--give-up", "500"], "argument --give-up: expected STEPS:SUCCESS"),
         (["teachers", "collect", "--episodes", "0"], "argument --episodes: must be a positive int"),
         (
             ["teachers", "collect", "--noise-std", "-0.1"],
@@ -542,3 +545,11 @@ def test_a_bad_value_of_a_key_with_choices_names_them(argv, fragments, tmp_path,
     out = ["--out", str(tmp_path / "r")] if argv[0] == "distill" else []
     assert_one_line([*argv, *out], capsys, *fragments)
     assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize("flag", [["--stop-at", "0.9"], ["--give-up", "1000:0.05"]])
+def test_measured_training_rules_need_eval_every(flag, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert_one_line(["teachers", "train", "--tasks", "reach-v3", "--run-dir", str(run), *flag], capsys,
+                    f"{flag[0]} needs --eval-every STEPS", prog="cpd teachers train:")  # fmt: skip
+    assert not run.exists()

@@ -147,6 +147,41 @@ def test_train_measured_stops_at_the_target_and_resumes_as_a_no_op(tmp_path):
         train_measured(TASK, cfg, tmp_path, every=512, stop_at=0.0, goals=1, eval_envs=1)
 
 
+def test_give_up_ends_a_run_still_below_its_bar_and_the_gate_remedy_follows(tmp_path):
+    """give_up=(steps, success): the first measurement at or after `steps` still below `success` ends the run
+    (recorded as gave_up_at; re-running does not train on); a teacher job's first attempt records it and the
+    gate's remedy follows. A measurement at or above the bar does not stop it."""
+    cfg = tiny_ppo_config(total_steps=1024)  # 128 env steps per update
+    curve = train_measured(TASK, cfg, tmp_path / "a", every=384, stop_at=2.0, goals=1, eval_envs=1,
+                           give_up=(384, 1.0))  # fmt: skip
+    first = curve["points"][0]
+    if first["success"] < 1.0:  # the 1-goal measurement of a 384-step policy: a miss, almost always
+        assert [p["env_steps"] for p in curve["points"]] == [384] and curve["gave_up_at"] == 384
+    else:
+        assert "gave_up_at" not in curve and len(curve["points"]) > 1
+    assert json.load(open(tmp_path / "a" / "curve.json"))["give_up"] == [384, 1.0]
+    again = train_measured(TASK, cfg, tmp_path / "a", every=384, stop_at=2.0, goals=1, eval_envs=1,
+                           give_up=(384, 1.0))  # fmt: skip
+    assert again["points"] == curve["points"]
+    late = train_measured(TASK, cfg, tmp_path / "b", every=384, stop_at=2.0, goals=1, eval_envs=1,
+                          give_up=(10_000, 1.0))  # fmt: skip
+    assert [p["env_steps"] for p in late["points"]] == [384, 768, 1024] and "gave_up_at" not in late
+    for bad in [(0, 0.5), (100, 0.0), (100, 1.5), (100,)]:
+        with pytest.raises(ValueError, match="give_up"):
+            train_measured(TASK, cfg, tmp_path / "c", every=384, stop_at=2.0, give_up=bad)
+    with pytest.raises(ValueError, match="eval_every"):
+        train_teachers([TASK], tmp_path / "d", CFG, workers=1, give_up=(128, 0.5))
+
+    records = train_teachers([TASK], tmp_path / "gate", CFG, workers=1, threshold=1.0, on_fail="exclude",
+                             eval_goals=2, eval_envs=2, eval_every=128, give_up=(128, 1.0))  # fmt: skip
+    history = records[TASK].history
+    if history[0]["success_rate"] < 1.0:
+        assert history[0]["gave_up_at"] == 128 and history[0]["total_steps"] == 128
+        assert records[TASK].status != "ok"
+    saved = json.load(open(tmp_path / "gate" / "teachers.json"))
+    assert saved["settings"]["give_up"] == [128, 1.0]
+
+
 def test_a_run_killed_mid_chunk_is_still_measured_every_every_steps(tmp_path):
     """A kill between measurements (here: one update of training before the curve starts) must not shift
     the measurement points: they stay at multiples of `every` (then the budget's end)."""

@@ -11,6 +11,7 @@ from typing import Any
 __all__ = [
     "finite_float",
     "fraction",
+    "give_up_rule",
     "integer",
     "nonnegative_float",
     "nonnegative_int",
@@ -54,3 +55,14 @@ nonnegative_float = _checked("nonnegative_float", float, lambda v: v >= 0, "a fi
 finite_float = _checked("finite_float", float, lambda v: True, "a finite number")  # biases
 integer = _checked("integer", int, lambda v: True, "an int")  # config flags (ranges: the config schema)
 fraction = _checked("fraction", float, lambda v: 0.0 <= v <= 1.0, "in [0, 1]")  # thresholds, decays
+
+
+def give_up_rule(text: str) -> tuple[int, float]:
+    """``STEPS:SUCCESS`` (``500000:0.05``): a positive int of env steps and a success rate in (0, 1]."""
+    steps, sep, success = text.partition(":")
+    if not sep:
+        raise argparse.ArgumentTypeError(f"expected STEPS:SUCCESS such as 500000:0.05, got {text!r}")
+    rate = _number(success, float)
+    if not 0.0 < rate <= 1.0:
+        raise argparse.ArgumentTypeError(f"SUCCESS must be in (0, 1], got {text!r}")
+    return positive_int(steps), rate

@@ -13,6 +13,7 @@ import time
 
 from cpd_fast.cli.checks import (
     fraction,
+    give_up_rule,
     nonnegative_float,
     nonnegative_int,
     positive_float,
@@ -125,6 +126,11 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
         default=None,
         help="official success that ends a teacher's training early (needs --eval-every)",
     )
+    train.add_argument(
+        "--give-up", type=give_up_rule, default=None, metavar="STEPS:SUCCESS",
+        help="end a teacher's first attempt at the first measurement at or after STEPS env steps still below "
+        "SUCCESS (e.g. 500000:0.05), so that --on-fail's remedy starts sooner (needs --eval-every)",
+    )  # fmt: skip
     train.add_argument("--progress", action="store_true", help="show a progress bar per teacher")
     train.set_defaults(func=_cli_train)
 
@@ -242,8 +248,9 @@ def _cli_train(args: argparse.Namespace) -> int:
     )
     if ppo:  # unknown keys and bad values: one line naming them
         cfg = from_mapping(PPOConfig, {**cfg.to_dict(), **ppo}, "--ppo")
-    if args.stop_at is not None and args.eval_every is None:
-        raise UserError("--stop-at needs --eval-every STEPS (how often to measure)")
+    for flag, value in (("--stop-at", args.stop_at), ("--give-up", args.give_up)):
+        if value is not None and args.eval_every is None:
+            raise UserError(f"{flag} needs --eval-every STEPS (how often to measure)")
     if args.demo and args.algorithm != "ppo+demos" and args.on_fail != "demos":
         raise UserError(
             "--demo settings are only read by --algorithm ppo+demos or --on-fail demos; drop them"
@@ -271,6 +278,7 @@ def _cli_train(args: argparse.Namespace) -> int:
         demos=demos,
         eval_every=args.eval_every,
         stop_at=args.stop_at,
+        give_up=args.give_up,
     )
     print(f"{'task':<30} {'algorithm':<10} {'env steps':>10} {'success':>7}  status")
     for task, rec in records.items():
@@ -355,8 +363,9 @@ def _earlier_attempts(run: dict, task: str, checkpoint: str, where: str) -> list
     history = run["teachers"][task].get("history", [])
     if not any(os.path.normpath(h["path"]).endswith(tail) for h in history):
         raise UserError(f"{where} has no attempt of {task} at {tail}: export with that run's own record")
-    return [{k: h.get(k) for k in ("algorithm", "total_steps", "success_rate", "wall_time_s")}
-            for h in history if not os.path.normpath(h["path"]).endswith(tail)]  # fmt: skip
+    keys = ("algorithm", "total_steps", "success_rate", "wall_time_s", "gave_up_at")
+    earlier = [h for h in history if not os.path.normpath(h["path"]).endswith(tail)]
+    return [{k: h[k] for k in keys if k in h} for h in earlier]
 
 
 def _cli_export(args: argparse.Namespace) -> int:

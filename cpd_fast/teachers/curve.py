@@ -5,14 +5,17 @@ signature, such as :func:`cpd_fast.teachers.demos.train_ppo_demos`) ``every`` en
 *whole* budget's schedule (the learning rate anneals over ``total_steps`` whether or not the run stops
 early), and after each chunk measures the current policy with Meta-World's official protocol
 (:func:`cpd_fast.teachers.records.evaluate_teacher`: ``goals`` of the 50 fixed goals, one episode each).
-It stops at the first measurement ``>= stop_at`` or at the budget, and writes the policy it measured
-last as ``policy.pt``. The curve goes to ``curve.json``; re-running resumes from the checkpoint and the
-curve (a run killed mid-chunk repeats that chunk from its last checkpoint). Every measured policy is kept
-as ``snapshots/policy-<env steps>.pt``: the teacher at each point of its curve, e.g. to distil from a
+It stops at the first measurement ``>= stop_at``, at the budget, or — with ``give_up=(steps, success)`` —
+at the first measurement at or after ``steps`` env steps that is still below ``success`` (a run that is not
+learning; the gate's remedy can take over sooner), and writes the policy it measured last as ``policy.pt``.
+The curve goes to ``curve.json``; re-running resumes from the checkpoint and the curve (a run killed
+mid-chunk repeats that chunk from its last checkpoint). Every measured policy is kept as
+``snapshots/policy-<env steps>.pt``: the teacher at each point of its curve, e.g. to distil from a
 deliberately weaker one (``cpd teachers export`` puts one in a zoo).
 
 ``curve.json``: ``{"task", "config", "every", "stop_at", "goals", "points": [{"env_steps", "success",
-"wall_s", "train_s", "steps_per_s", "snapshot"}], "steps_to_target", "algorithm", "protocol"}``.
+"wall_s", "train_s", "steps_per_s", "snapshot"}], "steps_to_target", "algorithm", "protocol"}``, and
+``"give_up"`` / ``"gave_up_at"`` (env steps) when that rule is set / ended the run.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ from cpd_fast.runio import check_same_config, load_torch_checked, read_json, wri
 from cpd_fast.teachers.ppo import export_policy, load_policy, train_ppo
 from cpd_fast.teachers.records import evaluate_teacher
 
-__all__ = ["CURVE_JSON", "SNAPSHOTS", "train_measured"]
+__all__ = ["CURVE_JSON", "SNAPSHOTS", "check_give_up", "train_measured"]
 
 CURVE_JSON = "curve.json"
 SNAPSHOTS = "snapshots"  # run_dir/snapshots/policy-<env steps>.pt: the policy of each measured point
@@ -50,6 +53,7 @@ def train_measured(
     algorithm: str = "ppo",
     progress: bool = False,
     until: int | None = None,
+    give_up: tuple[int, float] | None = None,
 ) -> dict[str, Any]:
     """Train ``task`` into ``run_dir`` until its official success reaches ``stop_at`` or ``cfg.total_steps``.
 
@@ -63,6 +67,8 @@ def train_measured(
         algorithm: what ``trainer`` is, recorded in the curve (``"ppo"``, ``"ppo+demos"``).
         until: stop once this many env steps are measured, on the whole budget's schedule all the same
             (the teacher as it was at that point of a full run, e.g. for its snapshots); ``None``: the budget.
+        give_up: ``(steps, success)``: stop at the first measurement at or after ``steps`` env steps whose
+            official success is below ``success`` (recorded as ``gave_up_at``); ``None``: never.
 
     Returns:
         the curve (as written), with ``policy_path``.
@@ -72,6 +78,8 @@ def train_measured(
         require_int("until", until)
     if not stop_at >= 0.0:  # NaN too
         raise ValueError(f"stop_at must be a success rate >= 0, got {stop_at}")
+    if give_up is not None:
+        check_give_up(give_up)
     trainer = trainer or train_ppo
     run_dir = os.fspath(run_dir)
     path = os.fspath(curve_path) if curve_path is not None else os.path.join(run_dir, CURVE_JSON)
@@ -82,14 +90,23 @@ def train_measured(
     check_same_config({k: curve.get(k) for k in mine}, mine, (), path, "use a new run directory")
     check_same_config(curve["config"], fresh["config"], ("total_steps",), path, "use a new run directory")
     curve["config"], curve["stop_at"] = fresh["config"], stop_at  # the budget and target may grow
+    if give_up is not None:
+        curve["give_up"] = list(give_up)
     updates_per_chunk = max(1, math.ceil(every / cfg.batch_size))
     ckpt, policy_path = os.path.join(run_dir, "checkpoint.pt"), os.path.join(run_dir, "policy.pt")
 
     def reached() -> bool:
         return bool(curve["points"]) and curve["points"][-1]["success"] >= stop_at
 
+    def gave_up() -> bool:
+        last = curve["points"][-1] if curve["points"] else None
+        if give_up is None or last is None or last["env_steps"] < give_up[0] or last["success"] >= give_up[1]:
+            return False
+        curve["gave_up_at"] = last["env_steps"]
+        return True
+
     trained = False
-    while not reached():
+    while not reached() and not gave_up():
         done = curve["points"][-1]["env_steps"] if curve["points"] else 0
         if done >= min(cfg.total_steps, until or cfg.total_steps):
             break
@@ -117,6 +134,18 @@ def train_measured(
         export_policy(ckpt, policy_path)  # the policy measured last (the checkpoint after the last chunk)
     curve["policy_path"] = policy_path
     return curve
+
+
+def check_give_up(give_up: Any) -> tuple[int, float]:
+    """``give_up`` as ``(env steps, success)``: a positive int and a success rate in (0, 1]."""
+    try:
+        steps, success = give_up
+    except (TypeError, ValueError):
+        raise ValueError(f"give_up must be (env steps, success), got {give_up!r}") from None
+    require_int("give_up steps", steps)
+    if not 0.0 < success <= 1.0:  # NaN too
+        raise ValueError(f"give_up success must be in (0, 1], got {success}")
+    return int(steps), float(success)
 
 
 def _checkpoint_step(path: str) -> int:

@@ -72,14 +72,16 @@ def run_teacher_job(job: dict[str, Any]) -> dict[str, Any]:
     ``eval_goals``, ``eval_envs``, and optionally ``threads`` (torch threads), ``algorithm`` (``"ppo"``, or
     ``"ppo+demos"`` with ``demos``, a :class:`~cpd_fast.teachers.demos.DemoConfig` dict) and ``eval_every`` /
     ``stop_at`` (train in measured chunks and stop at that success: :func:`cpd_fast.teachers.curve.
-    train_measured`). Crash tests kill a job with the package's one fault-injection point
-    (:mod:`cpd_fast.runio`: ``CPD_TEST_KILL_AFTER`` on its ``checkpoint.pt``, ``CPD_TEST_KILL_SCOPE=process``,
+    train_measured`), with ``give_up`` (``[env steps, success]``: stop a run still below that success
+    there). Crash tests kill a job with the package's one fault-injection point (:mod:`cpd_fast.runio`:
+    ``CPD_TEST_KILL_AFTER`` on its ``checkpoint.pt``, ``CPD_TEST_KILL_SCOPE=process``,
     ``CPD_TEST_KILL_ONCE``).
 
     Returns:
         ``{"task", "path", "success_rate", "protocol", "total_steps", "wall_time_s", "steps_per_s",
         "algorithm"}``; a ``ppo+demos`` job adds ``scripted_success`` (the expert's official success on the
-        same goals: its bar) and ``extra_env_steps`` (demonstrations + critic warm-up).
+        same goals: its bar) and ``extra_env_steps`` (demonstrations + critic warm-up); a run ended by its
+        ``give_up`` rule adds ``gave_up_at``.
     """
     threads = int(job.get("threads") or 0)
     if threads > 0:
@@ -99,17 +101,19 @@ def run_teacher_job(job: dict[str, Any]) -> dict[str, Any]:
         stop_at = job.get("stop_at")
         curve = train_measured(task, cfg, out_dir, every=job["eval_every"], goals=goals, eval_envs=envs,
                                stop_at=2.0 if stop_at is None else stop_at, trainer=trainer,
-                               algorithm=algorithm, progress=progress)  # fmt: skip
+                               algorithm=algorithm, progress=progress,
+                               give_up=tuple(job["give_up"]) if job.get("give_up") else None)  # fmt: skip
         last = curve["points"][-1]
         path, steps, protocol = curve["policy_path"], last["env_steps"], curve["protocol"]
         success, steps_per_s = last["success"], last["steps_per_s"]
         wall = sum(p["wall_s"] for p in curve["points"])  # every chunk, over resumes
+        gave_up_at = curve.get("gave_up_at")
     else:
         result = trainer(task, cfg, out_dir, progress=progress)
         measured = evaluate_teacher(load_policy(result.policy_path), task, num_goals=goals, num_envs=envs)
         path, steps, protocol = result.policy_path, result.global_step, measured["protocol"]
         success, steps_per_s = measured["success_rate"], result.steps_per_s
-        wall = time.perf_counter() - t0
+        wall, gave_up_at = time.perf_counter() - t0, None
     summary = {
         "task": task,
         "path": path,
@@ -121,6 +125,8 @@ def run_teacher_job(job: dict[str, Any]) -> dict[str, Any]:
         "algorithm": algorithm,
         "pid": os.getpid(),
     }
+    if gave_up_at is not None:
+        summary["gave_up_at"] = gave_up_at
     if algorithm == ALGORITHM:
         clone = read_json(os.path.join(out_dir, "clone.json"), {})
         summary["extra_env_steps"] = int(clone.get("demo_env_steps", 0)) + int(

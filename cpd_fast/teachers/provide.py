@@ -31,6 +31,7 @@ from cpd_fast.errors import UserError, require_int
 from cpd_fast.fidelity import collection_backends
 from cpd_fast.runio import RunLock
 from cpd_fast.tasks import resolve_tasks
+from cpd_fast.teachers.curve import check_give_up
 from cpd_fast.teachers.demos import ALGORITHM, DemoConfig
 from cpd_fast.teachers.gate import (
     DEFAULT_THRESHOLD,
@@ -153,7 +154,12 @@ def _check_gate(
 
 
 def _check_training(
-    backend: str, algorithm: str, demos: DemoConfig, eval_every: int | None, stop_at: float | None
+    backend: str,
+    algorithm: str,
+    demos: DemoConfig,
+    eval_every: int | None,
+    stop_at: float | None,
+    give_up: tuple[int, float] | None = None,
 ) -> None:
     """Refuse :func:`train_teachers`' job settings before anything runs."""
     if backend not in BACKENDS:
@@ -163,6 +169,10 @@ def _check_training(
         require_int("eval_every", eval_every)
     if stop_at is not None and not 0.0 <= stop_at <= 1.0:
         raise ValueError(f"stop_at must be a success rate in [0, 1], got {stop_at}")
+    if give_up is not None:
+        check_give_up(give_up)
+        if eval_every is None:
+            raise ValueError("give_up acts on measurements: set eval_every too")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -230,6 +240,7 @@ def train_teachers(
     demos: Any = None,
     eval_every: int | None = None,
     stop_at: float | None = None,
+    give_up: tuple[int, float] | None = None,
 ) -> dict[str, Any]:
     """Train one PPO teacher per task into ``run_dir/teachers/<task>/``, gate them, write ``teachers.json``.
 
@@ -247,6 +258,9 @@ def train_teachers(
             settings ``demos``: a :class:`~cpd_fast.teachers.demos.DemoConfig`; also ``on_fail="demos"``).
         eval_every / stop_at: measure every teacher officially (``eval_goals``) every ``eval_every`` env
             steps and stop it at ``stop_at`` success (:func:`cpd_fast.teachers.curve.train_measured`).
+        give_up: ``(env steps, success)``: end a teacher's *first* attempt at the first measurement at or
+            after that many env steps still below that success (it then fails the gate and ``on_fail``'s
+            remedy follows at once; the remedy's own attempt runs its whole budget). Needs ``eval_every``.
 
     Returns:
         ``{task: TeacherRecord}`` as written to ``run_dir/teachers.json``.
@@ -256,7 +270,7 @@ def train_teachers(
     threshold = DEFAULT_THRESHOLD if threshold is None else float(threshold)
     _check_gate(threshold, on_fail, retrain_factor, eval_goals, eval_envs)
     demos = demos if demos is not None else DemoConfig()
-    _check_training(backend, algorithm, demos, eval_every, stop_at)
+    _check_training(backend, algorithm, demos, eval_every, stop_at, give_up)
     run_dir = os.fspath(run_dir)
     if env_backends is None:  # no fidelity report: the known envpool mismatches (dial-turn-v3) still apply
         env_backends = collection_backends(None)
@@ -274,7 +288,8 @@ def train_teachers(
     if backend == "ray":
         check_ray_address(ray_address)  # an address that does not answer: refused before anything is written
     with RunLock(run_dir):
-        first = jobs.run([jobs.job(t, jobs.first_dir, cfg.total_steps) for t in task_list])
+        first = jobs.run([{**jobs.job(t, jobs.first_dir, cfg.total_steps), "give_up": give_up}
+                          for t in task_list])  # fmt: skip
         records = {t: verdict(t, "ppo", sm, threshold) for t, sm in zip(task_list, first, strict=True)}
         for task, rec in records.items():  # one warning line per failed teacher
             if not rec.passed:
@@ -287,6 +302,7 @@ def train_teachers(
             eval_goals=eval_goals, backend=backend,
             env_backends={t: env_backends.get(t, cfg.backend) for t in task_list}, config=cfg.to_dict(),
             algorithm=algorithm, demos=demos.to_dict(), eval_every=eval_every, stop_at=stop_at,
+            **({"give_up": list(give_up)} if give_up is not None else {}),
         )  # fmt: skip
 
 
