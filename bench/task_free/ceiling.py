@@ -217,6 +217,9 @@ def report(rec: dict, out: str, runs: list[str]) -> str:
     for i in range(len(tasks)):
         cells = [f"{v[i]:.2f}" for v in stud.values()]
         lines.append(f"| {short[i]} | {X[i, i]:.2f} | {ratio[i]:.2f} | " + " | ".join(cells) + " |")
+    if stud:  # the students' relative performance against each task's own zoo teacher (the yardstick)
+        rel = [f"**{100 * np.mean(v / np.diag(X)):.1f}%**" for v in stud.values()]
+        lines.append(f"| relative performance | | {100 * ratio.mean():.1f}% | " + " | ".join(rel) + " |")
     text = "\n".join(lines) + "\n"
     with open(os.path.join(out, "ceiling.md"), "w") as f:
         f.write(text)
