@@ -229,6 +229,27 @@ def test_tiny_run_end_to_end(tiny_run, tmp_path):
     timing = json.load(open(run_dir / "timing.json"))
     assert set(timing["cpu"]) == set(timing["clock"]) and timing["cpu"]["train"] > 0
     assert on_disk.extra["cpu_time_s"] == pytest.approx(sum(timing["cpu"].values()), abs=0.1)
+    # each stage's cost: its phases' steps and step time, the student's size, the peak memory so far
+    stats = on_disk.extra["stage_stats"]
+    assert stats == timing["stages"] and set(stats) == {"0", "1"}
+    assert set(stats["0"]["phases"]) == {"train"} and set(stats["1"]["phases"]) == {"phase1", "phase2"}
+    for s, st in stats.items():
+        assert (
+            st["experts"] == 2 * (int(s) + 1)
+            and st["params"] >= st["phases"][max(st["phases"])]["trainable_params"]
+        )
+        for ph in st["phases"].values():
+            assert ph["steps"] > 0 and ph["ms_per_step"] == pytest.approx(
+                1000 * ph["train_s"] / ph["steps"], abs=5 / ph["steps"] + 0.01
+            )  # train_s is rounded to 10 ms
+        assert st["clock_s"]["train"] >= sum(ph["train_s"] for ph in st["phases"].values()) - 0.05
+        assert st["clock_s"]["eval"] > 0 and st["peak_rss_mib"] > 50
+    # after stage 0 the shared layers are frozen: each phase trains a part of the student
+    assert all(0 < ph["trainable_params"] < stats["1"]["params"] for ph in stats["1"]["phases"].values())
+    assert stats["0"]["phases"]["train"]["trainable_params"] == stats["0"]["params"]
+    assert sum(st["clock_s"]["train"] for st in stats.values()) == pytest.approx(
+        timing["clock"]["train"], abs=0.1
+    )
     written = write_report([run_dir], tmp_path / "report")
     assert (tmp_path / "report" / "results.md").is_file() and len(written) >= 4
     assert "| cpd (2 episodes/task) [task id] |" in (tmp_path / "report" / "results.md").read_text()
@@ -267,11 +288,12 @@ def run_killed_after(cfg: DistillConfig, run_dir, path) -> int:
 def test_resume_after_kill_reproduces_the_run(tiny_run, tmp_path):
     cfg, run_dir, result = tiny_run
     killed = tmp_path / "killed"
-    # SIGKILL right after stage 1's Phase-1 checkpoint is written, before the ledger records the phase
-    assert run_killed_after(cfg, killed, killed / "checkpoints" / "stage1-phase1.pt") == -signal.SIGKILL
+    # SIGKILL right after stage 1's Phase-2 checkpoint is written, before the ledger records the phase:
+    # the resumed run restores Phase 1 from its checkpoint and trains Phase 2 again
+    assert run_killed_after(cfg, killed, killed / "checkpoints" / "stage1-phase2.pt") == -signal.SIGKILL
     done = json.load(open(killed / "progress.json"))["steps"]
-    assert "stage0/eval" in done and "stage1/phase1" not in done
-    assert (killed / "checkpoints" / "stage1-phase1.pt").is_file()
+    assert "stage0/eval" in done and "stage1/phase1" in done and "stage1/phase2" not in done
+    assert (killed / "checkpoints" / "stage1-phase2.pt").is_file()
     resumed = run_distill(cfg, killed)
     assert resumed.success_matrix == result.success_matrix or np.array_equal(
         np.array(resumed.success_matrix), np.array(result.success_matrix), equal_nan=True
@@ -279,10 +301,15 @@ def test_resume_after_kill_reproduces_the_run(tiny_run, tmp_path):
     a = torch.load(run_dir / "checkpoints" / "stage1-phase2.pt", weights_only=True)["student"]
     b = torch.load(killed / "checkpoints" / "stage1-phase2.pt", weights_only=True)["student"]
     assert all(torch.equal(a[k], b[k]) for k in a if isinstance(a[k], torch.Tensor))
+    # stage 0's cost is the killed run's; stage 1's Phase 1 was restored from the killed run's checkpoint
+    stats = resumed.extra["stage_stats"]
+    assert set(stats["0"]["phases"]) == {"train"} and "restored_phases" not in stats["0"]
+    assert set(stats["1"]["phases"]) == {"phase2"} and stats["1"]["restored_phases"] == ["phase1"]
     # a re-run of a finished run does nothing new
     before = os.path.getmtime(killed / "checkpoints" / "stage1-phase2.pt")
-    run_distill(cfg, killed)
+    again = run_distill(cfg, killed)
     assert os.path.getmtime(killed / "checkpoints" / "stage1-phase2.pt") == before
+    assert again.extra["stage_stats"] == stats  # a finished stage's record is kept as it was
     with pytest.raises(ValueError, match="different config"):
         run_distill(tiny_config(lr=1e-2), killed)
 
@@ -454,6 +481,43 @@ def test_newborn_shares_of_a_known_record():
         ("birth", 0.0, 0.0),
         ("end", pytest.approx(0.9), pytest.approx(0.1)),
     ]
+
+
+def test_stage_growth_of_a_known_record(tiny_run):
+    """bench/growth.py's rows: each stage's cost from stage_stats, routing concentration, seen success and
+    the forgetting of the tasks introduced before the stage."""
+    from cpd_fast.distill.stats import stage_growth
+    from cpd_fast.metrics import RunResult
+
+    end = {
+        "0": {"a": [1.0, 0.0], "b": [0.5, 0.5]},
+        "1": {"a": [1.0, 0, 0, 0], "b": [0.5, 0.5, 0, 0], "c": [0, 0, 1.0, 0], "d": [0, 0, 1.0, 0]},
+    }
+    stats = {
+        "1": {
+            "phases": {
+                "phase1": {"steps": 10, "train_s": 1.0, "trainable_params": 20},
+                "phase2": {"steps": 30, "train_s": 2.0, "trainable_params": 60},
+            },
+            "clock_s": {"train": 3.1, "eval": 4.0},
+            "experts": 4,
+            "params": 100,
+            "peak_rss_mib": 512.0,
+        }
+    }
+    run = RunResult(suite="s", method="cpd", seed=0, tasks=list("abcd"), task_stage=[0, 0, 1, 1],
+                    success_matrix=[[1, 0.5, None, None], [0.5, 0.5, 1, 0]], teacher_success=[1] * 4,
+                    wall_time_s=1.0, extra={"routing": end, "stage_stats": stats})  # fmt: skip
+    r0, r1 = stage_growth(run)
+    assert "ms_per_step" not in r0 and r0["forgetting"] is None and r0["seen_success"] == 0.75
+    assert r0["effective_experts"] == pytest.approx((1 + 2) / 2) and r0["experts_used"] == 2
+    assert r1["ms_per_step"] == pytest.approx(3000 / 40) and r1["trainable"] == pytest.approx(0.5)
+    assert (r1["experts"], r1["train_s"], r1["eval_s"], r1["peak_rss_mib"]) == (4, 3.1, 4.0, 512.0)
+    assert r1["experts_used"] == 3 and r1["dead_experts"] == 1  # expert 3 gets no task's routing
+    assert r1["seen_success"] == 0.5 and r1["forgetting"] == pytest.approx(0.25)  # a: 1 -> 0.5, b: kept
+    # a real run's record: every stage has its cost
+    rows = stage_growth(RunResult.load(tiny_run[1]))
+    assert [r["experts"] for r in rows] == [2, 4] and all(r["ms_per_step"] > 0 for r in rows)
 
 
 def test_a_forked_ewc_grid_point_computes_what_a_full_run_does(tmp_path):

@@ -40,7 +40,7 @@ from cpd_fast.distill.config import RUNTIME_KEYS, DistillConfig, saved_config
 from cpd_fast.distill.dagger import Rounds
 from cpd_fast.distill.fork import FORK_FILE
 from cpd_fast.distill.methods import configure_phase, get_method, make_hook, phases_of
-from cpd_fast.distill.stats import replay_report, routing_shares, student_error
+from cpd_fast.distill.stats import peak_memory, replay_report, routing_shares, student_error, student_size
 from cpd_fast.distill.train import train_phase
 from cpd_fast.distill.windows import TaskSampler, WindowData, full_pool
 from cpd_fast.envs import collection_backends
@@ -143,6 +143,10 @@ class DistillRun:
         self.cpu = None if cpu is None else {k: 0.0 for k in self.clock} | cpu
         # env steps the official evaluations took (episodes end at success): the work behind clock["eval"]
         self.eval_env_steps = int(timing.get("eval_env_steps", 0))
+        # each stage's cost (str(stage) -> {"phases": {phase: steps, train_s, ms_per_step, trainable params},
+        # "clock_s", experts, params, peak memory}), written with timing.json at the stage's end; a phase a
+        # killed run trained before the stage ended is restored without one (listed in "restored_phases")
+        self.stage_stats: dict[str, dict[str, Any]] = timing.get("stages", {})
         self.t_start = time.perf_counter()
         self.replay: dict[int, Any] = {}
         # expert routing shares (stats.routing_shares) of every seen task: at the end of each stage, and
@@ -203,6 +207,7 @@ class DistillRun:
             EvalPool(self.eval_workers(), tmp_dir=self.run_dir) as self.evaluator,
         ):
             for s, stage in enumerate(self.stages):
+                clock0 = dict(self.clock)
                 new_ids = [self.task_index[t] for t in stage]
                 if s > 0 and self.method.resets:  # scratch: a fresh student for every stage
                     self.student = self.build_student(phase_seed(self.cfg.seed, s, "init"))
@@ -220,6 +225,11 @@ class DistillRun:
                 if self.cfg.selection is not None and not self.method.joint:
                     self.select_replay(s, new_ids)
                 self.evaluate(s)
+                if "clock_s" not in self.stage_stats.get(str(s), {}):  # not a stage an earlier run finished
+                    self.stage_stats.setdefault(str(s), {}).update(
+                        clock_s={k: round(v - clock0[k], 2) for k, v in self.clock.items()},
+                        **student_size(self.student), **peak_memory(self.cfg.device),
+                    )  # fmt: skip
                 self.record(s)
         return self.result(self.wall(), complete=True)
 
@@ -321,17 +331,28 @@ class DistillRun:
             if rounds is not None:  # its data, appended again in the order the first run appended it
                 rounds.replay_finished()
                 self.dagger[s] = rounds.report()
+            stats = self.stage_stats.setdefault(str(s), {})
+            if phase not in stats.get("phases", {}) and "clock_s" not in stats:  # trained by a killed run
+                stats.setdefault("restored_phases", []).append(phase)
             return
+        t0 = time.perf_counter()
         with self.timed("train"):
-            self.fit(s, phase, steps, new_ids, new_experts, last, base, pools, rounds)
+            trainable = self.fit(s, phase, steps, new_ids, new_experts, last, base, pools, rounds)
+        took = time.perf_counter() - t0  # the phase's steps (DAgger's rollouts included) and its checkpoint
+        self.stage_stats.setdefault(str(s), {}).setdefault("phases", {})[phase] = {
+            "steps": steps, "train_s": round(took, 2), "ms_per_step": round(1000 * took / steps, 2),
+            "trainable_params": trainable,
+        }  # fmt: skip
 
     def fit(
         self, s: int, phase: str, steps: int, new_ids: list[int], new_experts: list[int], last: bool,
         base: int, pools: dict[int, Any], rounds: Rounds | None,
-    ) -> None:  # fmt: skip
-        """Train one phase from the student as it is, then checkpoint it and mark it in the ledger."""
+    ) -> int:  # fmt: skip
+        """Train one phase from the student as it is, then checkpoint it and mark it in the ledger; returns
+        the number of parameters the phase trained."""
         cfg, name = self.cfg, f"stage{s}/{phase}"
         configure_phase(self.student, cfg, s, phase, new_experts, new_ids)
+        trainable = student_size(self.student)["trainable_params"]
         if self.hook is not None:
             self.hook.begin_phase(self.student, s, phase)
         gen = torch.Generator().manual_seed(phase_seed(cfg.seed, s, phase))
@@ -361,6 +382,7 @@ class DistillRun:
             self.ledger.mark(name)
             if rounds is not None and os.path.isfile(rounds.state_path()):
                 os.remove(rounds.state_path())  # the phase is done: its mid-phase resume state is not needed
+        return trainable
 
     def select_replay(self, s: int, new_ids: list[int]) -> None:
         """The replay memory of the stage's tasks (rank 0 selects; every rank loads it)."""
@@ -443,6 +465,7 @@ class DistillRun:
         write_json_atomic(
             self.path("timing.json"),
             {"wall_time_s": wall, "clock": self.clock, "eval_env_steps": self.eval_env_steps}
+            | {"stages": self.stage_stats}
             | ({} if self.cpu is None else {"cpu": self.cpu}),
         )
         self.result(wall, s == len(self.stages) - 1).save(self.path("results.json"))
@@ -469,6 +492,7 @@ class DistillRun:
                    "eval_env_steps": self.eval_env_steps,
                    "config": cfg.to_dict(), "replay": replay_report(self.replay, self.data),
                    "num_experts": self.student.num_experts, "budget_steps_per_stage": cfg.stage_steps,
+                   "stage_stats": self.stage_stats,
                    "dagger": {str(k): v for k, v in self.dagger.items()},
                    "routing": {str(k): v for k, v in self.routing.items()},
                    "routing_within_stage": {str(k): v for k, v in self.routing_within.items()},

@@ -1,14 +1,22 @@
-"""What a run records beside its success matrix: expert routing shares and the replay budget stored."""
+"""What a run records beside its success matrix: expert routing shares, the replay budget stored, and each
+stage's cost (its phases' step time, the student's size, the process's peak memory)."""
 
 from __future__ import annotations
 
+import math
+import resource
+import sys
 from typing import Any
 
+import numpy as np
 import torch
 
 from cpd_fast.distill.windows import TaskSampler, WindowData, full_pool
 
-__all__ = ["newborn_shares", "replay_report", "routing_shares", "student_error"]
+__all__ = [
+    "newborn_shares", "peak_memory", "replay_report", "routing_shares", "stage_growth", "student_error",
+    "student_size",
+]  # fmt: skip
 
 
 @torch.no_grad()
@@ -87,3 +95,66 @@ def student_error(student: Any, data: WindowData, rows: torch.Tensor, device: st
         out.append(((pred - target[:, -1].to(device).clamp(-1, 1)) ** 2).mean(1).cpu())
     student.train(was)
     return torch.cat(out)
+
+
+def student_size(student: Any) -> dict[str, int]:
+    """``{"experts", "params", "trainable_params"}`` of the student as it is configured now."""
+    params = list(student.parameters())
+    return {"experts": int(student.num_experts), "params": sum(p.numel() for p in params),
+            "trainable_params": sum(p.numel() for p in params if p.requires_grad)}  # fmt: skip
+
+
+def peak_memory(device: str) -> dict[str, float]:
+    """This process's peak resident memory so far in MiB (``ru_maxrss``: the whole process's life, so a
+    stage's figure is the peak up to its end), and on CUDA the peak allocated by torch on ``device``."""
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    out = {"peak_rss_mib": round(rss / (2**20 if sys.platform == "darwin" else 2**10), 1)}
+    if torch.device(device).type == "cuda":
+        out["cuda_peak_mib"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
+    return out
+
+
+def stage_growth(result: Any, mode: str | None = None) -> list[dict[str, Any]]:
+    """Where a growing MoE stops paying, stage by stage, from a :class:`cpd_fast.metrics.RunResult`: one row
+    per stage with
+
+    - its cost (``extra["stage_stats"]``, None where the run predates that record): ``experts``, ``params``,
+      ``ms_per_step`` (its phases' training wall time over their steps), ``trainable`` (the steps-weighted
+      share of the parameters its phases train), ``train_s``, ``eval_s``, ``peak_rss_mib``;
+    - its routing at the stage's end (``extra["routing"]``): ``effective_experts`` (the mean over the seen
+      tasks of exp(entropy) of a task's routing shares: 1 = one expert per task, top-2 spreads to ≤ 2 per
+      token but more per task), ``experts_used`` (experts that receive ≥ 1% of some seen task's routing)
+      and ``dead_experts``;
+    - its success in ``mode`` (default the run's main mode): ``seen_success`` (mean over the tasks introduced
+      by then) and ``forgetting`` (mean over the tasks introduced before the stage of their best earlier
+      success minus the success now; None at stage 0).
+    """
+    R = np.asarray(result.matrix(mode) if mode else result.R, dtype=float)
+    introduced = np.asarray(result.introduced)
+    stats, routing = result.extra.get("stage_stats") or {}, result.extra.get("routing") or {}
+    rows = []
+    for s in range(R.shape[0]):
+        st, row = stats.get(str(s)), {"stage": s}
+        if st and st.get("phases"):
+            phases = st["phases"].values()
+            steps = sum(ph["steps"] for ph in phases)
+            row.update(
+                experts=st["experts"], params=st["params"], train_s=st["clock_s"]["train"],
+                eval_s=st["clock_s"]["eval"], peak_rss_mib=st["peak_rss_mib"],
+                ms_per_step=sum(ph["train_s"] for ph in phases) * 1000 / steps,
+                trainable=sum(ph["trainable_params"] * ph["steps"] for ph in phases) / steps / st["params"],
+            )  # fmt: skip
+        shares = routing.get(str(s))
+        if shares:
+            m = np.asarray(list(shares.values()), dtype=float)  # [seen tasks, experts]
+            p = np.where(m > 0, m, 1.0)
+            used = (m >= 0.01).any(0)
+            row.update(effective_experts=float(np.exp(-(m * np.log(p)).sum(1)).mean()),
+                       experts_used=int(used.sum()), dead_experts=int((~used).sum()))  # fmt: skip
+        seen = introduced <= s
+        row["seen_success"] = float(np.nanmean(R[s, seen])) if seen.any() else math.nan
+        old = np.flatnonzero(introduced < s)
+        drops = [np.nanmax(R[introduced[j] : s, j]) - R[s, j] for j in old if not np.isnan(R[s, j])]
+        row["forgetting"] = float(np.mean(drops)) if drops else None
+        rows.append(row)
+    return rows
