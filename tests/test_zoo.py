@@ -340,3 +340,47 @@ def test_export_from_a_training_runs_record_keeps_the_attempts_before_it(small_z
     argv[argv.index("--task") + 1] = "push-v3" if task != "push-v3" else "reach-v3"
     assert cpd(argv) == 2  # the run holds no such task
     assert "has no record of" in capsys.readouterr().err
+
+
+def test_a_run_with_behaviours_collects_a_task_with_another_tasks_teacher(tmp_path, capsys):
+    """`behaviours: {reach-v3: push-v3}` (teachers: zoo): push's zoo teacher collects reach's data (the
+    manifest names it, its actions are that teacher's), reach's record names it in acts_as and keeps its own
+    teacher's success as the yardstick; bad behaviours are refused in one line before anything is written."""
+    _, records = zoo_records("metaworld-v3")
+    tiny = ["distill.steps_per_stage=2", "distill.episodes_per_task=1", "distill.eval_goals=1",
+            "distill.eval_envs=1", "distill.batch_size=8", "fidelity.episodes=0", "methods=[cpd]",
+            "tasks=[reach-v3, push-v3]", "tasks_per_stage=1"]  # fmt: skip
+
+    def run(out, behaviours: str, preset: str = "mt25") -> int:
+        argv = ["run", "--preset", preset, "--out", str(out), "--no-progress"]
+        for item in [*tiny, f"behaviours={behaviours}"]:
+            argv += ["--set", item]
+        return cpd(argv if preset == "quick" else [*argv, "--teachers", "zoo"])
+
+    out = tmp_path / "run"
+    assert run(out, "{reach-v3: push-v3}") == 0
+    gate = json.load(open(out / "teachers.json"))
+    reach = gate["teachers"]["reach-v3"]
+    assert reach["acts_as"] == "push-v3" and reach["success_rate"] == records["reach-v3"].success_rate
+    assert "acts_as" not in gate["teachers"]["push-v3"]
+    assert gate["settings"]["behaviours"] == {"reach-v3": "push-v3"}
+    manifest = json.load(open(out / "datasets" / "reach-v3.collected.json"))
+    assert manifest["spec"]["teacher"] == "zoo:metaworld-v3/push-v3@reach-v3"
+    own = evaluate_teacher(zoo_teacher("reach-v3"), "reach-v3", num_goals=1, num_envs=1)["success_rate"]
+    assert manifest["teacher_success"] == own  # the yardstick: reach's own teacher, on the run's 1 goal
+    data = load_teacher_data(["reach-v3"], out / "datasets")
+    obs, means = data.obs[:16].numpy(), data.action_mean[:16].numpy()
+    np.testing.assert_allclose(means, zoo_teacher("push-v3").action_mean(obs), atol=1e-5)
+    assert not np.allclose(means, zoo_teacher("reach-v3").action_mean(obs), atol=1e-3)
+    capsys.readouterr()
+    for bad, why in [
+        ("{reach-v3: reach-v3}", "must be another task"), ("{door-open-v3: push-v3}", "not among"),
+        ("{reach-v3: push-v3, push-v3: reach-v3}", "must be another task"),
+        ("{reach-v9: push-v3}", "unknown Meta-World v3 task"),
+    ]:  # fmt: skip
+        assert run(tmp_path / "bad", bad) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and why in err[0], (bad, err)
+        assert not (tmp_path / "bad").exists()
+    assert run(tmp_path / "bad", "{reach-v3: push-v3}", preset="quick") == 2
+    assert "only with teachers: zoo" in capsys.readouterr().err

@@ -39,7 +39,7 @@ from cpd_fast.config import (
 from cpd_fast.distill.config import DistillConfig, inactive_refusal
 from cpd_fast.distill.methods import METHODS
 from cpd_fast.runio import config_diff as _config_diff
-from cpd_fast.tasks import stages
+from cpd_fast.tasks import stages, validate_task
 from cpd_fast.teachers.gate import ON_FAIL
 from cpd_fast.teachers.jobs import BACKENDS
 from cpd_fast.teachers.ppo import PPOConfig
@@ -58,7 +58,7 @@ __all__ = [
 ]
 
 # cpd_fast/presets/<name>.yaml
-PRESETS = ("quick", "mt10", "mt25", "mt25-plus", "mt25-study", "mt50", "cw10", "cw20")
+PRESETS = ("quick", "mt10", "mt25", "mt25-plus", "mt25-task-free", "mt25-study", "mt50", "cw10", "cw20")
 # DistillConfig fields the pipeline sets itself (from the top level, or per step)
 _OWNED = ("suite", "tasks", "tasks_per_stage", "method", "teachers", "fidelity", "seed", "device", "data_dir",
           "progress")  # fmt: skip
@@ -125,6 +125,11 @@ class PipelineConfig:
     # DistillConfig fields of one method over ``distill`` (e.g. a tuned ewc_lambda, PackNet's eval_modes);
     # not the data's: the methods of a run share its datasets. Left out of config.yaml when empty
     per_method: dict[Str, dict[Str, Any]] = field(default_factory=dict)
+    # teachers == zoo: {task: acting task}, the zoo teacher of the acting task collects (and under DAgger
+    # labels) the task's data, e.g. for tasks a task-free student cannot tell apart (bench/task_free/
+    # ceiling.md); the yardstick of relative performance stays the task's own teacher. Left out of
+    # config.yaml when empty
+    behaviours: dict[Str, Str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not self.suite and not self.tasks:
@@ -152,6 +157,7 @@ class PipelineConfig:
                 )
         self.task_list()  # known tasks that split into equal stages
         self._check_per_method()
+        self._check_behaviours()
         # resolve (and so validate) the two nested configs: every number the run uses ends up in config.yaml
         self.distill = _strip(self.distill_config(self.methods[0], own=False).to_dict(), _OWNED)
         for m in self.per_method:
@@ -173,6 +179,20 @@ class PipelineConfig:
                     f"per_method.{method} sets {', '.join(shared)}: the methods of a run share its teachers "
                     "and datasets; set it for the whole run (top level or distill), or run it separately"
                 )
+
+    def _check_behaviours(self) -> None:
+        if not self.behaviours:
+            return
+        if self.teachers != "zoo":
+            raise ValueError(f"behaviours act only with teachers: zoo (this run's teachers: {self.teachers})")
+        tasks = self.task_list()
+        for task, acting in self.behaviours.items():
+            for t in (task, acting):
+                validate_task(t)
+            if task not in tasks:
+                raise ValueError(f"behaviours.{task}: {task} is not among this run's tasks")
+            if acting == task or acting in self.behaviours:
+                raise ValueError(f"behaviours.{task}: {acting} must be another task acting as itself")
 
     def distill_config(
         self, method: str, run_dir: str = "", fidelity: str | None = None, own: bool = True
@@ -215,8 +235,9 @@ class PipelineConfig:
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
-        if not d["per_method"]:
-            del d["per_method"]  # configs that use none read as they always did
+        for key in ("per_method", "behaviours"):
+            if not d[key]:
+                del d[key]  # configs that use none read as they always did
         return json.loads(json.dumps(d))  # plain lists/dicts (tuples -> lists): YAML- and compare-friendly
 
     @classmethod

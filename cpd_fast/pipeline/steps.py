@@ -132,6 +132,7 @@ class Pipeline:
         records = provide(
             c.teachers, self.tasks, self.run_dir, c.gate, zoo=c.zoo, ppo=c.ppo_config(), backend=c.backend,
             workers=c.workers, ray_address=c.ray_address, env_backends=self._backends(), progress=c.progress,
+            behaviours=c.behaviours,
         )  # fmt: skip
         teacher_table(self.console, self.tasks, records)
         unusable = [t for t in self.tasks if t not in records or not records[t].used]
@@ -210,7 +211,7 @@ def run_pipeline(cfg: PipelineConfig, run_dir: str, console: Any = None) -> dict
     if cfg.teachers == "ppo" and cfg.backend == "ray":  # fail now, not after the fidelity check
         check_ray_address(cfg.ray_address)
     if cfg.teachers == "zoo":  # a zoo that lacks a task it cannot train: refused before anything is written
-        check_zoo(cfg.zoo, cfg.task_list(), cfg.gate)
+        check_zoo(cfg.zoo, list(dict.fromkeys([*cfg.task_list(), *cfg.behaviours.values()])), cfg.gate)
     t0 = time.perf_counter()
     with RunLock(run_dir):  # a second process on this directory is refused at once
         resumed = os.path.isfile(os.path.join(run_dir, CONFIG_FILE))

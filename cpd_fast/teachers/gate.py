@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from tqdm import tqdm
@@ -178,16 +178,18 @@ class TeacherSpec:
     path: str | None  # a checkpoint; for "zoo" the zoo's name or directory
     success: float | None = None  # the gate's official-protocol measurement, if any
     goals: int | None = None  # how many of the official goals that measurement used
+    # "zoo": the task whose teacher acts for this task (a run's ``behaviours``); success stays the task's own
+    acts_as: str | None = None
 
     def name(self, task: str) -> str:
         """The teacher's name in dataset manifests (``scripted:reach-v3``, ``ppo:RUN/.../policy.pt``,
-        ``zoo:mt25/reach-v3``)."""
+        ``zoo:mt25/reach-v3``; ``zoo:metaworld-v3/pick-place-v3@reach-v3`` for a behaviour)."""
         if self.source == "zoo":
-            return f"zoo:{self.path}/{task}"
+            return f"zoo:{self.path}/{self.acts_as}@{task}" if self.acts_as else f"zoo:{self.path}/{task}"
         return f"{self.source}:{self.path or task}"
 
     def make(self, task: str, device: str = "cpu") -> Any:
-        return make_teacher(self.source, task, self.path, device=device)
+        return make_teacher(self.source, self.acts_as or task, self.path, device=device)
 
 
 def trained_teachers(specs: dict[str, TeacherSpec]) -> dict[str, Any]:
@@ -218,8 +220,10 @@ def teacher_specs(teachers: str, tasks: Sequence[str]) -> dict[str, TeacherSpec]
             raise ValueError(f"no usable teacher for {t} in {path_json}")
         goals = 50 if r.protocol == "official" else subset_goals
         if r.source == "zoo":  # a zoo's own record (path: its file) or a run's copy (path: the zoo)
-            zoo = root if os.path.isfile(os.path.join(root, r.path or "")) else r.path
-            out[t] = TeacherSpec("zoo", zoo_name(zoo), r.success_rate, goals)
+            if os.path.isfile(os.path.join(root, r.path or "")):  # the zoo's own record: it knows its file
+                out[t] = TeacherSpec("zoo", zoo_name(root), r.success_rate, goals)
+            else:  # a run's copy (path: the zoo), possibly with another task's teacher acting (behaviours)
+                out[t] = TeacherSpec("zoo", zoo_name(r.path), r.success_rate, goals, r.acts_as)
             continue
         path = r.path
         if path and not os.path.isabs(path) and not os.path.isfile(path):
@@ -234,13 +238,15 @@ def record_success(
     manifest_path: str, task: str, spec: TeacherSpec, *, eval_goals: int, eval_envs: int
 ) -> float:
     """The teacher's official success on ``eval_goals`` goals, stored in its dataset manifest: read when
-    there, else the gate's measurement when it used the same goals, else measured now (once)."""
+    there, else the gate's measurement when it used the same goals, else measured now (once). For a
+    behaviour (``spec.acts_as``) it is the task's own teacher's: the yardstick of relative performance."""
     manifest = read_json(manifest_path)
     if "teacher_success" not in manifest:
         if spec.success is not None and spec.goals == eval_goals:
             manifest["teacher_success"] = float(spec.success)
         else:
-            measured = evaluate_teacher(spec.make(task), task, num_goals=eval_goals, num_envs=eval_envs)
+            own = replace(spec, acts_as=None)  # the yardstick is the task's own teacher, not a behaviour
+            measured = evaluate_teacher(own.make(task), task, num_goals=eval_goals, num_envs=eval_envs)
             manifest["teacher_success"] = float(measured["success_rate"])
         write_json_atomic(manifest_path, manifest)
     return float(manifest["teacher_success"])

@@ -77,6 +77,7 @@ def provide(
     ray_address: str | None = None,
     env_backends: dict[str, str] | None = None,
     progress: bool = True,
+    behaviours: dict[str, str] | None = None,
 ) -> dict[str, TeacherRecord]:
     """The teachers of ``tasks`` from ``source``, gated, written to ``run_dir/teachers.json``.
 
@@ -89,6 +90,9 @@ def provide(
         ppo / backend / workers / ray_address / env_backends: ``source="ppo"``: the PPO config and where
             the jobs run (see :func:`train_teachers`).
         progress: progress bars.
+        behaviours: ``source="zoo"``: ``{task: acting task}``, the zoo teacher of the acting task acts for the
+            task (the record keeps the task's own teacher's success, the yardstick, and names the acting
+            one in ``acts_as``). Both must pass the gate.
 
     Returns:
         ``{task: TeacherRecord}`` as written to ``teachers.json`` (unused teachers included, ``used`` false).
@@ -109,8 +113,19 @@ def provide(
         if source == "zoo":
             path, held = check_zoo(zoo, task_list, g)
             records = _zoo_verdicts(task_list, path, held, zoo_name(zoo), g.threshold)
+            behaviours = behaviours or {}
+            acting = _zoo_verdicts(sorted(set(behaviours.values())), path, held, zoo_name(zoo), g.threshold)
+            for task, by in behaviours.items():
+                if not acting[by].passed:
+                    raise UserError(f"behaviours.{task}: the zoo's teacher of {by} does not pass the gate")
+                records[task] = dataclasses.replace(
+                    records[task],
+                    acts_as=by,
+                    history=[*records[task].history, {"acts_as": by, "why": "the run's behaviours setting"}],
+                )
             return _apply_gate(run_dir, records, g.on_fail, g.eval_goals, g.eval_envs, tasks=task_list,
-                               threshold=g.threshold, eval_goals=g.eval_goals, zoo=path)  # fmt: skip
+                               threshold=g.threshold, eval_goals=g.eval_goals, zoo=path,
+                               **({"behaviours": behaviours} if behaviours else {}))  # fmt: skip
         records = gate_scripted(task_list, g.threshold, eval_goals=g.eval_goals, eval_envs=g.eval_envs,
                                 progress=progress)  # fmt: skip
         return _apply_gate(run_dir, records, None, g.eval_goals, g.eval_envs, tasks=task_list,
