@@ -41,7 +41,8 @@ def test_rounds_collect_student_driven_data_labelled_by_the_teacher(dagger_run):
     from cpd_fast.teachers.scripted import ScriptedExpert
 
     cfg, run_dir, result = dagger_run
-    assert result.method == "cpd (2 episodes/task, DAgger 2x2 beta 0.5)" and result.extra["complete"]
+    assert result.method == "cpd (2 episodes/task, history 4, DAgger 2x2 beta 0.5)"
+    assert result.extra["complete"]
     records = result.extra["dagger"]
     assert sorted(records) == ["0", "1"]  # every stage
     for s, stage_tasks in ((0, cfg.tasks[:2]), (1, cfg.tasks[2:])):

@@ -142,13 +142,26 @@ def test_phases_per_method():
 
 def test_label_names_every_ablation_so_reports_never_pool_them():
     assert DistillConfig().label == "cpd"
-    assert tiny_config().label == "cpd (2 episodes/task)"  # other data: never pooled with the default's
+    # other data, another history: never pooled with the default's
+    assert tiny_config().label == "cpd (2 episodes/task, history 4)"
     assert DistillConfig(noise_std=0.2, episodes_per_task=40).label == "cpd (40 episodes/task, 0.2 noise std)"
     assert DistillConfig(freeze_shared=False, phase2=False).label == "cpd (no shared freeze, no phase 2)"
     uniform5 = DistillConfig(replay_selection="uniform", replay_fraction=0.05)
     assert uniform5.label == "cpd (uniform replay, replay 5%)"
     assert DistillConfig(method="replay").label == "replay"  # uniform is replay's own default
     assert DistillConfig(method="finetune", freeze_shared=False).label == "finetune"  # flag unused there
+    # what collected the data and how much history the student sees: never pooled either
+    grouped = DistillConfig(behaviours={"reach-v3": "pick-place-v3", "pick-place-wall-v3": "pick-place-v3"})
+    assert grouped.label == "cpd (behaviours reach→pick-place, pick-place-wall→pick-place)"
+    assert DistillConfig(student={"history": 16}).label == "cpd (history 16)"
+    for bad, why in [({"reach-v3": "reach-v3"}, "another task"), ({"reach-v9": "push-v3"}, "reach-v9"),
+                     ({"reach-v3": "push-v3", "push-v3": "door-open-v3"}, "another task")]:  # fmt: skip
+        with pytest.raises(ValueError, match=why):
+            DistillConfig(behaviours=bad)
+    with pytest.raises(ValueError, match="not among"):
+        DistillConfig(
+            tasks=["reach-v3", "push-v3"], tasks_per_stage=1, behaviours={"door-open-v3": "push-v3"}
+        )
 
 
 def test_lr_schedule_warms_up_then_decays_per_phase():
@@ -252,7 +265,8 @@ def test_tiny_run_end_to_end(tiny_run, tmp_path):
     )
     written = write_report([run_dir], tmp_path / "report")
     assert (tmp_path / "report" / "results.md").is_file() and len(written) >= 4
-    assert "| cpd (2 episodes/task) [task id] |" in (tmp_path / "report" / "results.md").read_text()
+    text = (tmp_path / "report" / "results.md").read_text()
+    assert "| cpd (2 episodes/task, history 4) [task id] |" in text
 
     # the trained student imitates the teacher on held-out episodes far better than an untrained one
     collect_dataset(ScriptedExpert("reach-v3"), "reach-v3", tmp_path / "ho", episodes=1, num_envs=1,
@@ -360,7 +374,7 @@ def test_packnet_keeps_each_stage_network_bit_for_bit(tiny_run, tmp_path):
     cfg = tiny_config(method="packnet", data_dir=str(run_dir / "datasets"), eval_modes=("prototype",))
     assert phases_of(cfg, 0) == [("train", 30), ("retrain", 10)] and phases_of(cfg, 1) == [("train", 40)]
     r = run_distill(cfg, tmp_path / "pn")
-    assert r.method == "packnet (2 episodes/task)" and r.extra["eval_mode"] == "prototype"
+    assert r.method == "packnet (2 episodes/task, history 4)" and r.extra["eval_mode"] == "prototype"
     ckpt = tmp_path / "pn" / "checkpoints"
     end0 = torch.load(ckpt / "stage0-retrain.pt", weights_only=True)
     end1 = torch.load(ckpt / "stage1-train.pt", weights_only=True)
@@ -381,7 +395,7 @@ def test_error_weighted_replay_in_a_run(tiny_run, tmp_path):
     _, run_dir, _ = tiny_run
     cfg = tiny_config(replay_quality="error", data_dir=str(run_dir / "datasets"))
     r = run_distill(cfg, tmp_path / "q")
-    assert r.method == "cpd (error-weighted replay, 2 episodes/task)"
+    assert r.method == "cpd (error-weighted replay, 2 episodes/task, history 4)"
     per_task = r.extra["replay"]["per_task"]
     assert all(v["fraction"] <= cfg.replay_fraction for v in per_task.values())
     a = torch.load(run_dir / "replay" / "stage0.pt", weights_only=True)
@@ -572,7 +586,7 @@ def test_last_position_run_trains(tiny_run, tmp_path):
     cfg = tiny_config(loss_positions="last", steps_per_stage=10, data_dir=str(run_dir / "datasets"),
                       eval_modes=("inferred",))  # fmt: skip
     r = run_distill(cfg, tmp_path / "last")
-    assert r.method == "cpd (2 episodes/task, last-position loss)" and r.extra["complete"]
+    assert r.method == "cpd (2 episodes/task, history 4, last-position loss)" and r.extra["complete"]
     summary = [json.loads(x) for x in open(tmp_path / "last" / "metrics.jsonl") if '"summary"' in x]
     assert summary and all(np.isfinite(e["summary"]["mse"]) for e in summary)
 
@@ -603,7 +617,7 @@ def test_bf16_run_trains(tiny_run, tmp_path):
     cfg = tiny_config(precision="bf16", steps_per_stage=30, data_dir=str(run_dir / "datasets"),
                       eval_modes=("inferred",))  # fmt: skip
     r = run_distill(cfg, tmp_path / "bf16")
-    assert r.method == "cpd (2 episodes/task, bf16 training)" and r.extra["complete"]
+    assert r.method == "cpd (2 episodes/task, history 4, bf16 training)" and r.extra["complete"]
     lines = [json.loads(x) for x in open(tmp_path / "bf16" / "metrics.jsonl")]
     mse = [e["mse"] for e in lines if "mse" in e]
     assert mse and all(np.isfinite(mse)) and mse[-1] < mse[0]

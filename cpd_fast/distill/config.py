@@ -25,7 +25,7 @@ from cpd_fast.config import (
 )
 from cpd_fast.distill.methods import METHOD_FIELDS, get_method
 from cpd_fast.student import StudentConfig
-from cpd_fast.tasks import SUITES, stages
+from cpd_fast.tasks import SUITES, stages, validate_task
 from cpd_fast.workers import available_cores, core_share
 
 __all__ = [
@@ -46,7 +46,7 @@ EVAL_MODES = ("inferred", "prototype")
 RUNTIME_KEYS = ("progress", "tensorboard", "threads", "device", "eval_modes", "eval_workers")
 # fields added after runs were made with this config, at the value those runs behaved with: a resumed run
 # whose saved config predates a field reads it as this value
-ADDED_FIELDS = {"packnet_retrain_fraction": 0.25}
+ADDED_FIELDS = {"packnet_retrain_fraction": 0.25, "behaviours": {}}
 _DAGGER_FIELDS = ("dagger_rounds", "dagger_episodes", "dagger_beta")  # read only with dagger on
 # config.json's list of the settings that do not act (DistillConfig.inactive_reasons), beside the values
 INACTIVE_KEY = "inactive_settings"
@@ -123,6 +123,9 @@ class DistillConfig:
     method: Str = "cpd"  # a key of cpd_fast.distill.methods.METHODS
     # "scripted", "zoo" / "zoo:NAME_OR_DIR" (shipped RL teachers) or a RUN_DIR with teachers.json
     teachers: Str = "scripted"
+    # zoo teachers: {task: acting task}, the acting task's teacher collects (and under DAgger labels) the
+    # task's data; the task's own teacher stays the yardstick (cpd_fast.teachers.gate.TeacherSpec.acts_as)
+    behaviours: dict[Str, Str] = field(default_factory=dict)
     fidelity: Str | None = None  # `cpd envs check` JSON: per-task collection backend
     seed: Seed = 0
     device: Str = "cpu"
@@ -205,6 +208,7 @@ class DistillConfig:
     def __post_init__(self) -> None:
         get_method(self.method)
         self.stage_tasks()  # unknown task/suite, or tasks that do not split into equal stages: now
+        self._check_behaviours()
         self.eval_modes = tuple(self.eval_modes)
         if not self.eval_modes or len(set(self.eval_modes)) != len(self.eval_modes):
             raise ValueError(f"eval_modes must be a non-empty subset of {EVAL_MODES}, got {self.eval_modes}")
@@ -230,6 +234,16 @@ class DistillConfig:
             return self.eval_workers
         cores = available_cores()
         return cores if cores > 1 and self.device == "cpu" else 0
+
+    def _check_behaviours(self) -> None:
+        tasks = {t for stage in self.stage_tasks() for t in stage}
+        for task, acting in self.behaviours.items():
+            for t in (task, acting):
+                validate_task(t)
+            if task not in tasks:
+                raise ValueError(f"behaviours.{task}: {task} is not among this run's tasks")
+            if acting == task or acting in self.behaviours:
+                raise ValueError(f"behaviours.{task}: {acting} must be another task acting as itself")
 
     def stage_tasks(self) -> list[list[str]]:
         """The run's tasks, stage by stage."""
@@ -283,7 +297,8 @@ class DistillConfig:
         for key, unit in (("episodes_per_task", "episodes/task"), ("noise_std", "noise std")):
             if getattr(self, key) != getattr(d, key):  # what the data is: runs with other data never pool
                 notes.append(f"{getattr(self, key):g} {unit}")
-        for key, unit in (("adapter_rank", "adapter rank"), ("experts_per_task", "experts/task")):
+        for key, unit in (("adapter_rank", "adapter rank"), ("experts_per_task", "experts/task"),
+                          ("history", "history")):  # fmt: skip
             if getattr(self.student, key) != getattr(d.student, key):  # capacity: never pooled as seeds
                 notes.append(f"{unit} {getattr(self.student, key)}")
         if self.student.expert_routing != d.student.expert_routing:
@@ -294,6 +309,10 @@ class DistillConfig:
             notes.append(f"{self.loss_positions}-position loss")
         if self.precision != "fp32":
             notes.append(f"{self.precision} training")
+        if self.behaviours:  # what the data is: the behaviour that collected a task's
+            notes.append(
+                "behaviours " + ", ".join(f"{_short(t)}→{_short(a)}" for t, a in self.behaviours.items())
+            )
         if self.dagger:  # any method
             notes.append(f"DAgger {self.dagger_rounds}x{self.dagger_episodes} beta {self.dagger_beta:g}")
         return self.method + (f" ({', '.join(notes)})" if notes else "")
@@ -377,3 +396,7 @@ class DistillConfig:
 
     def replace(self, **changes: object) -> DistillConfig:
         return dataclasses.replace(self, **changes)
+
+
+def _short(task: str) -> str:
+    return task.removesuffix("-v3")

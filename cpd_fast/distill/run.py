@@ -24,6 +24,7 @@ replay, evaluates and writes; the other ranks wait at barriers and read its file
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import glob
 import logging
 import os
@@ -44,6 +45,7 @@ from cpd_fast.distill.stats import peak_memory, replay_report, routing_shares, s
 from cpd_fast.distill.train import train_phase
 from cpd_fast.distill.windows import TaskSampler, WindowData, full_pool
 from cpd_fast.envs import collection_backends
+from cpd_fast.errors import UserError
 from cpd_fast.evalpool import TMP_PREFIX, EvalJob, EvalPool
 from cpd_fast.metrics import RunResult, matrix_to_json
 from cpd_fast.provenance import provenance
@@ -254,6 +256,11 @@ class DistillRun:
         """Collect each task's dataset and record its teacher's success; load every transition as windows."""
         cfg = self.cfg
         specs = self.specs = teacher_specs(cfg.teachers, self.tasks)
+        for task, acting in cfg.behaviours.items():  # another task's zoo teacher collects this task's data
+            if specs[task].source != "zoo":
+                raise UserError(f"behaviours.{task}: behaviours act on zoo teachers; {task}'s is "
+                                f"{specs[task].source}")  # fmt: skip
+            specs[task] = dataclasses.replace(specs[task], acts_as=acting)
         # every trained teacher loads now (DAgger queries them in training), each to collect in its simulator
         backends = self.backends = collection_backends(cfg.fidelity, trained_teachers(specs))
         root = cfg.data_dir or self.path("datasets")

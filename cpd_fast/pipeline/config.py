@@ -39,7 +39,7 @@ from cpd_fast.config import (
 from cpd_fast.distill.config import DistillConfig, inactive_refusal
 from cpd_fast.distill.methods import METHODS
 from cpd_fast.runio import config_diff as _config_diff
-from cpd_fast.tasks import stages, validate_task
+from cpd_fast.tasks import stages
 from cpd_fast.teachers.gate import ON_FAIL
 from cpd_fast.teachers.jobs import BACKENDS
 from cpd_fast.teachers.ppo import PPOConfig
@@ -60,8 +60,8 @@ __all__ = [
 # cpd_fast/presets/<name>.yaml
 PRESETS = ("quick", "mt10", "mt25", "mt25-plus", "mt25-task-free", "mt25-study", "mt50", "cw10", "cw20")
 # DistillConfig fields the pipeline sets itself (from the top level, or per step)
-_OWNED = ("suite", "tasks", "tasks_per_stage", "method", "teachers", "fidelity", "seed", "device", "data_dir",
-          "progress")  # fmt: skip
+_OWNED = ("suite", "tasks", "tasks_per_stage", "method", "teachers", "behaviours", "fidelity", "seed",
+          "device", "data_dir", "progress")  # fmt: skip
 _PPO_OWNED = ("seed", "device")  # PPOConfig fields set from the top level
 # DistillConfig fields that say what the teacher data is (collected once per run, shared by its methods)
 DATA_FIELDS = ("episodes_per_task", "noise_std", "collect_envs", "max_episode_steps")
@@ -181,18 +181,8 @@ class PipelineConfig:
                 )
 
     def _check_behaviours(self) -> None:
-        if not self.behaviours:
-            return
-        if self.teachers != "zoo":
+        if self.behaviours and self.teachers != "zoo":  # the rest is DistillConfig's (distill_config)
             raise ValueError(f"behaviours act only with teachers: zoo (this run's teachers: {self.teachers})")
-        tasks = self.task_list()
-        for task, acting in self.behaviours.items():
-            for t in (task, acting):
-                validate_task(t)
-            if task not in tasks:
-                raise ValueError(f"behaviours.{task}: {task} is not among this run's tasks")
-            if acting == task or acting in self.behaviours:
-                raise ValueError(f"behaviours.{task}: {acting} must be another task acting as itself")
 
     def distill_config(
         self, method: str, run_dir: str = "", fidelity: str | None = None, own: bool = True
@@ -206,9 +196,9 @@ class PipelineConfig:
         d["name"] = d.get("name") or self.suite or (self.preset if own else None)
         d.update(
             suite=self.suite or "custom", tasks=self.tasks, tasks_per_stage=self.tasks_per_stage,
-            method=method, teachers=run_dir or "scripted", fidelity=fidelity, seed=self.seed,
-            device=self.device, data_dir=os.path.join(run_dir, "datasets") if run_dir else None,
-            progress=self.progress,
+            method=method, teachers=run_dir or "scripted", behaviours=self.behaviours, fidelity=fidelity,
+            seed=self.seed, device=self.device, progress=self.progress,
+            data_dir=os.path.join(run_dir, "datasets") if run_dir else None,
         )  # fmt: skip
         return from_mapping(DistillConfig, d, "distill")
 
