@@ -36,7 +36,7 @@ from cpd_fast.config import (
     load_yaml,
     merge,
 )
-from cpd_fast.distill.config import DistillConfig, inactive_refusal
+from cpd_fast.distill.config import ADDED_FIELDS, DistillConfig, inactive_refusal
 from cpd_fast.distill.methods import METHODS
 from cpd_fast.runio import config_diff as _config_diff
 from cpd_fast.tasks import stages
@@ -63,6 +63,9 @@ PRESETS = ("quick", "mt10", "mt25", "mt25-plus", "mt25-task-free", "mt25-study",
 _OWNED = ("suite", "tasks", "tasks_per_stage", "method", "teachers", "behaviours", "fidelity", "seed",
           "device", "data_dir", "progress")  # fmt: skip
 _PPO_OWNED = ("seed", "device")  # PPOConfig fields set from the top level
+# DistillConfig fields added since older runs were made that config.yaml's distill section holds (the ones the
+# pipeline sets itself live at its top level), at the value those runs behaved with
+DISTILL_ADDED = {k: v for k, v in ADDED_FIELDS.items() if k not in _OWNED}
 # DistillConfig fields that say what the teacher data is (collected once per run, shared by its methods)
 DATA_FIELDS = ("episodes_per_task", "noise_std", "collect_envs", "max_episode_steps")
 # keys that change how a run executes, not what it computes: they may differ on resume

@@ -15,8 +15,7 @@ import yaml
 
 from cpd_fast.config import load_yaml
 from cpd_fast.data import verify_dataset_files
-from cpd_fast.distill.config import ADDED_FIELDS
-from cpd_fast.pipeline.config import PipelineConfig, runtime_keys
+from cpd_fast.pipeline.config import DISTILL_ADDED, PipelineConfig, runtime_keys
 from cpd_fast.runio import atomic_path, check_same_config, verify_sha256
 
 __all__ = ["CONFIG_FILE", "prepare_run_dir", "verify_run_dir"]
@@ -58,7 +57,7 @@ def prepare_run_dir(cfg: PipelineConfig, run_dir: str) -> None:
     mine = cfg.to_dict()
     if os.path.isfile(path):
         saved = load_yaml(path)
-        saved["distill"] = {**ADDED_FIELDS, **saved.get("distill", {})}  # fields newer than the run
+        saved["distill"] = {**DISTILL_ADDED, **saved.get("distill", {})}  # fields newer than the run
         remedy = f"resume it with `cpd run --out {run_dir}` alone, or choose a new --out"
         check_same_config(saved, mine, runtime_keys(saved, mine), run_dir, remedy)
         return
