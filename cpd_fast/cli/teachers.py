@@ -361,10 +361,10 @@ def _earlier_attempts(run: dict, task: str, checkpoint: str, where: str) -> list
         raise UserError(f"{where} has no record of {task}")
     tail = os.path.join(*os.path.normpath(os.path.abspath(checkpoint)).split(os.sep)[-2:])
     history = run["teachers"][task].get("history", [])
-    if not any(os.path.normpath(h["path"]).endswith(tail) for h in history):
+    earlier = [h for h in history if not os.path.normpath(h["path"]).endswith(tail)]
+    if len(earlier) == len(history):
         raise UserError(f"{where} has no attempt of {task} at {tail}: export with that run's own record")
     keys = ("algorithm", "total_steps", "success_rate", "wall_time_s", "gave_up_at")
-    earlier = [h for h in history if not os.path.normpath(h["path"]).endswith(tail)]
     return [{k: h[k] for k in keys if k in h} for h in earlier]
 
 

@@ -342,10 +342,10 @@ class DistillRun:
             if phase not in stats.get("phases", {}) and "clock_s" not in stats:  # trained by a killed run
                 stats.setdefault("restored_phases", []).append(phase)
             return
-        t0 = time.perf_counter()
+        before = self.clock["train"]
         with self.timed("train"):
             trainable = self.fit(s, phase, steps, new_ids, new_experts, last, base, pools, rounds)
-        took = time.perf_counter() - t0  # the phase's steps (DAgger's rollouts included) and its checkpoint
+        took = self.clock["train"] - before  # its steps (DAgger rollouts included), checkpoint
         self.stage_stats.setdefault(str(s), {}).setdefault("phases", {})[phase] = {
             "steps": steps, "train_s": round(took, 2), "ms_per_step": round(1000 * took / steps, 2),
             "trainable_params": trainable,
